@@ -1,0 +1,228 @@
+"""Library entry points behind the one-shot commands (``jobtoken token`` / ``inspect``).
+
+Each takes typed settings and returns a typed, non-secret result; the CLI only
+formats it. Building the HTTP client and the optional signature verifier from the
+settings lives here too, so that ``run``, ``prepare`` and the integrations build
+them the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from ._config import Config
+from ._discovery import default_token_path, discover_bearer_token
+from ._errors import ConfigError, JobtokenError, TokenCheckError, TokenFileError
+from ._mytokenfile import MytokenSource, check_mytoken_value, load_mytoken
+from ._tokenfile import read_secret_file, write_secret_file
+from ._tokens import AccessToken, check_access_token, decode_access_token, describe
+
+__all__ = [
+    "TokenResult",
+    "build_client",
+    "build_verifier",
+    "get_token",
+    "inspect_token",
+    "mytoken_source",
+    "server_url_for",
+    "summarize",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenResult:
+    path: Path
+    token: AccessToken = field(repr=False)
+    reused: bool
+    now: float
+
+    def summary(self) -> Dict[str, Any]:
+        data = summarize(self.token, self.now)
+        data.update({"path": str(self.path), "reused": self.reused})
+        return data
+
+    def human(self) -> str:
+        verb = "kept" if self.reused else "wrote"
+        left = _human_duration(self.token.remaining_s(self.now))
+        return f"{verb} {self.path} (expires in {left}; scope: {' '.join(self.token.scopes)})"
+
+
+def _human_duration(seconds: float) -> str:
+    s = int(seconds)
+    sign = "-" if s < 0 else ""
+    s = abs(s)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{sign}{h}h{m:02d}m{sec:02d}s" if h else f"{sign}{m}m{sec:02d}s"
+
+
+def summarize(token: AccessToken, now: float) -> Dict[str, Any]:
+    """Non-secret facts about a token, for ``inspect`` and JSON output."""
+    data = dict(describe(token))
+    remaining = token.remaining_s(now)
+    data["remaining_s"] = int(remaining)
+    data["remaining_human"] = (
+        "expired " + _human_duration(-remaining) + " ago" if remaining < 0
+        else _human_duration(remaining) + " left"
+    )
+    data["exp_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.expires_at))
+    return data
+
+
+def mytoken_source(config: Config) -> MytokenSource:
+    """The configured mytoken source.
+
+    Raises:
+        ConfigError: none configured.
+    """
+    if config.token.mytoken_file:
+        return MytokenSource(path=Path(config.token.mytoken_file))
+    if config.token.mytoken_env:
+        return MytokenSource(env_var=config.token.mytoken_env)
+    raise ConfigError("no mytoken given: use --mytoken-file FILE or --mytoken-env VAR")
+
+
+def server_url_for(config: Config, mytoken: Optional[str]) -> str:
+    """The server URL: configured, else the ``iss`` of a JWT mytoken (as the mytoken CLI does).
+
+    Raises:
+        ConfigError: no URL configured and the mytoken does not name its server.
+    """
+    if config.server.url:
+        return config.server.url
+    if mytoken and mytoken.count(".") == 2:
+        import jwt
+
+        try:
+            iss = jwt.decode(mytoken, options={"verify_signature": False}).get("iss")
+        except jwt.PyJWTError:
+            iss = None
+        if isinstance(iss, str) and iss:
+            return iss
+    raise ConfigError("no Mytoken server given: use --server URL or $JOBTOKEN_SERVER")
+
+
+def build_client(config: Config, url: str) -> Any:
+    """A ``MytokenClient`` configured from the settings (imports httpx lazily)."""
+    from ._mytoken import MytokenClient
+
+    return MytokenClient(
+        url,
+        timeout_s=config.server.timeout_s,
+        ca_file=config.server.ca_file,
+        ca_dir=config.server.ca_dir,
+        allow_http=config.server.allow_http,
+    )
+
+
+def build_verifier(config: Config) -> Any:
+    """A signature verifier when trusted issuers are configured, else None."""
+    if not config.token.trusted_issuers:
+        return None
+    from ._http import build_client as build_http
+    from ._jwks import SignatureVerifier
+
+    def http_factory(base_url: str) -> Any:
+        return build_http(
+            base_url,
+            timeout_s=config.server.timeout_s,
+            ca_file=config.server.ca_file,
+            ca_dir=config.server.ca_dir,
+            allow_http=config.server.allow_http,
+        )
+
+    return SignatureVerifier(config.token.trusted_issuers, http_factory=http_factory)
+
+
+def _existing_if_fresh(path: Path, config: Config, now: float) -> Optional[AccessToken]:
+    try:
+        raw = read_secret_file(path)
+        token = decode_access_token(raw)
+        check_access_token(
+            token,
+            requested_scopes=config.token.scopes,
+            requested_audiences=config.token.audiences,
+            now=now,
+            min_valid_s=config.token.min_valid_s,
+        )
+    except JobtokenError as exc:
+        logger.debug("existing token not reused path=%s reason=%s", path, exc.message)
+        return None
+    return token
+
+
+def get_token(
+    config: Config, *, out: Optional[str] = None, env: Optional[Mapping[str, str]] = None
+) -> TokenResult:
+    """Write a checked access token from the configured mytoken to ``out``.
+
+    With ``token.min_valid_s`` > 0 an existing token at ``out`` that is valid that
+    long (and within the requested scopes and audiences) is kept and no request is
+    made: cheap to call before every transfer.
+
+    Raises:
+        ConfigError, MytokenError, TokenCheckError, TokenFileError.
+    """
+    from ._exchange import TokenRequest, fetch_access_token
+
+    environ = os.environ if env is None else env
+    path = Path(out or environ.get("BEARER_TOKEN_FILE") or default_token_path(environ))
+    if not path.parent.is_dir():
+        raise TokenFileError(f"cannot write {path}: directory {path.parent} does not exist")
+    now = time.time()
+    if config.token.min_valid_s > 0:
+        existing = _existing_if_fresh(path, config, now)
+        if existing is not None:
+            return TokenResult(path, existing, True, now)
+    source = mytoken_source(config)
+    mytoken = load_mytoken(source, env=environ)
+    url = server_url_for(config, mytoken)
+    with build_client(config, url) as client:
+        token = fetch_access_token(
+            client,
+            source,
+            TokenRequest(
+                scopes=config.token.scopes,
+                audiences=config.token.audiences,
+                min_valid_s=config.token.min_valid_s,
+            ),
+            now=now,
+            verifier=build_verifier(config),
+        )
+    write_secret_file(path, token.raw)
+    return TokenResult(path, token, False, now)
+
+
+def inspect_token(file: Optional[str] = None) -> Dict[str, Any]:
+    """Decode the token in ``file`` (or the one WLCG discovery finds) without verifying it.
+
+    Raises:
+        TokenFileError: no token found or unreadable; TokenCheckError: not a usable JWT.
+    """
+    if file:
+        raw, source = read_secret_file(file), file
+        if not raw:
+            raise TokenFileError(f"token file {file} is empty")
+    else:
+        found = discover_bearer_token()
+        if found is None:
+            raise TokenFileError("no bearer token found by WLCG discovery")
+        raw, source = found.token, found.source
+    try:
+        check_mytoken_value(raw, "")
+    except ConfigError:
+        pass
+    else:
+        if raw.count(".") == 2:
+            raise TokenCheckError(f"{source} holds a mytoken, not an access token")
+    token = decode_access_token(raw)
+    data = summarize(token, time.time())
+    data["source"] = source
+    return data

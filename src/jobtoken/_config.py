@@ -1,0 +1,219 @@
+"""Settings: one typed, frozen value built once at the edge.
+
+Precedence: command-line flags > ``JOBTOKEN_*`` variables > config file (TOML,
+``$JOBTOKEN_CONFIG`` or ``/etc/jobtoken/jobtoken.toml``) > defaults. The site part
+(``[site]``) is the upper bound of what any job may get: jobs may narrow scopes and
+audiences, never widen them. Parsing is strict: an unknown key is an error, because
+a typo in a security setting must not silently fall back to a default.
+
+No network, no token reads here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from ._errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on EL9's Python 3.9
+    import tomli as tomllib
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "Config",
+    "RenewalConfig",
+    "ServerConfig",
+    "SiteConfig",
+    "TokenConfig",
+    "load_config",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/jobtoken/jobtoken.toml")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    url: Optional[str] = None
+    ca_file: Optional[str] = None
+    ca_dir: Optional[str] = None
+    allow_http: bool = False  # plain http, and only to a loopback address
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    scopes: Tuple[str, ...] = ()
+    audiences: Tuple[str, ...] = ()
+    mytoken_file: Optional[str] = None
+    mytoken_env: Optional[str] = None
+    min_valid_s: float = 0.0
+    trusted_issuers: Tuple[str, ...] = ()  # non-empty: verify AT signatures via JWKS
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    parent_mytoken_file: Optional[str] = None
+    allowed_scopes: Tuple[str, ...] = ()
+    allowed_audiences: Tuple[str, ...] = ()
+    scope_templates: Tuple[str, ...] = ("storage.create:/{vo}/jobs/{job_id}",)
+    vo: Optional[str] = None
+    default_walltime_s: float = 48 * 3600.0
+    walltime_slack_s: float = 1800.0
+    hosts: Tuple[str, ...] = ()
+    token_dir_base: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RenewalConfig:
+    fraction: float = 2.0 / 3.0
+    margin_s: float = 300.0
+    max_backoff_s: float = 300.0
+    on_failure: str = "keep"  # "keep" the payload running, or "stop" it
+    warn_signal: Optional[str] = None  # e.g. "USR1", sent warn_before_s before expiry
+    warn_before_s: float = 120.0
+    stop_grace_s: float = 30.0
+    revoke_at_end: bool = True
+    metrics_dir: Optional[str] = None
+    log_json: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    token: TokenConfig = TokenConfig()
+    site: SiteConfig = SiteConfig()
+    renewal: RenewalConfig = RenewalConfig()
+    source: Optional[str] = None  # the file it came from, for messages
+
+
+_SECTIONS: Dict[str, type] = {
+    "server": ServerConfig,
+    "token": TokenConfig,
+    "site": SiteConfig,
+    "renewal": RenewalConfig,
+}
+
+# variable -> (section, key); values are parsed like the TOML value of that key
+_ENV: Dict[str, Tuple[str, str]] = {
+    "JOBTOKEN_SERVER": ("server", "url"),
+    "JOBTOKEN_CA_FILE": ("server", "ca_file"),
+    "JOBTOKEN_CA_DIR": ("server", "ca_dir"),
+    "JOBTOKEN_ALLOW_HTTP": ("server", "allow_http"),
+    "JOBTOKEN_TIMEOUT": ("server", "timeout_s"),
+    "JOBTOKEN_SCOPE": ("token", "scopes"),
+    "JOBTOKEN_AUDIENCE": ("token", "audiences"),
+    "JOBTOKEN_MYTOKEN_FILE": ("token", "mytoken_file"),
+    "JOBTOKEN_MYTOKEN_ENV": ("token", "mytoken_env"),
+    "JOBTOKEN_TRUSTED_ISSUERS": ("token", "trusted_issuers"),
+    "JOBTOKEN_PARENT_MYTOKEN_FILE": ("site", "parent_mytoken_file"),
+    "JOBTOKEN_VO": ("site", "vo"),
+    "JOBTOKEN_ON_FAILURE": ("renewal", "on_failure"),
+    "JOBTOKEN_METRICS_DIR": ("renewal", "metrics_dir"),
+}
+
+
+def _coerce(section: str, key: str, value: Any, cls: type, where: str) -> Any:
+    field_type = {f.name: f.type for f in fields(cls)}[key]
+    ftype = str(field_type)
+    try:
+        if ftype.startswith("Tuple[str"):
+            if isinstance(value, str):
+                return tuple(v for v in value.split() if v)
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            raise TypeError("expected a list of strings or a space-separated string")
+        if ftype == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise TypeError("expected true or false")
+        if ftype == "float":
+            if isinstance(value, bool):
+                raise TypeError("expected a number")
+            number = float(value)
+            if number < 0 or number != number:
+                raise ValueError("must be a non-negative number")
+            return number
+        if ftype in ("Optional[str]", "str"):
+            if not isinstance(value, str):
+                raise TypeError("expected a string")
+            return value if value or ftype == "str" else None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {section}.{key}: {exc}") from None
+    raise ConfigError(f"{where}: {section}.{key}: unsupported setting type")  # pragma: no cover
+
+
+def _apply(config: Config, section: str, values: Mapping[str, Any], where: str) -> Config:
+    cls = _SECTIONS[section]
+    known = {f.name for f in fields(cls)}
+    changes = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown setting {section}.{key}")
+        changes[key] = _coerce(section, key, value, cls, where)
+    return replace(config, **{section: replace(getattr(config, section), **changes)})
+
+
+def _validate(config: Config) -> Config:
+    if config.renewal.on_failure not in ("keep", "stop"):
+        raise ConfigError("renewal.on_failure must be 'keep' or 'stop'")
+    if not 0.1 <= config.renewal.fraction <= 0.95:
+        raise ConfigError("renewal.fraction must be between 0.1 and 0.95")
+    if config.token.mytoken_file and config.token.mytoken_env:
+        raise ConfigError("set token.mytoken_file or token.mytoken_env, not both")
+    return config
+
+
+def load_config(
+    path: Optional[str] = None,
+    *,
+    env: Optional[Mapping[str, str]] = None,
+    overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+) -> Config:
+    """Build the settings from file, environment and command-line overrides.
+
+    Args:
+        path: explicit config file (must exist); else ``$JOBTOKEN_CONFIG`` (must
+            exist), else the system file if present.
+        overrides: ``{section: {key: value}}`` from command-line flags; ``None``
+            values mean "flag not given".
+
+    Raises:
+        ConfigError: unreadable or malformed file, unknown key, bad value.
+    """
+    environ = os.environ if env is None else env
+    config = Config()
+    chosen = path or environ.get("JOBTOKEN_CONFIG")
+    file_path = Path(chosen) if chosen else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file()
+                                             else None)
+    if file_path is not None:
+        try:
+            data = tomllib.loads(file_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {file_path} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {file_path}: {exc.strerror}") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {file_path} is not valid TOML: {exc}") from exc
+        for section, values in data.items():
+            if section not in _SECTIONS or not isinstance(values, dict):
+                raise ConfigError(f"{file_path}: unknown section [{section}]")
+            config = _apply(config, section, values, str(file_path))
+        config = replace(config, source=str(file_path))
+    for var, (section, key) in _ENV.items():
+        if var in environ:
+            config = _apply(config, section, {key: environ[var]}, f"${var}")
+    for section, values in (overrides or {}).items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            config = _apply(config, section, given, "command line")
+    return _validate(config)

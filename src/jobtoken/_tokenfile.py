@@ -1,0 +1,245 @@
+"""Write and read secret files (access tokens, mytokens) safely.
+
+Why so careful: payload tools re-read ``$BEARER_TOKEN_FILE`` at any instant, so a
+reader must see either the old complete token or the new complete token, never an
+empty or half-written file; and a token file in a shared place (``/tmp``) must not be
+redirected through a symlink someone else planted.
+
+So a write is: temp file in the *same* directory created ``O_EXCL|O_NOFOLLOW`` with
+mode 0600, write, ``fsync``, ``rename`` over the target (never unlink first), then
+``fsync`` of the directory so the rename survives a crash. Identical content is not
+rewritten (the inode and mtime stay, which bind mounts and inotify readers like).
+
+This module does no network I/O and knows nothing about tokens' meaning.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Optional, Union
+
+from ._errors import TokenFileError
+
+__all__ = [
+    "ensure_private_dir",
+    "read_secret_file",
+    "remove_secret_file",
+    "write_secret_file",
+]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+_MAX_SECRET_BYTES = 64 * 1024
+
+
+def _describe(exc: OSError) -> str:
+    return exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+
+
+def ensure_private_dir(path: PathLike, *, create: bool = True) -> Path:
+    """Make sure ``path`` is a directory owned by us that nobody else can write into.
+
+    Created 0700 when missing. An existing directory must be owned by the effective
+    uid, not be a symlink, and not be group/other-writable: otherwise another user
+    could swap our files.
+
+    Raises:
+        TokenFileError: the directory is missing (and ``create`` is false), unsafe, or
+            cannot be created.
+    """
+    p = Path(path)
+    try:
+        if create:
+            p.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(p)
+    except OSError as exc:
+        raise TokenFileError(f"cannot use token directory {p}: {_describe(exc)}") from exc
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise TokenFileError(f"token directory {p} is not a plain directory (symlink or file)")
+    if st.st_uid != os.geteuid():
+        raise TokenFileError(f"token directory {p} is owned by uid {st.st_uid}, not by us")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise TokenFileError(f"token directory {p} is writable by group or others")
+    return p
+
+
+def _check_target(target: Path) -> None:
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise TokenFileError(f"cannot inspect {target}: {_describe(exc)}") from exc
+    if stat.S_ISLNK(st.st_mode):
+        raise TokenFileError(f"refusing to write {target}: it is a symlink")
+    if not stat.S_ISREG(st.st_mode):
+        raise TokenFileError(f"refusing to write {target}: it is not a regular file")
+
+
+def _same_content(target: Path, data: bytes) -> bool:
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if st.st_size != len(data) or (st.st_mode & 0o777) != 0o600:
+            return False
+        return os.read(fd, len(data) + 1) == data
+    finally:
+        os.close(fd)
+
+
+def write_secret_file(path: PathLike, content: str, *, newline: bool = True) -> bool:
+    """Atomically replace ``path`` with ``content`` (mode 0600).
+
+    Args:
+        path: the target file; its directory must exist.
+        content: the secret; must not be empty (an empty token file would make WLCG
+            discovery fall through to the next location).
+        newline: end the file with one newline (the WLCG discovery spec lets readers
+            strip it; tools that do not are rare, and `cat` output stays tidy).
+
+    Returns:
+        True when the file was written, False when it already held this content.
+
+    Raises:
+        TokenFileError: empty content, a symlink or non-regular target, or any OS
+            error (missing or read-only directory, ENOSPC). The old file is then
+            untouched.
+    """
+    target = Path(path)
+    text = content.strip()
+    if not text:
+        raise TokenFileError(f"refusing to write an empty secret to {target}")
+    data = (text + ("\n" if newline else "")).encode("ascii", errors="strict")
+    _check_target(target)
+    if _same_content(target, data):
+        return False
+    directory = target.parent
+    tmp: Optional[Path] = None
+    try:
+        fd, tmp = _create_temp(directory, target.name)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+        tmp = None
+        _fsync_dir(directory)
+    except OSError as exc:
+        raise TokenFileError(f"cannot write {target}: {_describe(exc)}") from exc
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    logger.debug("secret written path=%s", target)
+    return True
+
+
+def _create_temp(directory: Path, name: str) -> tuple[int, Path]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        candidate = directory / f".{name}.{os.urandom(6).hex()}.tmp"
+        try:
+            fd = os.open(candidate, flags, 0o600)
+        except FileExistsError:
+            continue
+        os.fchmod(fd, 0o600)  # umask may have taken bits away; never added any
+        return fd, candidate
+    raise OSError(errno.EEXIST, "no free temporary name")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def read_secret_file(
+    path: PathLike, *, require_private: bool = False, allow_other_owner: bool = False
+) -> str:
+    """Read a secret file, refusing symlinks owned by others, stripping whitespace.
+
+    A symlink is followed only when the link and its target are ours (sites do link a
+    robot token into place); ``require_private`` additionally refuses files that
+    group or others can read. A file owned by another user (not root) is refused
+    unless ``allow_other_owner``: in a shared place it could be a planted mytoken
+    that sends the job's output to someone else's storage area.
+
+    Raises:
+        TokenFileError: missing, unreadable, not a regular file, owned by someone
+            else, too large, not text, or (with ``require_private``) readable by others.
+    """
+    p = Path(path)
+    try:
+        lst = os.lstat(p)
+        if stat.S_ISLNK(lst.st_mode) and lst.st_uid != os.geteuid():
+            raise TokenFileError(f"refusing to read {p}: symlink owned by uid {lst.st_uid}")
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError as exc:
+        raise TokenFileError(f"cannot read {p}: no such file") from exc
+    except OSError as exc:
+        raise TokenFileError(f"cannot read {p}: {_describe(exc)}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TokenFileError(f"refusing to read {p}: not a regular file")
+        if st.st_uid not in (os.geteuid(), 0) and not allow_other_owner:
+            raise TokenFileError(f"refusing to read {p}: owned by uid {st.st_uid}, not us or root")
+        if st.st_mode & stat.S_IWOTH:
+            raise TokenFileError(f"refusing to read {p}: writable by anyone")
+        if require_private and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise TokenFileError(
+                f"refusing to read {p}: mode {stat.S_IMODE(st.st_mode):04o} lets others read "
+                "it (chmod 600)"
+            )
+        if st.st_size > _MAX_SECRET_BYTES:
+            raise TokenFileError(f"refusing to read {p}: larger than {_MAX_SECRET_BYTES} bytes")
+        data = os.read(fd, _MAX_SECRET_BYTES + 1)
+    except OSError as exc:
+        raise TokenFileError(f"cannot read {p}: {_describe(exc)}") from exc
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("ascii").strip()
+    except UnicodeDecodeError as exc:
+        raise TokenFileError(f"refusing to read {p}: not ASCII text") from exc
+
+
+def remove_secret_file(path: PathLike) -> bool:
+    """Remove a secret file we wrote; a missing file is fine. Returns whether one was removed."""
+    p = Path(path)
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise TokenFileError(f"cannot remove {p}: {_describe(exc)}") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise TokenFileError(f"refusing to remove {p}: it is a directory")
+    try:
+        os.unlink(p)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise TokenFileError(f"cannot remove {p}: {_describe(exc)}") from exc
+    return True

@@ -1,0 +1,318 @@
+"""Access tokens: decode a JWT access token and judge it against what was asked for.
+
+``decode_access_token`` reads the header and claims with pyjwt *without* verifying the
+signature (that is ``_jwks``'s optional job): jobtoken is a client that holds the token,
+not the relying party, and uses the claims to schedule renewals and to catch an OP or
+Mytoken server that handed out more, less or older than requested.
+``check_access_token`` is pure: it takes ``now`` as an argument.
+
+This module must NOT do network I/O, read clocks, write files, or ever put the raw token
+into a message, a log line or a repr.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional
+
+import jwt
+
+from ._errors import TokenCheckError
+from ._scopes import invalid_scopes, join_scopes, parse_scopes, scopes_within
+
+__all__ = [
+    "ALLOWED_ALGORITHMS",
+    "CLOCK_SKEW_S",
+    "MAX_TOKEN_CHARS",
+    "AccessToken",
+    "check_access_token",
+    "decode_access_token",
+    "describe",
+    "looks_like_jwt",
+]
+
+# Asymmetric JWS algorithms only (WLCG profile: RS256 and ES256 MUST be supported; HMAC
+# is incompatible with a relying party that does not share the issuer's secret).
+ALLOWED_ALGORITHMS = frozenset(
+    {
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+        "ES256",
+        "ES384",
+        "ES512",
+        "EdDSA",
+    }
+)
+
+# How far in the future ``iat``/``nbf`` may lie before we call the token (or our clock)
+# broken. Issuers backdate ``nbf`` by about a minute; worker-node clocks drift more.
+CLOCK_SKEW_S = 300.0
+
+# Real WLCG access tokens are 1-4 KB; anything past this is not a token we should hold.
+MAX_TOKEN_CHARS = 16384
+
+_JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    """A decoded (not signature-verified) JWT access token.
+
+    ``raw`` and ``claims`` are kept out of ``repr`` so a token never lands in a log or a
+    traceback by accident.
+    """
+
+    raw: str = field(repr=False)
+    issuer: str
+    subject: str
+    jti: str
+    issued_at: Optional[float]
+    expires_at: float
+    not_before: Optional[float]
+    scopes: tuple[str, ...]
+    audiences: tuple[str, ...]
+    wlcg_ver: Optional[str]
+    algorithm: str
+    key_id: Optional[str]
+    claims: Mapping[str, Any] = field(repr=False)
+
+    def remaining_s(self, now: float) -> float:
+        """Seconds until ``exp`` at wall-clock time ``now`` (negative once expired)."""
+        return self.expires_at - now
+
+    @property
+    def has_scope_claim(self) -> bool:
+        """Whether the token carries a ``scope`` claim at all (even an empty one)."""
+        return "scope" in self.claims
+
+
+def looks_like_jwt(raw: str) -> bool:
+    """Whether ``raw`` has the shape of a compact JWS (three base64url parts).
+
+    Surrounding whitespace is ignored (token files end with a newline). This is a shape
+    test only; :func:`decode_access_token` does the real parsing.
+    """
+    if not isinstance(raw, str):
+        return False
+    text = raw.strip()
+    return len(text) <= MAX_TOKEN_CHARS and _JWT_SHAPE.fullmatch(text) is not None
+
+
+def _fail(what: str) -> TokenCheckError:
+    return TokenCheckError(f"access token refused: {what}")
+
+
+def _number(claims: Mapping[str, Any], name: str, *, required: bool) -> Optional[float]:
+    value = claims.get(name)
+    if value is None:
+        if required:
+            raise _fail(f"no '{name}' claim")
+        return None
+    # bool is an int subclass in Python; a JSON true is not a time.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(f"'{name}' claim is not a number")
+    number = float(value)
+    if not math.isfinite(number):
+        raise _fail(f"'{name}' claim is not a finite number")
+    return number
+
+
+def _string(claims: Mapping[str, Any], name: str) -> str:
+    value = claims.get(name, "")
+    if not isinstance(value, str):
+        raise _fail(f"'{name}' claim is not a string")
+    return value
+
+
+def _string_list(value: Any, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(dict.fromkeys(v for v in value if v))
+    raise _fail(f"'{name}' claim is neither a string nor a list of strings")
+
+
+def _scopes_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    value = claims.get("scope")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return parse_scopes(value)
+    # Some issuers send a JSON array; accept it rather than pretend there is no scope.
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return parse_scopes(" ".join(value))
+    raise _fail("'scope' claim is neither a string nor a list of strings")
+
+
+def decode_access_token(raw: str) -> AccessToken:
+    """Decode a JWT access token's header and claims without verifying the signature.
+
+    Surrounding whitespace is stripped (WLCG discovery readers strip it too).
+
+    Raises:
+        TokenCheckError: not a JWT, oversize, algorithm ``none``/HMAC/unknown, no ``exp``,
+            non-numeric ``exp``/``iat``/``nbf``, or claims of the wrong type. The message
+            never contains the token.
+    """
+    if not isinstance(raw, str):
+        raise _fail("not a string")
+    text = raw.strip()
+    if len(text) > MAX_TOKEN_CHARS:
+        raise _fail(f"longer than {MAX_TOKEN_CHARS} characters")
+    if not _JWT_SHAPE.fullmatch(text):
+        raise _fail("not a JWT (expected three base64url parts separated by dots)")
+    try:
+        header = jwt.get_unverified_header(text)
+    except jwt.PyJWTError as exc:
+        raise _fail(f"unreadable JWT header ({type(exc).__name__})") from None
+    alg = header.get("alg")
+    if not isinstance(alg, str) or not alg:
+        raise _fail("JWT header has no 'alg'")
+    if alg.lower() == "none":
+        raise _fail("unsigned JWT (alg 'none')")
+    if alg.upper().startswith("HS"):
+        raise _fail(f"symmetric JWT algorithm {alg} (WLCG tokens are signed asymmetrically)")
+    if alg not in ALLOWED_ALGORITHMS:
+        raise _fail(f"unsupported JWT algorithm {alg!r}")
+    kid = header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise _fail("JWT header 'kid' is not a string")
+    try:
+        claims = jwt.decode(
+            text,
+            options={
+                "verify_signature": False,
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+                "verify_aud": False,
+                "verify_iss": False,
+            },
+        )
+    except jwt.PyJWTError as exc:
+        # pyjwt's messages may quote parts of the payload; keep only the class name.
+        raise _fail(f"unreadable JWT claims ({type(exc).__name__})") from None
+    expires_at = _number(claims, "exp", required=True)
+    assert expires_at is not None
+    ver = claims.get("wlcg.ver")
+    if isinstance(ver, (int, float)) and not isinstance(ver, bool):
+        ver = str(ver)
+    elif ver is not None and not isinstance(ver, str):
+        raise _fail("'wlcg.ver' claim is not a string")
+    return AccessToken(
+        raw=text,
+        issuer=_string(claims, "iss"),
+        subject=_string(claims, "sub"),
+        jti=_string(claims, "jti"),
+        issued_at=_number(claims, "iat", required=False),
+        expires_at=expires_at,
+        not_before=_number(claims, "nbf", required=False),
+        scopes=_scopes_of(claims),
+        audiences=_string_list(claims.get("aud"), "aud"),
+        wlcg_ver=ver,
+        algorithm=alg,
+        key_id=kid,
+        claims=claims,
+    )
+
+
+def check_access_token(
+    token: AccessToken,
+    *,
+    requested_scopes: Iterable[str],
+    requested_audiences: Iterable[str],
+    now: float,
+    min_valid_s: float = 0.0,
+    previous_expires_at: Optional[float] = None,
+) -> None:
+    """Refuse an access token that is not what the job asked for.
+
+    Checks, in order: not expired and at least ``min_valid_s`` left; ``nbf``/``iat`` not
+    more than :data:`CLOCK_SKEW_S` in the future; no ``storage.*`` scope without a path;
+    when scopes were requested, a ``scope`` claim exists, is not empty and every granted
+    scope is covered by a requested one (WLCG path rules, so an OP may narrow but never
+    widen); when audiences were requested, ``aud`` contains each one (exact string);
+    when ``previous_expires_at`` is given, ``exp`` moved forward past it.
+
+    Raises:
+        TokenCheckError: the first failed check, as a one-line message naming the token by
+            its ``jti`` only.
+    """
+    ident = f"jti={token.jti or '-'}"
+    remaining = token.remaining_s(now)
+    if remaining <= 0:
+        raise TokenCheckError(
+            f"access token {ident} expired {-remaining:.0f}s ago (exp={token.expires_at:.0f})"
+        )
+    if remaining < min_valid_s:
+        raise TokenCheckError(
+            f"access token {ident} is valid for only {remaining:.0f}s, "
+            f"need at least {min_valid_s:.0f}s"
+        )
+    for name, instant in (("nbf", token.not_before), ("iat", token.issued_at)):
+        if instant is not None and instant > now + CLOCK_SKEW_S:
+            raise TokenCheckError(
+                f"access token {ident} has '{name}' {instant - now:.0f}s in the future "
+                f"(more than {CLOCK_SKEW_S:.0f}s clock skew; check this host's clock)"
+            )
+    bad = invalid_scopes(token.scopes)
+    if bad:
+        raise TokenCheckError(
+            f"access token {ident} carries invalid scopes: {join_scopes(bad)} "
+            "(storage scopes need an absolute path)"
+        )
+    wanted_scopes = tuple(dict.fromkeys(requested_scopes))
+    if wanted_scopes:
+        if not token.has_scope_claim or not token.scopes:
+            raise TokenCheckError(
+                f"access token {ident} has no scopes, but {join_scopes(wanted_scopes)} "
+                "were requested"
+            )
+        extra = scopes_within(token.scopes, wanted_scopes)
+        if extra:
+            raise TokenCheckError(
+                f"access token {ident} grants scopes beyond the request: {join_scopes(extra)} "
+                f"(requested: {join_scopes(wanted_scopes)})"
+            )
+    wanted_audiences = tuple(dict.fromkeys(requested_audiences))
+    missing = [a for a in wanted_audiences if a not in token.audiences]
+    if missing:
+        got = " ".join(token.audiences) or "none"
+        raise TokenCheckError(
+            f"access token {ident} lacks audience {' '.join(missing)} (aud: {got}); "
+            "the OP may ignore the audience parameter"
+        )
+    if previous_expires_at is not None and token.expires_at <= previous_expires_at:
+        raise TokenCheckError(
+            f"access token {ident} did not extend the expiry "
+            f"(exp={token.expires_at:.0f}, previous exp={previous_expires_at:.0f})"
+        )
+
+
+def describe(token: AccessToken) -> dict[str, Any]:
+    """A non-secret summary of ``token`` for ``jobtoken inspect`` and logs.
+
+    Contains only ``iss, sub, jti, scopes, audiences, iat, nbf, exp, wlcg.ver, alg, kid``;
+    never the raw token or the signature.
+    """
+    return {
+        "iss": token.issuer,
+        "sub": token.subject,
+        "jti": token.jti,
+        "scopes": list(token.scopes),
+        "audiences": list(token.audiences),
+        "iat": token.issued_at,
+        "nbf": token.not_before,
+        "exp": token.expires_at,
+        "wlcg.ver": token.wlcg_ver,
+        "alg": token.algorithm,
+        "kid": token.key_id,
+    }

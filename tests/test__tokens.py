@@ -1,0 +1,264 @@
+from __future__ import annotations
+
+import base64
+import json
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from jobtoken._errors import TokenCheckError
+from jobtoken._tokens import (
+    MAX_TOKEN_CHARS,
+    AccessToken,
+    check_access_token,
+    decode_access_token,
+    describe,
+    looks_like_jwt,
+)
+
+NOW = 1_800_000_000.0
+_EC_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def _claims(**overrides):
+    claims = {
+        "iss": "https://op.example.org",
+        "sub": "user-1",
+        "jti": "jti-1",
+        "iat": int(NOW) - 10,
+        "nbf": int(NOW) - 70,
+        "exp": int(NOW) + 1200,
+        "aud": "https://se.example.org",
+        "scope": "storage.create:/vo/jobs/42 openid",
+        "wlcg.ver": "1.0",
+    }
+    for key, value in overrides.items():
+        if value is _DROP:
+            claims.pop(key, None)
+        else:
+            claims[key] = value
+    return claims
+
+
+_DROP = object()
+
+
+def make_token(headers=None, **overrides) -> str:
+    return jwt.encode(
+        _claims(**overrides), _EC_KEY, algorithm="ES256", headers={"kid": "k1", **(headers or {})}
+    )
+
+
+def _b64(obj) -> str:
+    return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+
+def handmade(header, payload, signature="c2ln") -> str:
+    return f"{_b64(header)}.{_b64(payload)}.{signature}"
+
+
+def test_decode_reads_claims_and_header():
+    raw = make_token()
+    tok = decode_access_token(raw + "\n")
+    assert tok.raw == raw
+    assert tok.issuer == "https://op.example.org"
+    assert tok.subject == "user-1"
+    assert tok.jti == "jti-1"
+    assert tok.expires_at == NOW + 1200
+    assert tok.issued_at == NOW - 10
+    assert tok.not_before == NOW - 70
+    assert tok.scopes == ("storage.create:/vo/jobs/42", "openid")
+    assert tok.audiences == ("https://se.example.org",)
+    assert tok.wlcg_ver == "1.0"
+    assert (tok.algorithm, tok.key_id) == ("ES256", "k1")
+    assert tok.remaining_s(NOW) == 1200
+
+
+def test_repr_never_contains_the_token():
+    raw = make_token()
+    tok = decode_access_token(raw)
+    text = repr(tok)
+    assert raw not in text
+    assert raw.split(".")[1] not in text
+    assert "jti-1" in text
+
+
+def test_audience_array_and_optional_claims():
+    tok = decode_access_token(
+        make_token(aud=["a", "b"], nbf=_DROP, iat=_DROP, scope=_DROP, **{"wlcg.ver": _DROP})
+    )
+    assert tok.audiences == ("a", "b")
+    assert tok.not_before is None and tok.issued_at is None
+    assert tok.scopes == () and not tok.has_scope_claim
+    assert tok.wlcg_ver is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        ("", "not a JWT"),
+        ("not-a-token", "not a JWT"),
+        ("a.b", "not a JWT"),
+        ("a b.c.d", "not a JWT"),
+        ("x" * (MAX_TOKEN_CHARS + 1), "longer than"),
+        ("e30.e30.", "no 'alg'"),
+        ("!!!.e30.abc", "not a JWT"),
+        ("Zm9v.e30.abc", "unreadable JWT header"),
+    ],
+)
+def test_decode_refuses_non_jwts(raw, why):
+    with pytest.raises(TokenCheckError, match=why):
+        decode_access_token(raw)
+
+
+def test_decode_refuses_alg_none():
+    raw = handmade({"alg": "none", "typ": "JWT"}, _claims(), signature="")
+    with pytest.raises(TokenCheckError, match="alg 'none'"):
+        decode_access_token(raw)
+
+
+def test_decode_refuses_hmac():
+    raw = jwt.encode(_claims(), "s" * 32, algorithm="HS256")
+    with pytest.raises(TokenCheckError, match="symmetric"):
+        decode_access_token(raw)
+
+
+def test_decode_refuses_unknown_algorithm():
+    with pytest.raises(TokenCheckError, match="unsupported JWT algorithm"):
+        decode_access_token(handmade({"alg": "XY999"}, _claims()))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        ({"exp": _DROP}, "no 'exp'"),
+        ({"exp": "1800001200"}, "'exp' claim is not a number"),
+        ({"exp": True}, "'exp' claim is not a number"),
+        ({"iat": "yesterday"}, "'iat' claim is not a number"),
+        ({"nbf": [1]}, "'nbf' claim is not a number"),
+        ({"aud": 5}, "'aud' claim"),
+        ({"scope": {"a": 1}}, "'scope' claim"),
+        ({"iss": 7}, "'iss' claim is not a string"),
+        ({"wlcg.ver": {"v": 1}}, "'wlcg.ver'"),
+    ],
+)
+def test_decode_refuses_bad_claims(overrides, why):
+    raw = handmade({"alg": "ES256", "kid": "k1"}, _claims(**overrides))
+    with pytest.raises(TokenCheckError, match=why) as info:
+        decode_access_token(raw)
+    assert raw not in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_decode_refuses_non_object_payload():
+    header = _b64({"alg": "ES256"})
+    payload = base64.urlsafe_b64encode(b"[1,2]").rstrip(b"=").decode()
+    with pytest.raises(TokenCheckError, match="unreadable JWT claims"):
+        decode_access_token(f"{header}.{payload}.c2ln")
+
+
+def test_decode_error_never_echoes_token():
+    raw = handmade({"alg": "ES256"}, {"exp": "soon", "secret": "s3cr3t-marker"})
+    with pytest.raises(TokenCheckError) as info:
+        decode_access_token(raw)
+    assert "s3cr3t" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("aaa.bbb.ccc", True),
+        ("aaa.bbb.ccc\n", True),
+        ("aaa.bbb.", True),
+        ("aaa.bbb", False),
+        ("aaa.bbb.ccc.ddd", False),
+        ("aa a.bbb.ccc", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_looks_like_jwt(raw, expected):
+    assert looks_like_jwt(raw) is expected
+
+
+def _check(tok: AccessToken, **kwargs):
+    args = {
+        "requested_scopes": ("storage.create:/vo/jobs/42", "openid"),
+        "requested_audiences": ("https://se.example.org",),
+        "now": NOW,
+    }
+    args.update(kwargs)
+    check_access_token(tok, **args)
+
+
+def test_check_accepts_the_token_that_was_asked_for():
+    _check(decode_access_token(make_token()))
+
+
+def test_check_accepts_narrower_scopes_than_requested():
+    tok = decode_access_token(make_token(scope="storage.create:/vo/jobs/42/out"))
+    _check(tok)
+
+
+def test_check_accepts_when_nothing_was_requested():
+    tok = decode_access_token(make_token(scope=_DROP, aud=_DROP))
+    _check(tok, requested_scopes=(), requested_audiences=())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kwargs", "why"),
+    [
+        ({"exp": int(NOW) - 1}, {}, "expired"),
+        ({"exp": int(NOW)}, {}, "expired"),
+        ({"exp": int(NOW) + 30}, {"min_valid_s": 60}, "valid for only 30s"),
+        ({"nbf": int(NOW) + 301}, {}, "'nbf' .* in the future"),
+        ({"iat": int(NOW) + 3600}, {}, "'iat' .* in the future"),
+        ({"scope": "storage.create:/vo"}, {}, "beyond the request: storage.create:/vo"),
+        ({"scope": "storage.modify:/vo/jobs/42"}, {}, "beyond the request"),
+        ({"scope": "storage.create:/vo/jobs/42x"}, {}, "beyond the request"),
+        ({"scope": _DROP}, {}, "has no scopes"),
+        ({"scope": ""}, {}, "has no scopes"),
+        ({"scope": "storage.create"}, {}, "invalid scopes"),
+        ({"aud": _DROP}, {}, "lacks audience https://se.example.org"),
+        ({"aud": ["https://se.example.org/"]}, {}, "lacks audience"),
+        ({"aud": "https://wlcg.cern.ch/jwt/v1/any"}, {}, "lacks audience"),
+        ({}, {"previous_expires_at": NOW + 1200}, "did not extend"),
+        ({}, {"previous_expires_at": NOW + 5000}, "did not extend"),
+    ],
+)
+def test_check_refuses(overrides, kwargs, why):
+    raw = make_token(**overrides)
+    tok = decode_access_token(raw)
+    with pytest.raises(TokenCheckError, match=why) as info:
+        _check(tok, **kwargs)
+    assert raw not in str(info.value)
+    assert "jti=jti-1" in str(info.value)
+
+
+def test_check_tolerates_small_clock_skew():
+    _check(decode_access_token(make_token(nbf=int(NOW) + 299, iat=int(NOW) + 200)))
+
+
+def test_check_accepts_multiple_audiences_and_moved_exp():
+    tok = decode_access_token(make_token(aud=["x", "https://se.example.org"]))
+    _check(tok, previous_expires_at=NOW + 600, min_valid_s=1000)
+
+
+def test_describe_is_a_non_secret_summary():
+    raw = make_token(aud=["a", "b"])
+    summary = describe(decode_access_token(raw))
+    assert summary == {
+        "iss": "https://op.example.org",
+        "sub": "user-1",
+        "jti": "jti-1",
+        "scopes": ["storage.create:/vo/jobs/42", "openid"],
+        "audiences": ["a", "b"],
+        "iat": NOW - 10,
+        "nbf": NOW - 70,
+        "exp": NOW + 1200,
+        "wlcg.ver": "1.0",
+        "alg": "ES256",
+        "kid": "k1",
+    }
+    assert raw not in json.dumps(summary)
