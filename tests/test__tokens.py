@@ -262,3 +262,14 @@ def test_describe_is_a_non_secret_summary():
         "kid": "k1",
     }
     assert raw not in json.dumps(summary)
+
+
+def test_check_treats_a_string_request_as_the_space_separated_form():
+    tok = decode_access_token(make_token())
+    _check(
+        tok,
+        requested_scopes="storage.create:/vo/jobs/42 openid",
+        requested_audiences="https://se.example.org",
+    )
+    with pytest.raises(TokenCheckError, match="beyond the request"):
+        _check(tok, requested_scopes="storage.create:/vo/jobs/42")

@@ -224,6 +224,13 @@ def decode_access_token(raw: str) -> AccessToken:
     )
 
 
+def _as_items(values: Iterable[str]) -> tuple[str, ...]:
+    # A bare string is the space-separated wire form, not an iterable of characters.
+    if isinstance(values, str):
+        return parse_scopes(values)
+    return tuple(dict.fromkeys(v for v in values if v))
+
+
 def check_access_token(
     token: AccessToken,
     *,
@@ -269,7 +276,7 @@ def check_access_token(
             f"access token {ident} carries invalid scopes: {join_scopes(bad)} "
             "(storage scopes need an absolute path)"
         )
-    wanted_scopes = tuple(dict.fromkeys(requested_scopes))
+    wanted_scopes = _as_items(requested_scopes)
     if wanted_scopes:
         if not token.has_scope_claim or not token.scopes:
             raise TokenCheckError(
@@ -282,7 +289,7 @@ def check_access_token(
                 f"access token {ident} grants scopes beyond the request: {join_scopes(extra)} "
                 f"(requested: {join_scopes(wanted_scopes)})"
             )
-    wanted_audiences = tuple(dict.fromkeys(requested_audiences))
+    wanted_audiences = _as_items(requested_audiences)
     missing = [a for a in wanted_audiences if a not in token.audiences]
     if missing:
         got = " ".join(token.audiences) or "none"

@@ -146,7 +146,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _human_inspect(s: Dict[str, Any]) -> str:
     lines = [f"source:    {s['source']}"]
-    for key in ("iss", "sub", "jti", "aud", "scope", "wlcg.ver", "alg", "kid"):
+    for key in ("iss", "sub", "jti", "audiences", "scopes", "wlcg.ver", "alg", "kid"):
         value = s.get(key)
         if isinstance(value, list):
             value = " ".join(value)
@@ -161,12 +161,199 @@ def _cmd_devserver(args: argparse.Namespace) -> int:
     return int(devserver_main(list(args.devserver_args)))
 
 
-def _cmd_passthrough(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        module = __import__(f"jobtoken._cmd_{name}", fromlist=["main"])
-        return int(module.main(args))
+def _renewal_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    return {
+        "on_failure": getattr(args, "on_failure", None),
+        "warn_signal": getattr(args, "warn_signal", None),
+        "warn_before_s": getattr(args, "warn_before", None),
+        "margin_s": getattr(args, "margin", None),
+        "metrics_dir": getattr(args, "metrics_dir", None),
+        "log_json": True if getattr(args, "log_json", False) else None,
+    }
 
-    return run
+
+def _job_config(args: argparse.Namespace) -> Config:
+    from dataclasses import replace
+
+    from ._config import _apply
+
+    cfg = _config_from(args)
+    given = {k: v for k, v in _renewal_overrides(args).items() if v is not None}
+    if given:
+        cfg = _apply(cfg, "renewal", given, "command line")
+    if getattr(args, "token_dir_base", None):
+        cfg = replace(cfg, site=replace(cfg.site, token_dir_base=args.token_dir_base))
+    return cfg
+
+
+def _job_setup(args: argparse.Namespace) -> Any:
+    import os
+
+    from ._run import JobOptions, setup_tokendir
+
+    cfg = _job_config(args)
+    tokendir, spec = setup_tokendir(
+        cfg, JobOptions(dir=args.dir, job_id=args.job_id, walltime_s=args.walltime), env=os.environ
+    )
+    _log_to_dir(args, tokendir, spec)
+    return cfg, tokendir, spec
+
+
+def _log_to_dir(args: argparse.Namespace, tokendir: Any, spec: Any) -> None:
+    """Events go to the token directory's log (kept when the directory is), warnings to stderr."""
+    root = logging.getLogger("jobtoken")
+    if spec.log_json:
+        for handler in root.handlers:
+            handler.setFormatter(_JsonFormatter())
+    path = getattr(args, "log_file", None) or (
+        None if spec.remove_dir_at_end else str(tokendir.log_file)
+    )
+    if path:
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(
+            _JsonFormatter() if spec.log_json else logging.Formatter(
+                "%(asctime)s %(levelname)s %(message)s")
+        )
+        handler.setLevel(logging.INFO)
+        root.addHandler(handler)
+        root.setLevel(min(root.level, logging.INFO))
+        for h in root.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.setLevel(_stderr_level(args))
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "time": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    from ._run import payload_environment, run_job
+
+    if not args.payload:
+        raise UsageError("no payload command: use 'jobtoken run [OPTIONS] -- CMD [ARGS...]'")
+    cfg, tokendir, spec = _job_setup(args)
+    env = payload_environment(os.environ, tokendir, spec, cfg)
+    return run_job(tokendir, spec, args.payload, env=env)
+
+
+def _cmd_sidecar(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from ._run import first_token, run_sidecar
+
+    cfg, tokendir, spec = _job_setup(args)
+    if args.detach:
+        # a valid token before the wrapper execs the payload, then renew in the background
+        first_token(tokendir, spec)
+        argv = [sys.executable, "-m", "jobtoken", "sidecar", "--dir", str(tokendir.path),
+                "--watch-pid", str(args.watch_pid)]
+        if args.log_file:
+            argv += ["--log-file", args.log_file]
+        subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+        sys.stdout.write(f"BEARER_TOKEN_FILE={tokendir.bearer_token}\n")
+        return ExitCode.OK
+    return run_sidecar(tokendir, spec, watch_pid=args.watch_pid or os.getppid())
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import os
+
+    from ._run import status
+    from ._tokendir import TokenDir
+
+    directory = args.dir or os.environ.get("JOBTOKEN_DIR")
+    if not directory:
+        raise UsageError("which token directory? give DIR or set $JOBTOKEN_DIR")
+    data = status(TokenDir.existing(directory))
+    _emit(args, data, lambda: _human_status(data))
+    return ExitCode.OK
+
+
+def _human_status(d: Dict[str, Any]) -> str:
+    import time as _time
+
+    def at(value: Any) -> str:
+        if value is None:
+            return "-"
+        return _time.strftime("%Y-%m-%d %H:%M:%SZ", _time.gmtime(value))
+
+    remaining = d.get("remaining_s")
+    lines = [
+        f"directory:     {d['dir']}",
+        f"job:           {d['job_id']}",
+        f"sidecar:       {'running' if d['sidecar_alive'] else 'not running'}",
+        f"token file:    {d['token_file']} ({'present' if d['token_present'] else 'absent'})",
+        f"expires:       {at(d.get('expires_at'))}"
+        + ("" if remaining is None else f" ({remaining:.0f} s left)"),
+        f"scope:         {' '.join(d.get('scopes') or []) or '-'}",
+        f"audience:      {' '.join(d.get('audiences') or []) or '-'}",
+        f"renewals:      {d.get('renewals', 0)}",
+        f"failures:      {d.get('consecutive_failures', 0)} in a row, "
+        f"{d.get('failures_total', 0)} in all",
+        f"next attempt:  {at(d.get('next_attempt_at'))}",
+    ]
+    if d.get("last_error"):
+        lines.append(f"last error:    {d['last_error']}")
+    if d.get("credential_lost"):
+        lines.append("CREDENTIAL LOST: the token will expire and renewal is failing")
+    return "\n".join(lines)
+
+
+def _cmd_ensure(args: argparse.Namespace) -> int:
+    import os
+
+    from ._run import ensure_token
+    from ._tokendir import TokenDir
+
+    directory = args.dir or os.environ.get("JOBTOKEN_DIR")
+    if not directory:
+        raise UsageError("which token directory? give --dir DIR or set $JOBTOKEN_DIR")
+    tokendir = TokenDir.existing(directory)
+    report = ensure_token(tokendir, tokendir.read_spec(), min_valid_s=args.min_valid)
+    left = float(report["expires_at"]) - __import__("time").time()
+    data = {"expires_at": report["expires_at"], "remaining_s": int(left),
+            "renewed": not report.get("reused")}
+    _emit(args, data, lambda: f"token valid for {int(left)} s"
+          + (" (renewed)" if data["renewed"] else ""))
+    return ExitCode.OK
+
+
+def _job_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("job")
+    g.add_argument("--dir", metavar="DIR",
+                   help="token directory (a prepared one is adopted; default: a new private one)")
+    g.add_argument("--token-dir-base", metavar="DIR", help="where to make a new token directory")
+    g.add_argument("--job-id", metavar="ID", help="job identity for logs and renewal jitter")
+    g.add_argument("--walltime", type=float, metavar="S", help="no renewals after S seconds")
+    r = p.add_argument_group("renewal")
+    r.add_argument("--margin", type=float, metavar="S", help="renew at least S s before expiry")
+    r.add_argument("--on-failure", choices=("keep", "stop"),
+                   help="when the token expired and renewal keeps failing: keep the payload "
+                   "running, or stop it (exit 69)")
+    r.add_argument("--warn-signal", metavar="SIG",
+                   help="signal the payload this long before expiry when renewal is failing")
+    r.add_argument("--warn-before", type=float, metavar="S", help="see --warn-signal (120)")
+    r.add_argument("--metrics-dir", metavar="DIR", help="write Prometheus textfile metrics here")
+    r.add_argument("--log-file", metavar="FILE", help="event log (default DIR/sidecar.log)")
+    r.add_argument("--log-json", action="store_true", help="log JSON lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,13 +411,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("devserver_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_devserver, verbose=0, quiet=0)
 
+    p = sub.add_parser(
+        "run",
+        help="run a payload and keep its bearer token fresh: jobtoken run [OPTIONS] -- CMD",
+        description="Get a valid access token, run CMD with BEARER_TOKEN_FILE pointing at it, "
+        "renew it before it expires for as long as CMD runs, then clean up. CMD's exit status "
+        "(or death by signal) is passed on unchanged.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(p)
+    _server_options(p)
+    _token_options(p)
+    _job_options(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "sidecar",
+        help="renew a token directory while another process runs (for exec-ing wrappers)",
+        description="Keep a token directory's access token fresh until the watched process "
+        "ends. With --detach: make sure a token is valid, start the renewer in the background "
+        "and return, so a wrapper can exec the payload.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(p)
+    _server_options(p)
+    _token_options(p)
+    _job_options(p)
+    p.add_argument("--watch-pid", type=int, metavar="PID",
+                   help="stop when this process ends (default: the parent)")
+    p.add_argument("--detach", action="store_true", help="renew in the background and return")
+    p.set_defaults(func=_cmd_sidecar)
+
+    p = sub.add_parser(
+        "status",
+        help="show a token directory's state (never the token)",
+        description="Remaining lifetime, scopes, audience, renewals, failures and whether the "
+        "sidecar runs, for a token directory (default $JOBTOKEN_DIR).",
+    )
+    _common(p)
+    p.add_argument("dir", nargs="?", help="token directory (default $JOBTOKEN_DIR)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser(
+        "ensure",
+        help="make sure the job's token is valid for at least S more seconds",
+        description="Return at once when the token in the directory is valid for --min-valid "
+        "seconds; else renew it now and wait (e.g. right before a long stage-out).",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(p)
+    p.add_argument("--dir", metavar="DIR", help="token directory (default $JOBTOKEN_DIR)")
+    p.add_argument("--min-valid", type=float, required=True, metavar="S")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_ensure)
+
     for name, register in _EXTRA_COMMANDS:
         register(sub, name)
     return parser
 
 
-# Commands added by later modules register here: (name, register(subparsers, name)).
+# Commands added by integration modules register here: (name, register(subparsers, name)).
 _EXTRA_COMMANDS: List[Any] = []
+
+
+def _stderr_level(args: argparse.Namespace) -> int:
+    return max(logging.DEBUG, min(logging.CRITICAL,
+                                  logging.WARNING - 10 * (args.verbose - args.quiet)))
 
 
 def _setup_logging(verbose: int, quiet: int) -> None:
@@ -252,7 +502,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args_list:
             parser.print_help(sys.stderr)
             return ExitCode.USAGE
+        payload: List[str] = []
+        if "--" in args_list:
+            cut = args_list.index("--")
+            args_list, payload = args_list[:cut], args_list[cut + 1 :]
         args = parser.parse_args(args_list)
+        args.payload = payload
+        if payload and args.command != "run":
+            raise UsageError(f"'--' is only used with 'jobtoken run' (got {args.command})")
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return ExitCode.USAGE

@@ -48,6 +48,10 @@ SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 INSTALL_HINT = "run .ci/install-system-packages.sh as root"
 _SHIM_SOURCE = Path(__file__).with_name("_bindshim.c")
 _INSTANCE = "e2e"
+_RUNDIR_PREFIX = "jobtoken-xrootd-"
+_PORT_ATTEMPTS = 3
+_PORT_TAKEN = "address already in use"
+_OWNER_FILE = "owner.pid"
 _LOOPBACK_IPS = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 _REQUIRED_BINARIES = ("xrootd", "gcc", "openssl", "unshare", "mount", "setpriv")
 _PLUGIN_NAMES = ("libXrdAccSciTokens-5.so", "libXrdHttp-5.so", "libXrdSecztn-5.so")
@@ -68,6 +72,8 @@ class XrootdConfig:
         base_dir: parent for the run directory (a fresh ``mkdtemp`` inside it).
         user: unix user xrootd drops to; default ``xrootd`` if it exists, else ``nobody``.
         startup_timeout_s: how long to wait for the port and the HTTPS probe.
+        port: fixed port on 127.0.0.1, or 0 to pick a free one at start (retried when another
+            process takes it first).
     """
 
     issuer_url: str
@@ -76,6 +82,7 @@ class XrootdConfig:
     base_dir: Path | None = None
     user: str | None = None
     startup_timeout_s: float = 30.0
+    port: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -127,6 +134,26 @@ def _mount_namespace_allowed() -> bool:
     return proc.returncode == 0
 
 
+def remove_stale_rundirs(base_dir: Path) -> list[Path]:
+    """Delete run directories whose owning test process is gone (it was killed mid-run).
+
+    Directories of live owners (another engineer's test run) are left alone.
+
+    Returns:
+        The directories removed.
+    """
+    removed = []
+    for rundir in base_dir.glob(f"{_RUNDIR_PREFIX}*"):
+        try:
+            owner = int((rundir / _OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if not psutil.pid_exists(owner):
+            shutil.rmtree(rundir, ignore_errors=True)
+            removed.append(rundir)
+    return removed
+
+
 def _terminate_group(proc: subprocess.Popen[bytes]) -> None:
     """TERM, then KILL, the process group xrootd leads (it was started in its own session)."""
     for sig, grace_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
@@ -147,7 +174,7 @@ class XrootdServer:
     Use as a context manager or call ``start()``/``stop()``. Attributes valid after start:
     ``port``, ``url_root``, ``url_https``, ``datadir`` (the export root on disk), ``ca_file``
     (PEM to trust for the server's TLS), ``cert_dir`` (hashed ``X509_CERT_DIR`` with that CA),
-    ``log_file``.
+    ``log_file``, ``cache_dir`` (this run's ``XDG_CACHE_HOME``: scitokens' key cache).
     """
 
     def __init__(self, config: XrootdConfig) -> None:
@@ -156,6 +183,7 @@ class XrootdServer:
         self._rundir: Path | None = None
         self.port = 0
         self.datadir = Path()
+        self.cache_dir = Path()
         self.log_file = Path()
         self.ca_file = Path()
         self.cert_dir = Path()
@@ -204,11 +232,19 @@ class XrootdServer:
             raise XrootdError(
                 "the xrootd fixture must run as root (it mounts, then drops to a user)"
             )
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
+        attempts = 1 if self.config.port else _PORT_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start()
+                return
+            except XrootdError as exc:
+                self.stop()
+                if attempt == attempts or _PORT_TAKEN not in str(exc):
+                    raise
+                logger.info("xrootd port taken, retrying port=%d attempt=%d", self.port, attempt)
+            except BaseException:
+                self.stop()
+                raise
 
     def stop(self) -> None:
         """Kill xrootd (and its process group) and delete the run directory."""
@@ -226,8 +262,10 @@ class XrootdServer:
         cfg = self.config
         user = _pick_user(cfg.user)
         owner = (user.pw_uid, user.pw_gid)
-        rundir = Path(tempfile.mkdtemp(prefix="jobtoken-xrootd-", dir=cfg.base_dir))
+        remove_stale_rundirs(Path(cfg.base_dir or tempfile.gettempdir()))
+        rundir = Path(tempfile.mkdtemp(prefix=_RUNDIR_PREFIX, dir=cfg.base_dir))
         self._rundir = rundir
+        (rundir / _OWNER_FILE).write_text(f"{os.getpid()}\n")
         os.chmod(rundir, 0o755)  # the unprivileged server must traverse it
         dirs = {name: rundir / name for name in ("data", "var", "cache", "log", "etc", "pki")}
         for name, path in dirs.items():
@@ -235,6 +273,7 @@ class XrootdServer:
             if name in ("data", "var", "cache", "log"):
                 os.chown(path, *owner)
         self.datadir = dirs["data"]
+        self.cache_dir = dirs["cache"]
         # with -n NAME, xrootd writes "-l DIR/FILE" to DIR/NAME/FILE
         self.log_file = dirs["log"] / _INSTANCE / "xrootd.log"
 
@@ -244,7 +283,7 @@ class XrootdServer:
         self.cert_dir = ca.make_cert_dir()
         shim = self._build_shim(rundir)
 
-        self.port = _free_loopback_port()
+        self.port = cfg.port or _free_loopback_port()
         scitokens_cfg = dirs["etc"] / "scitokens.cfg"
         scitokens_cfg.write_text(self._scitokens_cfg(user.pw_name))
         xrootd_cfg = dirs["etc"] / "xrootd.cfg"
@@ -342,7 +381,10 @@ class XrootdServer:
         """Wrap ``argv`` to run as ``user`` where the system CA bundle holds the issuer's CA.
 
         Root is needed only for the bind mount; ``setpriv`` then drops real, effective and saved
-        ids before xrootd starts (xrootd's own ``-R`` changes only the effective uid).
+        ids before xrootd starts (xrootd's own ``-R`` changes only the effective uid). A second
+        ``setpriv`` sets the parent-death signal (a uid change would clear it), so xrootd dies
+        with the thread that started it even when the test process is SIGKILLed: start the
+        server from a thread that lives as long as the server (pytest's main thread does).
         """
         if not _mount_namespace_allowed():
             raise XrootdError(
@@ -356,7 +398,8 @@ class XrootdServer:
         os.chmod(bundle, 0o644)
         script = (
             'mount --bind "$1" "$2" && uid="$3" && gid="$4" && shift 4 && '
-            'exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@"'
+            'exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- '
+            'setpriv --pdeathsig KILL -- "$@"'
         )
         return [
             "unshare",

@@ -11,9 +11,11 @@ put a token into argv, logs or assertion messages.
 from __future__ import annotations
 
 import shutil
+import ssl
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -41,30 +43,35 @@ def require_software() -> None:
 class StorageIssuer:
     """The DevServer seen from a storage test: an issuer URL, its CA, and a way to get ATs.
 
-    Access tokens come the way jobtoken gets them: a parent mytoken from the dev server, then
-    ``POST /api/v0/token/access`` with ``grant_type=mytoken``.
+    Access tokens come the way a job gets them: a mytoken restricted to exactly the job's
+    scope and audience (as ``jobtoken prepare`` mints one), exchanged at
+    ``POST /api/v0/token/access`` with ``grant_type=mytoken``. Without a restriction a Mytoken
+    server ignores the requested scope and audience and hands out everything the OP allows.
     """
 
-    def __init__(self, server: object) -> None:
+    def __init__(self, server: Any) -> None:
         self.server = server
-        self.url: str = server.url  # type: ignore[attr-defined]
-        self.issuer_url: str = server.op_issuer  # type: ignore[attr-defined]
-        self.ca_file = Path(server.ca_file)  # type: ignore[attr-defined]
-        issued = server.issue_mytoken(capabilities=["AT"])  # type: ignore[attr-defined]
-        self._mytoken: str = getattr(issued, "mytoken", issued)
-        self._http = httpx.Client(verify=str(self.ca_file), timeout=10.0)
+        self.url: str = server.url
+        self.issuer_url: str = server.op_issuer
+        self.ca_file = Path(server.ca_file)
+        tls = ssl.create_default_context(cafile=str(self.ca_file))
+        self._http = httpx.Client(verify=tls, timeout=10.0)
 
     def access_token(self, scope: str, audience: str = STORAGE_AUDIENCE) -> str:
-        """A fresh access token for ``scope``/``audience`` (never presented before).
+        """A fresh access token carrying exactly ``scope`` and ``audience``.
 
         Raises:
-            AssertionError: the dev server refused; the message carries no token.
+            AssertionError: the dev server refused, or granted something else than asked;
+                messages carry no token.
         """
+        mytoken = self.server.issue_mytoken(
+            capabilities=["AT"], restrictions=[{"scope": scope, "audience": [audience]}]
+        )
         response = self._http.post(
             f"{self.url}/api/v0/token/access",
             json={
                 "grant_type": "mytoken",
-                "mytoken": self._mytoken,
+                "mytoken": mytoken,
                 "scope": scope,
                 "audience": audience,
             },
@@ -73,7 +80,10 @@ class StorageIssuer:
             f"dev server refused an access token status={response.status_code} "
             f"body={response.text[:200]}"
         )
-        token = response.json()["access_token"]
+        body = response.json()
+        assert sorted(body["scope"].split()) == sorted(scope.split()), body["scope"]
+        assert body["audience"] == [audience], body["audience"]
+        token = body["access_token"]
         assert isinstance(token, str)
         return token
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import selectors
 import socket
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import pytest
 
 from ._clients import StorageClients
 from ._pki import TestCA
-from ._xrootd import XrootdConfig, XrootdServer
+from . import _xrootd
+from ._xrootd import XrootdConfig, XrootdError, XrootdServer, remove_stale_rundirs
 from .conftest import require_software
 
 pytestmark = pytest.mark.e2e
@@ -145,3 +147,86 @@ def test_stop_leaves_nothing_behind(tmp_path: Path) -> None:
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(rundir) not in mounts
     server.stop()  # idempotent
+
+
+_ORPHAN_CHILD = """
+import sys, tempfile
+from pathlib import Path
+from tests.e2e._pki import TestCA
+from tests.e2e._xrootd import XrootdConfig, XrootdServer
+ca = TestCA(Path(sys.argv[1]), name="unused issuer CA")
+server = XrootdServer(XrootdConfig(issuer_url="https://127.0.0.1:9/op", issuer_ca_file=ca.ca_file))
+server.start()
+print(server.pid, server.datadir.parent, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_killed_test_process_takes_xrootd_with_it(tmp_path: Path) -> None:
+    require_software()
+    repo = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_CHILD, str(tmp_path / "ca")],
+        cwd=repo,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(child.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
+            assert sel.select(timeout=30), "child never reported a started xrootd"
+        pid_text, rundir_text = child.stdout.readline().split()  # type: ignore[union-attr]
+        server = psutil.Process(int(pid_text))
+        child.kill()
+        child.wait(timeout=10)
+        server.wait(timeout=15)  # raises TimeoutExpired if xrootd outlives its parent
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.close()
+        child.stdout.close()
+    rundir = Path(rundir_text)
+    assert rundir.exists()  # nobody ran stop(): the next start cleans up
+    assert rundir in remove_stale_rundirs(rundir.parent)
+    assert not rundir.exists()
+
+
+def _unused_issuer(tmp_path: Path, **overrides: object) -> XrootdConfig:
+    ca = TestCA(tmp_path / "ca", name="unused issuer CA")
+    return XrootdConfig(
+        issuer_url="https://127.0.0.1:9/op",
+        issuer_ca_file=ca.ca_file,
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+def test_fixed_port_in_use_fails_with_the_reason(tmp_path: Path) -> None:
+    require_software()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        server = XrootdServer(_unused_issuer(tmp_path, port=port, startup_timeout_s=15.0))
+        with pytest.raises(XrootdError, match="address already in use"):
+            server.start()
+    assert not server.datadir.parent.exists()
+
+
+def test_free_port_taken_by_someone_else_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_software()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        real_pick = _xrootd._free_loopback_port
+        picks = iter([taken])
+        monkeypatch.setattr(
+            _xrootd, "_free_loopback_port", lambda: next(picks, None) or real_pick()
+        )
+        with XrootdServer(_unused_issuer(tmp_path)) as server:
+            assert server.port != taken
+            assert server.pid > 0

@@ -87,11 +87,13 @@ class DevServerConfig:
                 "(it is a development tool; pass allow_remote/--force-remote to override)"
             )
         if self.at_alg not in AT_ALGORITHMS:
-            raise ConfigError(f"devserver at_alg={self.at_alg} unsupported; use one of "
-                              f"{', '.join(AT_ALGORITHMS)}")
+            raise ConfigError(
+                f"devserver at_alg={self.at_alg} unsupported; use one of {', '.join(AT_ALGORITHMS)}"
+            )
         if self.mt_alg not in MT_ALGORITHMS:
-            raise ConfigError(f"devserver mt_alg={self.mt_alg} unsupported; use one of "
-                              f"{', '.join(MT_ALGORITHMS)}")
+            raise ConfigError(
+                f"devserver mt_alg={self.mt_alg} unsupported; use one of {', '.join(MT_ALGORITHMS)}"
+            )
         if self.at_lifetime_s < 1:
             raise ConfigError(f"devserver at_lifetime_s={self.at_lifetime_s} must be >= 1")
         if not 0 <= self.port <= 65535:

@@ -47,8 +47,13 @@ class Fault:
 
     @property
     def replaces_response(self) -> bool:
-        return (self.status is not None or self.body is not None or self.error is not None
-                or self.drop or self.garbage)
+        return (
+            self.status is not None
+            or self.body is not None
+            or self.error is not None
+            or self.drop
+            or self.garbage
+        )
 
     def describe(self) -> str:
         parts = [self.endpoint]
@@ -97,10 +102,13 @@ class FaultSet:
             ValueError: unknown endpoint or token fault, or nonsensical values.
         """
         if endpoint not in ENDPOINTS:
-            raise ValueError(f"unknown fault endpoint {endpoint!r}; use one of {', '.join(ENDPOINTS)}")
+            raise ValueError(
+                f"unknown fault endpoint {endpoint!r}; use one of {', '.join(ENDPOINTS)}"
+            )
         if token is not None and (endpoint != "access" or token not in TOKEN_FAULTS):
             raise ValueError(
-                f"token fault {token!r} needs endpoint 'access' and one of {', '.join(TOKEN_FAULTS)}"
+                f"token fault {token!r} needs endpoint 'access' and one of "
+                f"{', '.join(TOKEN_FAULTS)}"
             )
         if count is not None and count < 1:
             raise ValueError("fault count must be >= 1")
@@ -110,9 +118,18 @@ class FaultSet:
             raise ValueError(f"fault status {status} is not an HTTP status")
         with self._lock:
             fault = Fault(
-                id=self._next_id, endpoint=endpoint, status=status, body=body, error=error,
-                error_description=error_description, delay_s=float(delay_s), drop=drop,
-                garbage=garbage, retry_after_s=retry_after_s, token=token, process=process,
+                id=self._next_id,
+                endpoint=endpoint,
+                status=status,
+                body=body,
+                error=error,
+                error_description=error_description,
+                delay_s=float(delay_s),
+                drop=drop,
+                garbage=garbage,
+                retry_after_s=retry_after_s,
+                token=token,
+                process=process,
                 until=until,
             )
             self._next_id += 1
@@ -126,9 +143,22 @@ class FaultSet:
         Raises:
             ValueError: unknown keys or bad values.
         """
-        allowed = {"endpoint", "status", "body", "error", "error_description", "delay_s",
-                   "drop", "garbage", "retry_after_s", "count", "until", "for_s", "token",
-                   "process"}
+        allowed = {
+            "endpoint",
+            "status",
+            "body",
+            "error",
+            "error_description",
+            "delay_s",
+            "drop",
+            "garbage",
+            "retry_after_s",
+            "count",
+            "until",
+            "for_s",
+            "token",
+            "process",
+        }
         unknown = set(spec) - allowed
         if unknown:
             raise ValueError(f"unknown fault keys: {', '.join(sorted(unknown))}")

@@ -81,8 +81,11 @@ class AccessTokenIssuer:
         """
         granted = list(grant_scopes(self.allowed_scopes, [s for s in scopes if s]))
         if not granted:
-            raise ApiError(400, "oidc_error",
-                           "invalid_scope: none of the requested scopes is allowed for this user")
+            raise ApiError(
+                400,
+                "oidc_error",
+                "invalid_scope: none of the requested scopes is allowed for this user",
+            )
         auds = [a for a in audiences if a] or [self.default_audience]
         inow = int(now)
         iat, exp = inow, inow + self.lifetime_s
@@ -138,8 +141,18 @@ class AccessTokenIssuer:
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": [self.key.alg],
             "token_endpoint_auth_methods_supported": ["client_secret_basic"],
-            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "nbf", "jti", "scope",
-                                 "wlcg.ver", "client_id"],
+            "claims_supported": [
+                "sub",
+                "iss",
+                "aud",
+                "exp",
+                "iat",
+                "nbf",
+                "jti",
+                "scope",
+                "wlcg.ver",
+                "client_id",
+            ],
         }
 
 

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
 import jwt
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 __all__ = ["SigningKey", "new_signing_key"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rsa_private_key(slot: str) -> rsa.RSAPrivateKey:
     # RSA generation is the slow part of server start-up; one key per purpose and process.
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -47,9 +47,7 @@ def error_body(error: str, description: str = "") -> Dict[str, str]:
     return body
 
 
-def json_response(
-    status: int, obj: Any, headers: Tuple[Tuple[str, str], ...] = ()
-) -> Response:
+def json_response(status: int, obj: Any, headers: Tuple[Tuple[str, str], ...] = ()) -> Response:
     data = json.dumps(obj, separators=(",", ":")).encode()
     return Response(status, data, (("Content-Type", "application/json"),) + headers)
 

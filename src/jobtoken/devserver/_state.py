@@ -40,7 +40,7 @@ def is_jwt(token: str) -> bool:
 
 @dataclass(frozen=True)
 class Rotation:
-    """Per-token rotation policy (wire keys ``on_AT``, ``on_other``, ``lifetime``, ``auto_revoke``)."""
+    """Per-token rotation policy (wire keys on_AT, on_other, lifetime, auto_revoke)."""
 
     on_AT: bool = False  # noqa: N815
     on_other: bool = False
@@ -172,8 +172,11 @@ class MytokenStore:
                 last_rotated_at=now,
             )
             self._records[mt_id] = record
-            logger.info("mytoken issued mom_id=%s parent=%s", record.mom_id[:12],
-                        parent.mom_id[:12] if parent else "-")
+            logger.info(
+                "mytoken issued mom_id=%s parent=%s",
+                record.mom_id[:12],
+                parent.mom_id[:12] if parent else "-",
+            )
             return record
 
     def _sign(self, claims: Dict[str, Any]) -> str:
@@ -369,15 +372,22 @@ class MytokenStore:
                         item["usages_other_done"] = self._other_used[k]
                     used.append(item)
                 token["restrictions"] = used
-            return {"valid": True, "token_type": token_type, "token": token,
-                    "mom_id": record.mom_id}
+            return {
+                "valid": True,
+                "token_type": token_type,
+                "token": token,
+                "mom_id": record.mom_id,
+            }
 
     def subtree(self, record: MytokenRecord) -> Dict[str, Any]:
         """Tokeninfo ``subtokens`` tree: this token's entry plus its live children."""
         with self.lock:
             entry: Dict[str, Any] = {
-                "token": {"name": record.name, "created": int(record.claims.get("auth_time", 0)),
-                          "mom_id": record.mom_id},
+                "token": {
+                    "name": record.name,
+                    "created": int(record.claims.get("auth_time", 0)),
+                    "mom_id": record.mom_id,
+                },
             }
             kids = [self.subtree(c) for c in self.children(record.id) if not c.revoked]
             if kids:

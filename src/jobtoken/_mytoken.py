@@ -1,0 +1,733 @@
+"""Mytoken API v0 client (``MytokenClient``) on httpx.
+
+Speaks the wire format of the real oidc-mytoken server: endpoints always come from the
+discovery document (``/.well-known/mytoken-configuration`` under the server URL, path
+prefix kept), which is fetched once per process per server URL; AT requests send
+``scope``/``audience`` as space-separated strings and get ``audience`` back as an array;
+a rotated mytoken arrives nested in ``token_update`` (never ``updated_token``);
+``error_description`` may be missing; 429 bodies are plain text.
+
+Error mapping (every httpx exception is translated here, via ``_http``):
+
+* 400/401/403 and other 4xx → ``MytokenRejectedError`` (status, error, description);
+  except OAuth-style transient codes (``temporarily_unavailable``, ``server_error``,
+  including an ``oidc_error`` whose OP error is one of those) → ``ServerUnavailableError``.
+* 429, 5xx (JSON or HTML), 408 → ``ServerUnavailableError`` with ``retry_after_s`` from
+  ``Retry-After`` (seconds or HTTP date).
+* timeouts, refused/reset connections → ``ServerUnavailableError``; a failed TLS
+  certificate verification → ``ConfigError`` (not retryable: a wrong trust store or a
+  bad server certificate does not heal by retrying).
+* 3xx (never followed), non-JSON/truncated bodies, missing or mistyped fields, an
+  implausible ``token_update.mytoken`` → ``ProtocolError``.
+
+This module must NOT write files (persisting a rotated mytoken is the caller's job, and
+must happen before the next request), retry (the renewal policy owns retries), or log,
+repr or put into a message any token or mytoken.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import httpx
+
+from ._clock import Clock, SystemClock
+from ._errors import (
+    ConfigError,
+    MytokenRejectedError,
+    ProtocolError,
+    ServerUnavailableError,
+)
+from ._http import build_client, parse_retry_after, translate_http_error, url_problem
+from ._scopes import parse_scopes
+
+__all__ = [
+    "DISCOVERY_PATH",
+    "AccessTokenResponse",
+    "Discovery",
+    "MytokenClient",
+    "MytokenResponse",
+    "clear_discovery_cache",
+    "is_plausible_mytoken",
+]
+
+logger = logging.getLogger(__name__)
+
+DISCOVERY_PATH = "/.well-known/mytoken-configuration"
+
+# The server treats anything shorter as "not a token"; short tokens default to 64 chars.
+MIN_MYTOKEN_CHARS = 32
+MAX_MYTOKEN_CHARS = 65536
+_MAX_DESCRIPTION_CHARS = 300
+_RESPONSE_TYPES = ("token", "short_token", "transfer_code")
+# OAuth error codes that say "try again later" even under a 4xx status.
+_TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error", "internal_server_error"})
+_HINTS = {
+    "usage_restricted": "no restriction of the mytoken allows this use (time, host, usage "
+    "count, or scope/audience strings that do not match the restriction exactly)",
+    "insufficient_capabilities": "the mytoken lacks the capability for this request",
+}
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """The parts of the server's discovery document jobtoken uses (endpoints validated)."""
+
+    issuer: str
+    access_token_endpoint: str
+    mytoken_endpoint: str
+    revocation_endpoint: Optional[str]
+    tokeninfo_endpoint: Optional[str]
+    jwks_uri: Optional[str]
+    restriction_claims_supported: tuple[str, ...]
+    response_types_supported: tuple[str, ...]
+    tokeninfo_actions_supported: tuple[str, ...]
+    version: Optional[str]
+    raw: Mapping[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class MytokenResponse:
+    """A mytoken response: a created sub-mytoken, or a ``token_update`` (rotation).
+
+    For ``response_type="transfer_code"`` ``mytoken`` is empty and ``transfer_code`` set.
+    """
+
+    mytoken: str = field(repr=False)
+    mytoken_type: str
+    expires_in: Optional[float]
+    mom_id: Optional[str]
+    restrictions: tuple[Mapping[str, Any], ...]
+    capabilities: tuple[str, ...]
+    rotation: Optional[Mapping[str, Any]]
+    token_update: Optional[MytokenResponse]
+    transfer_code: Optional[str] = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class AccessTokenResponse:
+    """The access-token endpoint's answer.
+
+    ``expires_in`` is None when the OP sent none or 0 (compute renewal from the AT's
+    ``exp``). ``token_update`` is the *replacement for the mytoken just used*; the caller
+    must persist it before the next request (the old one is dead at once).
+    """
+
+    access_token: str = field(repr=False)
+    token_type: str
+    expires_in: Optional[float]
+    scope: str
+    audience: tuple[str, ...]
+    token_update: Optional[MytokenResponse]
+
+
+_DISCOVERY_CACHE: dict[tuple[str, bool], Discovery] = {}
+_DISCOVERY_LOCK = threading.Lock()
+
+
+def clear_discovery_cache() -> None:
+    """Forget every cached discovery document (tests; or after a server migration)."""
+    with _DISCOVERY_LOCK:
+        _DISCOVERY_CACHE.clear()
+
+
+def is_plausible_mytoken(value: Any) -> bool:
+    """Whether ``value`` can be a mytoken (JWT or short token) the server handed out.
+
+    ASCII printable without whitespace, at least 32 characters (the server's own floor),
+    at most 64 KiB. This guards the *write-back* of a rotated mytoken: persisting garbage
+    would lose the chain as surely as not persisting at all.
+    """
+    return (
+        isinstance(value, str)
+        and MIN_MYTOKEN_CHARS <= len(value) <= MAX_MYTOKEN_CHARS
+        and all(33 <= ord(c) <= 126 for c in value)
+    )
+
+
+def _one_line(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    text = " ".join(text.split())
+    if len(text) > _MAX_DESCRIPTION_CHARS:
+        text = text[: _MAX_DESCRIPTION_CHARS - 3] + "..."
+    return text
+
+
+def _string_items(values: Union[str, Iterable[str], None], what: str) -> list[str]:
+    if values is None:
+        return []
+    if isinstance(values, str):
+        return list(parse_scopes(values))
+    items: list[str] = []
+    for value in values:
+        if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+            raise ConfigError(f"invalid {what} {value!r}: need a non-empty string without spaces")
+        if value not in items:
+            items.append(value)
+    return items
+
+
+def _require_secret(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"no {what} given (empty)")
+    return value.strip()
+
+
+def _normalise_restriction(restriction: Mapping[str, Any]) -> dict[str, Any]:
+    """Restriction wire shape: ``scope`` a space-separated string, ``audience`` an array."""
+    if not isinstance(restriction, Mapping):
+        raise ConfigError("each restriction must be a mapping of restriction keys")
+    out = dict(restriction)
+    scope = out.get("scope")
+    if scope is not None and not isinstance(scope, str):
+        out["scope"] = " ".join(_string_items(scope, "restriction scope"))
+    audience = out.get("audience")
+    if isinstance(audience, str):
+        out["audience"] = _string_items(audience, "restriction audience")
+    elif audience is not None:
+        out["audience"] = _string_items(audience, "restriction audience")
+    return out
+
+
+class MytokenClient:
+    """Client for one Mytoken server (API v0).
+
+    One instance per server URL and thread of use; the discovery document is shared by
+    all instances in the process. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        server_url: str,
+        *,
+        timeout_s: float = 10.0,
+        ca_file: Optional[str] = None,
+        ca_dir: Optional[str] = None,
+        allow_http: bool = False,
+        transport: Optional[httpx.BaseTransport] = None,
+        user_agent: Optional[str] = None,
+        clock: Optional[Clock] = None,
+    ) -> None:
+        """Build the HTTP client; no request is sent yet.
+
+        Raises:
+            ConfigError: bad URL (http to a non-loopback host, ...), timeout or CA option.
+        """
+        if not isinstance(server_url, str) or not server_url.strip():
+            raise ConfigError("no Mytoken server URL given")
+        self.server_url = server_url.strip().rstrip("/")
+        self._allow_http = allow_http
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._closed = False
+        self._client = build_client(
+            self.server_url,
+            timeout_s=timeout_s,
+            ca_file=ca_file,
+            ca_dir=ca_dir,
+            allow_http=allow_http,
+            transport=transport,
+            user_agent=user_agent,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._closed = True
+        self._client.close()
+
+    def __enter__(self) -> MytokenClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"MytokenClient(server_url={self.server_url!r})"
+
+    # -- discovery ---------------------------------------------------------------------
+
+    def discovery(self) -> Discovery:
+        """The server's discovery document, fetched once per process per server URL.
+
+        Raises:
+            ServerUnavailableError: the server could not be reached or answered 5xx/429.
+            ProtocolError: the document is not JSON or lacks the required endpoints.
+            MytokenRejectedError: the server answered 4xx (wrong URL?).
+            ConfigError: TLS verification failed.
+        """
+        key = (self.server_url, self._allow_http)
+        with _DISCOVERY_LOCK:
+            cached = _DISCOVERY_CACHE.get(key)
+            if cached is not None:
+                return cached
+            url = self.server_url + DISCOVERY_PATH
+            response = self._send("GET", url, None, action="mytoken discovery", secrets=())
+            self._raise_for_status(response, url, action="mytoken discovery", secrets=())
+            data = self._json_object(response, url, action="mytoken discovery", secrets=())
+            found = self._parse_discovery(data, url)
+            _DISCOVERY_CACHE[key] = found
+            logger.debug("mytoken discovery fetched url=%s version=%s", url, found.version)
+            return found
+
+    def _parse_discovery(self, data: Mapping[str, Any], url: str) -> Discovery:
+        def endpoint(name: str, required: bool) -> Optional[str]:
+            value = data.get(name)
+            if value is None and not required:
+                return None
+            if not isinstance(value, str) or not value:
+                raise ProtocolError(
+                    f"mytoken discovery at {url} has no {name}", url=url, status=200
+                )
+            problem = url_problem(value, allow_http=self._allow_http)
+            if problem:
+                raise ProtocolError(
+                    f"mytoken discovery at {url} lists an unusable {name} {value}: {problem}",
+                    url=url,
+                    status=200,
+                )
+            return value
+
+        def strings(name: str) -> tuple[str, ...]:
+            value = data.get(name)
+            if isinstance(value, list):
+                return tuple(v for v in value if isinstance(v, str))
+            return ()
+
+        access = endpoint("access_token_endpoint", True)
+        mytoken = endpoint("mytoken_endpoint", True)
+        assert access is not None and mytoken is not None
+        issuer = data.get("issuer")
+        version = data.get("version")
+        return Discovery(
+            issuer=issuer if isinstance(issuer, str) and issuer else self.server_url,
+            access_token_endpoint=access,
+            mytoken_endpoint=mytoken,
+            revocation_endpoint=endpoint("revocation_endpoint", False),
+            tokeninfo_endpoint=endpoint("tokeninfo_endpoint", False),
+            jwks_uri=endpoint("jwks_uri", False),
+            restriction_claims_supported=strings("restriction_claims_supported"),
+            response_types_supported=strings("response_types_supported"),
+            tokeninfo_actions_supported=strings("tokeninfo_endpoint_actions_supported"),
+            version=version if isinstance(version, str) else None,
+            raw=dict(data),
+        )
+
+    # -- API calls ---------------------------------------------------------------------
+
+    def get_access_token(
+        self,
+        mytoken: str,
+        *,
+        scopes: Union[str, Iterable[str]] = (),
+        audiences: Union[str, Iterable[str]] = (),
+        comment: Optional[str] = None,
+    ) -> AccessTokenResponse:
+        """Exchange ``mytoken`` for an access token.
+
+        Send scopes and audiences explicitly: with none, the server asks the OP for
+        its defaults (often the ``any`` audience). The server matches them against the
+        mytoken's restriction as exact strings.
+
+        Raises:
+            ConfigError: empty mytoken, a scope/audience with whitespace, TLS failure.
+            MytokenRejectedError: 4xx (revoked, expired, restricted, OP refused).
+            ServerUnavailableError: 5xx, 429, network trouble, timeout.
+            ProtocolError: redirect, non-JSON body, no ``access_token``, bad
+                ``token_update``.
+        """
+        secret = _require_secret(mytoken, "mytoken")
+        body: dict[str, Any] = {"grant_type": "mytoken", "mytoken": secret}
+        scope_items = _string_items(scopes, "scope")
+        audience_items = _string_items(audiences, "audience")
+        if scope_items:
+            body["scope"] = " ".join(scope_items)
+        if audience_items:
+            body["audience"] = " ".join(audience_items)
+        if comment:
+            body["comment"] = comment
+        url = self.discovery().access_token_endpoint
+        data = self._call(url, body, action="access token request", secrets=(secret,))
+        return self._parse_access_token_response(data, url, secrets=(secret,))
+
+    def create_mytoken(
+        self,
+        mytoken: str,
+        *,
+        restrictions: Optional[Iterable[Mapping[str, Any]]] = None,
+        capabilities: Optional[Iterable[str]] = None,
+        rotation: Optional[Mapping[str, Any]] = None,
+        name: Optional[str] = None,
+        response_type: str = "token",
+        error_on_restrictions: bool = True,
+        max_token_len: Optional[int] = None,
+    ) -> MytokenResponse:
+        """Create a sub-mytoken from ``mytoken`` (which needs ``create_mytoken``).
+
+        ``restrictions``/``capabilities`` left as None inherit the parent's. A
+        ``token_update`` in the result is the *parent's* replacement (parent rotation
+        ``on_other``); the caller must persist it.
+
+        Raises:
+            ConfigError: bad arguments or TLS failure.
+            MytokenRejectedError: 4xx (e.g. restrictions not a subset of the parent's).
+            ServerUnavailableError: 5xx, 429, network trouble, timeout.
+            ProtocolError: redirect, non-JSON body, implausible mytoken in the response.
+        """
+        secret = _require_secret(mytoken, "parent mytoken")
+        if response_type not in _RESPONSE_TYPES:
+            raise ConfigError(
+                f"unknown mytoken response_type {response_type!r} "
+                f"(one of {', '.join(_RESPONSE_TYPES)})"
+            )
+        body: dict[str, Any] = {
+            "grant_type": "mytoken",
+            "mytoken": secret,
+            "response_type": response_type,
+            "error_on_restrictions": bool(error_on_restrictions),
+        }
+        if restrictions is not None:
+            body["restrictions"] = [_normalise_restriction(r) for r in restrictions]
+        if capabilities is not None:
+            body["capabilities"] = _string_items(capabilities, "capability")
+        if rotation is not None:
+            body["rotation"] = dict(rotation)
+        if name:
+            body["name"] = name
+        if max_token_len is not None:
+            if isinstance(max_token_len, bool) or not isinstance(max_token_len, int):
+                raise ConfigError(f"max_token_len must be an integer, got {max_token_len!r}")
+            body["max_token_len"] = max_token_len
+        url = self.discovery().mytoken_endpoint
+        action = "mytoken creation"
+        data = self._call(url, body, action=action, secrets=(secret,))
+        result = self._parse_mytoken_response(
+            data, url, action=action, secrets=(secret,), what="created mytoken"
+        )
+        if result.token_update is not None:
+            logger.info("mytoken rotated action=%s url=%s", action, url)
+        return result
+
+    def revoke(
+        self, token: str, *, recursive: bool = False, mom_id: Optional[str] = None
+    ) -> Optional[MytokenResponse]:
+        """Revoke ``token`` (or, with ``mom_id``, the token it identifies).
+
+        Returns the authenticating token's replacement when the server rotated it
+        (HTTP 200 with ``token_update``), else None (HTTP 204).
+
+        Raises:
+            MytokenRejectedError: 4xx, or revocation disabled on the server.
+            ServerUnavailableError / ProtocolError / ConfigError: as for the other calls.
+        """
+        secret = _require_secret(token, "token to revoke")
+        url = self.discovery().revocation_endpoint
+        action = "mytoken revocation"
+        if not url:
+            raise MytokenRejectedError(
+                f"{action} impossible: {self.server_url} offers no revocation endpoint",
+                url=self.server_url,
+            )
+        body: dict[str, Any] = {"token": secret, "recursive": bool(recursive)}
+        if mom_id:
+            body["mom_id"] = mom_id
+        response = self._send("POST", url, body, action=action, secrets=(secret,))
+        self._raise_for_status(response, url, action=action, secrets=(secret,))
+        if response.status_code == 204 or not response.content.strip():
+            return None
+        data = self._json_object(response, url, action=action, secrets=(secret,))
+        update = data.get("token_update")
+        if update is None:
+            return None
+        if not isinstance(update, Mapping):
+            raise ProtocolError(f"{action} at {url}: token_update is not an object", url=url)
+        logger.info("mytoken rotated action=%s url=%s", action, url)
+        return self._parse_mytoken_response(
+            update, url, action=action, secrets=(secret,), what="token_update"
+        )
+
+    def introspect(self, mytoken: str) -> dict[str, Any]:
+        """The tokeninfo ``introspect`` answer for ``mytoken`` (claims, usage counts).
+
+        An invalid mytoken yields 401 (``MytokenRejectedError``), not ``valid: false``.
+
+        Raises:
+            MytokenRejectedError: 4xx, or tokeninfo disabled on the server.
+            ServerUnavailableError / ProtocolError / ConfigError: as for the other calls.
+        """
+        secret = _require_secret(mytoken, "mytoken")
+        url = self.discovery().tokeninfo_endpoint
+        action = "mytoken introspection"
+        if not url:
+            raise MytokenRejectedError(
+                f"{action} impossible: {self.server_url} offers no tokeninfo endpoint",
+                url=self.server_url,
+            )
+        body = {"action": "introspect", "mytoken": secret}
+        return self._call(url, body, action=action, secrets=(secret,))
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _call(
+        self, url: str, body: Mapping[str, Any], *, action: str, secrets: Sequence[str]
+    ) -> dict[str, Any]:
+        response = self._send("POST", url, body, action=action, secrets=secrets)
+        self._raise_for_status(response, url, action=action, secrets=secrets)
+        return self._json_object(response, url, action=action, secrets=secrets)
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        body: Optional[Mapping[str, Any]],
+        *,
+        action: str,
+        secrets: Sequence[str],
+    ) -> httpx.Response:
+        if self._closed:
+            raise RuntimeError("MytokenClient used after close()")
+        logger.debug("mytoken request action=%s url=%s", action, url)
+        try:
+            if body is None:
+                response = self._client.request(method, url)
+            else:
+                response = self._client.request(method, url, json=body)
+        except httpx.HTTPError as exc:
+            error = translate_http_error(exc, url=url, action=action)
+            logger.debug("mytoken request failed action=%s url=%s error=%s", action, url, error)
+            raise error from exc
+        logger.debug(
+            "mytoken response action=%s url=%s status=%s", action, url, response.status_code
+        )
+        return response
+
+    def _raise_for_status(
+        self, response: httpx.Response, url: str, *, action: str, secrets: Sequence[str]
+    ) -> None:
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        if 300 <= status < 400:
+            target = response.headers.get("location", "")
+            host = httpx.URL(target).host if target else "nowhere"
+            raise ProtocolError(
+                f"{action} failed at {url}: HTTP {status} redirect to {host or target!r} "
+                "(redirects are never followed; fix the server URL)",
+                status=status,
+                url=url,
+            )
+        error, description = self._error_fields(response, secrets)
+        retry_after = parse_retry_after(response.headers.get("retry-after"), self._clock.now())
+        said = f"HTTP {status}"
+        if error:
+            said += f" {error}"
+        if description:
+            said += f": {description}"
+        elif error in _HINTS:
+            said += f" ({_HINTS[error]})"
+        elif error is None:
+            snippet = self._plain_text(response, secrets)
+            if snippet:
+                said += f" ({snippet})"
+        message = f"{action} failed at {url}: {said}"
+        fields: dict[str, Any] = {
+            "status": status,
+            "error": error,
+            "error_description": description,
+            "url": url,
+            "retry_after_s": retry_after,
+        }
+        if status == 429:
+            raise ServerUnavailableError(message + " (rate limited)", **fields)
+        if status >= 500 or status in (408, 425) or self._transient(error, description):
+            raise ServerUnavailableError(message, **fields)
+        raise MytokenRejectedError(message, **fields)
+
+    @staticmethod
+    def _transient(error: Optional[str], description: Optional[str]) -> bool:
+        if error in _TRANSIENT_ERRORS:
+            return True
+        if error == "oidc_error" and description:
+            op_error = description.split(":", 1)[0].strip()
+            return op_error in _TRANSIENT_ERRORS
+        return False
+
+    @staticmethod
+    def _plain_text(response: httpx.Response, secrets: Sequence[str]) -> Optional[str]:
+        """A short, redacted excerpt of a text/plain error body (e.g. fiber's 429)."""
+        if not response.headers.get("content-type", "").startswith("text/plain"):
+            return None
+        try:
+            text = response.text
+        except (UnicodeDecodeError, LookupError):
+            return None
+        excerpt = _one_line(text, secrets)[:100]
+        return excerpt or None
+
+    @staticmethod
+    def _error_fields(
+        response: httpx.Response, secrets: Sequence[str]
+    ) -> tuple[Optional[str], Optional[str]]:
+        try:
+            data = response.json()
+        except ValueError:
+            return None, None
+        if not isinstance(data, Mapping):
+            return None, None
+        error = data.get("error")
+        description = data.get("error_description")
+        return (
+            _one_line(error, secrets) if isinstance(error, str) and error else None,
+            _one_line(description, secrets)
+            if isinstance(description, str) and description
+            else None,
+        )
+
+    @staticmethod
+    def _json_object(
+        response: httpx.Response, url: str, *, action: str, secrets: Sequence[str]
+    ) -> dict[str, Any]:
+        status = response.status_code
+        try:
+            data = response.json()
+        except ValueError:
+            kind = response.headers.get("content-type", "no content type")
+            raise ProtocolError(
+                f"{action} failed at {url}: HTTP {status} body is not JSON ({kind})",
+                status=status,
+                url=url,
+            ) from None
+        if not isinstance(data, dict):
+            raise ProtocolError(
+                f"{action} failed at {url}: HTTP {status} body is not a JSON object",
+                status=status,
+                url=url,
+            )
+        return data
+
+    def _parse_access_token_response(
+        self, data: Mapping[str, Any], url: str, *, secrets: Sequence[str]
+    ) -> AccessTokenResponse:
+        action = "access token request"
+
+        def bad(what: str) -> ProtocolError:
+            return ProtocolError(f"{action} failed at {url}: {what}", status=200, url=url)
+
+        access_token = data.get("access_token")
+        if not isinstance(access_token, str) or not access_token.strip():
+            raise bad("response has no access_token")
+        if any(c.isspace() for c in access_token.strip()):
+            raise bad("access_token contains whitespace")
+        token_type = data.get("token_type", "Bearer")
+        if token_type is None:
+            token_type = "Bearer"
+        if not isinstance(token_type, str):
+            raise bad("token_type is not a string")
+        scope = data.get("scope", "")
+        if scope is None:
+            scope = ""
+        if not isinstance(scope, str):
+            raise bad("scope is not a space-separated string")
+        audience = data.get("audience")
+        if audience is None:
+            audiences: tuple[str, ...] = ()
+        elif isinstance(audience, str):
+            audiences = (audience,) if audience else ()
+        elif isinstance(audience, list) and all(isinstance(a, str) for a in audience):
+            audiences = tuple(a for a in audience if a)
+        else:
+            raise bad("audience is not an array of strings")
+        update = data.get("token_update")
+        token_update = None
+        if update is not None:
+            if not isinstance(update, Mapping):
+                raise bad("token_update is not an object")
+            token_update = self._parse_mytoken_response(
+                update, url, action=action, secrets=secrets, what="token_update"
+            )
+            logger.info("mytoken rotated action=%s url=%s", action, url)
+        return AccessTokenResponse(
+            access_token=access_token.strip(),
+            token_type=token_type,
+            expires_in=self._seconds(data.get("expires_in"), bad),
+            scope=scope,
+            audience=audiences,
+            token_update=token_update,
+        )
+
+    def _parse_mytoken_response(
+        self,
+        data: Mapping[str, Any],
+        url: str,
+        *,
+        action: str,
+        secrets: Sequence[str],
+        what: str,
+        depth: int = 0,
+    ) -> MytokenResponse:
+        def bad(problem: str) -> ProtocolError:
+            return ProtocolError(f"{action} failed at {url}: {what} {problem}", status=200, url=url)
+
+        mytoken = data.get("mytoken")
+        transfer_code = data.get("transfer_code")
+        if mytoken is None and transfer_code is not None:
+            if not isinstance(transfer_code, str) or not transfer_code.strip():
+                raise bad("has an empty transfer_code")
+            mytoken = ""
+        elif not is_plausible_mytoken(mytoken):
+            raise bad("has no plausible mytoken (missing, empty, short, or not ASCII)")
+        else:
+            transfer_code = None
+        mytoken_type = data.get("mytoken_type", "token")
+        if mytoken_type is None:
+            mytoken_type = "token"
+        if not isinstance(mytoken_type, str):
+            raise bad("mytoken_type is not a string")
+        mom_id = data.get("mom_id")
+        if mom_id is not None and not isinstance(mom_id, str):
+            raise bad("mom_id is not a string")
+        restrictions = data.get("restrictions") or []
+        if not isinstance(restrictions, list) or not all(
+            isinstance(r, Mapping) for r in restrictions
+        ):
+            raise bad("restrictions is not an array of objects")
+        capabilities = data.get("capabilities") or []
+        if not isinstance(capabilities, list) or not all(isinstance(c, str) for c in capabilities):
+            raise bad("capabilities is not an array of strings")
+        rotation = data.get("rotation")
+        if rotation is not None and not isinstance(rotation, Mapping):
+            raise bad("rotation is not an object")
+        nested = data.get("token_update")
+        token_update = None
+        if nested is not None:
+            if not isinstance(nested, Mapping) or depth >= 1:
+                raise bad("has a malformed token_update")
+            token_update = self._parse_mytoken_response(
+                nested, url, action=action, secrets=secrets, what="token_update", depth=depth + 1
+            )
+        return MytokenResponse(
+            mytoken=mytoken,
+            mytoken_type=mytoken_type,
+            expires_in=self._seconds(data.get("expires_in"), bad),
+            mom_id=mom_id,
+            restrictions=tuple(dict(r) for r in restrictions),
+            capabilities=tuple(capabilities),
+            rotation=dict(rotation) if rotation is not None else None,
+            token_update=token_update,
+            transfer_code=transfer_code,
+        )
+
+    @staticmethod
+    def _seconds(value: Any, bad: Any) -> Optional[float]:
+        """``expires_in`` as seconds; None when absent or 0 (the OP did not say)."""
+        if value is None:
+            return None
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise bad("expires_in is not a non-negative number")
+        return float(value) if value else None

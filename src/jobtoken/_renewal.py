@@ -1,0 +1,230 @@
+"""One renewal (or revocation) of a token directory, run as a short-lived child process.
+
+Why a child: httpx, cryptography and pyjwt cost ~20 MiB of resident memory that
+Python never gives back. The sidecar that waits between renewals stays near a bare
+interpreter by importing none of them and running this module instead, about once
+per token lifetime. The child reports one JSON line on stdout (never a secret) and
+exits with the documented exit code of its outcome.
+
+Usage: ``python -m jobtoken._renewal DIR [--min-valid S] [--revoke]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+from ._errors import JobtokenError, MytokenError, TokenFileError, exit_code_for
+from ._tokendir import JobSpec, TokenDir
+
+__all__ = ["renew", "revoke", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+def _client(spec: JobSpec, mytoken: Optional[str] = None) -> Any:
+    server_url = spec.server_url
+    if not server_url:
+        from ._actions import server_url_for
+        from ._config import Config, ServerConfig
+
+        server_url = server_url_for(Config(server=ServerConfig(url=None)), mytoken)
+    from ._mytoken import MytokenClient
+
+    return MytokenClient(
+        server_url,
+        timeout_s=spec.timeout_s,
+        ca_file=spec.ca_file,
+        ca_dir=spec.ca_dir,
+        allow_http=spec.allow_http,
+    )
+
+
+def _verifier(spec: JobSpec) -> Any:
+    if not spec.trusted_issuers:
+        return None
+    from ._http import build_client
+    from ._jwks import SignatureVerifier
+
+    def http_factory(base_url: str) -> Any:
+        return build_client(
+            base_url,
+            timeout_s=spec.timeout_s,
+            ca_file=spec.ca_file,
+            ca_dir=spec.ca_dir,
+            allow_http=spec.allow_http,
+        )
+
+    return SignatureVerifier(spec.trusted_issuers, http_factory=http_factory)
+
+
+def _current(tokendir: TokenDir) -> Any:
+    from ._tokenfile import read_secret_file
+    from ._tokens import decode_access_token
+
+    if not tokendir.bearer_token.exists():
+        return None
+    try:
+        return decode_access_token(read_secret_file(tokendir.bearer_token))
+    except JobtokenError:
+        return None
+
+
+def _report(token: Any, reused: bool) -> Dict[str, Any]:
+    return {
+        "ok": True,
+        "reused": reused,
+        "expires_at": token.expires_at,
+        "issued_at": token.issued_at,
+        "jti": token.jti,
+        "sub": token.subject,
+        "scopes": list(token.scopes),
+        "audiences": list(token.audiences),
+    }
+
+
+@contextlib.contextmanager
+def _renewal_lock(tokendir: TokenDir, timeout_s: float = 60.0) -> Iterator[None]:
+    """Serialise renewals of one directory (sidecar and ``jobtoken ensure``).
+
+    Two concurrent uses of one rotating mytoken would kill its chain; two of a
+    non-rotating one would waste a ``usages_AT``.
+    """
+    path = tokendir.path / "renew.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise TokenFileError(f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise JobtokenError(
+                        f"another renewal of {tokendir.path} still runs after {timeout_s:.0f} s"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+def renew(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) -> Dict[str, Any]:
+    with _renewal_lock(tokendir):
+        return _renew_locked(tokendir, min_valid_s=min_valid_s)
+
+
+def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) -> Dict[str, Any]:
+    """Make sure ``bt`` holds a fresh, checked token; return a non-secret report.
+
+    With ``min_valid_s``, a current token valid at least that long (and within the
+    job's scopes and audiences) is kept without asking the server.
+
+    Raises:
+        JobtokenError: any failure; the current token file is then untouched.
+    """
+    from ._exchange import TokenRequest, fetch_access_token
+    from ._mytokenfile import MytokenSource, load_mytoken
+    from ._tokenfile import write_secret_file
+    from ._tokens import check_access_token
+
+    spec = tokendir.read_spec()
+    now = time.time()
+    current = _current(tokendir)
+    if current is not None and min_valid_s is not None:
+        try:
+            check_access_token(
+                current,
+                requested_scopes=spec.scopes,
+                requested_audiences=spec.audiences,
+                now=now,
+                min_valid_s=min_valid_s,
+            )
+        except JobtokenError:
+            pass
+        else:
+            return _report(current, True)
+    source = MytokenSource(path=Path(spec.mytoken_path))
+    mytoken = None if spec.server_url else load_mytoken(source)
+    with _client(spec, mytoken) as client:
+        token = fetch_access_token(
+            client,
+            source,
+            TokenRequest(
+                scopes=spec.scopes, audiences=spec.audiences, comment=f"jobtoken {spec.job_id}"
+            ),
+            now=now,
+            previous_expires_at=current.expires_at if current is not None else None,
+            verifier=_verifier(spec),
+        )
+    write_secret_file(tokendir.bearer_token, token.raw)
+    return _report(token, False)
+
+
+def revoke(tokendir: TokenDir) -> Dict[str, Any]:
+    """Revoke the job's mytoken (and its children) at the server, then delete it.
+
+    Raises:
+        JobtokenError: the server could not be reached or refused; the file stays.
+    """
+    from ._mytokenfile import MytokenSource, load_mytoken
+    from ._tokenfile import remove_secret_file
+
+    spec = tokendir.read_spec()
+    path = Path(spec.mytoken_path)
+    if not path.exists():
+        return {"ok": True, "revoked": False}
+    mytoken = load_mytoken(MytokenSource(path=path))
+    with _client(spec, mytoken) as client:
+        client.revoke(mytoken, recursive=True)
+    remove_secret_file(path)
+    return {"ok": True, "revoked": True}
+
+
+def _error_report(exc: BaseException) -> Dict[str, Any]:
+    report: Dict[str, Any] = {
+        "ok": False,
+        "error": exc.message if isinstance(exc, JobtokenError) else type(exc).__name__,
+        "error_type": type(exc).__name__,
+        "retryable": bool(getattr(exc, "retryable", False)),
+        "exit_code": exit_code_for(exc),
+    }
+    if isinstance(exc, MytokenError):
+        report.update(
+            status=exc.status, oauth_error=exc.error, retry_after_s=exc.retry_after_s
+        )
+    return report
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="jobtoken-renewal")
+    parser.add_argument("dir")
+    parser.add_argument("--min-valid", type=float)
+    parser.add_argument("--revoke", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="jobtoken: %(message)s")
+    try:
+        tokendir = TokenDir.existing(args.dir)
+        report = revoke(tokendir) if args.revoke else renew(tokendir, min_valid_s=args.min_valid)
+        code = 0
+    except Exception as exc:  # reported as one JSON line; the parent decides
+        report = _error_report(exc)
+        code = int(report["exit_code"])
+    sys.stdout.write(json.dumps(report) + "\n")
+    sys.stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

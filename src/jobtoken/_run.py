@@ -1,0 +1,392 @@
+"""``jobtoken run``, ``sidecar``, ``status`` and ``ensure``: wiring the parts for one job.
+
+``run``: lay out (or adopt) the token directory, get a first valid token (in a
+child), then supervise the payload with the sidecar plugged into the supervisor's
+loop, and end exactly as the payload ended (or with 69 when jobtoken stopped it
+because its credential was lost).
+
+``sidecar``: the same renewal loop without owning the payload, for wrappers that
+must ``exec`` the payload themselves (HTCondor's USER_JOB_WRAPPER, ARC's stage 1):
+it watches the payload's pid (pidfd, immune to pid reuse) and cleans up when it ends.
+
+Light imports only (no httpx/jwt/cryptography): this process waits for hours.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import select
+import signal
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+from ._clock import Clock, SystemClock
+from ._config import Config
+from ._errors import ConfigError, ExitCode, JobtokenError, TokenCheckError
+from ._sidecar import Sidecar, error_from_report, run_renewal_child, signal_number
+from ._supervisor import Supervisor, exit_like
+from ._tokendir import JobSpec, TokenDir, acquire_lock
+from ._tokenfile import write_secret_file
+
+__all__ = [
+    "JobOptions",
+    "ensure_token",
+    "first_token",
+    "payload_environment",
+    "run_job",
+    "run_sidecar",
+    "setup_tokendir",
+    "status",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Per-job settings given on the command line of ``run``/``sidecar``."""
+
+    dir: Optional[str] = None
+    job_id: Optional[str] = None
+    walltime_s: Optional[float] = None
+
+
+def default_job_id(env: Mapping[str, str]) -> str:
+    """A stable identity for jitter and logs: the batch system's id when there is one."""
+    for var in ("JOBTOKEN_JOB_ID", "CONDOR_JOB_ID", "GRID_GLOBAL_JOBID", "PANDAID", "SLURM_JOB_ID",
+                "PBS_JOBID"):
+        if env.get(var):
+            return env[var]
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _base_dir(env: Mapping[str, str], config: Config) -> str:
+    for candidate in (config.site.token_dir_base, env.get("_CONDOR_SCRATCH_DIR"),
+                      env.get("RUNTIME_JOB_DIR"), env.get("XDG_RUNTIME_DIR")):
+        if candidate and os.path.isdir(candidate):
+            return candidate
+    return tempfile.gettempdir()
+
+
+def setup_tokendir(
+    config: Config, options: JobOptions, *, env: Optional[Mapping[str, str]] = None,
+    now: Optional[float] = None,
+) -> tuple[TokenDir, JobSpec]:
+    """Adopt a prepared token directory, or lay out a new one from the settings.
+
+    A directory with a ``job.json`` (from ``jobtoken prepare``) is used as it is. Else
+    a private directory is made (``options.dir`` or a fresh one in the job's sandbox),
+    and the job file records where the mytoken lives: the configured file (rotations
+    are written back there), or a private copy of a mytoken given in a variable.
+
+    Raises:
+        ConfigError, TokenFileError.
+    """
+    environ = os.environ if env is None else env
+    if options.dir and (Path(options.dir) / "job.json").is_file():
+        tokendir = TokenDir.existing(options.dir)
+        return tokendir, tokendir.read_spec()
+    created = options.dir is None
+    if created:
+        path = tempfile.mkdtemp(prefix="jobtoken-", dir=_base_dir(environ, config))
+    else:
+        path = str(options.dir)
+    tokendir = TokenDir.create(path)
+    token = config.token
+    if token.mytoken_file:
+        mytoken_path = str(Path(token.mytoken_file).resolve())
+    elif token.mytoken_env:
+        value = environ.get(token.mytoken_env, "").strip()
+        if not value:
+            raise ConfigError(f"mytoken variable ${token.mytoken_env} is not set")
+        write_secret_file(tokendir.mytoken, value, newline=False)
+        mytoken_path = str(tokendir.mytoken)
+    else:
+        raise ConfigError("no mytoken given: use --mytoken-file FILE or --mytoken-env VAR")
+    start = time.time() if now is None else now
+    renewal = config.renewal
+    spec = JobSpec(
+        job_id=options.job_id or default_job_id(environ),
+        server_url=config.server.url or "",
+        mytoken_path=mytoken_path,
+        scopes=token.scopes,
+        audiences=token.audiences,
+        ca_file=config.server.ca_file,
+        ca_dir=config.server.ca_dir,
+        allow_http=config.server.allow_http,
+        timeout_s=config.server.timeout_s,
+        trusted_issuers=token.trusted_issuers,
+        job_end_at=start + options.walltime_s if options.walltime_s else None,
+        mytoken_owned=False,
+        revoke_at_end=False,
+        remove_dir_at_end=created,
+        fraction=renewal.fraction,
+        margin_s=renewal.margin_s,
+        max_backoff_s=renewal.max_backoff_s,
+        on_failure=renewal.on_failure,
+        warn_signal=renewal.warn_signal,
+        warn_before_s=renewal.warn_before_s,
+        stop_grace_s=renewal.stop_grace_s,
+        metrics_dir=renewal.metrics_dir,
+        log_json=renewal.log_json,
+    )
+    if renewal.warn_signal:
+        signal_number(renewal.warn_signal)  # a bad name fails before the payload starts
+    tokendir.write_spec(spec)
+    return tokendir, spec
+
+
+def payload_environment(
+    env: Mapping[str, str], tokendir: TokenDir, spec: JobSpec, config: Optional[Config] = None
+) -> Dict[str, str]:
+    """The payload's environment: ours, pointing WLCG discovery at the token file.
+
+    ``BEARER_TOKEN`` is removed (it would win over the file in discovery and is never
+    renewed), and so is any variable that held the mytoken.
+    """
+    out = dict(env)
+    out.pop("BEARER_TOKEN", None)
+    if config is not None and config.token.mytoken_env:
+        out.pop(config.token.mytoken_env, None)
+    out.pop("JOBTOKEN_MYTOKEN_ENV", None)
+    out["BEARER_TOKEN_FILE"] = str(tokendir.bearer_token)
+    out["JOBTOKEN_DIR"] = str(tokendir.path)
+    return out
+
+
+def first_token(tokendir: TokenDir, spec: JobSpec, *, min_valid_s: Optional[float] = None) -> Dict[
+    str, Any
+]:
+    """Make sure the directory holds a valid token before the payload starts.
+
+    Raises:
+        JobtokenError: with the documented exit code of what went wrong.
+    """
+    need = spec.margin_s if min_valid_s is None else min_valid_s
+    report = run_renewal_child(
+        tokendir, "--min-valid", f"{need:.0f}", timeout_s=4 * spec.timeout_s + 15
+    )
+    if not report.get("ok"):
+        raise error_from_report(report)
+    return report
+
+
+def run_job(
+    tokendir: TokenDir,
+    spec: JobSpec,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    clock: Optional[Clock] = None,
+) -> int:
+    """Run the payload with a fresh token for its whole life; return its exit status.
+
+    Dies by the payload's signal when the payload died by one (``exit_like``).
+
+    Raises:
+        JobtokenError: before the payload started (another sidecar holds the
+            directory, no first token, payload not found or not executable).
+    """
+    lock_fd = acquire_lock(tokendir)
+    holder: Dict[str, Supervisor] = {}
+
+    def send(sig: int) -> None:
+        pid = holder["sup"].pid if "sup" in holder else None
+        if pid is not None:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop() -> None:
+        holder["sup"].stop_payload(signal.SIGTERM, spec.stop_grace_s)
+
+    sidecar = Sidecar(
+        tokendir, spec, clock=clock or SystemClock(), send_signal=send, stop_payload=stop
+    )
+    try:
+        sidecar.adopt(first_token(tokendir, spec))
+        started = {"done": False}
+
+        def tick() -> Optional[float]:
+            if not started["done"]:
+                started["done"] = True
+                sidecar.set_payload_pid(holder["sup"].pid)
+            return sidecar.tick()
+
+        supervisor = Supervisor(argv, env=env, tick=tick, clock=clock)
+        holder["sup"] = supervisor
+        result = supervisor.run()
+    finally:
+        sidecar.finish()
+        os.close(lock_fd)
+    if sidecar.stopped_payload:
+        logger.error(
+            "payload stopped because its credential was lost; exit status %d",
+            ExitCode.CREDENTIAL_LOST,
+        )
+        return int(ExitCode.CREDENTIAL_LOST)
+    return exit_like(result)
+
+
+# --- the standalone sidecar ---------------------------------------------------------------
+
+
+class _PidWatch:
+    """Tells when a pid has ended, without being fooled by pid reuse."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd: Optional[int] = None
+        self._proc: Any = None
+        try:
+            self.fd = os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
+        except (AttributeError, OSError) as exc:
+            if isinstance(exc, ProcessLookupError):
+                raise JobtokenError(f"process {pid} to watch does not exist") from None
+            import psutil  # fallback for kernels before 5.3
+
+            try:
+                self._proc = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                raise JobtokenError(f"process {pid} to watch does not exist") from None
+
+    def gone(self) -> bool:
+        if self.fd is not None:
+            readable, _, _ = select.select([self.fd], [], [], 0)
+            return bool(readable)
+        return not self._proc.is_running()
+
+    def wait(self, timeout_s: float, stop: threading.Event) -> None:
+        if self.fd is not None:
+            select.select([self.fd], [], [], max(0.0, timeout_s))
+        else:
+            stop.wait(min(max(0.0, timeout_s), 2.0))
+
+
+def run_sidecar(
+    tokendir: TokenDir, spec: JobSpec, *, watch_pid: int, clock: Optional[Clock] = None
+) -> int:
+    """Keep the token fresh until ``watch_pid`` ends (or TERM/INT), then clean up.
+
+    Raises:
+        JobtokenError: another sidecar holds the directory, or the pid is not there.
+    """
+    lock_fd = acquire_lock(tokendir)
+    stop = threading.Event()
+    watch = _PidWatch(watch_pid)
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    real_clock = clock or SystemClock()
+
+    def send(sig: int) -> None:
+        if not watch.gone():
+            os.kill(watch_pid, sig)
+
+    def stop_payload() -> None:
+        send(signal.SIGTERM)
+
+    sidecar = Sidecar(tokendir, spec, clock=real_clock, send_signal=send,
+                      stop_payload=stop_payload)
+    state = tokendir.read_state()
+    try:
+        sidecar.adopt(first_token(tokendir, spec, min_valid_s=0))
+        if state is not None:
+            sidecar.state.renewals = max(sidecar.state.renewals, state.renewals)
+        sidecar.set_payload_pid(watch_pid)
+        while not stop.is_set() and not watch.gone():
+            wake = sidecar.tick()
+            delay = 60.0 if wake is None else wake - real_clock.now()
+            watch.wait(min(max(delay, 0.0), 60.0), stop)
+    finally:
+        sidecar.finish()
+        os.close(lock_fd)
+    return int(ExitCode.CREDENTIAL_LOST) if sidecar.state.credential_lost else 0
+
+
+# --- status and ensure ----------------------------------------------------------------------
+
+
+def sidecar_alive(tokendir: TokenDir) -> bool:
+    """Whether a sidecar holds the directory's lock right now."""
+    try:
+        fd = os.open(tokendir.lock_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def status(tokendir: TokenDir, *, now: Optional[float] = None) -> Dict[str, Any]:
+    """A non-secret view of a token directory for ``jobtoken status``."""
+    t = time.time() if now is None else now
+    spec = tokendir.read_spec()
+    state = tokendir.read_state()
+    data: Dict[str, Any] = {
+        "dir": str(tokendir.path),
+        "job_id": spec.job_id,
+        "server": spec.server_url,
+        "requested_scopes": list(spec.scopes),
+        "requested_audiences": list(spec.audiences),
+        "token_file": str(tokendir.bearer_token),
+        "token_present": tokendir.bearer_token.exists(),
+        "sidecar_alive": sidecar_alive(tokendir),
+        "job_end_at": spec.job_end_at,
+    }
+    if state is not None:
+        data.update(
+            expires_at=state.expires_at,
+            remaining_s=None if state.expires_at is None else round(state.expires_at - t, 1),
+            scopes=list(state.scopes),
+            audiences=list(state.audiences),
+            jti=state.jti,
+            renewals=state.renewals,
+            failures_total=state.failures_total,
+            consecutive_failures=state.consecutive_failures,
+            last_success_at=state.last_success_at,
+            next_attempt_at=state.next_attempt_at,
+            last_error=state.last_error,
+            credential_lost=state.credential_lost,
+            finished=state.finished,
+        )
+    return data
+
+
+def ensure_token(tokendir: TokenDir, spec: JobSpec, *, min_valid_s: float) -> Dict[str, Any]:
+    """Return at once when the token is valid ``min_valid_s`` longer, else renew now.
+
+    Safe next to a running sidecar: renewals of one directory are serialised by its
+    renewal lock, and the sidecar notices the new token.
+
+    Raises:
+        JobtokenError: renewal failed; TokenCheckError: the server's token is valid
+            for less than ``min_valid_s``.
+    """
+    report = run_renewal_child(
+        tokendir, "--min-valid", repr(float(min_valid_s)), timeout_s=4 * spec.timeout_s + 75
+    )
+    if not report.get("ok"):
+        raise error_from_report(report)
+    left = float(report["expires_at"]) - time.time()
+    if left < min_valid_s:
+        raise TokenCheckError(
+            f"the server issued a token valid for {left:.0f} s, less than the {min_valid_s:.0f} s "
+            "asked for"
+        )
+    return report

@@ -1,0 +1,458 @@
+"""The renewal scheduler of one token directory: decides when to renew and reacts to outcomes.
+
+It is driven by ``tick()`` calls (from the payload supervisor's loop, or from the
+standalone sidecar's loop) and never blocks: a renewal runs as a short-lived child
+process (``_renewal``) that it starts and later collects. The decisions themselves
+come from the pure ``_policy`` functions; this module only holds the state, talks to
+the child, writes ``state.json``/metrics and logs one line per event.
+
+It must NOT import httpx, jwt or cryptography (the waiting process stays small), and
+it never reads or logs a token: everything it knows comes from the child's report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from typing import Any, Callable, Dict, List, Optional, Protocol
+
+from . import _policy as policy
+from ._clock import Clock, SystemClock
+from ._errors import ExitCode, JobtokenError
+from ._metrics import write_metrics
+from ._tokendir import JobSpec, RenewalState, TokenDir
+from ._tokenfile import remove_secret_file
+
+__all__ = ["ChildHandle", "Sidecar", "error_from_report", "run_renewal_child", "spawn_renewal"]
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.2  # how often a running child is checked; signals still wake the loop at once
+
+
+class ChildHandle(Protocol):
+    def poll(self) -> Optional[Dict[str, Any]]:
+        """The child's report once it has ended, else None."""
+
+    def kill(self) -> None: ...
+
+
+class _ProcessChild:
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+
+    def poll(self) -> Optional[Dict[str, Any]]:
+        if self._proc.poll() is None:
+            return None
+        out, _err = self._proc.communicate()
+        return _parse_report(out, self._proc.returncode)
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.communicate()
+
+
+def _parse_report(out: bytes, returncode: int) -> Dict[str, Any]:
+    lines = out.decode("utf-8", "replace").strip().splitlines()
+    try:
+        report = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        report = None
+    if not isinstance(report, dict):
+        return {
+            "ok": False,
+            "error": f"renewal process ended with status {returncode} and no report",
+            "error_type": "JobtokenError",
+            "retryable": True,
+            "exit_code": int(ExitCode.ERROR),
+        }
+    return report
+
+
+def spawn_renewal(tokendir: TokenDir, *args: str) -> ChildHandle:
+    """Start ``python -m jobtoken._renewal DIR ARGS`` without waiting for it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobtoken._renewal", str(tokendir.path), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+    )
+    return _ProcessChild(proc)
+
+
+def run_renewal_child(tokendir: TokenDir, *args: str, timeout_s: float) -> Dict[str, Any]:
+    """Run one renewal child to its end (used before the payload starts and at cleanup)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobtoken._renewal", str(tokendir.path), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        close_fds=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {
+            "ok": False,
+            "error": f"renewal did not finish within {timeout_s:.0f} s",
+            "error_type": "ServerUnavailableError",
+            "retryable": True,
+            "exit_code": int(ExitCode.SERVER_UNAVAILABLE),
+        }
+    return _parse_report(out, proc.returncode)
+
+
+def error_from_report(report: Dict[str, Any]) -> JobtokenError:
+    """Rebuild the child's error in this process, keeping its documented exit code."""
+    from . import _errors
+
+    cls = getattr(_errors, str(report.get("error_type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, JobtokenError)):
+        cls = JobtokenError
+    error = cls(str(report.get("error") or "renewal failed"))
+    error.exit_code = ExitCode(int(report.get("exit_code", ExitCode.ERROR)))
+    error.retryable = bool(report.get("retryable"))
+    return error
+
+
+class Sidecar:
+    """Keeps one token directory's access token fresh; see the module docstring.
+
+    Args:
+        send_signal: delivers a signal to the payload (warning before expiry).
+        stop_payload: asks the payload to stop (``on_failure = "stop"``).
+        spawn: starts a renewal child (tests pass a fake).
+    """
+
+    def __init__(
+        self,
+        tokendir: TokenDir,
+        spec: JobSpec,
+        *,
+        clock: Optional[Clock] = None,
+        rnd: Optional[random.Random] = None,
+        spawn: Optional[Callable[..., ChildHandle]] = None,
+        send_signal: Optional[Callable[[int], None]] = None,
+        stop_payload: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.tokendir = tokendir
+        self.spec = spec
+        self.clock: Clock = clock or SystemClock()
+        self.rnd = rnd or random.Random()
+        self._spawn = spawn or (lambda *args: spawn_renewal(tokendir, *args))
+        self._send_signal = send_signal
+        self._stop_payload = stop_payload
+        self.settings = policy.RenewalSettings(
+            fraction=spec.fraction,
+            min_margin_s=min(60.0, spec.margin_s),
+            default_margin_s=spec.margin_s,
+            max_backoff_s=spec.max_backoff_s,
+            # short test tokens need quick retries; production margins keep 2 s
+            min_backoff_s=min(2.0, max(0.2, spec.margin_s / 4), spec.max_backoff_s),
+        )
+        self.jitter = policy.job_jitter(spec.job_id, self.settings.jitter_fraction)
+        self.state = RenewalState(job_id=spec.job_id, sidecar_pid=os.getpid())
+        self.stopped_payload = False
+        self._child: Optional[ChildHandle] = None
+        self._child_started = 0.0
+        self._child_limit_s = 4 * spec.timeout_s + 15.0
+        self._bt_mtime: Optional[int] = None
+
+    # --- outcomes -----------------------------------------------------------------------
+
+    def adopt(self, report: Dict[str, Any]) -> None:
+        """Take a renewal report (the first token, or one a child produced)."""
+        now = self.clock.now()
+        self.state.last_attempt_at = now
+        if report.get("ok"):
+            self._success(report, now)
+        else:
+            self._failure(report, now)
+        self._save(now)
+
+    def _margin(self) -> float:
+        st = self.state
+        if st.expires_at is None:
+            return self.settings.default_margin_s
+        lifetime = st.expires_at - (st.issued_at if st.issued_at is not None else st.expires_at)
+        if lifetime <= 0:
+            lifetime = policy.ASSUMED_LIFETIME_S
+        return policy.margin_for(lifetime, self.settings)
+
+    def _success(self, report: Dict[str, Any], now: float) -> None:
+        st = self.state
+        renewed = not report.get("reused") and st.expires_at is not None
+        st.expires_at = float(report["expires_at"])
+        issued = report.get("issued_at")
+        st.issued_at = float(issued) if issued is not None else None
+        st.jti = report.get("jti")
+        st.subject = report.get("sub")
+        st.scopes = tuple(report.get("scopes") or ())
+        st.audiences = tuple(report.get("audiences") or ())
+        if renewed:
+            st.renewals += 1
+        st.consecutive_failures = 0
+        st.last_error = None
+        st.last_error_permanent = False
+        st.warned = False
+        st.credential_lost = False
+        st.last_success_at = now
+        st.next_attempt_at = self._plan_renewal(st.expires_at, st.issued_at, now)
+        self._bt_mtime = self._mtime()
+        logger.info(
+            "%s exp=%d next=%s jti=%s sub=%s scope=%s aud=%s job=%s",
+            "renewed" if renewed else ("token kept" if report.get("reused") else "token obtained"),
+            int(st.expires_at),
+            "none" if st.next_attempt_at is None else int(st.next_attempt_at),
+            st.jti,
+            st.subject,
+            " ".join(st.scopes),
+            " ".join(st.audiences),
+            self.spec.job_id,
+        )
+
+    def _plan_renewal(
+        self, expires_at: float, issued_at: Optional[float], now: float
+    ) -> Optional[float]:
+        at = policy.next_renewal_at(
+            issued_at, expires_at, jitter=self.jitter, settings=self.settings, obtained_at=now
+        )
+        at = max(at, now + self.settings.min_backoff_s)
+        if not policy.within_horizon(at, self.spec.job_end_at):
+            return None
+        return at
+
+    def _failure(self, report: Dict[str, Any], now: float) -> None:
+        st = self.state
+        st.consecutive_failures += 1
+        st.failures_total += 1
+        st.last_error = str(report.get("error"))
+        permanent = not report.get("retryable")
+        st.last_error_permanent = permanent
+        if permanent or st.expires_at is None:
+            st.next_attempt_at = None if permanent else now + self.settings.min_backoff_s
+        else:
+            at = policy.next_attempt_at(
+                now,
+                attempt=st.consecutive_failures,
+                retry_after_s=report.get("retry_after_s"),
+                expires_at=st.expires_at,
+                settings=self.settings,
+                rnd=self.rnd,
+                margin_s=self._margin(),
+            )
+            st.next_attempt_at = at if policy.within_horizon(at, self.spec.job_end_at) else None
+        logger.warning(
+            "renewal failed status=%s error=%s permanent=%s retry_in=%s failures=%d job=%s: %s",
+            report.get("status"),
+            report.get("oauth_error") or report.get("error_type"),
+            "yes" if permanent else "no",
+            "never" if st.next_attempt_at is None else f"{st.next_attempt_at - now:.0f}s",
+            st.consecutive_failures,
+            self.spec.job_id,
+            st.last_error,
+        )
+
+    # --- the tick -----------------------------------------------------------------------
+
+    def tick(self) -> Optional[float]:
+        """Do what is due now; return the wall-clock instant of the next wake-up."""
+        now = self.clock.now()
+        if self._child is not None:
+            report = self._child.poll()
+            if report is None:
+                if self.clock.monotonic() - self._child_started <= self._child_limit_s:
+                    return now + _POLL_S
+                self._child.kill()
+                report = {
+                    "ok": False,
+                    "error": f"renewal took longer than {self._child_limit_s:.0f} s; killed",
+                    "error_type": "ServerUnavailableError",
+                    "retryable": True,
+                }
+            self._child = None
+            self.adopt(report)
+            now = self.clock.now()
+        elif self._bt_changed():
+            # someone else (``jobtoken ensure``) renewed: learn the new exp, don't renew twice
+            self._start_child(now, "--min-valid", "0")
+            return now + _POLL_S
+        st = self.state
+        if st.next_attempt_at is not None and now >= st.next_attempt_at:
+            self._start_child(now)
+            return now + _POLL_S
+        self._escalate(now)
+        return self._next_wakeup(now)
+
+    def _start_child(self, now: float, *args: str) -> None:
+        self.state.last_attempt_at = now
+        self._child_started = self.clock.monotonic()
+        self._child = self._spawn(*args)
+
+    def _mtime(self) -> Optional[int]:
+        try:
+            return os.stat(self.tokendir.bearer_token).st_mtime_ns
+        except OSError:
+            return None
+
+    def _bt_changed(self) -> bool:
+        return self._bt_mtime is not None and self._mtime() != self._bt_mtime
+
+    def _escalate(self, now: float) -> None:
+        st = self.state
+        if st.expires_at is None:
+            return
+        decision = policy.escalation(
+            now,
+            st.expires_at,
+            st.next_attempt_at,
+            self.spec.warn_before_s,
+            permanent=st.last_error_permanent,
+            failing=st.consecutive_failures > 0,
+        )
+        if decision is policy.Escalation.NONE:
+            return
+        if not st.warned and (
+            decision is policy.Escalation.WARN or st.expires_at - now <= self.spec.warn_before_s
+        ):
+            st.warned = True
+            self._warn_payload(now)
+        if decision is policy.Escalation.CREDENTIAL_LOST and not st.credential_lost:
+            st.credential_lost = True
+            logger.error(
+                "credential lost: token expires at %d (in %.0fs) and renewal %s job=%s: %s",
+                int(st.expires_at),
+                st.expires_at - now,
+                "was refused for good" if st.last_error_permanent else "keeps failing",
+                self.spec.job_id,
+                st.last_error,
+            )
+            self._save(now)
+        if (
+            st.credential_lost
+            and self.spec.on_failure == "stop"
+            and now >= st.expires_at
+            and not self.stopped_payload
+        ):
+            self.stopped_payload = True
+            logger.error("stopping the payload: its token has expired job=%s", self.spec.job_id)
+            if self._stop_payload is not None:
+                self._stop_payload()
+
+    def _warn_payload(self, now: float) -> None:
+        name = self.spec.warn_signal
+        logger.warning(
+            "token expires in %.0fs and renewal is failing; %s job=%s",
+            self.state.expires_at - now if self.state.expires_at else 0,
+            f"warning the payload with SIG{name}" if name else "no warn_signal configured",
+            self.spec.job_id,
+        )
+        if name and self._send_signal is not None:
+            self._send_signal(signal_number(name))
+
+    def _next_wakeup(self, now: float) -> Optional[float]:
+        st = self.state
+        candidates: List[float] = []
+        if st.next_attempt_at is not None:
+            candidates.append(st.next_attempt_at)
+        if st.expires_at is not None:
+            for at in (st.expires_at - self.spec.warn_before_s, st.expires_at):
+                if at > now:
+                    candidates.append(at)
+        if self._bt_mtime is not None:
+            candidates.append(now + 5.0)  # cheap stat to notice ``jobtoken ensure``
+        return min(candidates) if candidates else None
+
+    # --- persistence and the end ------------------------------------------------------
+
+    def _save(self, now: float) -> None:
+        self.state.updated_at = now
+        try:
+            self.tokendir.write_state(self.state)
+            if self.spec.metrics_dir:
+                write_metrics(self.spec.metrics_dir, self.spec.job_id, self.state, now)
+        except JobtokenError as exc:
+            logger.warning("cannot write state error=%s", exc.message)
+        except OSError as exc:
+            logger.warning("cannot write metrics error=%s", exc.strerror)
+
+    def set_payload_pid(self, pid: Optional[int]) -> None:
+        self.state.payload_pid = pid
+        self._save(self.clock.now())
+
+    def finish(self, *, revoke: Optional[bool] = None) -> None:
+        """Stop renewing, revoke the job mytoken if so configured, remove token files."""
+        if self._child is not None:
+            self._child.kill()
+            self._child = None
+        spec = self.spec
+        do_revoke = spec.revoke_at_end if revoke is None else revoke
+        if spec.mytoken_owned and do_revoke:
+            report = run_renewal_child(self.tokendir, "--revoke", timeout_s=min(
+                25.0, 2 * spec.timeout_s + 5))
+            if report.get("ok"):
+                logger.info("job mytoken revoked job=%s mom_id=%s", spec.job_id, spec.mom_id)
+            else:
+                logger.warning("cannot revoke the job mytoken job=%s: %s", spec.job_id,
+                               report.get("error"))
+        for path in (self.tokendir.bearer_token,) + (
+            (self.tokendir.mytoken,) if spec.mytoken_owned else ()
+        ):
+            try:
+                remove_secret_file(path)
+            except JobtokenError as exc:
+                logger.warning("cannot remove %s: %s", path, exc.message)
+        self.state = replace(self.state, finished=True, next_attempt_at=None)
+        self._save(self.clock.now())
+        if spec.metrics_dir:
+            from ._metrics import remove_metrics
+
+            remove_metrics(spec.metrics_dir, spec.job_id)
+        if spec.remove_dir_at_end:
+            _remove_tree(self.tokendir)
+
+    @property
+    def exit_code_if_stopped(self) -> int:
+        return int(ExitCode.CREDENTIAL_LOST)
+
+
+def _remove_tree(tokendir: TokenDir) -> None:
+    for name in ("bt", "mytoken", "job.json", "state.json", "sidecar.lock", "sidecar.log",
+                 "renew.lock"):
+        try:
+            os.unlink(tokendir.path / name)
+        except OSError:
+            pass
+    try:
+        os.rmdir(tokendir.path)
+    except OSError as exc:
+        logger.warning("cannot remove token directory %s: %s", tokendir.path, exc.strerror)
+
+
+def signal_number(name: str) -> int:
+    """``USR1``/``SIGUSR1``/``10`` → the signal number.
+
+    Raises:
+        JobtokenError: not a signal name.
+    """
+    text = name.strip().upper()
+    if text.isdigit():
+        return int(text)
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return int(getattr(signal, text))
+    except AttributeError:
+        from ._errors import ConfigError
+
+        raise ConfigError(f"unknown signal name {name!r}") from None
+

@@ -1,0 +1,214 @@
+"""The job's private token directory: its layout, its settings file, its state file.
+
+Layout (one directory per job, 0700)::
+
+    mytoken      the job mytoken (0600); never exported to the payload
+    bt           the access token; $BEARER_TOKEN_FILE points here
+    job.json     non-secret settings the renewal needs (server, scopes, audience, ...)
+    state.json   non-secret status: exp, renewals, failures, next attempt
+    sidecar.lock held (flock) by the one sidecar of this directory
+    sidecar.log  the sidecar's log (never a token)
+
+A directory rather than a single file, so it can be bind-mounted into containers:
+a bind-mounted file keeps its old inode after the atomic rename.
+
+This module stays light (stdlib only): the waiting sidecar imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from ._errors import ConfigError, JobtokenError, TokenFileError
+from ._tokenfile import ensure_private_dir, write_secret_file
+
+__all__ = ["JobSpec", "RenewalState", "TokenDir", "acquire_lock"]
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What the renewal of one job needs to know; stored as ``job.json``."""
+
+    job_id: str
+    server_url: str
+    mytoken_path: str
+    scopes: Tuple[str, ...] = ()
+    audiences: Tuple[str, ...] = ()
+    ca_file: Optional[str] = None
+    ca_dir: Optional[str] = None
+    allow_http: bool = False
+    timeout_s: float = 10.0
+    trusted_issuers: Tuple[str, ...] = ()
+    job_end_at: Optional[float] = None
+    mytoken_owned: bool = False  # minted for this job: revoke and delete at the end
+    revoke_at_end: bool = True
+    remove_dir_at_end: bool = False
+    fraction: float = 2.0 / 3.0
+    margin_s: float = 300.0
+    max_backoff_s: float = 300.0
+    on_failure: str = "keep"
+    warn_signal: Optional[str] = None
+    warn_before_s: float = 120.0
+    stop_grace_s: float = 30.0
+    metrics_dir: Optional[str] = None
+    log_json: bool = False
+    mom_id: Optional[str] = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> JobSpec:
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(data) - known
+            if unknown:
+                raise ValueError(f"unknown keys {sorted(unknown)}")
+            for key in ("scopes", "audiences", "trusted_issuers"):
+                if key in data:
+                    data[key] = tuple(data[key])
+            return cls(**data)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{where} is not a valid jobtoken job file: {exc}") from exc
+
+
+@dataclass
+class RenewalState:
+    """The sidecar's view of the token; stored as ``state.json`` (no secrets)."""
+
+    job_id: str = ""
+    expires_at: Optional[float] = None
+    issued_at: Optional[float] = None
+    jti: Optional[str] = None
+    subject: Optional[str] = None
+    scopes: Tuple[str, ...] = ()
+    audiences: Tuple[str, ...] = ()
+    renewals: int = 0
+    failures_total: int = 0
+    consecutive_failures: int = 0
+    last_success_at: Optional[float] = None
+    last_attempt_at: Optional[float] = None
+    last_error: Optional[str] = None
+    last_error_permanent: bool = False
+    next_attempt_at: Optional[float] = None
+    warned: bool = False
+    credential_lost: bool = False
+    sidecar_pid: Optional[int] = None
+    payload_pid: Optional[int] = None
+    finished: bool = False
+    updated_at: Optional[float] = None
+    version: int = STATE_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> RenewalState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        clean = {k: v for k, v in data.items() if k in known}
+        for key in ("scopes", "audiences"):
+            if key in clean:
+                clean[key] = tuple(clean[key])
+        return cls(**clean)
+
+
+@dataclass(frozen=True)
+class TokenDir:
+    path: Path
+
+    @property
+    def mytoken(self) -> Path:
+        return self.path / "mytoken"
+
+    @property
+    def bearer_token(self) -> Path:
+        return self.path / "bt"
+
+    @property
+    def job_file(self) -> Path:
+        return self.path / "job.json"
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / "sidecar.lock"
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / "sidecar.log"
+
+    @classmethod
+    def create(cls, path: os.PathLike[str] | str) -> TokenDir:
+        return cls(ensure_private_dir(path))
+
+    @classmethod
+    def existing(cls, path: os.PathLike[str] | str) -> TokenDir:
+        p = Path(path)
+        if not p.is_dir():
+            raise ConfigError(f"token directory {p} does not exist")
+        return cls(ensure_private_dir(p, create=False))
+
+    def write_spec(self, spec: JobSpec) -> None:
+        write_secret_file(self.job_file, spec.to_json())
+
+    def read_spec(self) -> JobSpec:
+        try:
+            text = self.job_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read {self.job_file}: {exc.strerror}") from exc
+        return JobSpec.from_json(text, str(self.job_file))
+
+    def write_state(self, state: RenewalState) -> None:
+        write_secret_file(self.state_file, state.to_json())
+
+    def read_state(self) -> Optional[RenewalState]:
+        try:
+            data = json.loads(self.state_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        try:
+            return RenewalState.from_dict(data)
+        except TypeError:
+            return None
+
+
+def acquire_lock(tokendir: TokenDir) -> int:
+    """Take the directory's sidecar lock for the life of this process; returns the fd.
+
+    Raises:
+        JobtokenError: another sidecar already holds it (two renewers of one mytoken
+            would race, and with rotation one of them would kill the chain).
+    """
+    try:
+        fd = os.open(tokendir.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError as exc:
+        raise TokenFileError(f"cannot open {tokendir.lock_file}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise JobtokenError(
+            f"another jobtoken sidecar is already running for {tokendir.path}"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd

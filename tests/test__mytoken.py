@@ -1,0 +1,822 @@
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+import pytest
+
+from jobtoken._errors import (
+    ConfigError,
+    MytokenRejectedError,
+    ProtocolError,
+    ServerUnavailableError,
+)
+from jobtoken._mytoken import (
+    DISCOVERY_PATH,
+    MytokenClient,
+    clear_discovery_cache,
+    is_plausible_mytoken,
+)
+from tests.fakes import FakeClock
+
+SERVER = "https://mytoken.example.org"
+MT = "eyJhbGciOiJFUzUxMiJ9.parent-mytoken-secret-0123456789abcdef.sig"
+NEW_MT = "eyJhbGciOiJFUzUxMiJ9.rotated-mytoken-secret-0123456789abcd.sig"
+SUB_MT = "eyJhbGciOiJFUzUxMiJ9.child-mytoken-secret-0123456789abcdefg.sig"
+AT = "eyJhbGciOiJFUzI1NiJ9.access-token-secret.sig"
+
+
+def discovery_doc(base=SERVER, **overrides):
+    doc = {
+        "issuer": base,
+        "access_token_endpoint": f"{base}/api/v0/token/access",
+        "mytoken_endpoint": f"{base}/api/v0/token/my",
+        "revocation_endpoint": f"{base}/api/v0/token/revoke",
+        "tokeninfo_endpoint": f"{base}/api/v0/tokeninfo",
+        "jwks_uri": f"{base}/jwks",
+        "restriction_claims_supported": ["nbf", "exp", "scope", "audience", "usages_AT"],
+        "response_types_supported": ["token", "short_token"],
+        "version": "0.10.2",
+    }
+    for key, value in overrides.items():
+        if value is None:
+            doc.pop(key, None)
+        else:
+            doc[key] = value
+    return doc
+
+
+class FakeServer:
+    """A MockTransport handler: discovery plus per-path canned answers."""
+
+    def __init__(self, base=SERVER, discovery=None):
+        self.base = base
+        self.discovery = discovery if discovery is not None else discovery_doc(base)
+        self.requests: list[httpx.Request] = []
+        self.answers: dict[str, object] = {}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        path = request.url.path
+        if path.endswith(DISCOVERY_PATH):
+            if isinstance(self.discovery, httpx.Response):
+                return self.discovery
+            return httpx.Response(200, json=self.discovery)
+        answer = self.answers[path]
+        if callable(answer):
+            return answer(request)
+        assert isinstance(answer, httpx.Response)
+        return answer
+
+    def bodies(self, path):
+        return [json.loads(r.content) for r in self.requests if r.url.path == path]
+
+    def count(self, suffix):
+        return sum(1 for r in self.requests if r.url.path.endswith(suffix))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    clear_discovery_cache()
+    yield
+    clear_discovery_cache()
+
+
+@pytest.fixture
+def server():
+    return FakeServer()
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+def client_for(server, clock=None, **kwargs):
+    return MytokenClient(server.base, transport=httpx.MockTransport(server), clock=clock, **kwargs)
+
+
+def at_ok(**extra):
+    body = {
+        "access_token": AT,
+        "token_type": "Bearer",
+        "expires_in": 1199,
+        "scope": "storage.create:/vo/out",
+        "audience": ["https://se.example.org"],
+    }
+    body.update(extra)
+    return httpx.Response(200, json=body)
+
+
+ACCESS = "/api/v0/token/access"
+MYTOKEN = "/api/v0/token/my"
+REVOKE = "/api/v0/token/revoke"
+TOKENINFO = "/api/v0/tokeninfo"
+
+
+# --- discovery --------------------------------------------------------------------------
+
+
+def test_discovery_is_fetched_once_per_process_per_url(server):
+    server.answers[ACCESS] = at_ok()
+    with client_for(server) as c1, client_for(server) as c2:
+        for client in (c1, c2, c1):
+            client.get_access_token(MT, scopes=["storage.create:/vo/out"])
+        assert c1.discovery() is c2.discovery()
+    assert server.count(DISCOVERY_PATH) == 1
+    assert server.count(ACCESS) == 3
+
+
+def test_discovery_keeps_server_path_prefix():
+    server = FakeServer(base="https://host.example.org/mytoken")
+    with client_for(server) as client:
+        found = client.discovery()
+    assert str(server.requests[0].url) == (
+        "https://host.example.org/mytoken/.well-known/mytoken-configuration"
+    )
+    assert found.access_token_endpoint == "https://host.example.org/mytoken/api/v0/token/access"
+    assert found.version == "0.10.2"
+
+
+def test_endpoints_come_from_discovery_not_built_by_hand(server):
+    server.discovery = discovery_doc(access_token_endpoint=f"{SERVER}/elsewhere/at")
+    server.answers["/elsewhere/at"] = at_ok()
+    with client_for(server) as client:
+        client.get_access_token(MT)
+    assert server.requests[-1].url.path == "/elsewhere/at"
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (httpx.Response(200, text="<html>hello</html>"), "not JSON"),
+        (httpx.Response(200, text='{"issuer": "x", '), "not JSON"),
+        (httpx.Response(200, json=["a"]), "not a JSON object"),
+        (httpx.Response(200, json=discovery_doc(access_token_endpoint=None)), "access_token"),
+        (httpx.Response(200, json=discovery_doc(mytoken_endpoint=None)), "mytoken_endpoint"),
+        (httpx.Response(200, json=discovery_doc(mytoken_endpoint=5)), "mytoken_endpoint"),
+        (
+            httpx.Response(
+                200, json=discovery_doc(access_token_endpoint="http://mytoken.example.org/at")
+            ),
+            "unusable access_token_endpoint",
+        ),
+    ],
+)
+def test_bad_discovery_is_a_protocol_error_and_not_cached(server, answer, why):
+    server.discovery = answer
+    with client_for(server) as client:
+        with pytest.raises(ProtocolError, match=why):
+            client.discovery()
+        with pytest.raises(ProtocolError):
+            client.discovery()
+    assert server.count(DISCOVERY_PATH) == 2
+
+
+def test_discovery_without_optional_endpoints(server):
+    server.discovery = discovery_doc(revocation_endpoint=None, tokeninfo_endpoint=None)
+    with client_for(server) as client:
+        with pytest.raises(MytokenRejectedError, match="no revocation endpoint"):
+            client.revoke(MT)
+        with pytest.raises(MytokenRejectedError, match="no tokeninfo endpoint"):
+            client.introspect(MT)
+
+
+def test_discovery_5xx_is_transient(server):
+    server.discovery = httpx.Response(503, text="<html>down</html>")
+    with client_for(server) as client:
+        with pytest.raises(ServerUnavailableError) as info:
+            client.discovery()
+    assert info.value.retryable and info.value.status == 503
+
+
+# --- URL rules --------------------------------------------------------------------------
+
+
+def test_http_server_url_refused_unless_loopback_and_allowed():
+    with pytest.raises(ConfigError, match="plain http"):
+        MytokenClient("http://mytoken.example.org", allow_http=True)
+    with pytest.raises(ConfigError, match="plain http"):
+        MytokenClient("http://127.0.0.1:8000")
+    MytokenClient("http://127.0.0.1:8000", allow_http=True).close()
+
+
+def test_loopback_http_server_works_end_to_end():
+    server = FakeServer(base="http://127.0.0.1:8000")
+    server.answers[ACCESS] = at_ok()
+    with MytokenClient(
+        server.base, allow_http=True, transport=httpx.MockTransport(server)
+    ) as client:
+        assert client.get_access_token(MT).access_token == AT
+
+
+# --- access tokens ----------------------------------------------------------------------
+
+
+def test_access_token_request_shape(server):
+    server.answers[ACCESS] = at_ok()
+    with client_for(server) as client:
+        client.get_access_token(
+            MT,
+            scopes=["storage.create:/vo/out", "openid"],
+            audiences=["https://se.example.org", "https://se2.example.org"],
+            comment="job 42",
+        )
+    request = server.requests[-1]
+    assert request.method == "POST"
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["user-agent"].startswith("jobtoken/")
+    assert json.loads(request.content) == {
+        "grant_type": "mytoken",
+        "mytoken": MT,
+        "scope": "storage.create:/vo/out openid",
+        "audience": "https://se.example.org https://se2.example.org",
+        "comment": "job 42",
+    }
+
+
+def test_access_token_request_without_scope_or_audience(server):
+    server.answers[ACCESS] = at_ok()
+    with client_for(server) as client:
+        client.get_access_token(MT, scopes="storage.read:/a  storage.read:/b")
+    assert server.bodies(ACCESS)[-1] == {
+        "grant_type": "mytoken",
+        "mytoken": MT,
+        "scope": "storage.read:/a storage.read:/b",
+    }
+
+
+@pytest.mark.parametrize("bad", ["", "a b", None])
+def test_scope_items_must_be_single_words(server, bad):
+    with client_for(server) as client:
+        with pytest.raises(ConfigError, match="invalid scope"):
+            client.get_access_token(MT, scopes=["openid", bad])
+    assert server.requests == []
+
+
+def test_empty_mytoken_is_refused_before_sending(server):
+    with client_for(server) as client:
+        with pytest.raises(ConfigError, match="no mytoken"):
+            client.get_access_token("  \n")
+    assert server.requests == []
+
+
+def test_access_token_response_parsed(server):
+    server.answers[ACCESS] = at_ok(
+        token_update={
+            "mytoken": NEW_MT,
+            "mytoken_type": "token",
+            "expires_in": 86399,
+            "mom_id": "mom-1",
+            "capabilities": ["AT"],
+            "rotation": {"on_AT": True, "lifetime": 86400},
+            "restrictions": [{"scope": "storage.create:/vo/out", "usages_AT": 10}],
+        }
+    )
+    with client_for(server) as client:
+        result = client.get_access_token(MT)
+    assert result.access_token == AT
+    assert result.token_type == "Bearer"
+    assert result.expires_in == 1199
+    assert result.scope == "storage.create:/vo/out"
+    assert result.audience == ("https://se.example.org",)
+    update = result.token_update
+    assert update is not None
+    assert update.mytoken == NEW_MT and update.mytoken_type == "token"
+    assert update.expires_in == 86399 and update.mom_id == "mom-1"
+    assert update.capabilities == ("AT",)
+    assert update.rotation == {"on_AT": True, "lifetime": 86400}
+    assert update.restrictions[0]["usages_AT"] == 10
+    text = repr(result)
+    assert AT not in text and NEW_MT not in text
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"expires_in": None}, None),
+        ({"expires_in": 0}, None),
+        ({"expires_in": "600"}, 600.0),
+    ],
+)
+def test_expires_in_may_be_missing_or_zero(server, extra, expected):
+    body = {"access_token": AT, "audience": ["a"]}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    server.answers[ACCESS] = httpx.Response(200, json=body)
+    with client_for(server) as client:
+        result = client.get_access_token(MT)
+    assert result.expires_in == expected
+    assert result.token_update is None
+    assert result.token_type == "Bearer"
+
+
+def test_audience_missing_or_string(server):
+    server.answers[ACCESS] = httpx.Response(200, json={"access_token": AT, "audience": "x"})
+    with client_for(server) as client:
+        assert client.get_access_token(MT).audience == ("x",)
+    server.answers[ACCESS] = httpx.Response(200, json={"access_token": AT})
+    with client_for(server) as client:
+        assert client.get_access_token(MT).audience == ()
+
+
+# --- error mapping ----------------------------------------------------------------------
+
+
+def _json_error(status, error, description=None, headers=None):
+    body = {"error": error}
+    if description is not None:
+        body["error_description"] = description
+    return httpx.Response(status, json=body, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("answer", "cls", "status", "error", "description"),
+    [
+        (
+            _json_error(400, "invalid_grant", "Unsupported grant_type"),
+            MytokenRejectedError,
+            400,
+            "invalid_grant",
+            "Unsupported grant_type",
+        ),
+        (
+            _json_error(400, "invalid_request", "token not valid"),
+            MytokenRejectedError,
+            400,
+            "invalid_request",
+            "token not valid",
+        ),
+        (_json_error(401, "invalid_token"), MytokenRejectedError, 401, "invalid_token", None),
+        (_json_error(403, "usage_restricted"), MytokenRejectedError, 403, "usage_restricted", None),
+        (
+            _json_error(403, "insufficient_capabilities", "no AT"),
+            MytokenRejectedError,
+            403,
+            "insufficient_capabilities",
+            "no AT",
+        ),
+        (
+            _json_error(400, "oidc_error", "invalid_grant: token revoked"),
+            MytokenRejectedError,
+            400,
+            "oidc_error",
+            "invalid_grant: token revoked",
+        ),
+        (
+            _json_error(400, "oidc_error", "temporarily_unavailable: try later"),
+            ServerUnavailableError,
+            400,
+            "oidc_error",
+            "temporarily_unavailable: try later",
+        ),
+        (
+            _json_error(502, "oidc_error", "server_error: boom"),
+            ServerUnavailableError,
+            502,
+            "oidc_error",
+            "server_error: boom",
+        ),
+        (
+            _json_error(500, "internal_server_error", "db down"),
+            ServerUnavailableError,
+            500,
+            "internal_server_error",
+            "db down",
+        ),
+        (
+            httpx.Response(
+                503,
+                text="<html><body>Service Unavailable</body></html>",
+                headers={"content-type": "text/html"},
+            ),
+            ServerUnavailableError,
+            503,
+            None,
+            None,
+        ),
+        (httpx.Response(504, text=""), ServerUnavailableError, 504, None, None),
+        (
+            httpx.Response(404, text="Cannot POST /api/v0/token/access"),
+            MytokenRejectedError,
+            404,
+            None,
+            None,
+        ),
+        (httpx.Response(401, json=["not", "an", "object"]), MytokenRejectedError, 401, None, None),
+        (httpx.Response(408, text="timeout"), ServerUnavailableError, 408, None, None),
+    ],
+)
+def test_error_mapping(server, answer, cls, status, error, description):
+    server.answers[ACCESS] = answer
+    with client_for(server) as client:
+        with pytest.raises(cls) as info:
+            client.get_access_token(MT)
+    exc = info.value
+    assert type(exc) is cls
+    assert exc.status == status
+    assert exc.error == error
+    assert exc.error_description == description
+    assert exc.url == f"{SERVER}{ACCESS}"
+    assert exc.retryable is (cls is ServerUnavailableError)
+    message = str(exc)
+    assert "\n" not in message and MT not in message
+    assert f"HTTP {status}" in message and SERVER in message
+
+
+def test_usage_restricted_without_description_gets_a_hint(server):
+    server.answers[ACCESS] = _json_error(403, "usage_restricted")
+    with client_for(server) as client:
+        with pytest.raises(MytokenRejectedError, match="exactly"):
+            client.get_access_token(MT, scopes=["storage.create:/vo/out/job42"])
+
+
+def test_429_plain_text_with_retry_after_seconds(server, clock):
+    server.answers[ACCESS] = httpx.Response(
+        429, text="Too Many Requests", headers={"Retry-After": "30"}
+    )
+    with client_for(server, clock=clock) as client:
+        with pytest.raises(ServerUnavailableError, match="rate limited") as info:
+            client.get_access_token(MT)
+    assert info.value.retry_after_s == 30.0
+    assert info.value.status == 429 and info.value.retryable
+    assert not isinstance(info.value, ProtocolError)
+
+
+def test_429_with_retry_after_http_date(server):
+    clock = FakeClock(start=1_800_000_000.0)  # 2027-01-15T08:00:00Z
+    server.answers[ACCESS] = httpx.Response(
+        429, text="Too Many Requests", headers={"Retry-After": "Fri, 15 Jan 2027 08:02:00 GMT"}
+    )
+    with client_for(server, clock=clock) as client:
+        with pytest.raises(ServerUnavailableError) as info:
+            client.get_access_token(MT)
+    assert info.value.retry_after_s == pytest.approx(120.0)
+
+
+def test_429_without_retry_after(server):
+    server.answers[ACCESS] = httpx.Response(429, text="Too Many Requests")
+    with client_for(server) as client:
+        with pytest.raises(ServerUnavailableError) as info:
+            client.get_access_token(MT)
+    assert info.value.retry_after_s is None
+
+
+def test_redirect_is_not_followed(server):
+    server.answers[ACCESS] = httpx.Response(
+        307, headers={"Location": "https://evil.example.org/steal"}
+    )
+    with client_for(server) as client:
+        with pytest.raises(ProtocolError, match="redirect to 'evil.example.org'") as info:
+            client.get_access_token(MT)
+    assert info.value.status == 307
+    assert [r.url.host for r in server.requests] == ["mytoken.example.org"] * 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (httpx.Response(200, text="<html>ok</html>"), "not JSON"),
+        (httpx.Response(200, text='{"access_token": "abc'), "not JSON"),
+        (httpx.Response(200, content=b"\xff\xfe\x00garbage"), "not JSON"),
+        (httpx.Response(200, json=[AT]), "not a JSON object"),
+        (httpx.Response(200, json={"token_type": "Bearer"}), "no access_token"),
+        (httpx.Response(200, json={"access_token": ""}), "no access_token"),
+        (httpx.Response(200, json={"access_token": 12345}), "no access_token"),
+        (httpx.Response(200, json={"access_token": "a b"}), "whitespace"),
+        (httpx.Response(200, json={"access_token": AT, "audience": 5}), "audience"),
+        (httpx.Response(200, json={"access_token": AT, "audience": [1]}), "audience"),
+        (httpx.Response(200, json={"access_token": AT, "scope": ["a"]}), "scope"),
+        (httpx.Response(200, json={"access_token": AT, "token_type": 1}), "token_type"),
+        (httpx.Response(200, json={"access_token": AT, "expires_in": "soon"}), "expires_in"),
+        (httpx.Response(200, json={"access_token": AT, "expires_in": -5}), "expires_in"),
+        (httpx.Response(200, json={"access_token": AT, "expires_in": True}), "expires_in"),
+        (httpx.Response(200, json={"access_token": AT, "token_update": NEW_MT}), "token_update"),
+        (httpx.Response(200, json={"access_token": AT, "token_update": {}}), "token_update"),
+        (
+            httpx.Response(200, json={"access_token": AT, "token_update": {"mytoken": ""}}),
+            "token_update has no plausible mytoken",
+        ),
+        (
+            httpx.Response(200, json={"access_token": AT, "token_update": {"mytoken": "   "}}),
+            "no plausible mytoken",
+        ),
+        (
+            httpx.Response(200, json={"access_token": AT, "token_update": {"mytoken": "short"}}),
+            "no plausible mytoken",
+        ),
+        (
+            httpx.Response(200, json={"access_token": AT, "token_update": {"mytoken": "ä" * 40}}),
+            "no plausible mytoken",
+        ),
+        (
+            httpx.Response(
+                200,
+                json={"access_token": AT, "token_update": {"mytoken": NEW_MT[:40] + " x" * 5}},
+            ),
+            "no plausible mytoken",
+        ),
+        (
+            httpx.Response(
+                200,
+                json={
+                    "access_token": AT,
+                    "updated_token": {"mytoken": NEW_MT},
+                    "token_update": {"mytoken": NEW_MT, "capabilities": "AT"},
+                },
+            ),
+            "capabilities",
+        ),
+    ],
+)
+def test_bad_success_bodies_are_protocol_errors(server, answer, why):
+    server.answers[ACCESS] = answer
+    with client_for(server) as client:
+        with pytest.raises(ProtocolError, match=why) as info:
+            client.get_access_token(MT)
+    assert info.value.retryable  # ProtocolError is a ServerUnavailableError
+    assert MT not in str(info.value) and AT not in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_updated_token_field_from_the_docs_is_not_mistaken_for_rotation(server):
+    server.answers[ACCESS] = at_ok(updated_token={"mytoken": NEW_MT})
+    with client_for(server) as client:
+        assert client.get_access_token(MT).token_update is None
+
+
+def _raiser(exc_type, message):
+    def handler(request):
+        raise exc_type(message, request=request)
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("exc_type", "why"),
+    [
+        (httpx.ConnectError, "Connection refused"),
+        (httpx.ConnectTimeout, "timed out"),
+        (httpx.ReadTimeout, "timed out"),
+        (httpx.ReadError, "Connection reset by peer"),
+        (httpx.RemoteProtocolError, "Server disconnected"),
+    ],
+)
+def test_transport_failures_are_transient(server, exc_type, why):
+    server.answers[ACCESS] = _raiser(exc_type, why)
+    with client_for(server) as client:
+        with pytest.raises(ServerUnavailableError, match="access token request failed") as info:
+            client.get_access_token(MT)
+    assert type(info.value) is ServerUnavailableError
+    assert info.value.retryable
+    assert info.value.url == f"{SERVER}{ACCESS}"
+
+
+def test_connect_error_during_discovery(server):
+    server.discovery = None
+
+    def handler(request):
+        raise httpx.ConnectError("Connection refused", request=request)
+
+    with MytokenClient(SERVER, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(ServerUnavailableError, match="mytoken discovery failed"):
+            client.discovery()
+
+
+def test_server_echoing_the_mytoken_is_redacted(server):
+    server.answers[ACCESS] = _json_error(400, "invalid_request", f"bad token {MT}\nline two")
+    with client_for(server) as client:
+        with pytest.raises(MytokenRejectedError) as info:
+            client.get_access_token(MT)
+    assert MT not in str(info.value)
+    assert MT not in (info.value.error_description or "")
+    assert "[redacted]" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_logs_carry_url_and_status_but_never_tokens(server, caplog):
+    server.answers[ACCESS] = at_ok(token_update={"mytoken": NEW_MT})
+    caplog.set_level(logging.DEBUG, logger="jobtoken")
+    with client_for(server) as client:
+        client.get_access_token(MT)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"url={SERVER}{ACCESS}" in text and "status=200" in text
+    assert "mytoken rotated" in text
+    for secret in (MT, NEW_MT, AT):
+        assert secret not in text
+
+
+# --- sub-mytokens -----------------------------------------------------------------------
+
+
+def test_create_mytoken_request_shape_and_response(server):
+    server.answers[MYTOKEN] = httpx.Response(
+        200,
+        json={
+            "mytoken": SUB_MT,
+            "mytoken_type": "token",
+            "expires_in": 3600,
+            "mom_id": "child",
+            "capabilities": ["AT"],
+            "restrictions": [{"scope": "storage.create:/vo/out", "audience": ["https://se"]}],
+            "token_update": {"mytoken": NEW_MT, "mytoken_type": "token"},
+        },
+    )
+    with client_for(server) as client:
+        result = client.create_mytoken(
+            MT,
+            restrictions=[
+                {
+                    "scope": ["storage.create:/vo/out", "openid"],
+                    "audience": "https://se",
+                    "exp": 1_800_003_600,
+                    "usages_AT": 20,
+                }
+            ],
+            capabilities=["AT"],
+            rotation={"on_AT": False},
+            name="job 42",
+            max_token_len=1000,
+        )
+    assert server.bodies(MYTOKEN) == [
+        {
+            "grant_type": "mytoken",
+            "mytoken": MT,
+            "response_type": "token",
+            "error_on_restrictions": True,
+            "restrictions": [
+                {
+                    "scope": "storage.create:/vo/out openid",
+                    "audience": ["https://se"],
+                    "exp": 1_800_003_600,
+                    "usages_AT": 20,
+                }
+            ],
+            "capabilities": ["AT"],
+            "rotation": {"on_AT": False},
+            "name": "job 42",
+            "max_token_len": 1000,
+        }
+    ]
+    assert result.mytoken == SUB_MT and result.mom_id == "child"
+    assert result.capabilities == ("AT",)
+    assert result.restrictions[0]["audience"] == ["https://se"]
+    # the parent's replacement (rotation on_other) is handed back, not dropped
+    assert result.token_update is not None and result.token_update.mytoken == NEW_MT
+    assert SUB_MT not in repr(result)
+
+
+def test_create_mytoken_minimal_inherits_parent(server):
+    server.answers[MYTOKEN] = httpx.Response(200, json={"mytoken": SUB_MT})
+    with client_for(server) as client:
+        result = client.create_mytoken(MT, error_on_restrictions=False)
+    assert server.bodies(MYTOKEN)[-1] == {
+        "grant_type": "mytoken",
+        "mytoken": MT,
+        "response_type": "token",
+        "error_on_restrictions": False,
+    }
+    assert result.mytoken_type == "token" and result.token_update is None
+
+
+def test_create_mytoken_transfer_code(server):
+    server.answers[MYTOKEN] = httpx.Response(
+        200, json={"transfer_code": "ABCD1234", "expires_in": 300, "mytoken_type": "transfer_code"}
+    )
+    with client_for(server) as client:
+        result = client.create_mytoken(MT, response_type="transfer_code")
+    assert result.transfer_code == "ABCD1234" and result.mytoken == ""
+    assert "ABCD1234" not in repr(result)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"response_type": "jwt"}, "response_type"),
+        ({"max_token_len": "100"}, "max_token_len"),
+        ({"restrictions": ["scope=x"]}, "restriction"),
+        ({"capabilities": ["A T"]}, "capability"),
+    ],
+)
+def test_create_mytoken_bad_arguments(server, kwargs, why):
+    with client_for(server) as client:
+        with pytest.raises(ConfigError, match=why):
+            client.create_mytoken(MT, **kwargs)
+
+
+def test_create_mytoken_rejected(server):
+    server.answers[MYTOKEN] = _json_error(
+        400, "invalid_request", "requested restrictions are not subset of original restrictions"
+    )
+    with client_for(server) as client:
+        with pytest.raises(MytokenRejectedError, match="not subset"):
+            client.create_mytoken(MT, restrictions=[{"scope": "storage.create:/x"}])
+
+
+def test_create_mytoken_implausible_result(server):
+    server.answers[MYTOKEN] = httpx.Response(200, json={"mytoken": "x"})
+    with client_for(server) as client:
+        with pytest.raises(ProtocolError, match="created mytoken has no plausible mytoken"):
+            client.create_mytoken(MT)
+
+
+# --- revoke and introspect --------------------------------------------------------------
+
+
+def test_revoke_204(server):
+    server.answers[REVOKE] = httpx.Response(204)
+    with client_for(server) as client:
+        assert client.revoke(SUB_MT, recursive=True) is None
+    assert server.bodies(REVOKE) == [{"token": SUB_MT, "recursive": True}]
+
+
+def test_revoke_by_mom_id_with_rotation(server):
+    server.answers[REVOKE] = httpx.Response(
+        200, json={"token_update": {"mytoken": NEW_MT, "mytoken_type": "token"}}
+    )
+    with client_for(server) as client:
+        update = client.revoke(MT, mom_id="child")
+    assert server.bodies(REVOKE) == [{"token": MT, "recursive": False, "mom_id": "child"}]
+    assert update is not None and update.mytoken == NEW_MT
+
+
+def test_revoke_200_without_update(server):
+    server.answers[REVOKE] = httpx.Response(200, json={})
+    with client_for(server) as client:
+        assert client.revoke(MT) is None
+
+
+def test_revoke_errors(server):
+    server.answers[REVOKE] = _json_error(403, "insufficient_capabilities")
+    with client_for(server) as client:
+        with pytest.raises(MytokenRejectedError, match="mytoken revocation failed"):
+            client.revoke(MT, mom_id="other")
+    server.answers[REVOKE] = httpx.Response(200, json={"token_update": {"mytoken": "tiny"}})
+    with client_for(server) as client:
+        with pytest.raises(ProtocolError, match="token_update"):
+            client.revoke(MT, mom_id="other")
+
+
+def test_introspect(server):
+    info = {"valid": True, "token_type": "token", "token": {"jti": "j", "restrictions": []}}
+    server.answers[TOKENINFO] = httpx.Response(200, json=info)
+    with client_for(server) as client:
+        assert client.introspect(MT) == info
+    assert server.bodies(TOKENINFO) == [{"action": "introspect", "mytoken": MT}]
+
+
+def test_introspect_invalid_token_is_rejected(server):
+    server.answers[TOKENINFO] = _json_error(401, "invalid_token")
+    with client_for(server) as client:
+        with pytest.raises(MytokenRejectedError) as info:
+            client.introspect(MT)
+    assert info.value.status == 401 and info.value.error_description is None
+
+
+# --- misc -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "plausible"),
+    [
+        (MT, True),
+        ("a" * 32, True),
+        ("a" * 31, False),
+        ("", False),
+        (" " * 40, False),
+        ("a" * 20 + " " + "a" * 20, False),
+        ("é" * 40, False),
+        (None, False),
+        (12345, False),
+    ],
+)
+def test_is_plausible_mytoken(value, plausible):
+    assert is_plausible_mytoken(value) is plausible
+
+
+def test_client_repr_and_close(server):
+    client = client_for(server)
+    assert SERVER in repr(client)
+    client.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        client.get_access_token(MT)
+
+
+def test_plain_text_error_bodies_are_quoted_briefly_and_redacted(server):
+    server.answers[ACCESS] = httpx.Response(
+        404, text=f"Cannot POST /api/v0/token/access {MT}", headers={"content-type": "text/plain"}
+    )
+    with client_for(server) as client:
+        with pytest.raises(MytokenRejectedError, match="Cannot POST") as info:
+            client.get_access_token(MT)
+    assert MT not in str(info.value)
+
+
+def test_html_error_bodies_are_not_quoted(server):
+    server.answers[ACCESS] = httpx.Response(
+        502, text="<html><title>Bad Gateway</title></html>", headers={"content-type": "text/html"}
+    )
+    with client_for(server) as client:
+        with pytest.raises(ServerUnavailableError) as info:
+            client.get_access_token(MT)
+    assert "<html>" not in str(info.value)
