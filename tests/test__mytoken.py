@@ -534,7 +534,8 @@ def test_bad_success_bodies_are_protocol_errors(server, answer, why):
     with client_for(server) as client:
         with pytest.raises(ProtocolError, match=why) as info:
             client.get_access_token(MT)
-    assert info.value.retryable  # ProtocolError is a ServerUnavailableError
+    # ProtocolError is a ServerUnavailableError, retryable unless a rotation was at stake
+    assert info.value.retryable is ("token_update" not in answer.text)
     assert MT not in str(info.value) and AT not in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -820,3 +821,14 @@ def test_html_error_bodies_are_not_quoted(server):
         with pytest.raises(ServerUnavailableError) as info:
             client.get_access_token(MT)
     assert "<html>" not in str(info.value)
+
+
+def test_unusable_body_with_rotation_is_not_retryable(server):
+    server.answers[ACCESS] = httpx.Response(
+        200, json={"token_update": {"mytoken": NEW_MT}, "access_token": ""}
+    )
+    with client_for(server) as client:
+        with pytest.raises(ProtocolError, match="rotated") as info:
+            client.get_access_token(MT)
+    assert info.value.retryable is False
+    assert NEW_MT not in str(info.value)

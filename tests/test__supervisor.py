@@ -205,6 +205,12 @@ def test_empty_command_is_a_usage_error():
         Supervisor([])
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, 0, 1000])
+def test_uncatchable_signals_cannot_be_forwarded(sig):
+    with pytest.raises(UsageError):
+        Supervisor([sys.executable], forward_signals=(signal.SIGTERM, sig))
+
+
 # --- signal forwarding --------------------------------------------------------------------
 
 
@@ -349,6 +355,35 @@ def test_stop_payload_needs_no_kill_when_payload_obeys():
     assert result.signal == signal.SIGTERM
     assert result.stop_requested and not result.killed
     assert result.exit_code == 128 + signal.SIGTERM
+
+
+def test_send_signal_warns_the_payload_without_stopping_it(tmp_path):
+    ready = tmp_path / "ready"
+    waiter = (
+        "import signal, sys\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+        "open(sys.argv[1], 'w').close()\n"
+        "signal.sigwait({signal.SIGUSR1})\n"
+        "sys.exit(42)\n"
+    )
+    supervisor: Optional[Supervisor] = None
+    sent: list[bool] = []
+    give_up_at = time.monotonic() + TIMEOUT_S
+
+    def tick() -> Optional[float]:
+        assert supervisor is not None
+        if not ready.exists():
+            assert time.monotonic() < give_up_at, "payload never became ready"
+            return time.time() + 0.01
+        sent.append(supervisor.send_signal(signal.SIGUSR1))
+        return None
+
+    supervisor = Supervisor([sys.executable, "-c", waiter, str(ready)], tick=tick)
+    result = supervisor.run()
+    assert sent == [True]
+    assert result.exit_status == 42  # the payload got the warning and decided itself
+    assert not result.stop_requested
+    assert supervisor.send_signal(signal.SIGUSR1) is False  # gone: nothing is signalled
 
 
 def test_failing_tick_does_not_lose_the_payload():

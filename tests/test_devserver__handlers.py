@@ -77,10 +77,28 @@ def test_mytoken_is_es512_jwt_verifiable_with_server_jwks(srv: DevServer, client
     header = jwt.get_unverified_header(mt)
     assert header["typ"] == "MT+JWT" and header["alg"] == "ES512" and header["kid"]
     jwks = jwt.PyJWKSet.from_dict(client.get("/jwks").json())
-    claims = jwt.decode(mt, jwks[header["kid"]].key, algorithms=["ES512"], audience=srv.url,
-                        options={"verify_iat": False, "verify_nbf": False})
-    for key in ("ver", "token_type", "iss", "sub", "nbf", "iat", "jti", "seq_no", "aud",
-                "oidc_sub", "oidc_iss", "capabilities", "rotation"):
+    claims = jwt.decode(
+        mt,
+        jwks[header["kid"]].key,
+        algorithms=["ES512"],
+        audience=srv.url,
+        options={"verify_iat": False, "verify_nbf": False},
+    )
+    for key in (
+        "ver",
+        "token_type",
+        "iss",
+        "sub",
+        "nbf",
+        "iat",
+        "jti",
+        "seq_no",
+        "aud",
+        "oidc_sub",
+        "oidc_iss",
+        "capabilities",
+        "rotation",
+    ):
         assert key in claims
     assert claims["token_type"] == "mytoken" and claims["seq_no"] == 1
     assert claims["iss"] == claims["aud"] == srv.url
@@ -99,8 +117,13 @@ def test_at_is_wlcg_profile_jwt_verified_by_op_jwks(srv: DevServer, client: http
     assert op_doc["issuer"] == srv.op_issuer
     jwks = jwt.PyJWKSet.from_dict(client.get(op_doc["jwks_uri"].replace(srv.url, "")).json())
     kid = jwt.get_unverified_header(at)["kid"]
-    claims = jwt.decode(at, jwks[kid].key, algorithms=["RS256"], audience=SE,
-                        options={"verify_exp": False, "verify_iat": False, "verify_nbf": False})
+    claims = jwt.decode(
+        at,
+        jwks[kid].key,
+        algorithms=["RS256"],
+        audience=SE,
+        options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
+    )
     assert claims["wlcg.ver"] == "1.0"
     assert claims["iss"] == srv.op_issuer and claims["sub"] == "dev-user"
     assert claims["scope"] == VO
@@ -128,8 +151,10 @@ def test_form_body_and_issuer_form_field(srv: DevServer, client: httpx.Client):
     assert ok.status_code == 200
     wrong = access_token_request(client, mt, form=True, issuer="https://other-op")
     assert wrong.status_code == 400
-    assert wrong.json() == {"error": "invalid_request",
-                            "error_description": "token not for specified issuer"}
+    assert wrong.json() == {
+        "error": "invalid_request",
+        "error_description": "token not for specified issuer",
+    }
     wrong_json = access_token_request(client, mt, oidc_issuer="https://other-op")
     assert wrong_json.status_code == 400
 
@@ -179,15 +204,22 @@ def test_unknown_grant_type_is_invalid_grant(srv: DevServer, client: httpx.Clien
 
 def test_refresh_token_alias_field_and_bearer_header(srv: DevServer, client: httpx.Client):
     mt = restricted_mt(srv)
-    r = client.post("/api/v0/token/access",
-                    json={"grant_type": "refresh_token", "refresh_token": mt})
+    r = client.post(
+        "/api/v0/token/access", json={"grant_type": "refresh_token", "refresh_token": mt}
+    )
     assert r.status_code == 200
-    r = client.post("/api/v0/token/access", json={"grant_type": "mytoken"},
-                    headers={"Authorization": f"Bearer {mt}"})
+    r = client.post(
+        "/api/v0/token/access",
+        json={"grant_type": "mytoken"},
+        headers={"Authorization": f"Bearer {mt}"},
+    )
     assert r.status_code == 200
     r = client.post("/api/v0/token/access", json={"grant_type": "mytoken"})
     assert r.status_code == 401
-    assert r.json() == {"error": "invalid_token", "error_description": "no mytoken found in request"}
+    assert r.json() == {
+        "error": "invalid_token",
+        "error_description": "no mytoken found in request",
+    }
 
 
 def test_unknown_short_token_and_short_string_are_invalid_request(srv, client):
@@ -333,7 +365,10 @@ def test_sub_mytoken_tightens_and_intersects(srv: DevServer, client: httpx.Clien
         restrictions=[{"scope": VO, "audience": [SE], "usages_AT": 10}],
     )
     r = sub_mytoken_request(
-        client, parent, capabilities=["AT", "settings"], name="job 42",
+        client,
+        parent,
+        capabilities=["AT", "settings"],
+        name="job 42",
         restrictions=[{"scope": VO, "audience": [SE], "usages_AT": 3}],
     )
     assert r.status_code == 200

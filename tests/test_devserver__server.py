@@ -76,8 +76,12 @@ def test_es256_access_tokens_and_short_lifetime() -> None:
         header = jwt.get_unverified_header(body["access_token"])
         assert header["alg"] == "ES256" and header["kid"]
         jwks = jwt.PyJWKSet.from_dict(c.get("/op/jwks").json())
-        claims = jwt.decode(body["access_token"], jwks[header["kid"]].key, algorithms=["ES256"],
-                            audience="https://wlcg.cern.ch/jwt/v1/any")
+        claims = jwt.decode(
+            body["access_token"],
+            jwks[header["kid"]].key,
+            algorithms=["ES256"],
+            audience="https://wlcg.cern.ch/jwt/v1/any",
+        )
         assert claims["exp"] - claims["iat"] == 3
 
 
@@ -120,9 +124,13 @@ def test_tls_serves_https_trusting_ca_pem(tmp_path) -> None:
                 httpx.Client(base_url=srv.url, verify=ctx, timeout=5), srv.issue_mytoken()
             ).json()["access_token"]
             kid = jwt.get_unverified_header(at)["kid"]
-            claims = jwt.decode(at, jwks[kid].key, algorithms=["RS256"],
-                                audience="https://wlcg.cern.ch/jwt/v1/any",
-                                issuer=srv.op_issuer)
+            claims = jwt.decode(
+                at,
+                jwks[kid].key,
+                algorithms=["RS256"],
+                audience="https://wlcg.cern.ch/jwt/v1/any",
+                issuer=srv.op_issuer,
+            )
             assert claims["wlcg.ver"] == "1.0"
         with httpx.Client(timeout=5) as untrusting, pytest.raises(httpx.ConnectError):
             untrusting.get(srv.url + "/jwks")
@@ -134,8 +142,11 @@ def test_request_log_never_holds_tokens() -> None:
     with running_devserver() as srv, client_for(srv) as c:
         mt = srv.issue_mytoken(response_type="short_token")
         access_token_request(c, mt)
-        c.post("/api/v0/token/access", json={"grant_type": "mytoken"},
-               headers={"Authorization": f"Bearer {mt}"})
+        c.post(
+            "/api/v0/token/access",
+            json={"grant_type": "mytoken"},
+            headers={"Authorization": f"Bearer {mt}"},
+        )
         c.get(f"/jwks?token={mt}")
         log = srv.requests()
         assert [r.endpoint for r in log] == ["access", "access", "jwks"]

@@ -65,6 +65,7 @@ class SiteConfig:
     vo: Optional[str] = None
     default_walltime_s: float = 48 * 3600.0
     walltime_slack_s: float = 1800.0
+    expected_at_lifetime_s: float = 1200.0  # sizes the usages_AT budget; shorter = more
     hosts: Tuple[str, ...] = ()
     token_dir_base: Optional[str] = None
 
@@ -113,6 +114,7 @@ _ENV: Dict[str, Tuple[str, str]] = {
     "JOBTOKEN_TRUSTED_ISSUERS": ("token", "trusted_issuers"),
     "JOBTOKEN_PARENT_MYTOKEN_FILE": ("site", "parent_mytoken_file"),
     "JOBTOKEN_VO": ("site", "vo"),
+    "JOBTOKEN_TOKEN_DIR_BASE": ("site", "token_dir_base"),
     "JOBTOKEN_ON_FAILURE": ("renewal", "on_failure"),
     "JOBTOKEN_METRICS_DIR": ("renewal", "metrics_dir"),
 }

@@ -158,6 +158,23 @@ def _one_line(text: str, secrets: Sequence[str]) -> str:
     return text
 
 
+def _malformed(message: str, url: str, *, rotated: bool) -> ProtocolError:
+    """A ``ProtocolError`` for a 200 body we cannot use.
+
+    When the body carried a ``token_update`` the server has (most likely) rotated the
+    mytoken we sent: the old one is dead, and with ``auto_revoke`` a retry with it would
+    revoke the whole chain. Such errors are therefore *not* retryable.
+    """
+    if rotated:
+        return ProtocolError(
+            message + " (the server rotated the mytoken; do not retry with the old one)",
+            status=200,
+            url=url,
+            retryable=False,
+        )
+    return ProtocolError(message, status=200, url=url)
+
+
 def _string_items(values: Union[str, Iterable[str], None], what: str) -> list[str]:
     if values is None:
         return []
@@ -187,9 +204,7 @@ def _normalise_restriction(restriction: Mapping[str, Any]) -> dict[str, Any]:
     if scope is not None and not isinstance(scope, str):
         out["scope"] = " ".join(_string_items(scope, "restriction scope"))
     audience = out.get("audience")
-    if isinstance(audience, str):
-        out["audience"] = _string_items(audience, "restriction audience")
-    elif audience is not None:
+    if audience is not None:  # a lone string becomes a one-element array
         out["audience"] = _string_items(audience, "restriction audience")
     return out
 
@@ -613,9 +628,10 @@ class MytokenClient:
         self, data: Mapping[str, Any], url: str, *, secrets: Sequence[str]
     ) -> AccessTokenResponse:
         action = "access token request"
+        rotated = data.get("token_update") is not None
 
         def bad(what: str) -> ProtocolError:
-            return ProtocolError(f"{action} failed at {url}: {what}", status=200, url=url)
+            return _malformed(f"{action} failed at {url}: {what}", url, rotated=rotated)
 
         access_token = data.get("access_token")
         if not isinstance(access_token, str) or not access_token.strip():
@@ -669,8 +685,10 @@ class MytokenClient:
         what: str,
         depth: int = 0,
     ) -> MytokenResponse:
+        rotated = what == "token_update" or data.get("token_update") is not None
+
         def bad(problem: str) -> ProtocolError:
-            return ProtocolError(f"{action} failed at {url}: {what} {problem}", status=200, url=url)
+            return _malformed(f"{action} failed at {url}: {what} {problem}", url, rotated=rotated)
 
         mytoken = data.get("mytoken")
         transfer_code = data.get("transfer_code")

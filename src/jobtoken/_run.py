@@ -40,6 +40,7 @@ __all__ = [
     "ensure_token",
     "first_token",
     "payload_environment",
+    "revoke_job",
     "run_job",
     "run_sidecar",
     "setup_tokendir",
@@ -390,3 +391,24 @@ def ensure_token(tokendir: TokenDir, spec: JobSpec, *, min_valid_s: float) -> Di
             "asked for"
         )
     return report
+
+
+def revoke_job(tokendir: TokenDir) -> bool:
+    """Revoke the directory's job mytoken at the server and delete the token files.
+
+    Raises:
+        JobtokenError: the server could not be reached or refused; files stay.
+    """
+    spec = tokendir.read_spec()
+    if not spec.mytoken_owned:
+        raise ConfigError(
+            f"{tokendir.path} holds no job mytoken of its own ({spec.mytoken_path} is not one); "
+            "refusing to revoke it"
+        )
+    report = run_renewal_child(tokendir, "--revoke", timeout_s=2 * spec.timeout_s + 15)
+    if not report.get("ok"):
+        raise error_from_report(report)
+    from ._tokenfile import remove_secret_file
+
+    remove_secret_file(tokendir.bearer_token)
+    return bool(report.get("revoked"))

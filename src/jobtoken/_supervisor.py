@@ -100,6 +100,9 @@ _CORE_SIGNALS = frozenset(
 #: (wall clock, ``clock.now()``) has come; ``None`` means "no timed wake-up needed".
 Tick = Callable[[], Optional[float]]
 
+#: Cannot be caught (KILL, STOP) or is the supervisor's own business (CHLD).
+_UNFORWARDABLE = frozenset({signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD})
+
 _WAKE_BYTE = b"\0"  # not a signal number; written by stop_payload to wake the loop
 
 
@@ -183,7 +186,7 @@ class Supervisor:
         clock: the wall and monotonic clocks (tests may inject one).
 
     Raises:
-        UsageError: ``argv`` is empty.
+        UsageError: ``argv`` is empty, or a signal to forward cannot be caught.
     """
 
     def __init__(
@@ -202,6 +205,9 @@ class Supervisor:
         self._env = None if env is None else dict(env)
         self._cwd = cwd
         self._forward_signals = tuple(dict.fromkeys(int(s) for s in forward_signals))
+        for signum in self._forward_signals:
+            if signum in _UNFORWARDABLE or signum not in signal.valid_signals():
+                raise UsageError(f"cannot forward signal {_signame(signum)}: it cannot be caught")
         self._tick = tick
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._proc: Optional[subprocess.Popen[bytes]] = None
@@ -257,6 +263,18 @@ class Supervisor:
                 logger.error(
                     "supervisor stopped early; payload left running pid=%d", self._proc.pid
                 )
+
+    def send_signal(self, sig: int) -> bool:
+        """Send ``sig`` to the payload now, e.g. to warn it that its token runs out.
+
+        Returns:
+            Whether the payload was still there to receive it.
+        """
+        proc = self._proc
+        if proc is None:
+            return False
+        logger.info("signalling payload pid=%d signal=%s", proc.pid, _signame(sig))
+        return self._send(proc, sig)
 
     def stop_payload(self, sig: int = signal.SIGTERM, grace_s: Optional[float] = 30.0) -> None:
         """Ask the payload to stop: send ``sig`` now, KILL after ``grace_s`` (never if None).

@@ -336,6 +336,58 @@ def _cmd_ensure(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from ._prepare import JobInfo, prepare_job
+
+    cfg = _job_config(args)
+    if args.parent_mytoken_file:
+        from dataclasses import replace
+
+        cfg = replace(cfg, site=replace(cfg.site, parent_mytoken_file=args.parent_mytoken_file))
+    job = JobInfo(
+        job_id=args.job_id or _default_job_id(),
+        walltime_s=args.walltime,
+        owner=args.owner,
+        vo=args.vo,
+        scopes=tuple(_split(args.job_scope) or ()),
+        audiences=tuple(_split(args.job_audience) or ()),
+    )
+    prepared = prepare_job(cfg, job, directory=args.dir)
+    env = prepared.environment()
+    data = dict(
+        env,
+        job_id=job.job_id,
+        mom_id=prepared.mom_id,
+        expires_at=prepared.token.expires_at,
+        scopes=list(prepared.token.scopes),
+    )
+    if args.json:
+        sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    else:
+        import shlex
+
+        for key, value in env.items():
+            sys.stdout.write(f"export {key}={shlex.quote(value)}\n")
+    return ExitCode.OK
+
+
+def _default_job_id() -> str:
+    import os
+
+    from ._run import default_job_id
+
+    return default_job_id(os.environ)
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    from ._run import revoke_job
+    from ._tokendir import TokenDir
+
+    revoked = revoke_job(TokenDir.existing(args.dir))
+    sys.stdout.write(("job mytoken revoked" if revoked else "nothing to revoke") + "\n")
+    return ExitCode.OK
+
+
 def _job_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("job")
     g.add_argument("--dir", metavar="DIR",
@@ -468,6 +520,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-valid", type=float, required=True, metavar="S")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_ensure)
+
+    p = sub.add_parser(
+        "prepare",
+        help="mint a job's own restricted mytoken and first access token (pre-job hook)",
+        description="From the parent mytoken, mint a sub-mytoken for one job (capability AT, "
+        "the job's scopes and audience, expiring with the job's wall time, a usages_AT "
+        "budget), fetch the first access token, and lay out the private token directory. "
+        "Prints the variables the payload needs (never a token).",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(p)
+    _server_options(p)
+    _token_options(p)
+    p.add_argument("--dir", required=True, metavar="DIR", help="the job's token directory")
+    p.add_argument("--parent-mytoken-file", metavar="FILE",
+                   help="the site's or VO's parent mytoken (site.parent_mytoken_file)")
+    p.add_argument("--job-id", metavar="ID", help="job identity (scope templates, logs)")
+    p.add_argument("--walltime", type=float, metavar="S", help="the job's wall time limit")
+    p.add_argument("--owner", metavar="USER", help="the job's owner (scope templates)")
+    p.add_argument("--vo", metavar="VO", help="the job's VO (scope templates)")
+    p.add_argument("--job-scope", action="append", metavar="SCOPE",
+                   help="narrower scope the job asks for (must be within site.allowed_scopes)")
+    p.add_argument("--job-audience", action="append", metavar="AUD",
+                   help="audience the job asks for (must be in site.allowed_audiences)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of export lines")
+    p.set_defaults(func=_cmd_prepare, token_dir_base=None, on_failure=None, warn_signal=None,
+                   warn_before=None, margin=None, metrics_dir=None, log_json=False)
+
+    p = sub.add_parser(
+        "revoke",
+        help="revoke a job's mytoken (and its children) and delete its token files",
+        description="Revoke the job mytoken that 'jobtoken prepare' minted into DIR.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(p)
+    p.add_argument("dir", metavar="DIR", help="the job's token directory")
+    p.set_defaults(func=_cmd_revoke)
 
     for name, register in _EXTRA_COMMANDS:
         register(sub, name)

@@ -2,8 +2,9 @@
 
 ``XrootdServer`` starts the distribution's ``xrootd`` with XrdHttp and the SciTokens
 authorization plugin, trusting exactly one token issuer, on a free port of 127.0.0.1 with a
-certificate from a throwaway CA. It runs unprivileged (``-R``), with an empty scitokens key
-cache per run and a log file the tests can read.
+certificate from a throwaway CA. It runs as the unprivileged ``xrootd`` user (all uids
+dropped with ``setpriv``; ``-R`` would keep a saved uid 0), with an empty scitokens key cache
+per run and a log file the tests can read. It dies with the process that started it.
 
 How it stays on loopback: xrootd 5.5 binds the wildcard address and has no listen-address
 directive, so ``_bindshim.c`` is compiled at start into the run directory and preloaded; it
@@ -74,6 +75,7 @@ class XrootdConfig:
         startup_timeout_s: how long to wait for the port and the HTTPS probe.
         port: fixed port on 127.0.0.1, or 0 to pick a free one at start (retried when another
             process takes it first).
+        extra_env: added to xrootd's environment (e.g. ``XrdSecDEBUG=1`` when debugging).
     """
 
     issuer_url: str

@@ -19,9 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from . import _xrootd
 from ._clients import StorageClients
 from ._pki import TestCA
-from . import _xrootd
 from ._xrootd import XrootdConfig, XrootdError, XrootdServer, remove_stale_rundirs
 from .conftest import require_software
 
