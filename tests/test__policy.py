@@ -455,3 +455,27 @@ def test_escalation_table(now, next_at, permanent, failing, expected):
 def test_exit_status_mapping(returncode, split, code):
     assert wait_status_to_exit(returncode) == split
     assert exit_code_from_returncode(returncode) == code
+
+
+_LEVEL = {Escalation.NONE: 0, Escalation.WARN: 1, Escalation.CREDENTIAL_LOST: 2}
+
+
+@given(
+    st.floats(min_value=-2 * HOUR, max_value=2 * HOUR),
+    st.floats(min_value=0.0, max_value=HOUR),
+    st.one_of(st.none(), st.floats(min_value=-HOUR, max_value=2 * HOUR)),
+    st.floats(min_value=0.0, max_value=HOUR),
+    st.booleans(),
+)
+def test_escalation_properties(offset, later_by, next_offset, warn_before, permanent):
+    now = EXP - offset
+    next_at = None if next_offset is None else EXP - next_offset
+    level = escalation(now, EXP, next_at, warn_before, permanent=permanent)
+    assert escalation(now, EXP, next_at, warn_before, permanent=permanent, failing=False) is (
+        Escalation.NONE
+    )
+    if permanent or now >= EXP:
+        assert level is Escalation.CREDENTIAL_LOST  # never silently past exp
+    # waiting longer never calms things down
+    later = escalation(now + later_by, EXP, next_at, warn_before, permanent=permanent)
+    assert _LEVEL[later] >= _LEVEL[level]

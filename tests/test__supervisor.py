@@ -14,6 +14,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -138,16 +139,27 @@ def test_death_by_signal_is_reraised_on_the_wrapper(sig):
     assert done.returncode == -sig, done.stderr
 
 
-def test_payload_death_by_core_signal_leaves_no_core_of_ours(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGQUIT, signal.SIGABRT, signal.SIGSEGV])
+def test_payload_death_by_core_signal_leaves_no_core_of_ours(tmp_path, sig):
+    """Re-raising a core-dumping signal must not drop a core of the wrapper next to the job's."""
     done = subprocess.run(
-        [sys.executable, SUPERVISE, "--", sys.executable, EXIT_WITH, "signal", "3"],
+        [
+            sys.executable,
+            SUPERVISE,
+            "--allow-core",
+            "--",
+            sys.executable,
+            EXIT_WITH,
+            "signal",
+            str(int(sig)),
+        ],
         capture_output=True,
         timeout=TIMEOUT_S,
         start_new_session=True,
         cwd=tmp_path,
     )
-    assert done.returncode == -signal.SIGQUIT
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("core")]
+    assert done.returncode == -sig, done.stderr
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("core")]
 
 
 def test_stdout_passes_through_untouched():
@@ -293,7 +305,30 @@ def test_waiting_wrapper_stays_small(driver):
 # --- in-process: tick, stop, result -------------------------------------------------------
 
 
-def test_tick_is_called_at_the_requested_times_in_order():
+@pytest.fixture
+def watchdog():
+    """Bound an in-process ``run()``: KILL the payload if it is still there after TIMEOUT_S."""
+    done = threading.Event()
+    fired: list[int] = []
+    watched: list[Supervisor] = []
+
+    def watch() -> None:
+        if done.wait(TIMEOUT_S):
+            return
+        for supervisor in watched:
+            if supervisor.pid is not None:
+                fired.append(supervisor.pid)
+                os.kill(supervisor.pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    yield watched.append
+    done.set()
+    thread.join(timeout=TIMEOUT_S)
+    assert not fired, "payload had to be killed by the test watchdog"
+
+
+def test_tick_is_called_at_the_requested_times_in_order(watchdog):
     calls: list[tuple[float, Optional[float]]] = []  # (called at, asked for next)
     supervisor: Optional[Supervisor] = None
 
@@ -308,6 +343,7 @@ def test_tick_is_called_at_the_requested_times_in_order():
         return now + 0.02
 
     supervisor = Supervisor([sys.executable, "-c", "import signal; signal.pause()"], tick=tick)
+    watchdog(supervisor)
     result = supervisor.run()
     assert len(calls) == 5  # called right after the start, then when asked; none after None
     times = [at for at, _ in calls]
@@ -318,7 +354,7 @@ def test_tick_is_called_at_the_requested_times_in_order():
     assert result.signal == signal.SIGTERM
 
 
-def test_stop_payload_kills_after_the_grace_period(tmp_path):
+def test_stop_payload_kills_after_the_grace_period(tmp_path, watchdog):
     supervisor: Optional[Supervisor] = None
     ready = tmp_path / "ready"
     give_up_at = time.monotonic() + TIMEOUT_S
@@ -336,13 +372,14 @@ def test_stop_payload_kills_after_the_grace_period(tmp_path):
         [sys.executable, PRINT_SIGNALS, "--no-stdin", "--ready-file", str(ready)], tick=tick
     )
     start = time.monotonic()
+    watchdog(supervisor)
     result = supervisor.run()
     assert result.signal == signal.SIGKILL
     assert result.killed and result.stop_requested
     assert time.monotonic() - start >= 0.2
 
 
-def test_stop_payload_needs_no_kill_when_payload_obeys():
+def test_stop_payload_needs_no_kill_when_payload_obeys(watchdog):
     supervisor: Optional[Supervisor] = None
 
     def tick() -> Optional[float]:
@@ -351,13 +388,14 @@ def test_stop_payload_needs_no_kill_when_payload_obeys():
         return None
 
     supervisor = Supervisor([sys.executable, "-c", "import signal; signal.pause()"], tick=tick)
+    watchdog(supervisor)
     result = supervisor.run()
     assert result.signal == signal.SIGTERM
     assert result.stop_requested and not result.killed
     assert result.exit_code == 128 + signal.SIGTERM
 
 
-def test_send_signal_warns_the_payload_without_stopping_it(tmp_path):
+def test_send_signal_warns_the_payload_without_stopping_it(tmp_path, watchdog):
     ready = tmp_path / "ready"
     waiter = (
         "import signal, sys\n"
@@ -379,11 +417,102 @@ def test_send_signal_warns_the_payload_without_stopping_it(tmp_path):
         return None
 
     supervisor = Supervisor([sys.executable, "-c", waiter, str(ready)], tick=tick)
+    watchdog(supervisor)
     result = supervisor.run()
     assert sent == [True]
     assert result.exit_status == 42  # the payload got the warning and decided itself
     assert not result.stop_requested
     assert supervisor.send_signal(signal.SIGUSR1) is False  # gone: nothing is signalled
+
+
+def _wait_for_file(path: Path, timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    pause = threading.Event()
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        pause.wait(0.005)
+
+
+def test_signal_arriving_during_a_tick_is_forwarded_after_it(tmp_path, watchdog):
+    ready = tmp_path / "ready"
+    waiter = (
+        "import signal, sys\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})\n"
+        "open(sys.argv[1], 'w').close()\n"
+        "signal.sigwait({signal.SIGUSR2})\n"
+        "sys.exit(43)\n"
+    )
+    seen_pid: list[Optional[int]] = []
+    supervisor: Optional[Supervisor] = None
+
+    def tick() -> Optional[float]:
+        assert supervisor is not None
+        seen_pid.append(supervisor.pid)
+        _wait_for_file(ready)
+        os.kill(os.getpid(), signal.SIGUSR2)  # "the batch system" signals the wrapper
+        return None
+
+    supervisor = Supervisor([sys.executable, "-c", waiter, str(ready)], tick=tick)
+    watchdog(supervisor)
+    result = supervisor.run()
+    assert result.exit_status == 43
+    assert result.forwarded == (signal.SIGUSR2,)
+    assert seen_pid == [result.pid]
+
+
+def test_stop_payload_from_another_thread_wakes_the_loop(tmp_path, watchdog):
+    """No tick: the loop sleeps without timeout; the stop must still get its KILL on time."""
+    ready = tmp_path / "ready"
+    supervisor = Supervisor(
+        [sys.executable, PRINT_SIGNALS, "--no-stdin", "--ready-file", str(ready)]
+    )
+
+    def stopper() -> None:
+        _wait_for_file(ready)
+        supervisor.stop_payload(signal.SIGTERM, grace_s=0.1)  # print_signals shrugs TERM off
+
+    thread = threading.Thread(target=stopper, daemon=True)
+    thread.start()
+    watchdog(supervisor)
+    result = supervisor.run()
+    thread.join(timeout=TIMEOUT_S)
+    assert result.signal == signal.SIGKILL and result.killed
+
+
+def test_run_outside_the_main_thread_is_refused():
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            run_payload([sys.executable, EXIT_WITH, "code", "0"])
+        except BaseException as exc:  # noqa: B036 - collected for the assertion
+            errors.append(exc)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join(timeout=TIMEOUT_S)
+    assert len(errors) == 1 and isinstance(errors[0], JobtokenError)
+
+
+def test_children_of_the_tick_do_not_confuse_the_wait(watchdog):
+    """A renewal run in a short-lived child process (SIGCHLD of its own) is not the payload."""
+    helper_codes: list[int] = []
+    supervisor: Optional[Supervisor] = None
+
+    def tick() -> Optional[float]:
+        assert supervisor is not None
+        done = subprocess.run([sys.executable, "-c", "raise SystemExit(3)"], timeout=TIMEOUT_S)
+        helper_codes.append(done.returncode)
+        if len(helper_codes) == 3:
+            supervisor.stop_payload(signal.SIGTERM, grace_s=TIMEOUT_S)
+            return None
+        return time.time() + 0.01
+
+    supervisor = Supervisor([sys.executable, "-c", "import signal; signal.pause()"], tick=tick)
+    watchdog(supervisor)
+    result = supervisor.run()
+    assert helper_codes == [3, 3, 3]
+    assert result.signal == signal.SIGTERM and not result.killed
 
 
 def test_failing_tick_does_not_lose_the_payload():

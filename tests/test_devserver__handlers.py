@@ -535,3 +535,40 @@ def test_404_and_405_shapes(client: httpx.Client):
     assert r.status_code == 405
     assert r.json()["error"] == "Method Not Allowed"
     assert r.headers["allow"] == "POST"
+
+
+def test_expires_in_is_present_and_matches_at_exp(srv: DevServer, client: httpx.Client):
+    """Fact 19: ``expires_in`` comes from the OP; here it always matches the AT's exp."""
+    body = access_token_request(client, srv.issue_mytoken()).json()
+    claims = decode_unverified(body["access_token"])
+    assert body["expires_in"] == claims["exp"] - claims["iat"] == 1200
+
+
+def test_op_refusal_is_oidc_error(srv: DevServer, client: httpx.Client):
+    """Fact 8: OP-side failures are ``oidc_error`` with the OP's status, description prefixed."""
+    mt = srv.issue_mytoken(restrictions=[{"audience": [SE]}])
+    r = access_token_request(client, mt, scope="compute.create", audience=SE)
+    assert r.status_code == 400
+    assert r.json()["error"] == "oidc_error"
+    assert r.json()["error_description"].startswith("invalid_scope: ")
+
+
+def test_parallel_use_of_rotating_mytoken_lets_exactly_one_win(srv, client):
+    """Fact 2 / design note: two workers sharing one rotating MT cannot both succeed."""
+    import threading
+
+    mt = srv.issue_mytoken(rotation={"on_AT": True})
+    barrier = threading.Barrier(4, timeout=10)
+    statuses: list = []
+
+    def use() -> None:
+        with client_for(srv) as own:
+            barrier.wait()
+            statuses.append(access_token_request(own, mt).status_code)
+
+    threads = [threading.Thread(target=use) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert sorted(statuses) == [200, 401, 401, 401]

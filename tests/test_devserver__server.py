@@ -171,3 +171,24 @@ def test_issue_mytoken_rejects_bad_input() -> None:
             srv.issue_mytoken(restrictions=[{"scope": ["a"]}])
         with pytest.raises(UsageError):
             srv.issue_mytoken(response_type="transfer_code")
+
+
+def test_handler_bug_answers_500_and_keeps_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    with running_devserver() as srv, client_for(srv) as c:
+        api = srv._require_api()
+
+        def broken(req, fault):
+            raise RuntimeError("boom")
+
+        monkeypatch.setitem(api.routes, "/jwks", ("jwks", {"GET": broken}))
+        r = c.get("/jwks")
+        assert r.status_code == 500 and r.json()["error"] == "internal_server_error"
+        assert c.get("/op/jwks").status_code == 200
+
+
+def test_fresh_keys_give_distinct_op_keys() -> None:
+    with running_devserver() as a, running_devserver(fresh_keys=True) as b:
+        with client_for(a) as ca, client_for(b) as cb:
+            kid_a = ca.get("/op/jwks").json()["keys"][0]["kid"]
+            kid_b = cb.get("/op/jwks").json()["keys"][0]["kid"]
+    assert kid_a != kid_b

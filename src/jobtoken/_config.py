@@ -115,6 +115,7 @@ _ENV: Dict[str, Tuple[str, str]] = {
     "JOBTOKEN_PARENT_MYTOKEN_FILE": ("site", "parent_mytoken_file"),
     "JOBTOKEN_VO": ("site", "vo"),
     "JOBTOKEN_TOKEN_DIR_BASE": ("site", "token_dir_base"),
+    "JOBTOKEN_EXPECTED_AT_LIFETIME": ("site", "expected_at_lifetime_s"),
     "JOBTOKEN_ON_FAILURE": ("renewal", "on_failure"),
     "JOBTOKEN_METRICS_DIR": ("renewal", "metrics_dir"),
 }

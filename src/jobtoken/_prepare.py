@@ -275,6 +275,14 @@ def prepare_job(
             remove_secret_file(tokendir.mytoken)
             raise
     write_secret_file(tokendir.bearer_token, token.raw)
+    if token.issued_at is not None:
+        needed = policy.usages_budget(walltime, token.expires_at - token.issued_at, settings)
+        if needed > usages:
+            logger.warning(
+                "job mytoken's usages_AT budget (%d) is too small for %.0f s tokens over %.0f s "
+                "(needs %d): set site.expected_at_lifetime_s to the issuer's token lifetime",
+                usages, token.expires_at - token.issued_at, walltime, needed,
+            )
     return PreparedJob(tokendir, spec, token, minted.mom_id)
 
 

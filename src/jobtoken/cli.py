@@ -340,10 +340,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from ._prepare import JobInfo, prepare_job
 
     cfg = _job_config(args)
-    if args.parent_mytoken_file:
-        from dataclasses import replace
+    from ._config import _apply
 
-        cfg = replace(cfg, site=replace(cfg.site, parent_mytoken_file=args.parent_mytoken_file))
+    cfg = _apply(cfg, "site", {k: v for k, v in {
+        "parent_mytoken_file": args.parent_mytoken_file,
+        "expected_at_lifetime_s": args.expected_at_lifetime,
+    }.items() if v is not None}, "command line")
     job = JobInfo(
         job_id=args.job_id or _default_job_id(),
         walltime_s=args.walltime,
@@ -539,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the site's or VO's parent mytoken (site.parent_mytoken_file)")
     p.add_argument("--job-id", metavar="ID", help="job identity (scope templates, logs)")
     p.add_argument("--walltime", type=float, metavar="S", help="the job's wall time limit")
+    p.add_argument("--expected-at-lifetime", type=float, metavar="S",
+                   help="access-token lifetime to size the job mytoken's usages_AT budget "
+                   "(site.expected_at_lifetime_s, 1200)")
     p.add_argument("--owner", metavar="USER", help="the job's owner (scope templates)")
     p.add_argument("--vo", metavar="VO", help="the job's VO (scope templates)")
     p.add_argument("--job-scope", action="append", metavar="SCOPE",
@@ -589,6 +594,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     verbose = 0
     try:
+        if args_list[:1] == ["devserver"]:
+            from .devserver._cli import main as devserver_main
+
+            return int(devserver_main(args_list[1:]))
         parser = build_parser()
         if not args_list:
             parser.print_help(sys.stderr)

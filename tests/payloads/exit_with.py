@@ -1,7 +1,7 @@
 """Test payload: end in a chosen way.
 
 ``exit_with.py code N``        exit with status N
-``exit_with.py signal N``      die by signal N (handler reset to default first)
+``exit_with.py signal N``      die by signal N (handler reset to default first, no core)
 ``exit_with.py echo TEXT...``  print TEXT on stdout and exit 0
 ``exit_with.py ignored``       print which signals were ignored at start, exit 0
 ``exit_with.py wait``          print ``ready pid=N pgrp=M``, then wait with default handlers
@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sys
 
@@ -21,6 +22,7 @@ def main(argv: list[str]) -> int:
     if mode == "signal":
         signum = int(args[0])
         sys.stdout.flush()
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
         if signum not in (signal.SIGKILL, signal.SIGSTOP):
             signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)

@@ -1,10 +1,12 @@
-"""Test driver: ``supervise.py [--ignore SIG]... [-v] -- CMD ARGS`` runs CMD under jobtoken's
-supervisor and ends exactly like it (``exit_like``), the way ``jobtoken run`` does.
+"""Test driver: ``supervise.py [--ignore SIG]... [--allow-core] [-v] -- CMD ARGS`` runs CMD
+under jobtoken's supervisor and ends exactly like it (``exit_like``), the way ``jobtoken run``
+does. ``--allow-core`` raises the core-size limit so that a core dump of ours would show.
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import sys
 
@@ -17,6 +19,9 @@ def main(argv: list[str]) -> int:
     options, payload = argv[:split], argv[split + 1 :]
     if "-v" in options:
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+    if "--allow-core" in options:
+        _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+        resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
     for i, option in enumerate(options):
         if option == "--ignore":
             signal.signal(getattr(signal, options[i + 1]), signal.SIG_IGN)

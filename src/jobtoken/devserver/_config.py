@@ -64,6 +64,9 @@ class DevServerConfig:
     short_token_len: int = 64
     version: str = "0.10.2+jobtoken-devserver"
     extra_san: Tuple[str, ...] = field(default=())
+    #: RSA keys are shared per process to keep start-up fast; True forces new ones (e.g. to
+    #: test that a token from another server's key is rejected).
+    fresh_keys: bool = False
 
     def __post_init__(self) -> None:
         # Normalise list inputs so callers may pass lists; the value stays hashable.

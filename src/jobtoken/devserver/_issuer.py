@@ -11,7 +11,7 @@ import secrets
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jwt
 
@@ -154,11 +154,3 @@ class AccessTokenIssuer:
                 "client_id",
             ],
         }
-
-
-def audiences_list(value: Any) -> List[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, str)]
-    return []

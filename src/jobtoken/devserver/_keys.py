@@ -77,10 +77,14 @@ class SigningKey:
         )
 
 
-def new_signing_key(alg: str, purpose: str) -> SigningKey:
-    """A key for ``alg``; RSA keys are reused per process and purpose (slow to make)."""
+def new_signing_key(alg: str, purpose: str, *, fresh: bool = False) -> SigningKey:
+    """A key for ``alg``; RSA keys are reused per process and purpose unless ``fresh``."""
     if alg.startswith("RS"):
-        private_key: Any = _rsa_private_key(purpose)
+        private_key: Any = (
+            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            if fresh
+            else _rsa_private_key(purpose)
+        )
     else:
         private_key = ec.generate_private_key(_CURVES[alg]())
     der = private_key.public_key().public_bytes(

@@ -13,7 +13,7 @@ import fnmatch
 import ipaddress
 import json
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = [
     "Restriction",
@@ -363,11 +363,3 @@ def tighten_capabilities(
     if requested is None:
         return tuple(parent)
     return tuple(c for c in requested if has_capability(parent, c))
-
-
-def restrictions_json(entries: Sequence[Restriction]) -> List[Dict[str, Any]]:
-    return [e.to_json() for e in entries]
-
-
-def from_json_entries(raw: Sequence[Mapping[str, Any]]) -> Tuple[Restriction, ...]:
-    return parse_restrictions(list(raw))

@@ -57,6 +57,10 @@ class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints tracebacks to stderr; the library never prints.
+        logger.debug("connection error client=%s", client_address[0], exc_info=True)
+
     def __init__(
         self,
         address: Tuple[str, int],
@@ -98,9 +102,12 @@ class _RequestHandler(BaseHTTPRequestHandler):
         logger.debug("http %s", format % args)
 
     def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self._write(Response(413, b"Request Entity Too Large"))
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > MAX_BODY:
+            self._write(Response(413 if length > 0 else 400, b"bad Content-Length"))
             return
         body = self.rfile.read(length) if length > 0 else b""
         split = urlsplit(self.path)
@@ -157,8 +164,8 @@ class DevServer:
             if self.config.rate_limit
             else None
         )
-        self._mt_key = new_signing_key(self.config.mt_alg, "mytoken")
-        self._op_key = new_signing_key(self.config.at_alg, "op")
+        self._mt_key = new_signing_key(self.config.mt_alg, "mytoken", fresh=self.config.fresh_keys)
+        self._op_key = new_signing_key(self.config.at_alg, "op", fresh=self.config.fresh_keys)
         self._log: List[RequestRecord] = []
         self._log_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -181,6 +188,7 @@ class DevServer:
         """
         if self._httpd is not None:
             raise UsageError("devserver already started")
+        self._stopping.clear()
         host = self.config.host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         if self.config.tls_dir:
@@ -348,6 +356,16 @@ class DevServer:
         with self._log_lock:
             self._log.append(rec)
 
+    @staticmethod
+    def _call(
+        api: MytokenApi, fn: Any, req: Request, endpoint: str, token_fault: Optional[str]
+    ) -> Response:
+        try:
+            return api.call(fn, req, token_fault)
+        except Exception:  # a dev server bug: answer 500 and log it loudly, keep serving
+            logger.exception("devserver handler failed endpoint=%s", endpoint)
+            return json_response(500, error_body("internal_server_error", "dev server bug"))
+
     def _dispatch(self, req: Request, handler: _RequestHandler) -> None:
         api = self._require_api()
         endpoint, fn, early = api.route(req.method, req.path)
@@ -381,14 +399,14 @@ class DevServer:
             self._stopping.wait(fault.delay_s)
         if fault is not None and fault.replaces_response:
             if fault.process:
-                api.call(fn, req, fault.token)
+                self._call(api, fn, req, endpoint, fault.token)
             if fault.drop:
                 self._record(req, endpoint, 0, fault)
                 handler._drop()
                 return
             resp = _fault_response(fault)
         else:
-            resp = api.call(fn, req, fault.token if fault else None)
+            resp = self._call(api, fn, req, endpoint, fault.token if fault else None)
         self._record(req, endpoint, resp.status, fault)
         handler._write(resp, rate_headers)
 
