@@ -112,9 +112,8 @@ def test_disk_full_keeps_old_file_and_leaves_no_temp(tmp_path: Path, mocker) -> 
 
 def test_permission_denied_is_a_clear_error(tmp_path: Path, mocker) -> None:
     # root ignores directory modes, so simulate what a read-only sandbox returns
-    mocker.patch(
-        "jobtoken._tokenfile.os.open", side_effect=PermissionError(errno.EACCES, "Permission denied")
-    )
+    denied = PermissionError(errno.EACCES, "Permission denied")
+    mocker.patch("jobtoken._tokenfile.os.open", side_effect=denied)
     with pytest.raises(TokenFileError, match="cannot write .*Permission denied"):
         write_secret_file(tmp_path / "bt", "tok")
 

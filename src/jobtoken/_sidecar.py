@@ -236,7 +236,11 @@ class Sidecar:
         st.consecutive_failures += 1
         st.failures_total += 1
         st.last_error = str(report.get("error"))
-        permanent = not report.get("retryable")
+        # a refused token or a full disk may pass; a refused mytoken or bad config will not
+        permanent = not report.get("retryable") and report.get("error_type") not in (
+            "TokenCheckError",
+            "TokenFileError",
+        )
         st.last_error_permanent = permanent
         if permanent or st.expires_at is None:
             st.next_attempt_at = None if permanent else now + self.settings.min_backoff_s

@@ -630,3 +630,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         return ExitCode.ERROR
 
+
+
+from .integrations import register_commands as _reg; _EXTRA_COMMANDS.extend(_reg())  # noqa: E402, E702, I001

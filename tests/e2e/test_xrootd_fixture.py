@@ -187,10 +187,36 @@ def test_killed_test_process_takes_xrootd_with_it(tmp_path: Path) -> None:
         assert child.stdin is not None and child.stdout is not None
         child.stdin.close()
         child.stdout.close()
+    # nobody ran stop(): the next start removes the directory (possibly another concurrent
+    # test run's start already did)
     rundir = Path(rundir_text)
-    assert rundir.exists()  # nobody ran stop(): the next start cleans up
-    assert rundir in remove_stale_rundirs(rundir.parent)
+    remove_stale_rundirs(rundir.parent)
     assert not rundir.exists()
+
+
+def test_stale_rundirs_of_dead_owners_are_removed_others_kept(tmp_path: Path) -> None:
+    dead_pid = _reaped_pid()
+    dead = tmp_path / "jobtoken-xrootd-dead"
+    alive = tmp_path / "jobtoken-xrootd-alive"
+    unowned = tmp_path / "jobtoken-xrootd-starting"
+    unrelated = tmp_path / "something-else"
+    for directory in (dead, alive, unowned, unrelated):
+        directory.mkdir()
+    (dead / "owner.pid").write_text(f"{dead_pid}\n")
+    (alive / "owner.pid").write_text(f"{os.getpid()}\n")
+    (unrelated / "owner.pid").write_text(f"{dead_pid}\n")
+
+    assert remove_stale_rundirs(tmp_path) == [dead]
+    assert not dead.exists()
+    assert alive.exists() and unowned.exists() and unrelated.exists()
+
+
+def _reaped_pid() -> int:
+    """The pid of a child that has exited and been reaped (so no process has it now)."""
+    child = subprocess.Popen(["true"])
+    child.wait(timeout=10)
+    assert not psutil.pid_exists(child.pid)
+    return child.pid
 
 
 def _unused_issuer(tmp_path: Path, **overrides: object) -> XrootdConfig:

@@ -1,0 +1,108 @@
+"""End of a job for the batch adapters: stop the sidecar, revoke the job mytoken, delete files.
+
+HTCondor's ``JOB_EXIT`` hook and ARC's stage 2 both end a job this way, each inside a
+time limit (HTCondor waits 30 s). The revocation runs as ``jobtoken revoke`` in its own
+process group so the whole attempt can be killed at the deadline.
+
+Must NOT: raise (cleanup is best effort and the batch system ignores our status), or
+touch a directory that holds no ``job.json`` (it is not a jobtoken token directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .._tokendir import TokenDir
+
+__all__ = ["revoke_and_clean", "stop_sidecar"]
+
+logger = logging.getLogger(__name__)
+
+
+def _sidecar_pid(tokendir: TokenDir) -> Optional[int]:
+    try:
+        text = tokendir.lock_file.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def stop_sidecar(tokendir: TokenDir, *, timeout_s: float = 20.0) -> bool:
+    """Ask the directory's sidecar to finish (TERM) and wait for it; True when none is left."""
+    from .._run import sidecar_alive
+
+    if not sidecar_alive(tokendir):
+        return True
+    pid = _sidecar_pid(tokendir)
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not sidecar_alive(tokendir):
+            return True
+        time.sleep(0.1)
+    logger.warning("sidecar did not stop pid=%d within_s=%.0f", pid, timeout_s)
+    return False
+
+
+def revoke_and_clean(
+    directory: Path,
+    *,
+    timeout_s: float = 25.0,
+    jobtoken_argv: Optional[List[str]] = None,
+    remove_dir: bool = False,
+) -> bool:
+    """Revoke the job mytoken (if still there) and delete the token files.
+
+    Returns:
+        True when the job mytoken is revoked or was already gone.
+    """
+    if not (directory / "job.json").is_file():
+        return True
+    revoked = True
+    if (directory / "mytoken").exists():
+        argv = (jobtoken_argv or [sys.executable, "-m", "jobtoken"]) + ["revoke", str(directory)]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+        try:
+            _out, err = proc.communicate(timeout=timeout_s)
+            revoked = proc.returncode == 0
+            if not revoked:
+                logger.warning("revocation failed rc=%d error=%s", proc.returncode,
+                               " ".join(err.decode("utf-8", "replace").split())[:200])
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
+            revoked = False
+            logger.warning("revocation timed out after_s=%.0f", timeout_s)
+    names = ["bt", "mytoken", "parent.mytoken"]
+    if remove_dir:
+        names += ["job.json", "state.json", "sidecar.lock", "sidecar.log", "renew.lock"]
+    for name in names:
+        try:
+            os.unlink(directory / name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("cannot remove %s: %s", directory / name, exc.strerror)
+    if remove_dir:
+        try:
+            os.rmdir(directory)
+        except OSError as exc:
+            logger.warning("cannot remove %s: %s", directory, exc.strerror)
+    return revoked
+

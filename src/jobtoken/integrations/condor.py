@@ -1,0 +1,583 @@
+"""HTCondor: the execute point's hooks, Chirp status, and the access point's submit include.
+
+Each entry point turns one HTCondor contract into one library call:
+
+* ``PREPARE_JOB`` hook (``run_prepare_hook``): job ad on stdin → ``prepare_job`` →
+  a ClassAd on stdout that adds ``BEARER_TOKEN_FILE``/``JOBTOKEN_DIR`` to the job's
+  *whole* environment (the starter replaces ``Environment``, it does not merge).
+  Transient failures requeue (``HookStatusCode`` 3xx), permanent ones hold (1-299).
+  The hook has no timeout of its own in HTCondor, so ours bounds every call and the
+  whole run; and it starts no process, because the starter kills the hook's family.
+* ``JOB_EXIT`` hook (``run_exit_hook``): revoke the job mytoken, delete the token files,
+  within HTCondor's 30 s.
+* ``UPDATE_JOB_INFO`` hook / Chirp (``publish_chirp``): the sidecar's state as delayed
+  ``Chirp*`` job attributes (no ``want_io_proxy`` needed). Best effort.
+* ``include command : jobtoken condor submit`` (``submit_commands``): submit-language
+  lines that ship the per-submission mytoken with the job, encrypted.
+
+Status codes (``hook_status_code``): hold subcode = jobtoken's exit code (65-78, 1);
+requeue = 300 + exit code (375 server unavailable, 376 protocol error).
+
+Must NOT: import htcondor at module level (``classad2``/``htcondor2`` are imported inside
+the functions that need them), hold a policy of its own (scopes, lifetimes and
+budgets come from ``_prepare``), or write a token anywhere but the token directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+
+from .._config import Config
+from .._errors import (
+    ConfigError,
+    ExitCode,
+    JobtokenError,
+    ServerUnavailableError,
+    exit_code_for,
+)
+from .._mytokenfile import check_mytoken_value
+from .._prepare import JobInfo, PreparedJob, prepare_job
+from .._tokendir import TokenDir
+from .._tokenfile import (
+    ensure_private_dir,
+    read_secret_file,
+    remove_secret_file,
+    write_secret_file,
+)
+from ._cleanup import revoke_and_clean
+from ._env import EnvironmentSyntaxError, format_environment_v2, job_environment
+
+__all__ = [
+    "CHIRP_ATTRIBUTES",
+    "HookOptions",
+    "HookResult",
+    "JobRequest",
+    "extract_mytoken",
+    "hook_status_code",
+    "job_request_from_ad",
+    "publish_chirp",
+    "read_job_ad",
+    "run_exit_hook",
+    "run_prepare_hook",
+    "submit_commands",
+]
+
+logger = logging.getLogger(__name__)
+
+TOKEN_DIR_NAME = ".jobtoken"
+_PARENT_COPY = "parent.mytoken"
+
+# (attribute, seconds per unit), first one present wins; see docs/htcondor.md
+WALLTIME_ATTRIBUTES: Tuple[Tuple[str, float], ...] = (
+    ("BatchRuntime", 1.0),  # HTCondor-CE / routed jobs, seconds
+    ("MaxWallTimeMins", 60.0),  # CMS/OSG glideins and many site policies, minutes
+    ("MaxRuntime", 1.0),  # CHTC-style SYSTEM_PERIODIC_REMOVE limits, seconds
+)
+
+CHIRP_ATTRIBUTES = (
+    "ChirpJobtokenExpiry",
+    "ChirpJobtokenRenewals",
+    "ChirpJobtokenFailures",
+    "ChirpJobtokenCredentialLost",
+)
+
+
+@dataclass(frozen=True)
+class HookOptions:
+    """How the site runs the prepare hook (``<KEYWORD>_HOOK_PREPARE_JOB_ARGS``)."""
+
+    creds_service: str = "jobtoken"
+    require_walltime: bool = False  # True: hold jobs without a wall time in the ad
+    deadline_s: float = 120.0  # the whole hook, all network calls included
+    dir_name: str = TOKEN_DIR_NAME
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What the job ad asks for, validated; no secret."""
+
+    job: JobInfo
+    mytoken_file: Optional[str] = None  # basename of a transferred per-submission mytoken
+    server: Optional[str] = None  # JobtokenServer: only honoured with a job-supplied mytoken
+    walltime_source: Optional[str] = None
+    environment: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HookResult:
+    """What the prepare hook prints: a status, a one-line message, the new environment."""
+
+    status_code: int
+    message: Optional[str] = None
+    environment: Optional[str] = None  # the complete V2 Environment, on success only
+    prepared: Optional[PreparedJob] = field(default=None, repr=False)
+
+    def classad_text(self) -> str:
+        """The hook's stdout in the ``Attr = value`` form the starter parses."""
+        import classad2
+
+        out = classad2.ClassAd()
+        out["HookStatusCode"] = int(self.status_code)
+        if self.message:
+            out["HookStatusMessage"] = self.message
+        if self.status_code == 0 and self.environment is not None:
+            out["Environment"] = self.environment
+        return str(out.printOld())
+
+
+def hook_status_code(error: BaseException) -> int:
+    """Hold (1-299) for permanent errors, requeue (300 + exit code) for transient ones."""
+    code = exit_code_for(error)
+    if isinstance(error, JobtokenError) and error.retryable:
+        return 300 + code
+    return code if 1 <= code <= 299 else int(ExitCode.ERROR)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# --- reading the job ad ------------------------------------------------------------------
+
+
+def read_job_ad(text: str) -> Any:
+    """Parse the job ad the starter wrote on stdin (old ``Attr = value`` format).
+
+    The parser stops silently at the first line it cannot read, so an ad that yields
+    fewer attributes than it has lines is refused instead of half-used.
+
+    Raises:
+        ConfigError: empty or malformed ad.
+    """
+    import classad2
+
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise ConfigError("job ad on stdin is empty")
+    try:
+        ad = classad2.parseOne(text, parser=classad2.ParserType.Old)
+    except Exception as exc:  # the bindings raise ClassAdException / ValueError
+        raise ConfigError(f"job ad on stdin is malformed: {_one_line(str(exc), 120)}") from None
+    if len(ad) < len(lines):
+        raise ConfigError(
+            f"job ad on stdin is malformed: read {len(ad)} of {len(lines)} lines"
+        )
+    return ad
+
+
+def _string_attr(ad: Any, name: str) -> Optional[str]:
+    if name not in ad:
+        return None
+    try:
+        value = ad.eval(name)
+    except Exception:
+        raise ConfigError(f"job attribute {name} cannot be evaluated") from None
+    if value is None or type(value).__name__ in ("Value",):  # Undefined / Error
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"job attribute {name} must be a string")
+    return value.strip() or None
+
+
+def _number_attr(ad: Any, name: str) -> Optional[float]:
+    if name not in ad:
+        return None
+    try:
+        value = ad.eval(name)
+    except Exception:
+        raise ConfigError(f"job attribute {name} cannot be evaluated") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _vo_from_ad(ad: Any) -> Optional[str]:
+    vo = _string_attr(ad, "x509UserProxyVOName")
+    if vo:
+        return vo
+    group = _string_attr(ad, "AcctGroup")
+    if group:
+        first = group.split(".")[0]
+        return first[len("group_"):] if first.startswith("group_") else first
+    return None
+
+
+def job_request_from_ad(ad: Any, *, require_walltime: bool = False) -> JobRequest:
+    """Turn the job ad into a validated request (job id, wall time, wishes, environment).
+
+    Raises:
+        ConfigError: no GlobalJobId; no wall time when required; bad Jobtoken* values;
+            a malformed environment; a mytoken file name that is a path.
+    """
+    job_id = _string_attr(ad, "GlobalJobId")
+    if not job_id:
+        raise ConfigError("job ad has no GlobalJobId")
+    walltime = None
+    source = None
+    for name, unit in WALLTIME_ATTRIBUTES:
+        value = _number_attr(ad, name)
+        if value is not None and value > 0:
+            walltime, source = value * unit, name
+            break
+    if walltime is None and require_walltime:
+        raise ConfigError(
+            f"job {job_id} has no wall time ({', '.join(n for n, _ in WALLTIME_ATTRIBUTES)})"
+        )
+    scopes: List[str] = []
+    wanted = _string_attr(ad, "JobtokenScope")
+    if wanted:
+        scopes.extend(wanted.split())
+    path = _string_attr(ad, "JobtokenPath")
+    if path:
+        if not path.startswith("/") or any(c.isspace() for c in path):
+            raise ConfigError(f"JobtokenPath {path!r} must be an absolute path without spaces")
+        scopes.append(f"storage.create:{path}")
+    audiences = tuple((_string_attr(ad, "JobtokenAudience") or "").split())
+    mytoken_file = _string_attr(ad, "JobtokenMytokenFile")
+    if mytoken_file and (
+        "/" in mytoken_file or mytoken_file in (".", "..") or mytoken_file.startswith(".")
+    ):
+        raise ConfigError("JobtokenMytokenFile must be a plain file name in the sandbox")
+    try:
+        environment = job_environment(
+            _string_attr_raw(ad, "Environment"),
+            _string_attr_raw(ad, "Env"),
+            _string_attr_raw(ad, "EnvDelim"),
+        )
+    except EnvironmentSyntaxError as exc:
+        raise ConfigError(f"job {job_id}: {exc}") from None
+    job = JobInfo(
+        job_id=job_id,
+        walltime_s=walltime,
+        owner=_string_attr(ad, "Owner"),
+        vo=_vo_from_ad(ad),
+        scopes=tuple(dict.fromkeys(scopes)),
+        audiences=audiences,
+    )
+    return JobRequest(
+        job=job,
+        mytoken_file=mytoken_file,
+        server=_string_attr(ad, "JobtokenServer"),
+        walltime_source=source,
+        environment=environment,
+    )
+
+
+def _string_attr_raw(ad: Any, name: str) -> Optional[str]:
+    # environment strings keep their spaces; only literal strings are accepted
+    if name not in ad:
+        return None
+    value = ad.eval(name)
+    return value if isinstance(value, str) else None
+
+
+# --- where the parent mytoken comes from -------------------------------------------------
+
+
+def extract_mytoken(text: str, where: str) -> str:
+    """The mytoken in a credential file: bare, or JSON with ``mytoken`` (or ``access_token``).
+
+    Raises:
+        ConfigError: no mytoken there (an access token is refused by name).
+    """
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            data = json.loads(stripped)
+        except ValueError:
+            raise ConfigError(f"{where} is neither a bare mytoken nor valid JSON") from None
+        value = data.get("mytoken") or data.get("access_token") if isinstance(data, dict) else None
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} holds JSON without a 'mytoken' member")
+        return check_mytoken_value(value, where)
+    return check_mytoken_value(stripped, where)
+
+
+def _job_supplied_mytoken(
+    request: JobRequest, env: Mapping[str, str], scratch: Path, options: HookOptions
+) -> Optional[Tuple[str, Path]]:
+    """(description, path) of a mytoken the job brought, or None to use the site's."""
+    if request.mytoken_file:
+        path = scratch / request.mytoken_file
+        if not path.is_file():
+            raise ConfigError(
+                f"JobtokenMytokenFile {request.mytoken_file} is not in the sandbox (was "
+                "transfer_input_files set again after the jobtoken include line?)"
+            )
+        return "transferred file", path
+    creds = env.get("_CONDOR_CREDS")
+    if creds:
+        name = options.creds_service.replace("*", "_") + ".use"
+        path = Path(creds) / name
+        if path.is_file():
+            return f"$_CONDOR_CREDS/{name}", path
+    return None
+
+
+# --- the prepare hook ---------------------------------------------------------------------
+
+
+class _Deadline(ServerUnavailableError):
+    pass
+
+
+class _deadline:
+    """Bound the whole hook with SIGALRM (the starter gives prepare hooks no timeout)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.armed = False
+        self.previous: Any = None
+
+    def _fire(self, signum: int, frame: Any) -> None:
+        raise _Deadline(f"jobtoken prepare hook gave up after {self.seconds:.0f} s")
+
+    def __enter__(self) -> _deadline:
+        if self.seconds > 0 and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGALRM, self._fire)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+            self.armed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
+
+
+def run_prepare_hook(
+    config: Config,
+    ad_text: str,
+    *,
+    env: Mapping[str, str],
+    options: HookOptions = HookOptions(),
+    prepare: Callable[..., PreparedJob] = prepare_job,
+) -> HookResult:
+    """The whole PREPARE_JOB hook: never raises for expected failures, returns the verdict.
+
+    Raises:
+        Exception: only bugs (the CLI turns them into a hold, never a silent success).
+    """
+    try:
+        with _deadline(options.deadline_s):
+            return _prepare_hook(config, ad_text, env, options, prepare)
+    except JobtokenError as exc:
+        code = hook_status_code(exc)
+        verdict = "requeue" if code >= 300 else "hold"
+        logger.error("prepare hook failed verdict=%s code=%d error=%s", verdict, code,
+                     exc.message)
+        return HookResult(code, _one_line(f"jobtoken: {exc.message}"))
+
+
+def _prepare_hook(
+    config: Config,
+    ad_text: str,
+    env: Mapping[str, str],
+    options: HookOptions,
+    prepare: Callable[..., PreparedJob],
+) -> HookResult:
+    ad = read_job_ad(ad_text)
+    request = job_request_from_ad(ad, require_walltime=options.require_walltime)
+    job = request.job
+    scratch_env = env.get("_CONDOR_SCRATCH_DIR")
+    scratch = Path(scratch_env) if scratch_env else Path.cwd()
+    if not scratch_env:
+        logger.warning("no $_CONDOR_SCRATCH_DIR; using the current directory %s", scratch)
+    directory = scratch / options.dir_name
+    supplied = _job_supplied_mytoken(request, env, scratch, options)
+    parent_copy: Optional[Path] = None
+    if supplied is not None:
+        where, path = supplied
+        mytoken = extract_mytoken(read_secret_file(path), where)
+        ensure_private_dir(directory)
+        parent_copy = directory / _PARENT_COPY
+        write_secret_file(parent_copy, mytoken, newline=False)
+        site = replace(config.site, parent_mytoken_file=str(parent_copy))
+        server = config.server
+        if request.server:
+            server = replace(server, url=request.server)
+        config = replace(config, site=site, server=server)
+        logger.info("parent mytoken from the job source=%s job=%s", where, job.job_id)
+    else:
+        if not (config.site.parent_mytoken_file or config.token.mytoken_file):
+            raise ConfigError(
+                f"no mytoken for job {job.job_id}: none transferred, no "
+                f"$_CONDOR_CREDS/{options.creds_service}.use, no site.parent_mytoken_file"
+            )
+        logger.info("parent mytoken from the site path=%s job=%s",
+                    config.site.parent_mytoken_file or config.token.mytoken_file, job.job_id)
+    try:
+        prepared = prepare(config, job, directory=str(directory), env=env)
+    finally:
+        if parent_copy is not None:
+            remove_secret_file(parent_copy)
+    if supplied is not None and request.mytoken_file:
+        # the job no longer needs the per-submission mytoken: keep it out of the payload's reach
+        remove_secret_file(supplied[1])
+    add = prepared.environment()
+    current = dict(request.environment)
+    dropped = [name for name in ("BEARER_TOKEN",) if name in current]
+    for name in dropped:
+        del current[name]  # it would win over the file in WLCG discovery and never be renewed
+    current.update(add)
+    try:
+        environment = format_environment_v2(current)
+    except EnvironmentSyntaxError as exc:
+        raise ConfigError(f"job {job.job_id}: {exc}") from None
+    message = None
+    if request.walltime_source is None:
+        message = (
+            f"jobtoken: no wall time in the job ad; token chain sized for the site default "
+            f"{config.site.default_walltime_s:.0f} s"
+        )
+        logger.warning("no wall time in the job ad job=%s default_s=%.0f", job.job_id,
+                       config.site.default_walltime_s)
+    logger.info(
+        "prepare hook done job=%s mom_id=%s dir=%s walltime_from=%s dropped=%s",
+        job.job_id, prepared.mom_id, directory, request.walltime_source or "default",
+        ",".join(dropped) or "-",
+    )
+    return HookResult(0, message, environment, prepared)
+
+
+# --- the exit hook ------------------------------------------------------------------------
+
+
+def run_exit_hook(
+    env: Mapping[str, str],
+    *,
+    reason: str = "exit",
+    timeout_s: float = 25.0,
+    dir_name: str = TOKEN_DIR_NAME,
+    jobtoken_argv: Optional[List[str]] = None,
+    chirp_factory: Optional[Callable[[], Any]] = None,
+) -> bool:
+    """Publish the last status, revoke the job mytoken, delete the token files; never raises.
+
+    Bounded by ``timeout_s`` (HTCondor waits ``JOB_EXIT_TIMEOUT``, 30 s, at most).
+
+    Returns:
+        True when the job mytoken was revoked (or there was nothing to revoke).
+    """
+    scratch = env.get("_CONDOR_SCRATCH_DIR") or os.getcwd()
+    directory = Path(scratch) / dir_name
+    if not (directory / "job.json").is_file():
+        logger.info("exit hook: no token directory reason=%s dir=%s", reason, directory)
+        return True
+    try:
+        publish_chirp(TokenDir.existing(directory), chirp_factory=chirp_factory)
+    except JobtokenError:
+        pass
+    revoked = revoke_and_clean(directory, timeout_s=timeout_s, jobtoken_argv=jobtoken_argv)
+    logger.info("exit hook done reason=%s revoked=%s dir=%s", reason, revoked, directory)
+    return revoked
+
+
+# --- Chirp -----------------------------------------------------------------------------------
+
+
+def chirp_values(tokendir: TokenDir) -> Dict[str, str]:
+    """The ``Chirp*`` attributes (ClassAd expressions) for the directory's state."""
+    state = tokendir.read_state()
+    if state is None:
+        return {}
+    values = {
+        "ChirpJobtokenRenewals": str(int(state.renewals)),
+        "ChirpJobtokenFailures": str(int(state.consecutive_failures)),
+        "ChirpJobtokenCredentialLost": "true" if state.credential_lost else "false",
+    }
+    if state.expires_at is not None:
+        values["ChirpJobtokenExpiry"] = str(int(state.expires_at))
+    return values
+
+
+def publish_chirp(tokendir: TokenDir, *, chirp_factory: Optional[Callable[[], Any]] = None) -> (
+    Dict[str, str]
+):
+    """Send the state as delayed Chirp updates; best effort, returns what was sent."""
+    values = chirp_values(tokendir)
+    if not values:
+        return {}
+    try:
+        if chirp_factory is None:
+            from htcondor2.htchirp import HTChirp
+
+            chirp_factory = HTChirp
+        with chirp_factory() as chirp:
+            for name, value in values.items():
+                chirp.set_job_attr_delayed(name, value)
+    except ImportError:
+        logger.debug("chirp skipped: htcondor bindings not installed")
+        return {}
+    except ValueError as exc:  # no .chirp.config: Chirp is off for this job
+        logger.debug("chirp skipped: %s", exc)
+        return {}
+    except Exception as exc:  # network trouble with the starter: never fail the job for it
+        logger.warning("chirp update failed: %s", _one_line(str(exc), 200))
+        return {}
+    logger.debug("chirp updated %s", " ".join(f"{k}={v}" for k, v in values.items()))
+    return values
+
+
+# --- condor_submit: include command -----------------------------------------------------------
+
+
+def _quote(value: str) -> str:
+    import classad2
+
+    return str(classad2.quote(value))
+
+
+def _append_list(macro: str, item: str) -> Iterator[str]:
+    yield f"if defined {macro}"
+    yield f"  {macro} = $({macro}), {item}"
+    yield "else"
+    yield f"  {macro} = {item}"
+    yield "endif"
+
+
+def submit_commands(
+    *,
+    mytoken_path: str,
+    server_url: str,
+    scopes: Tuple[str, ...],
+    audiences: Tuple[str, ...],
+    mom_id: Optional[str],
+    expires_at: Optional[float],
+) -> str:
+    """Submit-language lines that send the per-submission mytoken with each job.
+
+    The file goes into ``transfer_input_files`` and ``encrypt_input_files`` (appended to
+    whatever the submit file set *before* the include line); ``My.Jobtoken*`` carry
+    only non-secret facts for the execute point's prepare hook.
+
+    Raises:
+        ConfigError: a path that the submit language cannot list (comma or space).
+    """
+    if any(c in mytoken_path for c in ", \t\n\"'"):
+        raise ConfigError(f"mytoken path {mytoken_path} cannot go into transfer_input_files")
+    lines = [
+        f"# jobtoken: per-submission mytoken mom_id={mom_id or '-'} "
+        f"exp={int(expires_at) if expires_at else '-'} (no token in this text)",
+        *_append_list("transfer_input_files", mytoken_path),
+        *_append_list("encrypt_input_files", mytoken_path),
+        "if !defined should_transfer_files",
+        "  should_transfer_files = YES",
+        "endif",
+        f"My.JobtokenMytokenFile = {_quote(os.path.basename(mytoken_path))}",
+        f"My.JobtokenServer = {_quote(server_url)}",
+        f"My.JobtokenScope = {_quote(' '.join(scopes))}",
+    ]
+    if audiences:
+        lines.append(f"My.JobtokenAudience = {_quote(' '.join(audiences))}")
+    if mom_id:
+        lines.append(f"My.JobtokenSubmissionMomId = {_quote(mom_id)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,164 @@
+"""The shell wrappers, run as their callers run them, with real payloads.
+
+``condor/jobtoken-job-wrapper`` is run as the starter runs ``USER_JOB_WRAPPER`` (wrapper
+path + the job's argv, cwd = scratch, ``_CONDOR_WRAPPER_ERROR_FILE`` set) over a token
+directory the prepare step laid out; ``wrappers/jobtoken-wrap`` as a pilot would.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from jobtoken._config import Config, ServerConfig, SiteConfig, TokenConfig
+from jobtoken._prepare import JobInfo, prepare_job
+from jobtoken._run import sidecar_alive
+from jobtoken._tokendir import TokenDir
+from jobtoken.devserver import DevServer
+
+from .conftest import AUDIENCE, CONDOR_DIR, PAYLOADS, WRAPPERS_DIR, base_env, closed_port_url
+
+WRAPPER = str(CONDOR_DIR / "jobtoken-job-wrapper")
+PILOT_WRAP = str(WRAPPERS_DIR / "jobtoken-wrap")
+EXIT_WITH = [sys.executable, str(PAYLOADS / "exit_with.py")]
+
+
+def site_config(srv_url: str, parent: Path) -> Config:
+    return Config(
+        server=ServerConfig(url=srv_url, allow_http=True, timeout_s=5.0),
+        token=TokenConfig(audiences=(AUDIENCE,)),
+        site=SiteConfig(parent_mytoken_file=str(parent), vo="dteam",
+                        allowed_audiences=(AUDIENCE,), default_walltime_s=3600.0),
+    )
+
+
+def wait_sidecar_gone(directory: Path, timeout_s: float = 30.0) -> None:
+    tokendir = TokenDir(directory)
+    deadline = time.monotonic() + timeout_s
+    while sidecar_alive(tokendir):
+        assert time.monotonic() < deadline, "sidecar still running"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def sandbox(srv: DevServer, parent_file: Path, tmp_path: Path) -> Dict[str, Path]:
+    """An HTCondor-like job sandbox after the prepare hook ran."""
+    outer = tmp_path / "dir_77"
+    scratch = outer  # vanilla universe: scratch = outer sandbox
+    scratch.mkdir(mode=0o700)
+    tokendir = scratch / ".jobtoken"
+    prepare_job(site_config(srv.url, parent_file), JobInfo("ap#1.0#2", walltime_s=600),
+                directory=str(tokendir))
+    return {"scratch": scratch, "tokendir": tokendir, "failure": outer / ".job_wrapper_failure"}
+
+
+def run_as_starter(sandbox: Dict[str, Path], argv: List[str]) -> subprocess.CompletedProcess:
+    env = base_env(_CONDOR_SCRATCH_DIR=str(sandbox["scratch"]),
+                   _CONDOR_WRAPPER_ERROR_FILE=str(sandbox["failure"]),
+                   BEARER_TOKEN="stale-token-from-the-job-environment")
+    return subprocess.run([WRAPPER, *argv], cwd=sandbox["scratch"], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def payload_checking_token(code: int) -> List[str]:
+    """A real payload that fails (99) unless it got the token the way WLCG tools look for it."""
+    return ["/bin/sh", "-c", 'test -s "$BEARER_TOKEN_FILE" && test -z "${BEARER_TOKEN:-}" && '
+            f'test -d "$JOBTOKEN_DIR" || exit 99; exit {code}']
+
+
+@pytest.mark.parametrize("code", [0, 1, 255])
+def test_condor_wrapper_passes_exit_code_and_leaves_no_failure_file(
+    sandbox: Dict[str, Path], code: int
+) -> None:
+    proc = run_as_starter(sandbox, payload_checking_token(code))
+    assert proc.returncode == code, proc.stderr
+    assert not sandbox["failure"].exists()
+    wait_sidecar_gone(sandbox["tokendir"])
+    # the sidecar watched the job's pid and finished: job mytoken revoked and deleted
+    assert not (sandbox["tokendir"] / "mytoken").exists()
+
+
+def test_condor_wrapper_death_by_term_is_seen_by_the_starter(sandbox: Dict[str, Path]) -> None:
+    proc = run_as_starter(sandbox, [*EXIT_WITH, "signal", "15"])
+    assert proc.returncode == -15  # the wrapper exec'd: the job itself died by TERM
+    assert not sandbox["failure"].exists()
+    wait_sidecar_gone(sandbox["tokendir"])
+
+
+def test_condor_wrapper_without_token_dir_just_execs(tmp_path: Path) -> None:
+    box = {"scratch": tmp_path, "tokendir": tmp_path / ".jobtoken",
+           "failure": tmp_path / ".job_wrapper_failure"}
+    proc = run_as_starter(box, [*EXIT_WITH, "code", "3"])
+    assert proc.returncode == 3 and not box["failure"].exists()
+
+
+def test_condor_wrapper_reports_sidecar_start_failure(sandbox: Dict[str, Path]) -> None:
+    tokendir = sandbox["tokendir"]
+    (tokendir / "bt").unlink()  # no token, and the server is gone: no first token
+    spec = json.loads((tokendir / "job.json").read_text())
+    spec["server_url"] = closed_port_url()
+    spec["timeout_s"] = 1.0
+    (tokendir / "job.json").write_text(json.dumps(spec))
+    proc = run_as_starter(sandbox, [*EXIT_WITH, "code", "0"])
+    assert proc.returncode != 0
+    text = sandbox["failure"].read_text()
+    assert "could not start the token renewal sidecar" in text
+    assert "mytoken" not in text.split(":", 1)[0]
+
+
+# --- the pilot wrapper --------------------------------------------------------------------
+
+
+def pilot_env(srv_url: str, parent: Path, work: Path, **extra: str) -> Dict[str, str]:
+    return base_env(
+        JOBTOKEN_SERVER=srv_url, JOBTOKEN_ALLOW_HTTP="1", JOBTOKEN_PARENT_MYTOKEN_FILE=str(parent),
+        JOBTOKEN_VO="dteam", JOBTOKEN_AUDIENCE=AUDIENCE, JOBTOKEN_WORK_DIR=str(work),
+        JOBTOKEN_JOB_ID="pilot-42", JOBTOKEN_WALLTIME="600", **extra,
+    )
+
+
+@pytest.mark.parametrize("mode, code", [("run", 255), ("exec", 1)])
+def test_pilot_wrapper_runs_payload_with_token(
+    srv: DevServer, parent_file: Path, tmp_path: Path, mode: str, code: int
+) -> None:
+    env = pilot_env(srv.url, parent_file, tmp_path, JOBTOKEN_WRAP_MODE=mode,
+                    JOBTOKEN_DIR=str(tmp_path / "tok"), BEARER_TOKEN="stale")
+    proc = subprocess.run([PILOT_WRAP, "--", *payload_checking_token(code)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    wait_sidecar_gone(tmp_path / "tok")
+    assert not (tmp_path / "tok" / "mytoken").exists()  # job mytoken revoked and deleted
+
+
+@pytest.mark.parametrize("mode", ["run", "exec"])
+def test_pilot_wrapper_death_by_term_passes(
+    srv: DevServer, parent_file: Path, tmp_path: Path, mode: str
+) -> None:
+    env = pilot_env(srv.url, parent_file, tmp_path, JOBTOKEN_WRAP_MODE=mode,
+                    JOBTOKEN_DIR=str(tmp_path / "tok"))
+    proc = subprocess.run([PILOT_WRAP, *EXIT_WITH, "signal", "15"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -15, proc.stderr
+    wait_sidecar_gone(tmp_path / "tok")
+
+
+def test_pilot_wrapper_server_down_fails_before_payload(parent_file: Path,
+                                                        tmp_path: Path) -> None:
+    marker = tmp_path / "payload-ran"
+    env = pilot_env(closed_port_url(), parent_file, tmp_path, JOBTOKEN_TIMEOUT="1")
+    proc = subprocess.run([PILOT_WRAP, "/bin/touch", str(marker)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 75, proc.stderr
+    assert not marker.exists()
+
+
+def test_pilot_wrapper_usage(tmp_path: Path) -> None:
+    proc = subprocess.run([PILOT_WRAP], env=base_env(), capture_output=True, text=True,
+                          timeout=10)
+    assert proc.returncode == 2 and "usage" in proc.stderr

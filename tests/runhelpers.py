@@ -1,0 +1,70 @@
+"""Helpers for tests that run `jobtoken` as a real process against an in-process dev server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from jobtoken._config import Config, RenewalConfig, ServerConfig, SiteConfig
+from jobtoken._prepare import JobInfo, PreparedJob, prepare_job
+from jobtoken._tokenfile import write_secret_file
+
+AUD = "https://se.example.org"
+ROOT = Path(__file__).resolve().parent.parent
+PAYLOADS = ROOT / "tests" / "payloads"
+PARENT_CAPS = ("AT", "create_mytoken", "tokeninfo")
+
+
+def job_config(srv: Any, parent: Path, *, lifetime_s: float, margin_s: float = 1.5,
+               timeout_s: float = 2.0, **renewal: Any) -> Config:
+    return Config(
+        server=ServerConfig(url=srv.url, allow_http=True, timeout_s=timeout_s),
+        site=SiteConfig(
+            parent_mytoken_file=str(parent),
+            vo="vo",
+            allowed_scopes=("storage.create:/vo",),
+            allowed_audiences=(AUD,),
+            expected_at_lifetime_s=lifetime_s,
+        ),
+        renewal=RenewalConfig(margin_s=margin_s, **renewal),
+    )
+
+
+def prepare(srv: Any, tmp_path: Path, *, lifetime_s: float, job_id: str = "job-1",
+            walltime_s: float = 600, **kw: Any) -> PreparedJob:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    parent = tmp_path / "parent.mt"
+    write_secret_file(parent, srv.issue_mytoken(capabilities=list(PARENT_CAPS)), newline=False)
+    cfg = job_config(srv, parent, lifetime_s=lifetime_s, **kw)
+    return prepare_job(cfg, JobInfo(job_id=job_id, walltime_s=walltime_s),
+                       directory=str(tmp_path / "job"))
+
+
+def jobtoken_argv(*args: str) -> List[str]:
+    return [sys.executable, "-m", "jobtoken", *args]
+
+
+def checker(seconds: float, interval: float = 0.02) -> List[str]:
+    return [sys.executable, str(PAYLOADS / "check_token.py"), "--seconds", str(seconds),
+            "--interval", str(interval)]
+
+
+def run(args: Sequence[str], *, env: Optional[Dict[str, str]] = None, timeout: float = 120,
+        **kw: Any) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                          env=env if env is not None else dict(os.environ), **kw)
+
+
+def summary(stdout: str) -> Dict[str, Any]:
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise AssertionError(f"no summary in payload output: {stdout!r}")
+
+
+def state(job_dir: Path) -> Dict[str, Any]:
+    return json.loads((job_dir / "state.json").read_text())
