@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
@@ -39,6 +40,7 @@ from .._errors import (
     ConfigError,
     ExitCode,
     JobtokenError,
+    MytokenRejectedError,
     ServerUnavailableError,
     exit_code_for,
 )
@@ -60,6 +62,7 @@ __all__ = [
     "HookResult",
     "JobRequest",
     "extract_mytoken",
+    "read_credential",
     "hook_status_code",
     "job_request_from_ad",
     "publish_chirp",
@@ -108,6 +111,7 @@ class JobRequest:
     server: Optional[str] = None  # JobtokenServer: only honoured with a job-supplied mytoken
     walltime_source: Optional[str] = None
     environment: Dict[str, str] = field(default_factory=dict)
+    oauth_services: Tuple[str, ...] = ()  # OAuthServicesNeeded: credential names, handles included
 
 
 @dataclass(frozen=True)
@@ -262,12 +266,15 @@ def job_request_from_ad(ad: Any, *, require_walltime: bool = False) -> JobReques
         scopes=tuple(dict.fromkeys(scopes)),
         audiences=audiences,
     )
+    services = tuple(n.strip() for n in (_string_attr(ad, "OAuthServicesNeeded") or "").split(",")
+                     if n.strip())
     return JobRequest(
         job=job,
         mytoken_file=mytoken_file,
         server=_string_attr(ad, "JobtokenServer"),
         walltime_source=source,
         environment=environment,
+        oauth_services=services,
     )
 
 
@@ -282,23 +289,37 @@ def _string_attr_raw(ad: Any, name: str) -> Optional[str]:
 # --- where the parent mytoken comes from -------------------------------------------------
 
 
+def read_credential(text: str, where: str) -> Tuple[str, Tuple[str, ...]]:
+    """The mytoken in a credential file (bare, or JSON with ``mytoken`` or ``access_token``)
+    and, from jobtoken's JSON, the scope strings it was minted for.
+
+    Raises:
+        ConfigError: no mytoken there (an access token is refused by name).
+    """
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        return check_mytoken_value(stripped, where), ()
+    try:
+        data = json.loads(stripped)
+    except ValueError:
+        raise ConfigError(f"{where} is neither a bare mytoken nor valid JSON") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} holds JSON that is not an object")
+    value = data.get("mytoken") or data.get("access_token")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} holds JSON without a 'mytoken' member")
+    scopes = data.get("scopes")
+    found = tuple(str(x) for x in scopes) if isinstance(scopes, list) else ()
+    return check_mytoken_value(value, where), found
+
+
 def extract_mytoken(text: str, where: str) -> str:
     """The mytoken in a credential file: bare, or JSON with ``mytoken`` (or ``access_token``).
 
     Raises:
         ConfigError: no mytoken there (an access token is refused by name).
     """
-    stripped = text.strip()
-    if stripped.startswith("{"):
-        try:
-            data = json.loads(stripped)
-        except ValueError:
-            raise ConfigError(f"{where} is neither a bare mytoken nor valid JSON") from None
-        value = data.get("mytoken") or data.get("access_token") if isinstance(data, dict) else None
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} holds JSON without a 'mytoken' member")
-        return check_mytoken_value(value, where)
-    return check_mytoken_value(stripped, where)
+    return read_credential(text, where)[0]
 
 
 def _job_supplied_mytoken(
@@ -315,14 +336,61 @@ def _job_supplied_mytoken(
         return "transferred file", path
     creds = env.get("_CONDOR_CREDS")
     if creds:
-        name = options.creds_service.replace("*", "_") + ".use"
-        path = Path(creds) / name
-        if path.is_file():
-            return f"$_CONDOR_CREDS/{name}", path
+        service = options.creds_service
+        # with a handle the credential is <service>_<handle>; '*' becomes '_' in file names
+        names = [n for n in request.oauth_services
+                 if n == service or n.startswith(service + "_")] + [service]
+        for name in names:
+            file_name = name.replace("*", "_") + ".use"
+            path = Path(creds) / file_name
+            if path.is_file():
+                return f"$_CONDOR_CREDS/{file_name}", path
     return None
 
 
 # --- the prepare hook ---------------------------------------------------------------------
+
+
+def _mytoken_expiry(mytoken: str) -> Optional[float]:
+    if mytoken.count(".") != 2:
+        return None  # a short mytoken: opaque
+    import jwt
+
+    try:
+        exp = jwt.decode(mytoken, options={"verify_signature": False}).get("exp")
+    except jwt.PyJWTError:
+        return None
+    return float(exp) if isinstance(exp, (int, float)) else None
+
+
+def _fit_into_parent(
+    job: JobInfo, mytoken: str, config: Config, *, now: float
+) -> Tuple[JobInfo, Optional[str]]:
+    """Shorten the job's token chain to end with the job-supplied parent mytoken.
+
+    A sub-mytoken cannot outlive its parent (the server refuses such a restriction), so
+    a per-submission mytoken that expires before the job's wall time ends caps the job.
+
+    Raises:
+        MytokenRejectedError: the parent expires too soon to be worth starting the job.
+    """
+    exp = _mytoken_expiry(mytoken)
+    if exp is None:
+        return job, None
+    walltime = job.walltime_s or config.site.default_walltime_s
+    room = exp - now - config.site.walltime_slack_s - 60.0
+    if room >= walltime:
+        return job, None
+    if room < 300.0:
+        raise MytokenRejectedError(
+            f"the job's mytoken expires in {max(0.0, exp - now):.0f} s, too soon for job "
+            f"{job.job_id} (submit again with a longer --lifetime)"
+        )
+    logger.warning("job token chain shortened to the parent's expiry job=%s walltime_s=%.0f "
+                   "available_s=%.0f", job.job_id, walltime, room)
+    note = (f"jobtoken: the submission mytoken expires before the job's wall time ends; "
+            f"tokens until {int(exp)} only")
+    return replace(job, walltime_s=room), note
 
 
 class _Deadline(ServerUnavailableError):
@@ -394,9 +462,13 @@ def _prepare_hook(
     directory = scratch / options.dir_name
     supplied = _job_supplied_mytoken(request, env, scratch, options)
     parent_copy: Optional[Path] = None
+    clamp_note: Optional[str] = None
     if supplied is not None:
         where, path = supplied
-        mytoken = extract_mytoken(read_secret_file(path), where)
+        mytoken, minted_for = read_credential(read_secret_file(path), where)
+        if minted_for and not job.scopes:
+            job = replace(job, scopes=minted_for)  # the submission's exact scope strings
+        job, clamp_note = _fit_into_parent(job, mytoken, config, now=time.time())
         ensure_private_dir(directory)
         parent_copy = directory / _PARENT_COPY
         write_secret_file(parent_copy, mytoken, newline=False)
@@ -433,7 +505,9 @@ def _prepare_hook(
     except EnvironmentSyntaxError as exc:
         raise ConfigError(f"job {job.job_id}: {exc}") from None
     message = None
-    if request.walltime_source is None:
+    if supplied is not None and clamp_note:
+        message = clamp_note
+    elif request.walltime_source is None:
         message = (
             f"jobtoken: no wall time in the job ad; token chain sized for the site default "
             f"{config.site.default_walltime_s:.0f} s"
