@@ -14,7 +14,7 @@ child per renewal. Three runs against a loopback dev server:
 3. renewals: short tokens; CPU of the run process and of its reaped children, renewals
    (``state.json``) and the server's request log, between payload start and end.
 
-``--quick`` makes one 3.5 s run stand in for all three (output shape only).
+``--quick`` makes one 5 s run with 2 s tokens stand in for all three (shape only).
 
 Extrapolation to 1 h tokens (the real rule for one job): CPU per job-hour =
 idle CPU per hour + CPU per renewal x ``renewals_per_hour(3600)`` at the largest jitter
@@ -327,7 +327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", type=Path, help="write the JSON here (default: stdout)")
     args = parser.parse_args(argv)
     if args.quick:
-        mem_s, idle_s, renew_s, short_l = 3.5, 0.0, 0.0, 3
+        mem_s, idle_s, renew_s, short_l = 5.0, 0.0, 0.0, 2
     elif args.long:
         mem_s, idle_s, renew_s, short_l = 60.0, 600.0, 300.0, 10
     else:

@@ -209,6 +209,7 @@ def prepare_job(
         restriction["hosts"] = list(config.site.hosts)
     tokendir = TokenDir.create(directory)
     parent = load_mytoken(parent_source, env=environ, allow_other_owner=True)
+    _cap_at_parent_expiry(restriction, parent, start, job.job_id)
     url = server_url_for(config, parent)
     with build_client(config, url) as client:
         minted = client.create_mytoken(
@@ -238,7 +239,7 @@ def prepare_job(
         spec = JobSpec(
             job_id=job.job_id,
             server_url=url,
-            mytoken_path=str(tokendir.mytoken),
+            mytoken_path=tokendir.mytoken.name,  # relative: the directory may move
             scopes=scopes,
             audiences=audiences,
             ca_file=config.server.ca_file,
@@ -284,6 +285,42 @@ def prepare_job(
                 usages, token.expires_at - token.issued_at, walltime, needed,
             )
     return PreparedJob(tokendir, spec, token, minted.mom_id)
+
+
+_MIN_JOB_MYTOKEN_S = 300.0
+
+
+def _cap_at_parent_expiry(
+    restriction: Dict[str, Any], parent: str, now: float, job_id: str
+) -> None:
+    """A child cannot outlive its parent: ask for no later ``exp`` than the parent has.
+
+    Asking for more makes the server refuse the restriction (``error_on_restrictions``).
+    Only a JWT parent says when it expires; a short token's expiry is not known here.
+
+    Raises:
+        MytokenRejectedError: the parent expires within minutes.
+    """
+    if parent.count(".") != 2:
+        return
+    import jwt
+
+    try:
+        parent_exp = jwt.decode(parent, options={"verify_signature": False}).get("exp")
+    except jwt.PyJWTError:
+        return
+    if not isinstance(parent_exp, (int, float)) or parent_exp >= restriction["exp"]:
+        return
+    if parent_exp - now < _MIN_JOB_MYTOKEN_S:
+        raise MytokenRejectedError(
+            f"the parent mytoken expires in {max(0, parent_exp - now):.0f} s; too soon to mint "
+            f"a mytoken for job {job_id}"
+        )
+    logger.warning(
+        "parent mytoken expires before job %s would end; job mytoken capped at exp=%d",
+        job_id, int(parent_exp),
+    )
+    restriction["exp"] = int(parent_exp)
 
 
 def _revoke_quietly(client: Any, mytoken: str) -> None:

@@ -155,7 +155,7 @@ def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) ->
             pass
         else:
             return _report(current, True)
-    source = MytokenSource(path=Path(spec.mytoken_path))
+    source = MytokenSource(path=tokendir.mytoken_of(spec))
     mytoken = None if spec.server_url else load_mytoken(source)
     with _client(spec, mytoken) as client:
         token = fetch_access_token(
@@ -182,7 +182,7 @@ def revoke(tokendir: TokenDir) -> Dict[str, Any]:
     from ._tokenfile import remove_secret_file
 
     spec = tokendir.read_spec()
-    path = Path(spec.mytoken_path)
+    path = tokendir.mytoken_of(spec)
     if not path.exists():
         return {"ok": True, "revoked": False}
     mytoken = load_mytoken(MytokenSource(path=path))

@@ -282,7 +282,16 @@ def run_sidecar(
     """
     lock_fd = acquire_lock(tokendir)
     stop = threading.Event()
-    watch = _PidWatch(watch_pid)
+    try:
+        watch = _PidWatch(watch_pid)
+    except JobtokenError:
+        # the payload ended before we could watch it: still clean up and revoke
+        logger.info("watched process %d already gone; cleaning up", watch_pid)
+        try:
+            Sidecar(tokendir, spec, clock=clock).finish()
+        finally:
+            os.close(lock_fd)
+        return 0
 
     def on_signal(signum: int, frame: object) -> None:
         stop.set()

@@ -162,6 +162,12 @@ class TokenDir:
             raise ConfigError(f"token directory {p} does not exist")
         return cls(ensure_private_dir(p, create=False))
 
+    def mytoken_of(self, spec: JobSpec) -> Path:
+        """The spec's mytoken file; a relative path is inside this directory (so a
+        session directory can move, as ARC's does, without rewriting ``job.json``)."""
+        path = Path(spec.mytoken_path)
+        return path if path.is_absolute() else self.path / path
+
     def write_spec(self, spec: JobSpec) -> None:
         write_secret_file(self.job_file, spec.to_json())
 

@@ -51,8 +51,14 @@ def parent_file(srv: DevServer, tmp_path: Path) -> Path:
     return write_secret(tmp_path / "parent.mytoken", mt)
 
 
-def toml_config(path: Path, *, server: str, parent: Optional[Path] = None,
-                extra_site: Optional[Dict[str, Any]] = None, timeout_s: float = 5.0) -> Path:
+def toml_config(
+    path: Path,
+    *,
+    server: str,
+    parent: Optional[Path] = None,
+    extra_site: Optional[Dict[str, Any]] = None,
+    timeout_s: float = 5.0,
+) -> Path:
     site: Dict[str, Any] = {
         "allowed_scopes": ["storage.create:/dteam"],
         "allowed_audiences": [AUDIENCE],
@@ -74,8 +80,17 @@ def toml_config(path: Path, *, server: str, parent: Optional[Path] = None,
             return "[" + ", ".join(value(x) for x in v) + "]"
         return '"' + str(v) + '"'
 
-    lines = ["[server]", f'url = "{server}"', "allow_http = true", f"timeout_s = {timeout_s}",
-             "", "[token]", f'audiences = ["{AUDIENCE}"]', "", "[site]"]
+    lines = [
+        "[server]",
+        f'url = "{server}"',
+        "allow_http = true",
+        f"timeout_s = {timeout_s}",
+        "",
+        "[token]",
+        f'audiences = ["{AUDIENCE}"]',
+        "",
+        "[site]",
+    ]
     lines += [f"{k} = {value(v)}" for k, v in site.items()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -90,8 +105,11 @@ def closed_port_url() -> str:
 
 
 def base_env(**extra: str) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JOBTOKEN", "BEARER_TOKEN", "_CONDOR_", "MYTOKEN"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("JOBTOKEN", "BEARER_TOKEN", "_CONDOR_", "MYTOKEN"))
+    }
     env["JOBTOKEN_BIN"] = JOBTOKEN_BIN
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "/usr/bin:/bin")
     env.update(extra)

@@ -20,8 +20,9 @@ def test_without_mytoken_nothing_is_revoked_but_files_go(tmp_path: Path) -> None
     for name in ("job.json", "bt", "state.json"):
         (d / name).write_text("{}")
     argv_marker = tmp_path / "called"
-    assert revoke_and_clean(d, remove_dir=True,
-                            jobtoken_argv=["/bin/sh", "-c", f"touch {argv_marker}", "x"])
+    assert revoke_and_clean(
+        d, remove_dir=True, jobtoken_argv=["/bin/sh", "-c", f"touch {argv_marker}", "x"]
+    )
     assert not argv_marker.exists()  # the sidecar already revoked: no second call
     assert not d.exists()
 
@@ -31,8 +32,7 @@ def test_revocation_is_killed_at_the_deadline(tmp_path: Path) -> None:
     TokenDir.create(d)
     for name in ("job.json", "mytoken", "bt"):
         (d / name).write_text("x")
-    revoked = revoke_and_clean(d, timeout_s=0.5,
-                               jobtoken_argv=["/bin/sh", "-c", "sleep 30", "x"])
+    revoked = revoke_and_clean(d, timeout_s=0.5, jobtoken_argv=["/bin/sh", "-c", "sleep 30", "x"])
     assert revoked is False
     assert not (d / "mytoken").exists() and not (d / "bt").exists()
     assert (d / "job.json").exists()  # kept without remove_dir

@@ -48,8 +48,9 @@ rc=$?
 [ $rc -ne 0 ] && echo "ERROR: Runtime script ENV/JOBTOKEN stage 0 execution failed." >&2
 exit $rc
 """
-    return subprocess.run(["bash", "-c", script], env=base_env(), capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        ["bash", "-c", script], env=base_env(), capture_output=True, text=True, timeout=60
+    )
 
 
 def job_script(params: Path, runtime_dir: Path, payload: str) -> str:
@@ -76,9 +77,14 @@ def arc_site(srv: DevServer, parent_file: Path, tmp_path: Path) -> Dict[str, Pat
     session = tmp_path / "session" / GRIDID
     session.mkdir(parents=True, mode=0o700)
     params = params_file(
-        tmp_path / "params", JOBTOKEN_PARENT_MT=str(parent_file), JOBTOKEN_SERVER=srv.url,
-        JOBTOKEN_SCOPE_TEMPLATE="storage.create:/{vo}/arc/{job_id}", JOBTOKEN_AUDIENCE=AUDIENCE,
-        JOBTOKEN_VO="dteam", JOBTOKEN_BIN=JOBTOKEN_BIN, JOBTOKEN_DEV_ALLOW_HTTP="Yes",
+        tmp_path / "params",
+        JOBTOKEN_PARENT_MT=str(parent_file),
+        JOBTOKEN_SERVER=srv.url,
+        JOBTOKEN_SCOPE_TEMPLATE="storage.create:/{vo}/arc/{job_id}",
+        JOBTOKEN_AUDIENCE=AUDIENCE,
+        JOBTOKEN_VO="dteam",
+        JOBTOKEN_BIN=JOBTOKEN_BIN,
+        JOBTOKEN_DEV_ALLOW_HTTP="Yes",
     )
     return {"session": session, "params": params}
 
@@ -110,11 +116,17 @@ def test_rte_stages_give_the_payload_a_token_then_revoke(
         runtime = tmp_path / "scratch" / GRIDID
         shutil.copytree(session, runtime, symlinks=True)
         shutil.rmtree(session)
-    payload = ('test -s "$BEARER_TOKEN_FILE" && test -z "${BEARER_TOKEN:-}" '
-               '&& echo "token at $BEARER_TOKEN_FILE" && (exit 3)')
-    proc = subprocess.run(["bash", "-c", job_script(arc_site["params"], runtime, payload)],
-                          env=base_env(BEARER_TOKEN="from-the-job-description"),
-                          capture_output=True, text=True, timeout=90)
+    payload = (
+        'test -s "$BEARER_TOKEN_FILE" && test -z "${BEARER_TOKEN:-}" '
+        '&& echo "token at $BEARER_TOKEN_FILE" && (exit 3)'
+    )
+    proc = subprocess.run(
+        ["bash", "-c", job_script(arc_site["params"], runtime, payload)],
+        env=base_env(BEARER_TOKEN="from-the-job-description"),
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert proc.returncode == 3, proc.stderr  # the payload's status is the job's
     assert f"token at {runtime}/.jobtoken/bt" in proc.stdout
     wait_sidecar_gone(runtime / ".jobtoken")
@@ -126,10 +138,15 @@ def test_rte_stages_give_the_payload_a_token_then_revoke(
 def test_stage0_fails_submission_when_server_down(
     parent_file: Path, tmp_path: Path, arc_site: Dict[str, Path]
 ) -> None:
-    params = params_file(tmp_path / "down", JOBTOKEN_PARENT_MT=str(parent_file),
-                         JOBTOKEN_SERVER=closed_port_url(), JOBTOKEN_AUDIENCE=AUDIENCE,
-                         JOBTOKEN_VO="dteam", JOBTOKEN_BIN=JOBTOKEN_BIN,
-                         JOBTOKEN_DEV_ALLOW_HTTP="Yes")
+    params = params_file(
+        tmp_path / "down",
+        JOBTOKEN_PARENT_MT=str(parent_file),
+        JOBTOKEN_SERVER=closed_port_url(),
+        JOBTOKEN_AUDIENCE=AUDIENCE,
+        JOBTOKEN_VO="dteam",
+        JOBTOKEN_BIN=JOBTOKEN_BIN,
+        JOBTOKEN_DEV_ALLOW_HTTP="Yes",
+    )
     proc = run_stage0(params, arc_site["session"])
     assert proc.returncode == 1
     assert "stage 0 execution failed" in proc.stderr
@@ -147,6 +164,10 @@ def test_stage0_refuses_world_readable_robot_mytoken(
 def test_stage1_without_stage0_fails_the_job(arc_site: Dict[str, Path]) -> None:
     proc = subprocess.run(
         ["bash", "-c", job_script(arc_site["params"], arc_site["session"], "true")],
-        env=base_env(), capture_output=True, text=True, timeout=30)
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 1
     assert "did stage 0 run?" in proc.stderr and "stage 1 execution failed" in proc.stderr

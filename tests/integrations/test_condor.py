@@ -47,17 +47,31 @@ JOB_PATH_ID = "ap.example.org_4711.0_1700000000"
 
 
 def run_hook(
-    scratch: Path, config: Path, ad: str, *, env: Optional[Dict[str, str]] = None,
+    scratch: Path,
+    config: Path,
+    ad: str,
+    *,
+    env: Optional[Dict[str, str]] = None,
     args: Tuple[str, ...] = (),
 ) -> Tuple[Any, subprocess.CompletedProcess]:
     """Run the prepare hook like the starter: ad on stdin, cwd scratch, job's env."""
-    environ = base_env(_CONDOR_SCRATCH_DIR=str(scratch), BATCH_SYSTEM="HTCondor",
-                       _CONDOR_JOB_AD=str(scratch / ".job.ad"))
+    environ = base_env(
+        _CONDOR_SCRATCH_DIR=str(scratch),
+        BATCH_SYSTEM="HTCondor",
+        _CONDOR_JOB_AD=str(scratch / ".job.ad"),
+    )
     environ.update(env or {})
     argv = [str(CONDOR_DIR / "jobtoken-prepare-hook"), "--config", str(config), *args]
-    popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=environ,
-                             cwd=scratch if scratch.is_dir() else None, start_new_session=True)
+    popen = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
+        cwd=scratch if scratch.is_dir() else None,
+        start_new_session=True,
+    )
     stdout, stderr = popen.communicate(ad, timeout=60)
     proc = subprocess.CompletedProcess(argv, popen.returncode, stdout, stderr)
     assert proc.returncode == 0, proc.stderr
@@ -103,8 +117,7 @@ def test_hook_mints_job_token_and_merges_environment(
     assert stat.S_IMODE(tokendir.stat().st_mode) == 0o700
     for name in ("bt", "mytoken"):
         assert stat.S_IMODE((tokendir / name).stat().st_mode) == 0o600
-    claims = jwt.decode((tokendir / "bt").read_text().strip(),
-                        options={"verify_signature": False})
+    claims = jwt.decode((tokendir / "bt").read_text().strip(), options={"verify_signature": False})
     assert claims["scope"] == f"storage.create:/dteam/jobs/{JOB_PATH_ID}"
     assert claims["aud"] == AUDIENCE
     job_mt = (tokendir / "mytoken").read_text()
@@ -116,8 +129,9 @@ def test_hook_mints_job_token_and_merges_environment(
     assert job_mt not in proc.stdout
 
 
-def test_hook_reads_old_style_env(srv: DevServer, parent_file: Path, scratch: Path,
-                                  tmp_path: Path) -> None:
+def test_hook_reads_old_style_env(
+    srv: DevServer, parent_file: Path, scratch: Path, tmp_path: Path
+) -> None:
     config = toml_config(tmp_path / "site.toml", server=srv.url, parent=parent_file)
     ad = job_ad_text(GlobalJobId=GLOBAL_JOB_ID, BatchRuntime=600, Env="A=1;B=two words")
     out, _ = run_hook(scratch, config, ad)
@@ -141,8 +155,9 @@ def test_hook_without_walltime_uses_site_default_with_message(
 def test_hook_takes_mytoken_from_condor_creds(
     srv: DevServer, scratch: Path, tmp_path: Path, form: str
 ) -> None:
-    submission = srv.issue_mytoken(capabilities=["AT", "create_mytoken"],
-                                   restrictions=[{"scope": "storage.create:/dteam"}])
+    submission = srv.issue_mytoken(
+        capabilities=["AT", "create_mytoken"], restrictions=[{"scope": "storage.create:/dteam"}]
+    )
     creds = scratch.parent / ".condor_creds"
     creds.mkdir(mode=0o755)
     text = submission if form == "bare" else json.dumps({"mytoken": submission, "x": 1})
@@ -152,8 +167,9 @@ def test_hook_takes_mytoken_from_condor_creds(
     out, proc = run_hook(scratch, config, ad, env={"_CONDOR_CREDS": str(creds)})
     assert out["HookStatusCode"] == 0, out.get("HookStatusMessage")
     assert "source=$_CONDOR_CREDS/jobtoken.use" in proc.stderr
-    claims = jwt.decode((scratch / ".jobtoken" / "bt").read_text().strip(),
-                        options={"verify_signature": False})
+    claims = jwt.decode(
+        (scratch / ".jobtoken" / "bt").read_text().strip(), options={"verify_signature": False}
+    )
     assert claims["scope"] == "storage.create:/dteam"
     assert (creds / "jobtoken.use").exists()  # HTCondor's file: never ours to delete
     assert not (scratch / ".jobtoken" / "parent.mytoken").exists()
@@ -165,8 +181,11 @@ def test_hook_takes_transferred_mytoken_and_removes_it(
     submission = srv.issue_mytoken(capabilities=["AT", "create_mytoken"])
     write_secret(scratch / "jobtoken_submission.mytoken", submission)
     config = toml_config(tmp_path / "site.toml", server=srv.url)
-    ad = standard_ad(JobtokenScope="storage.create:/dteam/out",
-                     JobtokenMytokenFile="jobtoken_submission.mytoken", JobtokenServer=srv.url)
+    ad = standard_ad(
+        JobtokenScope="storage.create:/dteam/out",
+        JobtokenMytokenFile="jobtoken_submission.mytoken",
+        JobtokenServer=srv.url,
+    )
     out, _ = run_hook(scratch, config, ad)
     assert out["HookStatusCode"] == 0, out.get("HookStatusMessage")
     assert not (scratch / "jobtoken_submission.mytoken").exists()
@@ -189,7 +208,7 @@ def test_hook_holds_when_transferred_file_is_missing(
     "ad, expect",
     [
         (job_ad_text(Owner="alice", MaxWallTimeMins=10), "no GlobalJobId"),
-        ("GlobalJobId = \"x#1.0#2\"\nthis is = = not a classad\nOwner = \"a\"\n", "malformed"),
+        ('GlobalJobId = "x#1.0#2"\nthis is = = not a classad\nOwner = "a"\n', "malformed"),
         ("", "empty"),
     ],
     ids=["no-globaljobid", "malformed", "empty"],
@@ -209,8 +228,9 @@ def test_hook_requires_walltime_when_told(
     srv: DevServer, parent_file: Path, scratch: Path, tmp_path: Path
 ) -> None:
     config = toml_config(tmp_path / "site.toml", server=srv.url, parent=parent_file)
-    out, _ = run_hook(scratch, config, job_ad_text(GlobalJobId=GLOBAL_JOB_ID),
-                      args=("--require-walltime",))
+    out, _ = run_hook(
+        scratch, config, job_ad_text(GlobalJobId=GLOBAL_JOB_ID), args=("--require-walltime",)
+    )
     assert out["HookStatusCode"] == 78 and "no wall time" in out["HookStatusMessage"]
 
 
@@ -239,15 +259,17 @@ def test_hook_holds_when_parent_revoked(srv: DevServer, scratch: Path, tmp_path:
     mt = srv.issue_mytoken(capabilities=["AT", "create_mytoken"])
     with MytokenClient(srv.url, allow_http=True) as client:
         client.revoke(mt)
-    config = toml_config(tmp_path / "site.toml", server=srv.url,
-                         parent=write_secret(tmp_path / "revoked", mt))
+    config = toml_config(
+        tmp_path / "site.toml", server=srv.url, parent=write_secret(tmp_path / "revoked", mt)
+    )
     out, _ = run_hook(scratch, config, standard_ad())
     assert out["HookStatusCode"] == 77
 
 
 def test_hook_requeues_when_server_down(parent_file: Path, scratch: Path, tmp_path: Path) -> None:
-    config = toml_config(tmp_path / "site.toml", server=closed_port_url(), parent=parent_file,
-                         timeout_s=2.0)
+    config = toml_config(
+        tmp_path / "site.toml", server=closed_port_url(), parent=parent_file, timeout_s=2.0
+    )
     out, _ = run_hook(scratch, config, standard_ad())
     assert out["HookStatusCode"] == 375  # requeue, not hold
     assert "Environment" not in out
@@ -266,8 +288,9 @@ def test_hook_requeues_at_its_deadline(
     assert "gave up after 1 s" in out["HookStatusMessage"]
 
 
-def test_hook_holds_on_unwritable_scratch(parent_file: Path, srv: DevServer,
-                                          tmp_path: Path) -> None:
+def test_hook_holds_on_unwritable_scratch(
+    parent_file: Path, srv: DevServer, tmp_path: Path
+) -> None:
     not_a_dir = tmp_path / "scratch-is-a-file"
     not_a_dir.write_text("x")
     config = toml_config(tmp_path / "site.toml", server=srv.url, parent=parent_file)
@@ -281,8 +304,12 @@ def test_hook_ignores_jobtoken_variables_from_the_job(
 ) -> None:
     # a job must not redirect the site's mytoken to a server of its choice
     config = toml_config(tmp_path / "site.toml", server=srv.url, parent=parent_file)
-    out, _ = run_hook(scratch, config, standard_ad(),
-                      env={"JOBTOKEN_SERVER": closed_port_url(), "JOBTOKEN_CONFIG": "/nope"})
+    out, _ = run_hook(
+        scratch,
+        config,
+        standard_ad(),
+        env={"JOBTOKEN_SERVER": closed_port_url(), "JOBTOKEN_CONFIG": "/nope"},
+    )
     assert out["HookStatusCode"] == 0
 
 
@@ -291,12 +318,18 @@ def test_hook_ignores_jobtoken_variables_from_the_job(
 
 def test_read_job_ad_refuses_truncated_ads() -> None:
     with pytest.raises(ConfigError, match="read 1 of 2 lines"):
-        read_job_ad('A = 1\nB = = 2\n')
+        read_job_ad("A = 1\nB = = 2\n")
 
 
 def test_job_request_walltime_units_and_vo() -> None:
-    ad = read_job_ad(job_ad_text(GlobalJobId="a#1.0#2", MaxWallTimeMins=2,
-                                 AcctGroup="group_atlas.prod", JobtokenPath="/atlas/user/x"))
+    ad = read_job_ad(
+        job_ad_text(
+            GlobalJobId="a#1.0#2",
+            MaxWallTimeMins=2,
+            AcctGroup="group_atlas.prod",
+            JobtokenPath="/atlas/user/x",
+        )
+    )
     request = job_request_from_ad(ad)
     assert request.job.walltime_s == 120.0 and request.walltime_source == "MaxWallTimeMins"
     assert request.job.vo == "atlas"
@@ -328,8 +361,13 @@ def test_exit_hook_revokes_and_removes_files(
     assert out["HookStatusCode"] == 0
     job_mt = (scratch / ".jobtoken" / "mytoken").read_text()
     proc = subprocess.run(
-        [str(CONDOR_DIR / "jobtoken-exit-hook"), "exit"], input="", capture_output=True,
-        text=True, env=base_env(_CONDOR_SCRATCH_DIR=str(scratch)), cwd=scratch, timeout=40,
+        [str(CONDOR_DIR / "jobtoken-exit-hook"), "exit"],
+        input="",
+        capture_output=True,
+        text=True,
+        env=base_env(_CONDOR_SCRATCH_DIR=str(scratch)),
+        cwd=scratch,
+        timeout=40,
     )
     assert proc.returncode == 0, proc.stderr
     assert not (scratch / ".jobtoken" / "mytoken").exists()
@@ -356,8 +394,9 @@ def test_exit_hook_is_bounded_when_server_hangs(
 
 def test_publish_chirp_sends_delayed_attributes(tmp_path: Path, mocker: Any) -> None:
     tokendir = TokenDir.create(tmp_path / "tok")
-    tokendir.write_state(RenewalState(job_id="j", expires_at=1_800_000_123.7, renewals=4,
-                                      consecutive_failures=2))
+    tokendir.write_state(
+        RenewalState(job_id="j", expires_at=1_800_000_123.7, renewals=4, consecutive_failures=2)
+    )
     chirp = mocker.MagicMock()
     factory = mocker.MagicMock(return_value=chirp)
     chirp.__enter__.return_value = chirp
@@ -389,13 +428,24 @@ def test_credd_chain_storer_credmon_starter_hook(
     from jobtoken.integrations.condor_credmon import scan_credentials
     from jobtoken.integrations.condor_storer import run_storer
 
-    user_mt = write_secret(tmp_path / "mt_user", srv.issue_mytoken(
-        capabilities=["AT", "create_mytoken"], restrictions=[{"scope": "storage.create:/dteam"}]))
+    user_mt = write_secret(
+        tmp_path / "mt_user",
+        srv.issue_mytoken(
+            capabilities=["AT", "create_mytoken"], restrictions=[{"scope": "storage.create:/dteam"}]
+        ),
+    )
     credd = mocker.MagicMock()
-    ap_config = Config(server=ServerConfig(url=srv.url, allow_http=True),
-                       token=TokenConfig(mytoken_file=str(user_mt)))
-    run_storer(ap_config, ["jobtoken&handle=out&scopes=storage.create:/dteam"],
-               env={"CONDOR_CREDENTIAL_STORER_MODE": "vault"}, lifetime_s=3600, credd=credd)
+    ap_config = Config(
+        server=ServerConfig(url=srv.url, allow_http=True),
+        token=TokenConfig(mytoken_file=str(user_mt)),
+    )
+    run_storer(
+        ap_config,
+        ["jobtoken&handle=out&scopes=storage.create:/dteam"],
+        env={"CONDOR_CREDENTIAL_STORER_MODE": "vault"},
+        lifetime_s=3600,
+        credd=credd,
+    )
     cred_dir = tmp_path / "oauth_credentials"
     (cred_dir / "alice").mkdir(parents=True, mode=0o700)
     os.chmod(cred_dir, 0o700)
@@ -411,8 +461,9 @@ def test_credd_chain_storer_credmon_starter_hook(
     ad = standard_ad(OAuthServicesNeeded="jobtoken_out")  # no JobtokenScope: from the .use
     out, _ = run_hook(scratch, config, ad, env={"_CONDOR_CREDS": str(creds)})
     assert out["HookStatusCode"] == 0, out.get("HookStatusMessage")
-    claims = jwt.decode((scratch / ".jobtoken" / "bt").read_text().strip(),
-                        options={"verify_signature": False})
+    claims = jwt.decode(
+        (scratch / ".jobtoken" / "bt").read_text().strip(), options={"verify_signature": False}
+    )
     assert claims["scope"] == "storage.create:/dteam"
     # 90 min of wall time, but the submission mytoken lives 1 h: the chain is capped, and said so
     assert "expires before the job's wall time ends" in out["HookStatusMessage"]

@@ -36,9 +36,16 @@ NOW = 1_800_000_000.0
 
 
 def top_json(mytoken: str, expires_at: float = NOW + 3600) -> str:
-    return json.dumps({"mytoken": mytoken, "mytoken_server": "https://mytoken.example",
-                       "mom_id": "m-1", "expires_at": int(expires_at),
-                       "scopes": ["storage.create:/dteam"], "audiences": []})
+    return json.dumps(
+        {
+            "mytoken": mytoken,
+            "mytoken_server": "https://mytoken.example",
+            "mom_id": "m-1",
+            "expires_at": int(expires_at),
+            "scopes": ["storage.create:/dteam"],
+            "audiences": [],
+        }
+    )
 
 
 @pytest.fixture
@@ -126,12 +133,22 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def test_credmon_daemon_rescans_on_sighup_and_stops_on_term(srv: DevServer,
-                                                             cred_dir: Path) -> None:
+def test_credmon_daemon_rescans_on_sighup_and_stops_on_term(srv: DevServer, cred_dir: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobtoken", "credmon", "--cred-dir", str(cred_dir),
-         "--interval", "3600"], env=base_env(), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "jobtoken",
+            "credmon",
+            "--cred-dir",
+            str(cred_dir),
+            "--interval",
+            "3600",
+        ],
+        env=base_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for(lambda: (cred_dir / COMPLETE_MARKER).exists())
         assert int((cred_dir / PID_FILE).read_text()) == proc.pid

@@ -33,9 +33,12 @@ from .conftest import AUDIENCE, write_secret
 
 @pytest.fixture
 def user_mytoken(srv: DevServer, tmp_path: Path) -> Path:
-    mt = srv.issue_mytoken(capabilities=["AT", "create_mytoken", "tokeninfo"],
-                           restrictions=[{"scope": "storage.create:/dteam storage.read:/dteam",
-                                          "audience": [AUDIENCE]}])
+    mt = srv.issue_mytoken(
+        capabilities=["AT", "create_mytoken", "tokeninfo"],
+        restrictions=[
+            {"scope": "storage.create:/dteam storage.read:/dteam", "audience": [AUDIENCE]}
+        ],
+    )
     return write_secret(tmp_path / "mt_user", mt)
 
 
@@ -54,8 +57,12 @@ def introspect_restrictions(srv: DevServer, mytoken: str) -> Dict[str, Any]:
 
 def test_submission_mytoken_is_restricted(srv: DevServer, user_mytoken: Path) -> None:
     token = mint_submission_mytoken(
-        config_for(srv), MytokenSource(path=user_mytoken), scopes=["storage.create:/dteam"],
-        audiences=[AUDIENCE], lifetime_s=3600, max_jobs=10,
+        config_for(srv),
+        MytokenSource(path=user_mytoken),
+        scopes=["storage.create:/dteam"],
+        audiences=[AUDIENCE],
+        lifetime_s=3600,
+        max_jobs=10,
     )
     seen = introspect_restrictions(srv, token.mytoken)
     assert set(seen["capabilities"]) == {"AT", "create_mytoken"}
@@ -68,15 +75,23 @@ def test_submission_mytoken_is_restricted(srv: DevServer, user_mytoken: Path) ->
 
 def test_submission_mytoken_cannot_widen(srv: DevServer, user_mytoken: Path) -> None:
     with pytest.raises(MytokenRejectedError):
-        mint_submission_mytoken(config_for(srv), MytokenSource(path=user_mytoken),
-                                scopes=["storage.create:/"], lifetime_s=600)
+        mint_submission_mytoken(
+            config_for(srv),
+            MytokenSource(path=user_mytoken),
+            scopes=["storage.create:/"],
+            lifetime_s=600,
+        )
 
 
 def test_submission_needs_create_mytoken(srv: DevServer, tmp_path: Path) -> None:
     at_only = write_secret(tmp_path / "mt", srv.issue_mytoken(capabilities=["AT"]))
     with pytest.raises(MytokenRejectedError):
-        mint_submission_mytoken(config_for(srv), MytokenSource(path=at_only),
-                                scopes=["storage.create:/dteam"], lifetime_s=600)
+        mint_submission_mytoken(
+            config_for(srv),
+            MytokenSource(path=at_only),
+            scopes=["storage.create:/dteam"],
+            lifetime_s=600,
+        )
 
 
 def test_find_user_mytoken_where_the_mytoken_cli_keeps_it(tmp_path: Path) -> None:
@@ -85,7 +100,8 @@ def test_find_user_mytoken_where_the_mytoken_cli_keeps_it(tmp_path: Path) -> Non
     assert found.path == path
     configured = Config(token=Config().token.__class__(mytoken_file="/nonexistent/mt"))
     assert find_user_mytoken(configured, {"XDG_RUNTIME_DIR": str(tmp_path)}).path == Path(
-        "/nonexistent/mt")  # an explicit file wins over discovery
+        "/nonexistent/mt"
+    )  # an explicit file wins over discovery
 
 
 # --- include command ------------------------------------------------------------------------
@@ -104,9 +120,25 @@ def test_include_command_output_parses_and_appends(
     srv: DevServer, user_mytoken: Path, tmp_path: Path, capsys: Any, user_lists: bool
 ) -> None:
     out_dir = tmp_path / "state"
-    rc = cli.main(["condor", "submit", "--server", srv.url, "--allow-http",
-                   "--mytoken-file", str(user_mytoken), "--scope", "storage.create:/dteam",
-                   "--audience", AUDIENCE, "--lifetime", "3600", "--out-dir", str(out_dir)])
+    rc = cli.main(
+        [
+            "condor",
+            "submit",
+            "--server",
+            srv.url,
+            "--allow-http",
+            "--mytoken-file",
+            str(user_mytoken),
+            "--scope",
+            "storage.create:/dteam",
+            "--audience",
+            AUDIENCE,
+            "--lifetime",
+            "3600",
+            "--out-dir",
+            str(out_dir),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     user = USER_SUBMIT if user_lists else "executable = analysis.sh\n"
@@ -128,14 +160,27 @@ def test_include_command_output_parses_and_appends(
     assert stat.S_IMODE(Path(mt_path).stat().st_mode) == 0o600
     assert stat.S_IMODE(Path(mt_path).parent.stat().st_mode) == 0o700
     assert introspect_restrictions(srv, secret)["restrictions"][0]["scope"] == (
-        "storage.create:/dteam")
+        "storage.create:/dteam"
+    )
 
 
-def test_include_command_fails_cleanly_without_mytoken(tmp_path: Path, capsys: Any,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_include_command_fails_cleanly_without_mytoken(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
-    rc = cli.main(["condor", "submit", "--server", "http://127.0.0.1:9", "--allow-http",
-                   "--mytoken-file", str(tmp_path / "missing"), "--scope", "storage.read:/x"])
+    rc = cli.main(
+        [
+            "condor",
+            "submit",
+            "--server",
+            "http://127.0.0.1:9",
+            "--allow-http",
+            "--mytoken-file",
+            str(tmp_path / "missing"),
+            "--scope",
+            "storage.read:/x",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 78 and captured.out == ""
     assert "does not exist" in captured.err
@@ -145,8 +190,9 @@ def test_include_command_fails_cleanly_without_mytoken(tmp_path: Path, capsys: A
 
 
 def test_parse_storer_argument() -> None:
-    req = parse_storer_argument("jobtoken&handle=prod&scopes=storage.read:/a,storage.create:/b"
-                                "&audience=https://se")
+    req = parse_storer_argument(
+        "jobtoken&handle=prod&scopes=storage.read:/a,storage.create:/b&audience=https://se"
+    )
     assert req.service == "jobtoken" and req.handle == "prod" and req.name == "jobtoken_prod"
     assert req.scopes == ("storage.read:/a", "storage.create:/b")
     assert req.audiences == ("https://se",)
@@ -161,10 +207,17 @@ def test_storer_stores_restricted_mytoken_as_top(
 ) -> None:
     credd = mocker.MagicMock()
     env = {"CONDOR_CREDENTIAL_STORER_MODE": "vault"}
-    config = Config(server=config_for(srv).server,
-                    token=config_for(srv).token.__class__(mytoken_file=str(user_mytoken)))
-    names = run_storer(config, [f"jobtoken&handle=prod&scopes=storage.create:/dteam&audience="
-                                f"{AUDIENCE}"], env=env, lifetime_s=3600, credd=credd)
+    config = Config(
+        server=config_for(srv).server,
+        token=config_for(srv).token.__class__(mytoken_file=str(user_mytoken)),
+    )
+    names = run_storer(
+        config,
+        [f"jobtoken&handle=prod&scopes=storage.create:/dteam&audience={AUDIENCE}"],
+        env=env,
+        lifetime_s=3600,
+        credd=credd,
+    )
     assert names == ["jobtoken_prod"]
     (call,) = credd.add_user_service_cred.call_args_list
     assert call.kwargs["credtype"] == htcondor2.CredType.OAuth
@@ -177,8 +230,9 @@ def test_storer_stores_restricted_mytoken_as_top(
     assert top["mytoken_server"] == srv.url and top["mom_id"]
 
 
-def test_storer_cli_exit_codes(srv: DevServer, tmp_path: Path, capsys: Any,
-                               monkeypatch: pytest.MonkeyPatch, mocker: Any) -> None:
+def test_storer_cli_exit_codes(
+    srv: DevServer, tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch, mocker: Any
+) -> None:
     monkeypatch.setenv("CONDOR_CREDENTIAL_STORER_MODE", "pelican")
     assert cli.main(["condor", "storer", "jobtoken"]) == 2
     assert "vault-classified" in capsys.readouterr().err
@@ -186,8 +240,16 @@ def test_storer_cli_exit_codes(srv: DevServer, tmp_path: Path, capsys: Any,
     at_only = write_secret(tmp_path / "mt", srv.issue_mytoken(capabilities=["AT"]))
     monkeypatch.setenv("JOBTOKEN_MYTOKEN_FILE", str(at_only))
     mocker.patch("htcondor2.Credd")
-    rc = cli.main(["condor", "storer", "--server", srv.url, "--allow-http",
-                   "jobtoken&scopes=storage.create:/dteam"])
+    rc = cli.main(
+        [
+            "condor",
+            "storer",
+            "--server",
+            srv.url,
+            "--allow-http",
+            "jobtoken&scopes=storage.create:/dteam",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 77 and err.startswith("\n")  # condor_submit aborts with our one line
     assert len(err.strip().splitlines()) == 1

@@ -33,8 +33,12 @@ def site_config(srv_url: str, parent: Path) -> Config:
     return Config(
         server=ServerConfig(url=srv_url, allow_http=True, timeout_s=5.0),
         token=TokenConfig(audiences=(AUDIENCE,)),
-        site=SiteConfig(parent_mytoken_file=str(parent), vo="dteam",
-                        allowed_audiences=(AUDIENCE,), default_walltime_s=3600.0),
+        site=SiteConfig(
+            parent_mytoken_file=str(parent),
+            vo="dteam",
+            allowed_audiences=(AUDIENCE,),
+            default_walltime_s=3600.0,
+        ),
     )
 
 
@@ -53,23 +57,38 @@ def sandbox(srv: DevServer, parent_file: Path, tmp_path: Path) -> Dict[str, Path
     scratch = outer  # vanilla universe: scratch = outer sandbox
     scratch.mkdir(mode=0o700)
     tokendir = scratch / ".jobtoken"
-    prepare_job(site_config(srv.url, parent_file), JobInfo("ap#1.0#2", walltime_s=600),
-                directory=str(tokendir))
+    prepare_job(
+        site_config(srv.url, parent_file),
+        JobInfo("ap#1.0#2", walltime_s=600),
+        directory=str(tokendir),
+    )
     return {"scratch": scratch, "tokendir": tokendir, "failure": outer / ".job_wrapper_failure"}
 
 
 def run_as_starter(sandbox: Dict[str, Path], argv: List[str]) -> subprocess.CompletedProcess:
-    env = base_env(_CONDOR_SCRATCH_DIR=str(sandbox["scratch"]),
-                   _CONDOR_WRAPPER_ERROR_FILE=str(sandbox["failure"]),
-                   BEARER_TOKEN="stale-token-from-the-job-environment")
-    return subprocess.run([WRAPPER, *argv], cwd=sandbox["scratch"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    env = base_env(
+        _CONDOR_SCRATCH_DIR=str(sandbox["scratch"]),
+        _CONDOR_WRAPPER_ERROR_FILE=str(sandbox["failure"]),
+        BEARER_TOKEN="stale-token-from-the-job-environment",
+    )
+    return subprocess.run(
+        [WRAPPER, *argv],
+        cwd=sandbox["scratch"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def payload_checking_token(code: int) -> List[str]:
     """A real payload that fails (99) unless it got the token the way WLCG tools look for it."""
-    return ["/bin/sh", "-c", 'test -s "$BEARER_TOKEN_FILE" && test -z "${BEARER_TOKEN:-}" && '
-            f'test -d "$JOBTOKEN_DIR" || exit 99; exit {code}']
+    return [
+        "/bin/sh",
+        "-c",
+        'test -s "$BEARER_TOKEN_FILE" && test -z "${BEARER_TOKEN:-}" && '
+        f'test -d "$JOBTOKEN_DIR" || exit 99; exit {code}',
+    ]
 
 
 @pytest.mark.parametrize("code", [0, 1, 255])
@@ -92,8 +111,11 @@ def test_condor_wrapper_death_by_term_is_seen_by_the_starter(sandbox: Dict[str, 
 
 
 def test_condor_wrapper_without_token_dir_just_execs(tmp_path: Path) -> None:
-    box = {"scratch": tmp_path, "tokendir": tmp_path / ".jobtoken",
-           "failure": tmp_path / ".job_wrapper_failure"}
+    box = {
+        "scratch": tmp_path,
+        "tokendir": tmp_path / ".jobtoken",
+        "failure": tmp_path / ".job_wrapper_failure",
+    }
     proc = run_as_starter(box, [*EXIT_WITH, "code", "3"])
     assert proc.returncode == 3 and not box["failure"].exists()
 
@@ -117,9 +139,15 @@ def test_condor_wrapper_reports_sidecar_start_failure(sandbox: Dict[str, Path]) 
 
 def pilot_env(srv_url: str, parent: Path, work: Path, **extra: str) -> Dict[str, str]:
     return base_env(
-        JOBTOKEN_SERVER=srv_url, JOBTOKEN_ALLOW_HTTP="1", JOBTOKEN_PARENT_MYTOKEN_FILE=str(parent),
-        JOBTOKEN_VO="dteam", JOBTOKEN_AUDIENCE=AUDIENCE, JOBTOKEN_WORK_DIR=str(work),
-        JOBTOKEN_JOB_ID="pilot-42", JOBTOKEN_WALLTIME="600", **extra,
+        JOBTOKEN_SERVER=srv_url,
+        JOBTOKEN_ALLOW_HTTP="1",
+        JOBTOKEN_PARENT_MYTOKEN_FILE=str(parent),
+        JOBTOKEN_VO="dteam",
+        JOBTOKEN_AUDIENCE=AUDIENCE,
+        JOBTOKEN_WORK_DIR=str(work),
+        JOBTOKEN_JOB_ID="pilot-42",
+        JOBTOKEN_WALLTIME="600",
+        **extra,
     )
 
 
@@ -127,10 +155,21 @@ def pilot_env(srv_url: str, parent: Path, work: Path, **extra: str) -> Dict[str,
 def test_pilot_wrapper_runs_payload_with_token(
     srv: DevServer, parent_file: Path, tmp_path: Path, mode: str, code: int
 ) -> None:
-    env = pilot_env(srv.url, parent_file, tmp_path, JOBTOKEN_WRAP_MODE=mode,
-                    JOBTOKEN_DIR=str(tmp_path / "tok"), BEARER_TOKEN="stale")
-    proc = subprocess.run([PILOT_WRAP, "--", *payload_checking_token(code)], env=env,
-                          capture_output=True, text=True, timeout=60)
+    env = pilot_env(
+        srv.url,
+        parent_file,
+        tmp_path,
+        JOBTOKEN_WRAP_MODE=mode,
+        JOBTOKEN_DIR=str(tmp_path / "tok"),
+        BEARER_TOKEN="stale",
+    )
+    proc = subprocess.run(
+        [PILOT_WRAP, "--", *payload_checking_token(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == code, proc.stderr
     wait_sidecar_gone(tmp_path / "tok")
     assert not (tmp_path / "tok" / "mytoken").exists()  # job mytoken revoked and deleted
@@ -140,25 +179,30 @@ def test_pilot_wrapper_runs_payload_with_token(
 def test_pilot_wrapper_death_by_term_passes(
     srv: DevServer, parent_file: Path, tmp_path: Path, mode: str
 ) -> None:
-    env = pilot_env(srv.url, parent_file, tmp_path, JOBTOKEN_WRAP_MODE=mode,
-                    JOBTOKEN_DIR=str(tmp_path / "tok"))
-    proc = subprocess.run([PILOT_WRAP, *EXIT_WITH, "signal", "15"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    env = pilot_env(
+        srv.url, parent_file, tmp_path, JOBTOKEN_WRAP_MODE=mode, JOBTOKEN_DIR=str(tmp_path / "tok")
+    )
+    proc = subprocess.run(
+        [PILOT_WRAP, *EXIT_WITH, "signal", "15"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == -15, proc.stderr
     wait_sidecar_gone(tmp_path / "tok")
 
 
-def test_pilot_wrapper_server_down_fails_before_payload(parent_file: Path,
-                                                        tmp_path: Path) -> None:
+def test_pilot_wrapper_server_down_fails_before_payload(parent_file: Path, tmp_path: Path) -> None:
     marker = tmp_path / "payload-ran"
     env = pilot_env(closed_port_url(), parent_file, tmp_path, JOBTOKEN_TIMEOUT="1")
-    proc = subprocess.run([PILOT_WRAP, "/bin/touch", str(marker)], env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [PILOT_WRAP, "/bin/touch", str(marker)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 75, proc.stderr
     assert not marker.exists()
 
 
 def test_pilot_wrapper_usage(tmp_path: Path) -> None:
-    proc = subprocess.run([PILOT_WRAP], env=base_env(), capture_output=True, text=True,
-                          timeout=10)
+    proc = subprocess.run([PILOT_WRAP], env=base_env(), capture_output=True, text=True, timeout=10)
     assert proc.returncode == 2 and "usage" in proc.stderr

@@ -71,8 +71,9 @@ def _cmd_prepare_hook(args: argparse.Namespace) -> int:
         from .condor import HookResult, hook_status_code
 
         error = exc if isinstance(exc, JobtokenError) else ConfigError(str(exc))
-        sys.stdout.write(HookResult(hook_status_code(error),
-                                    f"jobtoken: {error.message}").classad_text())
+        sys.stdout.write(
+            HookResult(hook_status_code(error), f"jobtoken: {error.message}").classad_text()
+        )
         return 0
     options = HookOptions(
         creds_service=args.creds_service,
@@ -85,8 +86,9 @@ def _cmd_prepare_hook(args: argparse.Namespace) -> int:
         from .condor import HookResult
 
         logger.error("prepare hook internal error: %s: %s", type(exc).__name__, exc)
-        result = HookResult(1, f"jobtoken: internal error in the prepare hook "
-                               f"({type(exc).__name__})")
+        result = HookResult(
+            1, f"jobtoken: internal error in the prepare hook ({type(exc).__name__})"
+        )
     sys.stdout.write(result.classad_text())
     sys.stdout.flush()
     return 0
@@ -153,18 +155,32 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     config = cli._config_from(args)
     source = find_user_mytoken(config, os.environ)
     token = mint_submission_mytoken(
-        config, source, scopes=config.token.scopes, audiences=config.token.audiences,
-        lifetime_s=args.lifetime, max_jobs=args.max_jobs, env=os.environ,
+        config,
+        source,
+        scopes=config.token.scopes,
+        audiences=config.token.audiences,
+        lifetime_s=args.lifetime,
+        max_jobs=args.max_jobs,
+        env=os.environ,
     )
-    base = Path(args.out_dir or os.environ.get("JOBTOKEN_SUBMIT_DIR") or
-                Path.home() / ".local" / "state" / "jobtoken" / "submit")
+    base = Path(
+        args.out_dir
+        or os.environ.get("JOBTOKEN_SUBMIT_DIR")
+        or Path.home() / ".local" / "state" / "jobtoken" / "submit"
+    )
     directory = _submit_dir(base, token.expires_at)
     path = directory / "jobtoken_submission.mytoken"
     write_secret_file(path, token.mytoken, newline=False)
-    sys.stdout.write(submit_commands(
-        mytoken_path=str(path.resolve()), server_url=token.server_url, scopes=token.scopes,
-        audiences=token.audiences, mom_id=token.mom_id, expires_at=token.expires_at,
-    ))
+    sys.stdout.write(
+        submit_commands(
+            mytoken_path=str(path.resolve()),
+            server_url=token.server_url,
+            scopes=token.scopes,
+            audiences=token.audiences,
+            mom_id=token.mom_id,
+            expires_at=token.expires_at,
+        )
+    )
     return 0
 
 
@@ -192,23 +208,41 @@ def _register_condor(sub: Any, name: str) -> None:
     h = csub.add_parser("prepare-hook", help="<KEYWORD>_HOOK_PREPARE_JOB: job ad on stdin")
     cli._common(h)
     cli._server_options(h)
-    h.add_argument("--creds-service", default="jobtoken", metavar="NAME",
-                   help="look for $_CONDOR_CREDS/NAME.use (default jobtoken)")
-    h.add_argument("--require-walltime", action="store_true",
-                   help="hold jobs whose ad has no wall time (default: use site default)")
-    h.add_argument("--deadline", type=float, default=120.0, metavar="S",
-                   help="give up (requeue) after S seconds in all (default 120)")
+    h.add_argument(
+        "--creds-service",
+        default="jobtoken",
+        metavar="NAME",
+        help="look for $_CONDOR_CREDS/NAME.use (default jobtoken)",
+    )
+    h.add_argument(
+        "--require-walltime",
+        action="store_true",
+        help="hold jobs whose ad has no wall time (default: use site default)",
+    )
+    h.add_argument(
+        "--deadline",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="give up (requeue) after S seconds in all (default 120)",
+    )
     h.set_defaults(func=_cmd_prepare_hook)
 
     h = csub.add_parser("exit-hook", help="<KEYWORD>_HOOK_JOB_EXIT: revoke and clean up")
     cli._common(h)
     h.add_argument("reason", nargs="?", default="exit", help="exit, remove, hold or evict")
-    h.add_argument("--timeout", type=float, default=25.0, metavar="S",
-                   help="give up revoking after S seconds (HTCondor waits 30)")
+    h.add_argument(
+        "--timeout",
+        type=float,
+        default=25.0,
+        metavar="S",
+        help="give up revoking after S seconds (HTCondor waits 30)",
+    )
     h.set_defaults(func=_cmd_exit_hook)
 
-    h = csub.add_parser("update-hook",
-                        help="<KEYWORD>_HOOK_UPDATE_JOB_INFO: token status into the job ad (Chirp)")
+    h = csub.add_parser(
+        "update-hook", help="<KEYWORD>_HOOK_UPDATE_JOB_INFO: token status into the job ad (Chirp)"
+    )
     cli._common(h)
     h.add_argument("--dir", metavar="DIR", help="token directory (default scratch/.jobtoken)")
     h.set_defaults(func=_cmd_update_hook)
@@ -223,22 +257,42 @@ def _register_condor(sub: Any, name: str) -> None:
     cli._common(h)
     cli._server_options(h)
     cli._token_options(h)
-    h.add_argument("--lifetime", type=float, default=7 * 24 * 3600.0, metavar="S",
-                   help="the submission mytoken's lifetime (default 7 days)")
-    h.add_argument("--max-jobs", type=int, metavar="N",
-                   help="at most N jobs can mint their job token from it (usages_other)")
-    h.add_argument("--out-dir", metavar="DIR",
-                   help="where to keep it (default ~/.local/state/jobtoken/submit)")
+    h.add_argument(
+        "--lifetime",
+        type=float,
+        default=7 * 24 * 3600.0,
+        metavar="S",
+        help="the submission mytoken's lifetime (default 7 days)",
+    )
+    h.add_argument(
+        "--max-jobs",
+        type=int,
+        metavar="N",
+        help="at most N jobs can mint their job token from it (usages_other)",
+    )
+    h.add_argument(
+        "--out-dir", metavar="DIR", help="where to keep it (default ~/.local/state/jobtoken/submit)"
+    )
     h.set_defaults(func=_cmd_submit)
 
     h = csub.add_parser("storer", help="SEC_CREDENTIAL_STORER program (run by condor_submit)")
     cli._common(h)
     cli._server_options(h)
-    h.add_argument("credentials", nargs="*", metavar="SERVICE&...",
-                   help="service[&handle=H][&scopes=S][&audience=A] as condor_submit passes")
+    h.add_argument(
+        "credentials",
+        nargs="*",
+        metavar="SERVICE&...",
+        help="service[&handle=H][&scopes=S][&audience=A] as condor_submit passes",
+    )
     h.add_argument("--lifetime", type=float, default=7 * 24 * 3600.0, metavar="S")
-    h.set_defaults(func=_cmd_storer, scope=None, audience=None, mytoken_file=None,
-                   mytoken_env=None, trusted_issuer=None)
+    h.set_defaults(
+        func=_cmd_storer,
+        scope=None,
+        audience=None,
+        mytoken_file=None,
+        mytoken_env=None,
+        trusted_issuer=None,
+    )
 
 
 # --- jobtoken credmon ---------------------------------------------------------------------------
@@ -254,9 +308,14 @@ def _cmd_credmon(args: argparse.Namespace) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         root.addHandler(handler)
     cred_dir = Path(args.cred_dir) if args.cred_dir else default_cred_dir()
-    return run_credmon(cred_dir, interval_s=args.interval, once=args.once,
-                       providers=args.provider or None, write_pid=not args.no_pid_file,
-                       on_ready=tell_master_ready)
+    return run_credmon(
+        cred_dir,
+        interval_s=args.interval,
+        once=args.once,
+        providers=args.provider or None,
+        write_pid=not args.no_pid_file,
+        on_ready=tell_master_ready,
+    )
 
 
 def _register_credmon(sub: Any, name: str) -> None:
@@ -268,14 +327,24 @@ def _register_credmon(sub: Any, name: str) -> None:
         "write <name>.use (atomic), touch CREDMON_COMPLETE, rescan on SIGHUP.",
     )
     cli._common(p)
-    p.add_argument("--cred-dir", metavar="DIR",
-                   help="credential directory (default SEC_CREDENTIAL_DIRECTORY_OAUTH)")
+    p.add_argument(
+        "--cred-dir",
+        metavar="DIR",
+        help="credential directory (default SEC_CREDENTIAL_DIRECTORY_OAUTH)",
+    )
     p.add_argument("--interval", type=float, default=60.0, metavar="S", help="rescan period")
     p.add_argument("--once", action="store_true", help="scan once and exit")
-    p.add_argument("--provider", action="append", metavar="NAME",
-                   help="only these service names (default: every jobtoken .top)")
-    p.add_argument("--no-pid-file", action="store_true",
-                   help="do not write <cred dir>/pid (another credmon owns the SIGHUP)")
+    p.add_argument(
+        "--provider",
+        action="append",
+        metavar="NAME",
+        help="only these service names (default: every jobtoken .top)",
+    )
+    p.add_argument(
+        "--no-pid-file",
+        action="store_true",
+        help="do not write <cred dir>/pid (another credmon owns the SIGHUP)",
+    )
     p.add_argument("--log-file", metavar="FILE", help="also log here")
     p.set_defaults(func=_cmd_credmon)
 
@@ -292,13 +361,22 @@ def _cmd_arc_stage0(args: argparse.Namespace) -> int:
     cli = _cli()
     config = _site_config(args)
     if args.parent_mytoken_file:
-        config = replace(config, site=replace(config.site,
-                                              parent_mytoken_file=args.parent_mytoken_file))
+        config = replace(
+            config, site=replace(config.site, parent_mytoken_file=args.parent_mytoken_file)
+        )
     # joboption_* are shell variables of ARC's submit script, not exported: the RTE passes them
-    grami = {"joboption_directory": args.session_dir, "joboption_gridid": args.job_id,
-             "joboption_walltime": args.walltime or ""}
-    stage0(config, grami, scope_templates=args.scope_template or (),
-           audiences=cli._split(args.job_audience) or (), vo=args.vo)
+    grami = {
+        "joboption_directory": args.session_dir,
+        "joboption_gridid": args.job_id,
+        "joboption_walltime": args.walltime or "",
+    }
+    stage0(
+        config,
+        grami,
+        scope_templates=args.scope_template or (),
+        audiences=cli._split(args.job_audience) or (),
+        vo=args.vo,
+    )
     return 0
 
 
@@ -319,8 +397,11 @@ def _cmd_arc_stage2(args: argparse.Namespace) -> int:
 
 def _register_arc(sub: Any, name: str) -> None:
     cli = _cli()
-    p = sub.add_parser(name, help="ARC-CE runtime environment stages (wrappers/arc/ENV/JOBTOKEN)",
-                       description="Called by the ENV/JOBTOKEN RTE. See docs/arc.md.")
+    p = sub.add_parser(
+        name,
+        help="ARC-CE runtime environment stages (wrappers/arc/ENV/JOBTOKEN)",
+        description="Called by the ENV/JOBTOKEN RTE. See docs/arc.md.",
+    )
     asub = p.add_subparsers(dest="arc_command", metavar="STAGE", parser_class=type(p))
     h = asub.add_parser("stage0", help="CE front end: mint the job mytoken into the session dir")
     cli._common(h)
@@ -329,8 +410,12 @@ def _register_arc(sub: Any, name: str) -> None:
     h.add_argument("--job-id", required=True, metavar="ID", help="$joboption_gridid")
     h.add_argument("--walltime", metavar="S", help="$joboption_walltime (seconds; may be empty)")
     h.add_argument("--parent-mytoken-file", metavar="FILE", help="the CE's robot/VO mytoken")
-    h.add_argument("--scope-template", action="append", metavar="TEMPLATE",
-                   help="e.g. storage.create:/{vo}/jobs/{job_id} (repeatable)")
+    h.add_argument(
+        "--scope-template",
+        action="append",
+        metavar="TEMPLATE",
+        help="e.g. storage.create:/{vo}/jobs/{job_id} (repeatable)",
+    )
     h.add_argument("--job-audience", action="append", metavar="AUD", help="token audience")
     h.add_argument("--vo", metavar="VO")
     h.set_defaults(func=_cmd_arc_stage0)

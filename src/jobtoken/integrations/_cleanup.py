@@ -73,14 +73,23 @@ def revoke_and_clean(
     revoked = True
     if (directory / "mytoken").exists():
         argv = (jobtoken_argv or [sys.executable, "-m", "jobtoken"]) + ["revoke", str(directory)]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+        )
         try:
             _out, err = proc.communicate(timeout=timeout_s)
             revoked = proc.returncode == 0
             if not revoked:
-                logger.warning("revocation failed rc=%d error=%s", proc.returncode,
-                               " ".join(err.decode("utf-8", "replace").split())[:200])
+                logger.warning(
+                    "revocation failed rc=%d error=%s",
+                    proc.returncode,
+                    " ".join(err.decode("utf-8", "replace").split())[:200],
+                )
         except subprocess.TimeoutExpired:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -105,4 +114,3 @@ def revoke_and_clean(
         except OSError as exc:
             logger.warning("cannot remove %s: %s", directory, exc.strerror)
     return revoked
-

@@ -171,9 +171,7 @@ def read_job_ad(text: str) -> Any:
     except Exception as exc:  # the bindings raise ClassAdException / ValueError
         raise ConfigError(f"job ad on stdin is malformed: {_one_line(str(exc), 120)}") from None
     if len(ad) < len(lines):
-        raise ConfigError(
-            f"job ad on stdin is malformed: read {len(ad)} of {len(lines)} lines"
-        )
+        raise ConfigError(f"job ad on stdin is malformed: read {len(ad)} of {len(lines)} lines")
     return ad
 
 
@@ -210,7 +208,7 @@ def _vo_from_ad(ad: Any) -> Optional[str]:
     group = _string_attr(ad, "AcctGroup")
     if group:
         first = group.split(".")[0]
-        return first[len("group_"):] if first.startswith("group_") else first
+        return first[len("group_") :] if first.startswith("group_") else first
     return None
 
 
@@ -266,8 +264,9 @@ def job_request_from_ad(ad: Any, *, require_walltime: bool = False) -> JobReques
         scopes=tuple(dict.fromkeys(scopes)),
         audiences=audiences,
     )
-    services = tuple(n.strip() for n in (_string_attr(ad, "OAuthServicesNeeded") or "").split(",")
-                     if n.strip())
+    services = tuple(
+        n.strip() for n in (_string_attr(ad, "OAuthServicesNeeded") or "").split(",") if n.strip()
+    )
     return JobRequest(
         job=job,
         mytoken_file=mytoken_file,
@@ -338,8 +337,9 @@ def _job_supplied_mytoken(
     if creds:
         service = options.creds_service
         # with a handle the credential is <service>_<handle>; '*' becomes '_' in file names
-        names = [n for n in request.oauth_services
-                 if n == service or n.startswith(service + "_")] + [service]
+        names = [
+            n for n in request.oauth_services if n == service or n.startswith(service + "_")
+        ] + [service]
         for name in names:
             file_name = name.replace("*", "_") + ".use"
             path = Path(creds) / file_name
@@ -386,10 +386,16 @@ def _fit_into_parent(
             f"the job's mytoken expires in {max(0.0, exp - now):.0f} s, too soon for job "
             f"{job.job_id} (submit again with a longer --lifetime)"
         )
-    logger.warning("job token chain shortened to the parent's expiry job=%s walltime_s=%.0f "
-                   "available_s=%.0f", job.job_id, walltime, room)
-    note = (f"jobtoken: the submission mytoken expires before the job's wall time ends; "
-            f"tokens until {int(exp)} only")
+    logger.warning(
+        "job token chain shortened to the parent's expiry job=%s walltime_s=%.0f available_s=%.0f",
+        job.job_id,
+        walltime,
+        room,
+    )
+    note = (
+        f"jobtoken: the submission mytoken expires before the job's wall time ends; "
+        f"tokens until {int(exp)} only"
+    )
     return replace(job, walltime_s=room), note
 
 
@@ -440,8 +446,7 @@ def run_prepare_hook(
     except JobtokenError as exc:
         code = hook_status_code(exc)
         verdict = "requeue" if code >= 300 else "hold"
-        logger.error("prepare hook failed verdict=%s code=%d error=%s", verdict, code,
-                     exc.message)
+        logger.error("prepare hook failed verdict=%s code=%d error=%s", verdict, code, exc.message)
         return HookResult(code, _one_line(f"jobtoken: {exc.message}"))
 
 
@@ -484,8 +489,11 @@ def _prepare_hook(
                 f"no mytoken for job {job.job_id}: none transferred, no "
                 f"$_CONDOR_CREDS/{options.creds_service}.use, no site.parent_mytoken_file"
             )
-        logger.info("parent mytoken from the site path=%s job=%s",
-                    config.site.parent_mytoken_file or config.token.mytoken_file, job.job_id)
+        logger.info(
+            "parent mytoken from the site path=%s job=%s",
+            config.site.parent_mytoken_file or config.token.mytoken_file,
+            job.job_id,
+        )
     try:
         prepared = prepare(config, job, directory=str(directory), env=env)
     finally:
@@ -512,11 +520,17 @@ def _prepare_hook(
             f"jobtoken: no wall time in the job ad; token chain sized for the site default "
             f"{config.site.default_walltime_s:.0f} s"
         )
-        logger.warning("no wall time in the job ad job=%s default_s=%.0f", job.job_id,
-                       config.site.default_walltime_s)
+        logger.warning(
+            "no wall time in the job ad job=%s default_s=%.0f",
+            job.job_id,
+            config.site.default_walltime_s,
+        )
     logger.info(
         "prepare hook done job=%s mom_id=%s dir=%s walltime_from=%s dropped=%s",
-        job.job_id, prepared.mom_id, directory, request.walltime_source or "default",
+        job.job_id,
+        prepared.mom_id,
+        directory,
+        request.walltime_source or "default",
         ",".join(dropped) or "-",
     )
     return HookResult(0, message, environment, prepared)
@@ -573,9 +587,9 @@ def chirp_values(tokendir: TokenDir) -> Dict[str, str]:
     return values
 
 
-def publish_chirp(tokendir: TokenDir, *, chirp_factory: Optional[Callable[[], Any]] = None) -> (
-    Dict[str, str]
-):
+def publish_chirp(
+    tokendir: TokenDir, *, chirp_factory: Optional[Callable[[], Any]] = None
+) -> Dict[str, str]:
     """Send the state as delayed Chirp updates; best effort, returns what was sent."""
     values = chirp_values(tokendir)
     if not values:

@@ -41,8 +41,15 @@ from .._errors import ConfigError, JobtokenError, TokenFileError
 from .._mytokenfile import check_mytoken_value
 from .._tokenfile import remove_secret_file, write_secret_file
 
-__all__ = ["COMPLETE_MARKER", "PID_FILE", "ScanReport", "check_cred_dir", "run_credmon",
-           "scan_credentials", "use_content"]
+__all__ = [
+    "COMPLETE_MARKER",
+    "PID_FILE",
+    "ScanReport",
+    "check_cred_dir",
+    "run_credmon",
+    "scan_credentials",
+    "use_content",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +145,9 @@ def scan_credentials(
                     continue
                 text = json.dumps(content, sort_keys=True)
                 if write_secret_file(use, text):
-                    logger.info("credential produced cred=%s mom_id=%s", label,
-                                content.get("mom_id") or "-")
+                    logger.info(
+                        "credential produced cred=%s mom_id=%s", label, content.get("mom_id") or "-"
+                    )
                     written.append(label)
                 else:
                     unchanged.append(label)
@@ -147,8 +155,9 @@ def scan_credentials(
                 message = exc.message if isinstance(exc, JobtokenError) else exc.strerror
                 logger.warning("credential skipped cred=%s error=%s", label, message)
                 errors.append(label)
-    return ScanReport(tuple(written), tuple(unchanged), tuple(expired), tuple(foreign),
-                      tuple(errors))
+    return ScanReport(
+        tuple(written), tuple(unchanged), tuple(expired), tuple(foreign), tuple(errors)
+    )
 
 
 def _mark_incomplete(cred_dir: Path) -> None:
@@ -190,6 +199,7 @@ def run_credmon(
     in_main = threading.current_thread() is threading.main_thread()
     previous: Dict[int, Any] = {}
     if in_main and not once:
+
         def on_hup(signum: int, frame: Any) -> None:
             wake.set()
 
@@ -197,8 +207,12 @@ def run_credmon(
             stop.set()
             wake.set()
 
-        for sig, handler in ((signal.SIGHUP, on_hup), (signal.SIGTERM, on_stop),
-                             (signal.SIGINT, on_stop), (signal.SIGQUIT, on_stop)):
+        for sig, handler in (
+            (signal.SIGHUP, on_hup),
+            (signal.SIGTERM, on_stop),
+            (signal.SIGINT, on_stop),
+            (signal.SIGQUIT, on_stop),
+        ):
             previous[sig] = signal.signal(sig, handler)
     try:
         if write_pid:
@@ -212,9 +226,13 @@ def run_credmon(
             started = real_clock.monotonic()
             report = scan_credentials(cred_dir, now=real_clock.now(), providers=providers)
             _mark_complete(cred_dir)
-            logger.debug("credmon scan written=%d unchanged=%d expired=%d errors=%d",
-                         len(report.written), len(report.unchanged), len(report.expired),
-                         len(report.errors))
+            logger.debug(
+                "credmon scan written=%d unchanged=%d expired=%d errors=%d",
+                len(report.written),
+                len(report.unchanged),
+                len(report.expired),
+                len(report.errors),
+            )
             if first and on_ready is not None:
                 on_ready()
             first = False
@@ -255,7 +273,7 @@ def default_cred_dir() -> Path:
     except ImportError:
         value = None
     if not value:
-        raise ConfigError("no credential directory: give --cred-dir or set "
-                          "SEC_CREDENTIAL_DIRECTORY_OAUTH")
+        raise ConfigError(
+            "no credential directory: give --cred-dir or set SEC_CREDENTIAL_DIRECTORY_OAUTH"
+        )
     return Path(value)
-

@@ -92,10 +92,12 @@ def parse_storer_argument(item: str) -> CredentialRequest:
             raise UsageError(f"storer argument for {service}: cannot read {key!r}")
         values[key] = unquote(value)
     scopes = tuple(s for part in values.get("scopes", "").split(",") for s in part.split() if s)
-    audiences = tuple(a for part in values.get("audience", "").split(",") for a in part.split()
-                      if a)
-    return CredentialRequest(service, values.get("handle") or None, scopes, audiences,
-                             values.get("options"))
+    audiences = tuple(
+        a for part in values.get("audience", "").split(",") for a in part.split() if a
+    )
+    return CredentialRequest(
+        service, values.get("handle") or None, scopes, audiences, values.get("options")
+    )
 
 
 def find_user_mytoken(config: Config, env: Mapping[str, str]) -> MytokenSource:
@@ -173,10 +175,20 @@ def mint_submission_mytoken(
             raise
     logger.info(
         "submission mytoken minted mom_id=%s scope=%s aud=%s exp=%d server=%s",
-        minted.mom_id, restriction["scope"], " ".join(audiences) or "-", restriction["exp"], url,
+        minted.mom_id,
+        restriction["scope"],
+        " ".join(audiences) or "-",
+        restriction["exp"],
+        url,
     )
-    return SubmissionToken(minted.mytoken, url, minted.mom_id, float(restriction["exp"]),
-                           tuple(scopes), tuple(audiences))
+    return SubmissionToken(
+        minted.mytoken,
+        url,
+        minted.mom_id,
+        float(restriction["exp"]),
+        tuple(scopes),
+        tuple(audiences),
+    )
 
 
 def _check_submission(minted: Any, restriction: Mapping[str, Any]) -> None:
@@ -244,8 +256,13 @@ def run_storer(
         scopes = request.scopes or config.token.scopes
         audiences = request.audiences or config.token.audiences
         token = mint_submission_mytoken(
-            config, source, scopes=scopes, audiences=audiences, lifetime_s=lifetime_s,
-            name=f"jobtoken condor {request.name}", env=env,
+            config,
+            source,
+            scopes=scopes,
+            audiences=audiences,
+            lifetime_s=lifetime_s,
+            name=f"jobtoken condor {request.name}",
+            env=env,
         )
         try:
             credd.add_user_service_cred(

@@ -1,0 +1,124 @@
+"""Helpers shared by the robustness tests: a prepared site, CLI runs, server-side checks.
+
+Reuses ``tests/runhelpers.py`` for the things it already does (argv, payloads, state);
+adds what the fault matrix needs on top: a site config *file* for the real CLI, a
+fingerprint of the parent mytoken file, and the server's view of live job mytokens.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import httpx
+
+from jobtoken._tokenfile import write_secret_file
+from tests.runhelpers import AUD, PARENT_CAPS, jobtoken_argv
+
+__all__ = [
+    "AUD",
+    "LONG",
+    "OP_SCOPES",
+    "Site",
+    "assert_one_line_error",
+    "fingerprint",
+    "join_new_threads",
+    "live_job_mytokens",
+    "make_site",
+]
+
+# Read at import: the suite's autouse fixture strips JOBTOKEN_* from each test's environment.
+LONG = os.environ.get("JOBTOKEN_LONG_TESTS", "") == "1"
+
+OP_SCOPES = ("storage.read:/", "storage.create:/")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A site as ``jobtoken prepare`` sees it: config file, parent mytoken, a job dir."""
+
+    root: Path
+    config: Path
+    parent: Path
+    parent_mytoken: str
+    job_dir: Path
+
+    def prepare_argv(self, job_id: str = "job-1", *extra: str) -> List[str]:
+        return jobtoken_argv(
+            "prepare", "--config", str(self.config), "--dir", str(self.job_dir),
+            "--job-id", job_id, "--walltime", "600", *extra,
+        )
+
+
+def make_site(srv: Any, root: Path, *, timeout_s: float = 1.0, lifetime_s: float = 300,
+              job_dir: Optional[Path] = None, **renewal: Any) -> Site:
+    """Issue a parent mytoken and write the site config file the CLI reads."""
+    root.mkdir(parents=True, exist_ok=True)
+    parent = root / "parent.mt"
+    mytoken = srv.issue_mytoken(capabilities=list(PARENT_CAPS))
+    write_secret_file(parent, mytoken, newline=False)
+    lines = [
+        "[server]",
+        f'url = "{srv.url}"',
+        "allow_http = true",
+        f"timeout_s = {timeout_s}",
+        "[site]",
+        f'parent_mytoken_file = "{parent}"',
+        'vo = "vo"',
+        'allowed_scopes = ["storage.create:/vo"]',
+        f'allowed_audiences = ["{AUD}"]',
+        f"expected_at_lifetime_s = {lifetime_s}",
+    ]
+    if renewal:
+        lines.append("[renewal]")
+        lines += [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"'
+                  for k, v in renewal.items()]
+    config = root / "jobtoken.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return Site(root, config, parent, mytoken, job_dir or root / "job")
+
+
+def fingerprint(path: Path) -> Tuple[bytes, int]:
+    """A file's exact bytes and permission bits."""
+    return path.read_bytes(), stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def live_job_mytokens(srv: Any, parent_mytoken: str) -> List[str]:
+    """Names of the parent's children the server still accepts (tokeninfo ``subtokens``)."""
+    with httpx.Client(timeout=5.0) as client:
+        r = client.post(f"{srv.url}/api/v0/tokeninfo",
+                        json={"action": "subtokens", "mytoken": parent_mytoken})
+    r.raise_for_status()
+    tree = r.json()["mytokens"]
+    return [child["token"]["name"] for child in tree.get("children", [])]
+
+
+def assert_one_line_error(stderr: str, *, contains: Iterable[str] = ()) -> str:
+    """stderr is exactly one ``jobtoken: error: ...`` line, with no traceback."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got: {stderr!r}"
+    line = lines[0]
+    assert line.startswith("jobtoken: error: "), line
+    assert "Traceback" not in stderr and "internal error" not in stderr, stderr
+    for part in contains:
+        assert part in line, (part, line)
+    return line
+
+
+def join_new_threads(before: Sequence[threading.Thread], timeout_s: float = 5.0) -> None:
+    """Wait for threads started since ``before`` (dev server request handlers) to end."""
+    old = set(before)
+    for t in threading.enumerate():
+        if t not in old and t is not threading.current_thread():
+            t.join(timeout_s)
+
+
+def run_cli(argv: Sequence[str], *, timeout: float = 60,
+            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                          env=env if env is not None else dict(os.environ))

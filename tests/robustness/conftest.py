@@ -1,0 +1,13 @@
+"""Robustness tests (fault matrix, crash consistency, fuzzing, secret hygiene).
+
+More trials: ``JOBTOKEN_LONG_TESTS=1 .venv/bin/pytest tests/robustness``. The variable
+is read once at import, before the suite's autouse fixture strips ``JOBTOKEN_*``
+from the environment of every test (a ``--long`` option cannot be added from a
+non-root conftest). See docs/robustness.md.
+"""
+
+from __future__ import annotations
+
+from tests.robustness._support import LONG
+
+__all__ = ["LONG"]

@@ -1,0 +1,229 @@
+"""`jobtoken token` / `inspect` in-process against the dev server: every bad input gives a
+one-line error and a documented exit code, and loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Tuple
+
+import pytest
+
+from jobtoken import cli
+from jobtoken._mytoken import clear_discovery_cache
+from jobtoken.devserver import DevServer, DevServerConfig
+from tests import jwtmint
+
+AUD = "https://se.example.org"
+SCOPE = "storage.create:/vo/out"
+
+
+@pytest.fixture()
+def srv() -> Iterator[DevServer]:
+    clear_discovery_cache()
+    with DevServer(DevServerConfig(at_lifetime_s=600, op_scopes=("storage.create:/",),
+                                   default_audience=AUD)) as server:
+        yield server
+
+
+@pytest.fixture()
+def setup(srv: DevServer, tmp_path: Path) -> Tuple[DevServer, Path, Path, list]:
+    mt = tmp_path / "mt"
+    mt.write_text(srv.issue_mytoken(capabilities=["AT"], restrictions=[
+        {"scope": SCOPE, "audience": [AUD]}]))
+    mt.chmod(0o600)
+    out = tmp_path / "bt"
+    args = ["token", "--server", srv.url, "--allow-http", "--mytoken-file", str(mt),
+            "--scope", SCOPE, "--audience", AUD, "--out", str(out)]
+    return srv, mt, out, args
+
+
+def call(args: list, capsys: pytest.CaptureFixture) -> Tuple[int, str, str]:
+    code = cli.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_token_writes_a_checked_token(setup: Any, capsys: pytest.CaptureFixture) -> None:
+    srv, mt, out, args = setup
+    code, stdout, err = call(args + ["--json"], capsys)
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["scopes"] == [SCOPE] and data["audiences"] == [AUD] and data["reused"] is False
+    assert (out.stat().st_mode & 0o777) == 0o600
+    token = out.read_text().strip()
+    assert token not in stdout and token not in err
+    # --min-valid keeps a token that is still good: no second request
+    before = len(srv.requests("access"))
+    code, stdout, _ = call(args + ["--min-valid", "60", "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["reused"] is True
+    assert len(srv.requests("access")) == before
+
+
+def test_inspect_shows_claims_never_the_token(setup: Any, capsys) -> None:
+    _, _, out, args = setup
+    assert call(args, capsys)[0] == 0
+    code, stdout, _ = call(["inspect", str(out)], capsys)
+    assert code == 0 and SCOPE in stdout and "left" in stdout
+    assert out.read_text().strip() not in stdout
+
+
+def test_inspect_uses_wlcg_discovery(setup: Any, capsys, monkeypatch) -> None:
+    _, _, out, args = setup
+    assert call(args, capsys)[0] == 0
+    monkeypatch.setenv("BEARER_TOKEN_FILE", str(out))
+    code, stdout, _ = call(["inspect", "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["source"] == str(out)
+
+
+def test_inspect_refuses_a_mytoken(tmp_path: Path, capsys) -> None:
+    f = tmp_path / "mt"
+    f.write_text(jwtmint.mytoken_jwt())
+    code, _, err = call(["inspect", str(f)], capsys)
+    assert code == 65 and "holds a mytoken" in err
+
+
+SERVER_FAULTS = {
+    "400 json": (dict(status=400, error="invalid_request"), 77),
+    "401 json": (dict(status=401, error="invalid_token"), 77),
+    "403 json": (dict(status=403, error="usage_restricted"), 77),
+    "500 json": (dict(status=500, error="internal_server_error"), 75),
+    "503 plain": (dict(status=503, body="Service Unavailable"), 75),
+    "429 plain": (dict(status=429, retry_after_s=30), 75),
+    "timeout": (dict(delay_s=3.0), 75),
+    "reset": (dict(drop=True), 75),
+    "garbage": (dict(garbage=True), 76),
+    "no access_token": (dict(status=200, body='{"token_type": "Bearer"}'), 76),
+    "not a JWT": (dict(status=200, body='{"access_token": "' + "x" * 40 + '"}'), 65),
+    "malformed token_update": (
+        dict(status=200, body=json.dumps({
+            "access_token": jwtmint.access_token(scope=SCOPE, aud=AUD),
+            "token_update": {"mytoken": "short"},
+        })), 76),
+    "expired AT": (dict(token="expired"), 65),
+    "other audience": (dict(token="wrong_audience"), 65),
+    "wider scopes": (dict(token="wider_scope"), 65),
+    "unsigned": (dict(token="alg_none"), 65),
+    "HS256": (dict(token="hs256"), 65),
+}
+
+
+@pytest.mark.parametrize("name", list(SERVER_FAULTS))
+def test_server_faults_give_documented_codes_and_lose_nothing(
+    setup: Any, capsys: pytest.CaptureFixture, name: str
+) -> None:
+    srv, mt, out, args = setup
+    assert call(args, capsys)[0] == 0
+    old_token, old_mt = out.read_bytes(), mt.read_bytes()
+    srv.faults.add("access", **SERVER_FAULTS[name][0])
+    code, stdout, err = call(args + ["--timeout", "1"], capsys)
+    assert code == SERVER_FAULTS[name][1], err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("jobtoken: error: ")
+    assert "Traceback" not in err and "eyJ" not in err
+    assert out.read_bytes() == old_token and mt.read_bytes() == old_mt
+
+
+def test_connection_refused(setup: Any, capsys, tmp_path: Path) -> None:
+    srv, mt, out, args = setup
+    args = list(args)
+    args[args.index(srv.url)] = "http://127.0.0.1:9"  # discard port: nobody listens
+    code, _, err = call(args, capsys)
+    assert code == 75 and "jobtoken: error:" in err
+
+
+@pytest.mark.parametrize("body", ["<html>not json</html>", '{"issuer": "x"}'])
+def test_bad_discovery(setup: Any, capsys, body: str) -> None:
+    srv, _, _, args = setup
+    srv.faults.add("discovery", status=200, body=body)
+    code, _, err = call(args, capsys)
+    assert code == 76, err
+
+
+def test_plain_http_is_refused_unless_loopback_and_asked(setup: Any, capsys) -> None:
+    srv, _, _, args = setup
+    no_flag = [a for a in args if a != "--allow-http"]
+    assert call(no_flag, capsys)[0] == 78
+    remote = list(args)
+    remote[remote.index(srv.url)] = "http://mytoken.example.org"
+    code, _, err = call(remote, capsys)
+    assert code == 78 and "loopback" in err
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "world-readable", "access token"])
+def test_bad_mytoken_file(setup: Any, capsys, problem: str) -> None:
+    srv, mt, out, args = setup
+    if problem == "missing":
+        mt.unlink()
+    elif problem == "empty":
+        mt.write_text("")
+    elif problem == "world-readable":
+        mt.chmod(0o644)
+    else:
+        mt.write_text(jwtmint.access_token())
+    code, _, err = call(args, capsys)
+    assert code == 78 and len(err.strip().splitlines()) == 1
+    assert len(srv.requests("access")) == 0 and not out.exists()
+
+
+def test_rotated_mytoken_is_saved_before_the_token_is_used(srv: DevServer, tmp_path: Path,
+                                                          capsys) -> None:
+    mt = tmp_path / "mt"
+    mt.write_text(srv.issue_mytoken(capabilities=["AT"], restrictions=[
+        {"scope": SCOPE, "audience": [AUD]}], rotation={"on_AT": True}))
+    mt.chmod(0o600)
+    first = mt.read_text()
+    args = ["token", "--server", srv.url, "--allow-http", "--mytoken-file", str(mt),
+            "--scope", SCOPE, "--audience", AUD, "--out", str(tmp_path / "bt")]
+    # even when the token then fails the checks, the rotated mytoken is on disk
+    srv.faults.add("access", token="wider_scope", count=1)
+    assert call(args, capsys)[0] == 65
+    second = mt.read_text()
+    assert second != first and srv.introspect(second)["valid"] is True
+    assert call(args, capsys)[0] == 0
+
+
+@pytest.mark.parametrize("problem", ["missing dir", "symlink", "disk full"])
+def test_output_problems(setup: Any, capsys, problem: str, mocker, tmp_path: Path) -> None:
+    srv, mt, out, args = setup
+    args = list(args)
+    if problem == "missing dir":
+        args[args.index(str(out))] = str(tmp_path / "nope" / "bt")
+    elif problem == "symlink":
+        victim = tmp_path / "victim"
+        victim.write_text("keep")
+        out.symlink_to(victim)
+    else:
+        import errno
+
+        mocker.patch("jobtoken._tokenfile.os.write",
+                     side_effect=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    code, _, err = call(args, capsys)
+    assert code == 74, err
+    if problem == "symlink":
+        assert (tmp_path / "victim").read_text() == "keep"
+
+
+def test_usage_errors(capsys) -> None:
+    assert call(["token", "--no-such-flag"], capsys)[0] == 2
+    assert call(["frobnicate"], capsys)[0] == 2
+    assert call([], capsys)[0] == 2
+    code, _, err = call(["run", "--", "true", "--"], capsys)  # no mytoken configured
+    assert code == 78
+
+
+def test_token_without_any_mytoken(capsys) -> None:
+    code, _, err = call(["token", "--server", "https://mt.example.org"], capsys)
+    assert code == 78 and "no mytoken given" in err
+
+
+def test_help_everywhere(capsys) -> None:
+    for command in (["--help"], ["token", "--help"], ["inspect", "--help"], ["run", "--help"],
+                    ["status", "--help"], ["ensure", "--help"], ["prepare", "--help"],
+                    ["revoke", "--help"], ["sidecar", "--help"], ["devserver", "--help"]):
+        try:
+            code = cli.main(command)
+        except SystemExit as exc:
+            code = exc.code
+        assert code == 0
+        assert "usage:" in capsys.readouterr().out
