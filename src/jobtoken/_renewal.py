@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from ._errors import JobtokenError, MytokenError, TokenFileError, exit_code_for

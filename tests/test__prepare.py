@@ -1,0 +1,198 @@
+"""`prepare`: the job mytoken is the least the job needs, checked, and nothing is lost."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import jwt
+import pytest
+
+from jobtoken._config import Config, SiteConfig
+from jobtoken._errors import (
+    ConfigError,
+    MytokenRejectedError,
+    ProtocolError,
+    ServerUnavailableError,
+)
+from jobtoken._mytoken import clear_discovery_cache
+from jobtoken._prepare import JobInfo, job_scopes, prepare_job
+from jobtoken._tokenfile import write_secret_file
+from jobtoken.devserver import DevServer, DevServerConfig
+from tests.runhelpers import AUD, job_config
+
+OP_SCOPES = ("storage.read:/", "storage.create:/")
+
+
+@pytest.fixture()
+def srv() -> Iterator[DevServer]:
+    clear_discovery_cache()
+    with DevServer(DevServerConfig(at_lifetime_s=1200, op_scopes=OP_SCOPES,
+                                   default_audience=AUD)) as server:
+        yield server
+
+
+def parent_file(srv: DevServer, tmp_path: Path, **kw: Any) -> Path:
+    p = tmp_path / "parent.mt"
+    kw.setdefault("capabilities", ["AT", "create_mytoken", "tokeninfo"])
+    write_secret_file(p, srv.issue_mytoken(**kw), newline=False)
+    return p
+
+
+def config(srv: DevServer, parent: Path, **site: Any) -> Config:
+    cfg = job_config(srv, parent, lifetime_s=1200)
+    return dataclasses.replace(cfg, site=dataclasses.replace(cfg.site, **site))
+
+
+def test_job_mytoken_is_minimal_and_checked(srv: DevServer, tmp_path: Path) -> None:
+    parent = parent_file(srv, tmp_path)
+    before = parent.read_bytes()
+    start = time.time()
+    job = prepare_job(config(srv, parent), JobInfo(job_id="ce#12.0#17", walltime_s=3600),
+                      directory=str(tmp_path / "job"))
+    info = srv.introspect(job.tokendir.mytoken.read_text())
+    token = info["token"]
+    assert token["capabilities"] == ["AT"]
+    [entry] = token["restrictions"]
+    assert entry["scope"] == "storage.create:/vo/jobs/ce_12.0_17"  # '#' is not URL-path safe
+    assert entry["audience"] == [AUD]
+    assert start + 3600 < entry["exp"] <= time.time() + 3600 + 1800 + 1
+    assert entry["usages_AT"] >= 3600 / 1200 + 1
+    assert job.token.scopes == ("storage.create:/vo/jobs/ce_12.0_17",)
+    assert (job.tokendir.bearer_token.stat().st_mode & 0o777) == 0o600
+    assert (job.tokendir.mytoken.stat().st_mode & 0o777) == 0o600
+    assert (job.tokendir.path.stat().st_mode & 0o777) == 0o700
+    assert job.environment() == {"BEARER_TOKEN_FILE": str(job.tokendir.bearer_token),
+                                 "JOBTOKEN_DIR": str(job.tokendir.path)}
+    assert parent.read_bytes() == before  # the parent stays where it was, unchanged
+
+
+def test_job_may_narrow_but_not_widen(srv: DevServer, tmp_path: Path) -> None:
+    parent = parent_file(srv, tmp_path)
+    cfg = config(srv, parent)
+    narrow = JobInfo(job_id="1", scopes=("storage.create:/vo/jobs/1/out",))
+    assert job_scopes(narrow, cfg) == ("storage.create:/vo/jobs/1/out",)
+    for wider in ("storage.modify:/vo/jobs/1", "storage.create:/vox", "storage.create:/"):
+        with pytest.raises(MytokenRejectedError, match="wider than the site allows"):
+            prepare_job(cfg, JobInfo(job_id="1", scopes=(wider,)),
+                        directory=str(tmp_path / "j"))
+    assert srv.requests("my") == ()  # refused before asking the server
+
+
+def test_audience_outside_the_site_list_is_refused(srv: DevServer, tmp_path: Path) -> None:
+    cfg = config(srv, parent_file(srv, tmp_path))
+    with pytest.raises(MytokenRejectedError, match="audience"):
+        prepare_job(cfg, JobInfo(job_id="1", audiences=("https://evil.example.org",)),
+                    directory=str(tmp_path / "j"))
+
+
+def test_template_needs_a_vo(srv: DevServer, tmp_path: Path) -> None:
+    cfg = config(srv, parent_file(srv, tmp_path), vo=None)
+    with pytest.raises(ConfigError, match="left a value empty"):
+        job_scopes(JobInfo(job_id="1"), cfg)
+    cfg = config(srv, parent_file(srv, tmp_path), scope_templates=("storage.create:/{nope}",))
+    with pytest.raises(ConfigError, match="unknown field"):
+        job_scopes(JobInfo(job_id="1"), cfg)
+
+
+def test_parent_without_create_mytoken(srv: DevServer, tmp_path: Path) -> None:
+    parent = parent_file(srv, tmp_path, capabilities=["AT"])
+    with pytest.raises(MytokenRejectedError, match="insufficient_capabilities"):
+        prepare_job(config(srv, parent), JobInfo(job_id="1"), directory=str(tmp_path / "j"))
+    assert not (tmp_path / "j" / "mytoken").exists()
+
+
+def test_revoked_parent(srv: DevServer, tmp_path: Path) -> None:
+    parent = parent_file(srv, tmp_path)
+    httpx.post(f"{srv.url}/api/v0/token/revoke",
+               json={"token": parent.read_text()}).raise_for_status()
+    with pytest.raises(MytokenRejectedError) as info:
+        prepare_job(config(srv, parent), JobInfo(job_id="1"), directory=str(tmp_path / "j"))
+    assert not info.value.retryable
+
+
+def test_server_down_is_transient(srv: DevServer, tmp_path: Path) -> None:
+    srv.faults.add("my", status=503)
+    with pytest.raises(ServerUnavailableError) as info:
+        prepare_job(config(srv, parent_file(srv, tmp_path)), JobInfo(job_id="1"),
+                    directory=str(tmp_path / "j"))
+    assert info.value.retryable
+
+
+def test_parent_scope_string_cannot_be_narrowed_by_path(srv: DevServer, tmp_path: Path) -> None:
+    # Mytoken matches restriction scopes as exact strings (reference fact 6)
+    parent = parent_file(srv, tmp_path, restrictions=[{"scope": "storage.create:/vo"}])
+    with pytest.raises(MytokenRejectedError):
+        prepare_job(config(srv, parent), JobInfo(job_id="1"), directory=str(tmp_path / "j"))
+
+
+def test_rotated_parent_is_saved(srv: DevServer, tmp_path: Path) -> None:
+    parent = parent_file(srv, tmp_path, rotation={"on_other": True})
+    first = parent.read_text()
+    prepare_job(config(srv, parent), JobInfo(job_id="1"), directory=str(tmp_path / "j"))
+    second = parent.read_text()
+    assert second != first and srv.introspect(second)["valid"] is True
+
+
+def test_job_mytoken_capped_at_parent_expiry(srv: DevServer, tmp_path: Path) -> None:
+    parent = parent_file(srv, tmp_path, restrictions=[{"exp": int(time.time()) + 1800}])
+    job = prepare_job(config(srv, parent), JobInfo(job_id="1", walltime_s=86400),
+                      directory=str(tmp_path / "j"))
+    parent_exp = jwt.decode(parent.read_text(), options={"verify_signature": False})["exp"]
+    [entry] = srv.introspect(job.tokendir.mytoken.read_text())["token"]["restrictions"]
+    assert entry["exp"] <= parent_exp
+
+
+def test_parent_expiring_within_minutes_is_refused(srv: DevServer, tmp_path: Path) -> None:
+    parent = parent_file(srv, tmp_path, restrictions=[{"exp": int(time.time()) + 60}])
+    with pytest.raises(MytokenRejectedError, match="too soon"):
+        prepare_job(config(srv, parent), JobInfo(job_id="1"), directory=str(tmp_path / "j"))
+
+
+def test_widened_job_mytoken_is_revoked_and_refused(srv: DevServer, tmp_path: Path,
+                                                    mocker) -> None:
+    from jobtoken import _mytoken
+
+    real = _mytoken.MytokenClient.create_mytoken
+
+    def widen(self: Any, *args: Any, **kw: Any) -> Any:
+        result = real(self, *args, **kw)
+        return dataclasses.replace(result, capabilities=("AT", "create_mytoken"))
+
+    mocker.patch.object(_mytoken.MytokenClient, "create_mytoken", widen)
+    with pytest.raises(ProtocolError, match="capabilities"):
+        prepare_job(config(srv, parent_file(srv, tmp_path)), JobInfo(job_id="1"),
+                    directory=str(tmp_path / "j"))
+    assert len(srv.requests("revoke")) == 1
+    assert not (tmp_path / "j" / "mytoken").exists()
+
+
+def test_bad_first_token_revokes_the_job_mytoken(srv: DevServer, tmp_path: Path) -> None:
+    srv.faults.add("access", token="wider_scope")
+    from jobtoken._errors import TokenCheckError
+
+    with pytest.raises(TokenCheckError):
+        prepare_job(config(srv, parent_file(srv, tmp_path)), JobInfo(job_id="1"),
+                    directory=str(tmp_path / "j"))
+    assert len(srv.requests("revoke")) == 1
+    assert not (tmp_path / "j" / "mytoken").exists() and not (tmp_path / "j" / "bt").exists()
+
+
+def test_unwritable_directory(srv: DevServer, tmp_path: Path) -> None:
+    from jobtoken._errors import TokenFileError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(TokenFileError):
+        prepare_job(config(srv, parent_file(srv, tmp_path)), JobInfo(job_id="1"),
+                    directory=str(blocker / "job"))
+    assert srv.requests("my") == ()
+
+
+def test_no_parent_configured(srv: DevServer, tmp_path: Path) -> None:
+    cfg = Config(site=SiteConfig(vo="vo"))
+    with pytest.raises(ConfigError, match="no parent mytoken"):
+        prepare_job(cfg, JobInfo(job_id="1"), directory=str(tmp_path / "j"))

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobtoken._errors import ConfigError, JobtokenError
+from jobtoken._tokendir import JobSpec, RenewalState, TokenDir, acquire_lock
+
+
+def spec(**kw: object) -> JobSpec:
+    base = dict(job_id="j", server_url="https://mt", mytoken_path="mytoken",
+                scopes=("storage.create:/a",))
+    base.update(kw)
+    return JobSpec(**base)  # type: ignore[arg-type]
+
+
+def test_spec_round_trip_and_relative_mytoken(tmp_path: Path) -> None:
+    d = TokenDir.create(tmp_path / "job")
+    d.write_spec(spec())
+    assert d.read_spec() == spec()
+    assert d.mytoken_of(d.read_spec()) == d.path / "mytoken"
+    assert d.mytoken_of(spec(mytoken_path="/etc/mt")) == Path("/etc/mt")
+    assert (d.job_file.stat().st_mode & 0o777) == 0o600
+
+
+@pytest.mark.parametrize("text", ["[]", "{", '{"job_id": "j"}', '{"job_id":"j","bogus":1}'])
+def test_bad_job_file(tmp_path: Path, text: str) -> None:
+    d = TokenDir.create(tmp_path / "job")
+    d.job_file.write_text(text)
+    with pytest.raises(ConfigError, match="not a valid jobtoken job file"):
+        d.read_spec()
+
+
+def test_state_round_trip_and_tolerance(tmp_path: Path) -> None:
+    d = TokenDir.create(tmp_path / "job")
+    assert d.read_state() is None
+    d.write_state(RenewalState(job_id="j", renewals=3, scopes=("a",)))
+    st = d.read_state()
+    assert st is not None and st.renewals == 3 and st.scopes == ("a",)
+    data = json.loads(d.state_file.read_text())
+    data["from_a_newer_version"] = True
+    d.state_file.write_text(json.dumps(data))
+    assert d.read_state() is not None  # unknown keys ignored
+    d.state_file.write_text("garbage")
+    assert d.read_state() is None
+
+
+def test_existing_directory_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        TokenDir.existing(tmp_path / "nope")
+
+
+def test_one_sidecar_per_directory(tmp_path: Path) -> None:
+    d = TokenDir.create(tmp_path / "job")
+    fd = acquire_lock(d)
+    try:
+        other = subprocess.run(
+            [sys.executable, "-c",
+             "import sys; from jobtoken._tokendir import TokenDir, acquire_lock\n"
+             "try:\n acquire_lock(TokenDir.existing(sys.argv[1]))\n"
+             "except Exception as e: print(type(e).__name__, e); sys.exit(3)",
+             str(d.path)], capture_output=True, text=True, timeout=30)
+        assert other.returncode == 3 and "already running" in other.stdout
+        with pytest.raises(JobtokenError):
+            acquire_lock(d) if False else _lock_again(d)
+    finally:
+        os.close(fd)
+    os.close(acquire_lock(d))  # free again once the holder let go
+
+
+def _lock_again(d: TokenDir) -> None:
+    # flock locks belong to the open file description: a second open in this process conflicts
+    acquire_lock(d)
