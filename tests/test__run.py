@@ -5,6 +5,7 @@ end looks to the caller exactly as without jobtoken."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -318,3 +319,34 @@ def test_first_token_failure_is_a_documented_exit_before_the_payload(tmp_path: P
     assert result.returncode == 75, result.stderr
     assert not marker.exists()
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_status_and_ensure(tmp_path: Path) -> None:
+    with DevServer(DevServerConfig(at_lifetime_s=300, op_scopes=OP_SCOPES,
+                                   default_audience=AUD)) as srv:
+        job = prepare(srv, tmp_path, lifetime_s=300)
+        d = str(job.tokendir.path)
+        before = len(srv.requests("access"))
+        r = run(jobtoken_argv("ensure", "--dir", d, "--min-valid", "60", "--json"))
+        assert r.returncode == 0 and json.loads(r.stdout)["renewed"] is False
+        assert len(srv.requests("access")) == before  # valid long enough: no request
+        r = run(jobtoken_argv("ensure", "--dir", d, "--min-valid", "1000"))
+        assert r.returncode == 65 and "less than the 1000 s" in r.stderr  # 300 s tokens
+        # while a job runs: status sees the sidecar; ensure renews and the sidecar keeps up
+        script = (f"jobtoken status --json {d} > {tmp_path}/status.json; "
+                  f"jobtoken ensure --min-valid 299 --json > {tmp_path}/ensure.json")
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        r = run(jobtoken_argv("run", "--dir", d, "--", "sh", "-c", script), env=env)
+        assert r.returncode == 0, r.stderr
+        status = json.loads((tmp_path / "status.json").read_text())
+        assert status["sidecar_alive"] is True and status["scopes"] == list(job.token.scopes)
+        assert status["remaining_s"] > 250 and "token" not in json.dumps(status).lower().replace(
+            "token_file", "").replace("token_present", "")
+        assert json.loads((tmp_path / "ensure.json").read_text())["renewed"] is True
+        r = run(jobtoken_argv("status", d))
+        assert r.returncode == 0 and "not running" in r.stdout
+
+
+def test_status_without_a_directory() -> None:
+    r = run(jobtoken_argv("status"))
+    assert r.returncode == 2 and "JOBTOKEN_DIR" in r.stderr

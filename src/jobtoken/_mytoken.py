@@ -289,6 +289,22 @@ class MytokenClient:
             logger.debug("mytoken discovery fetched url=%s version=%s", url, found.version)
             return found
 
+    def remember_discovery(self, data: Mapping[str, Any]) -> Discovery:
+        """Seed the per-process cache with a discovery document kept from an earlier run.
+
+        Renewal children are short-lived processes; keeping the document in the job's
+        token directory spares one request per renewal against the server's per-IP
+        rate limit. The document is validated exactly like a fetched one.
+
+        Raises:
+            ProtocolError: the document lacks endpoints or lists unusable ones.
+        """
+        url = self.server_url + DISCOVERY_PATH
+        found = self._parse_discovery(data, url)
+        with _DISCOVERY_LOCK:
+            _DISCOVERY_CACHE[(self.server_url, self._allow_http)] = found
+        return found
+
     def _parse_discovery(self, data: Mapping[str, Any], url: str) -> Discovery:
         def endpoint(name: str, required: bool) -> Optional[str]:
             value = data.get(name)

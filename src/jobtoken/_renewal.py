@@ -157,18 +157,56 @@ def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) ->
     source = MytokenSource(path=tokendir.mytoken_of(spec))
     mytoken = None if spec.server_url else load_mytoken(source)
     with _client(spec, mytoken) as client:
-        token = fetch_access_token(
-            client,
-            source,
-            TokenRequest(
-                scopes=spec.scopes, audiences=spec.audiences, comment=f"jobtoken {spec.job_id}"
-            ),
-            now=now,
-            previous_expires_at=current.expires_at if current is not None else None,
-            verifier=_verifier(spec),
-        )
+        kept = _load_discovery(tokendir, client)
+        try:
+            token = fetch_access_token(
+                client,
+                source,
+                TokenRequest(
+                    scopes=spec.scopes, audiences=spec.audiences, comment=f"jobtoken {spec.job_id}"
+                ),
+                now=now,
+                previous_expires_at=current.expires_at if current is not None else None,
+                verifier=_verifier(spec),
+            )
+        except JobtokenError as exc:
+            if kept and isinstance(exc, MytokenError) and exc.status in (None, 404, 405, 410):
+                _forget_discovery(tokendir)  # maybe the server moved its endpoints
+            raise
+        if not kept:
+            _save_discovery(tokendir, client)
     write_secret_file(tokendir.bearer_token, token.raw)
     return _report(token, False)
+
+
+_DISCOVERY_MAX_AGE_S = 6 * 3600.0
+
+
+def _load_discovery(tokendir: TokenDir, client: Any) -> bool:
+    path = tokendir.path / "discovery.json"
+    try:
+        if time.time() - path.stat().st_mtime > _DISCOVERY_MAX_AGE_S:
+            return False
+        client.remember_discovery(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, JobtokenError):
+        return False
+    return True
+
+
+def _save_discovery(tokendir: TokenDir, client: Any) -> None:
+    from ._tokenfile import write_secret_file
+
+    try:
+        write_secret_file(tokendir.path / "discovery.json", json.dumps(client.discovery().raw))
+    except (JobtokenError, TypeError, ValueError):
+        pass
+
+
+def _forget_discovery(tokendir: TokenDir) -> None:
+    try:
+        os.unlink(tokendir.path / "discovery.json")
+    except OSError:
+        pass
 
 
 def revoke(tokendir: TokenDir) -> Dict[str, Any]:

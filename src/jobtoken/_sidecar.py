@@ -34,6 +34,7 @@ __all__ = ["ChildHandle", "Sidecar", "error_from_report", "run_renewal_child", "
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.2  # how often a running child is checked; signals still wake the loop at once
+_STAT_EVERY_S = 60.0  # idle wake-ups cost CPU on every job of a node; a minute is plenty
 
 
 class ChildHandle(Protocol):
@@ -373,7 +374,7 @@ class Sidecar:
                 if at > now:
                     candidates.append(at)
         if self._bt_mtime is not None:
-            candidates.append(now + 5.0)  # cheap stat to notice ``jobtoken ensure``
+            candidates.append(now + _STAT_EVERY_S)  # notice a renewal by ``jobtoken ensure``
         return min(candidates) if candidates else None
 
     # --- persistence and the end ------------------------------------------------------

@@ -88,7 +88,7 @@ class Storage:
     server: DevServer
     issuer: StorageIssuer
     xrootd: XrootdServer
-    at_lifetime_s: float
+    at_lifetime_s: int
 
     def root_dir(self, path: str) -> str:
         """``root://`` URL of the directory ``path`` (ends in ``/``)."""
@@ -104,8 +104,15 @@ class Storage:
 
 
 @contextlib.contextmanager
-def short_lived_storage(at_lifetime_s: float) -> Iterator[Storage]:
-    """A TLS dev server issuing ``at_lifetime_s`` access tokens, and an xrootd trusting it."""
+def short_lived_storage(at_lifetime_s: int) -> Iterator[Storage]:
+    """A TLS dev server issuing ``at_lifetime_s`` access tokens, and an xrootd trusting it.
+
+    The lifetime must be a whole number: the dev server adds it to ``iat`` as given, and
+    scitokens-cpp refuses a token whose ``exp`` is a JSON float ("Failed to deserialize
+    SciToken: std::bad_cast").
+    """
+    if not isinstance(at_lifetime_s, int):
+        raise TypeError("at_lifetime_s must be an int (scitokens-cpp needs an integer exp)")
     require_software()
     tls_dir = Path(tempfile.mkdtemp(prefix="jobtoken-e2e-short-"))
     config = DevServerConfig(

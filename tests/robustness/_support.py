@@ -8,9 +8,11 @@ fingerprint of the parent mytoken file, and the server's view of live job mytoke
 from __future__ import annotations
 
 import os
+import select
 import stat
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -24,10 +26,10 @@ __all__ = [
     "AUD",
     "LONG",
     "OP_SCOPES",
+    "ServerActivity",
     "Site",
     "assert_one_line_error",
     "fingerprint",
-    "join_new_threads",
     "live_job_mytokens",
     "make_site",
 ]
@@ -110,12 +112,49 @@ def assert_one_line_error(stderr: str, *, contains: Iterable[str] = ()) -> str:
     return line
 
 
-def join_new_threads(before: Sequence[threading.Thread], timeout_s: float = 5.0) -> None:
-    """Wait for threads started since ``before`` (dev server request handlers) to end."""
-    old = set(before)
-    for t in threading.enumerate():
-        if t not in old and t is not threading.current_thread():
-            t.join(timeout_s)
+class ServerActivity:
+    """Counts the connections a running dev server accepted and has not finished serving.
+
+    A killed client can leave a request in the listen backlog or in a handler thread,
+    and the server still commits it; judge the server's state only once it is idle.
+    (Test instrumentation: wraps two methods of the server's ``socketserver``.)
+    """
+
+    def __init__(self, srv: Any) -> None:
+        httpd = srv._httpd
+        self._listener = httpd.socket
+        self._lock = threading.Lock()
+        self._open = 0
+        accept, finish = httpd.get_request, httpd.shutdown_request
+
+        def get_request() -> Any:
+            conn = accept()
+            with self._lock:
+                self._open += 1
+            return conn
+
+        def shutdown_request(request: Any) -> None:
+            try:
+                finish(request)
+            finally:
+                with self._lock:
+                    self._open -= 1
+
+        httpd.get_request = get_request
+        httpd.shutdown_request = shutdown_request
+
+    def wait_idle(self, timeout_s: float = 5.0) -> None:
+        """Return once nothing waits in the backlog and no connection is being served."""
+        deadline = time.monotonic() + timeout_s
+        quiet = 0
+        while quiet < 2:  # twice in a row: an accept may be between accept() and the count
+            pending, _, _ = select.select([self._listener], [], [], 0)
+            with self._lock:
+                busy = self._open
+            quiet = quiet + 1 if not pending and not busy else 0
+            if time.monotonic() > deadline:
+                raise AssertionError("dev server still busy")
+            time.sleep(0.0005)
 
 
 def run_cli(argv: Sequence[str], *, timeout: float = 60,
