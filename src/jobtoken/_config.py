@@ -19,11 +19,6 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ._errors import ConfigError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on EL9's Python 3.9
-    import tomli as tomllib
-
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "Config",
@@ -199,6 +194,11 @@ def load_config(
     file_path = Path(chosen) if chosen else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file()
                                              else None)
     if file_path is not None:
+        # imported here: most job processes read no file, and the waiting one stays small
+        if sys.version_info >= (3, 11):
+            import tomllib  # novermin (guarded by the version check)
+        else:  # pragma: no cover - exercised on EL9's Python 3.9
+            import tomli as tomllib
         try:
             data = tomllib.loads(file_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
