@@ -227,3 +227,11 @@ def test_help_everywhere(capsys) -> None:
             code = exc.code
         assert code == 0
         assert "usage:" in capsys.readouterr().out
+
+
+def test_signature_verified_against_trusted_issuer(setup: Any, capsys) -> None:
+    srv, mt, out, args = setup
+    code, _, err = call(args + ["--trusted-issuer", srv.op_issuer], capsys)
+    assert code == 0, err
+    code, _, err = call(args + ["--trusted-issuer", "https://other-issuer.example.org"], capsys)
+    assert code == 65 and "trusted" in err
