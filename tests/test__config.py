@@ -70,6 +70,7 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ("[server]\nurll='x'", "unknown setting server.urll"),
         ("[server]\ntimeout_s='soon'", "server.timeout_s"),
         ("[server]\ntimeout_s=-1", "non-negative"),
+        ("[server]\ntimeout_s=inf", "finite"),
         ("[server]\nallow_http='maybe'", "true or false"),
         ("[token]\nscopes=[1, 2]", "list of strings"),
         ("[renewal]\non_failure='panic'", "keep' or 'stop"),

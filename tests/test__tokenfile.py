@@ -13,6 +13,7 @@ from jobtoken._tokenfile import (
     ensure_private_dir,
     read_secret_file,
     remove_secret_file,
+    remove_stale_temps,
     write_secret_file,
 )
 
@@ -205,3 +206,11 @@ def test_remove_secret_file(tmp_path: Path) -> None:
     assert remove_secret_file(p) is False
     with pytest.raises(TokenFileError, match="directory"):
         remove_secret_file(tmp_path)
+
+
+def test_stale_temporary_files_are_removed(tmp_path: Path) -> None:
+    write_secret_file(tmp_path / "bt", "tok")
+    (tmp_path / ".bt.0123abcd.tmp").write_text("half a tok")
+    (tmp_path / ".keep").write_text("not ours to judge")
+    assert remove_stale_temps(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep", "bt"]

@@ -11,6 +11,7 @@ No network, no token reads here.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, fields, replace
@@ -138,14 +139,14 @@ def _coerce(section: str, key: str, value: Any, cls: type, where: str) -> Any:
             if isinstance(value, bool):
                 raise TypeError("expected a number")
             number = float(value)
-            if number < 0 or number != number:
-                raise ValueError("must be a non-negative number")
+            if not math.isfinite(number) or number < 0:
+                raise ValueError("must be a finite, non-negative number")
             return number
         if ftype in ("Optional[str]", "str"):
             if not isinstance(value, str):
                 raise TypeError("expected a string")
             return value if value or ftype == "str" else None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ConfigError(f"{where}: {section}.{key}: {exc}") from None
     raise ConfigError(f"{where}: {section}.{key}: unsupported setting type")  # pragma: no cover
 

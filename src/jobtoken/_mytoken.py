@@ -317,7 +317,8 @@ class MytokenClient:
             problem = url_problem(value, allow_http=self._allow_http)
             if problem:
                 raise ProtocolError(
-                    f"mytoken discovery at {url} lists an unusable {name} {value}: {problem}",
+                    f"mytoken discovery at {url} lists an unusable {name} "
+                    f"{_one_line(value, ())[:200]}: {problem}",
                     url=url,
                     status=200,
                 )
@@ -544,7 +545,10 @@ class MytokenClient:
             return
         if 300 <= status < 400:
             target = response.headers.get("location", "")
-            host = httpx.URL(target).host if target else "nowhere"
+            try:
+                host = httpx.URL(target).host if target else "nowhere"
+            except httpx.InvalidURL:
+                host = "an unparsable location"
             raise ProtocolError(
                 f"{action} failed at {url}: HTTP {status} redirect to {host or target!r} "
                 "(redirects are never followed; fix the server URL)",

@@ -223,47 +223,19 @@ def prepare_job(
             save_rotated_mytoken(parent_source, minted.token_update.mytoken)
         try:
             _check_minted(minted, restriction, job.job_id)
-        except JobtokenError:
-            _revoke_quietly(client, minted.mytoken)
-            raise
-        write_secret_file(tokendir.mytoken, minted.mytoken, newline=False)
-        logger.info(
-            "job mytoken minted job=%s mom_id=%s scope=%s aud=%s exp=%d usages_AT=%d",
-            job.job_id,
-            minted.mom_id,
-            restriction["scope"],
-            " ".join(audiences),
-            restriction["exp"],
-            usages,
-        )
-        spec = JobSpec(
-            job_id=job.job_id,
-            server_url=url,
-            mytoken_path=tokendir.mytoken.name,  # relative: the directory may move
-            scopes=scopes,
-            audiences=audiences,
-            ca_file=config.server.ca_file,
-            ca_dir=config.server.ca_dir,
-            allow_http=config.server.allow_http,
-            timeout_s=config.server.timeout_s,
-            trusted_issuers=config.token.trusted_issuers,
-            job_end_at=job_end,
-            mytoken_owned=True,
-            revoke_at_end=renewal.revoke_at_end,
-            remove_dir_at_end=False,
-            fraction=renewal.fraction,
-            margin_s=renewal.margin_s,
-            max_backoff_s=renewal.max_backoff_s,
-            on_failure=renewal.on_failure,
-            warn_signal=renewal.warn_signal,
-            warn_before_s=renewal.warn_before_s,
-            stop_grace_s=renewal.stop_grace_s,
-            metrics_dir=renewal.metrics_dir,
-            log_json=renewal.log_json,
-            mom_id=minted.mom_id,
-        )
-        tokendir.write_spec(spec)
-        try:
+            spec = _job_spec(config, job, url, scopes, audiences, job_end, minted.mom_id,
+                             tokendir)
+            write_secret_file(tokendir.mytoken, minted.mytoken, newline=False)
+            logger.info(
+                "job mytoken minted job=%s mom_id=%s scope=%s aud=%s exp=%d usages_AT=%d",
+                job.job_id,
+                minted.mom_id,
+                restriction["scope"],
+                " ".join(audiences),
+                restriction["exp"],
+                usages,
+            )
+            tokendir.write_spec(spec)
             token = fetch_access_token(
                 client,
                 MytokenSource(path=tokendir.mytoken),
@@ -271,11 +243,16 @@ def prepare_job(
                 now=start,
                 verifier=build_verifier(config),
             )
+            write_secret_file(tokendir.bearer_token, token.raw)
         except JobtokenError:
+            # nothing half-made may outlive a failed prepare: no live job mytoken anywhere
             _revoke_quietly(client, minted.mytoken)
-            remove_secret_file(tokendir.mytoken)
+            for path in (tokendir.mytoken, tokendir.bearer_token):
+                try:
+                    remove_secret_file(path)
+                except JobtokenError as exc:
+                    logger.warning("cannot remove %s: %s", path, exc.message)
             raise
-    write_secret_file(tokendir.bearer_token, token.raw)
     if token.issued_at is not None:
         needed = policy.usages_budget(walltime, token.expires_at - token.issued_at, settings)
         if needed > usages:
@@ -321,6 +298,45 @@ def _cap_at_parent_expiry(
         job_id, int(parent_exp),
     )
     restriction["exp"] = int(parent_exp)
+
+
+def _job_spec(
+    config: Config,
+    job: JobInfo,
+    url: str,
+    scopes: Tuple[str, ...],
+    audiences: Tuple[str, ...],
+    job_end: float,
+    mom_id: Optional[str],
+    tokendir: TokenDir,
+) -> JobSpec:
+    renewal = config.renewal
+    return JobSpec(
+        job_id=job.job_id,
+        server_url=url,
+        mytoken_path=tokendir.mytoken.name,  # relative: the directory may move
+        scopes=scopes,
+        audiences=audiences,
+        ca_file=config.server.ca_file,
+        ca_dir=config.server.ca_dir,
+        allow_http=config.server.allow_http,
+        timeout_s=config.server.timeout_s,
+        trusted_issuers=config.token.trusted_issuers,
+        job_end_at=job_end,
+        mytoken_owned=True,
+        revoke_at_end=renewal.revoke_at_end,
+        remove_dir_at_end=False,
+        fraction=renewal.fraction,
+        margin_s=renewal.margin_s,
+        max_backoff_s=renewal.max_backoff_s,
+        on_failure=renewal.on_failure,
+        warn_signal=renewal.warn_signal,
+        warn_before_s=renewal.warn_before_s,
+        stop_grace_s=renewal.stop_grace_s,
+        metrics_dir=renewal.metrics_dir,
+        log_json=renewal.log_json,
+        mom_id=mom_id,
+    )
 
 
 def _revoke_quietly(client: Any, mytoken: str) -> None:

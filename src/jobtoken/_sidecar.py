@@ -27,7 +27,7 @@ from ._clock import Clock, SystemClock
 from ._errors import ExitCode, JobtokenError
 from ._metrics import write_metrics
 from ._tokendir import JobSpec, RenewalState, TokenDir
-from ._tokenfile import remove_secret_file
+from ._tokenfile import remove_secret_file, remove_stale_temps
 
 __all__ = ["ChildHandle", "Sidecar", "error_from_report", "run_renewal_child", "spawn_renewal"]
 
@@ -416,6 +416,7 @@ class Sidecar:
                 remove_secret_file(path)
             except JobtokenError as exc:
                 logger.warning("cannot remove %s: %s", path, exc.message)
+        remove_stale_temps(self.tokendir.path)
         self.state = replace(self.state, finished=True, next_attempt_at=None)
         self._save(self.clock.now())
         if spec.metrics_dir:

@@ -26,6 +26,7 @@ from ._errors import TokenFileError
 
 __all__ = [
     "ensure_private_dir",
+    "remove_stale_temps",
     "read_secret_file",
     "remove_secret_file",
     "write_secret_file",
@@ -243,3 +244,27 @@ def remove_secret_file(path: PathLike) -> bool:
     except OSError as exc:
         raise TokenFileError(f"cannot remove {p}: {_describe(exc)}") from exc
     return True
+
+
+def remove_stale_temps(directory: PathLike) -> int:
+    """Remove temporary files a killed writer left behind (``.<name>.<hex>.tmp``).
+
+    Only regular files we own are removed; returns how many.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    return removed

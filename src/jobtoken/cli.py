@@ -195,6 +195,20 @@ def _job_setup(args: argparse.Namespace) -> Any:
     tokendir, spec = setup_tokendir(
         cfg, JobOptions(dir=args.dir, job_id=args.job_id, walltime_s=args.walltime), env=os.environ
     )
+    # flags given now win over a prepared job.json (for this process; the file stays)
+    given = {
+        "on_failure": getattr(args, "on_failure", None),
+        "warn_signal": getattr(args, "warn_signal", None),
+        "warn_before_s": getattr(args, "warn_before", None),
+        "margin_s": getattr(args, "margin", None),
+        "metrics_dir": getattr(args, "metrics_dir", None),
+        "log_json": True if getattr(args, "log_json", False) else None,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if given:
+        from dataclasses import replace
+
+        spec = replace(spec, **given)
     _log_to_dir(args, tokendir, spec)
     return cfg, tokendir, spec
 

@@ -7,6 +7,7 @@ fingerprint of the parent mytoken file, and the server's view of live job mytoke
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import stat
@@ -52,13 +53,28 @@ class Site:
 
     def prepare_argv(self, job_id: str = "job-1", *extra: str) -> List[str]:
         return jobtoken_argv(
-            "prepare", "--config", str(self.config), "--dir", str(self.job_dir),
-            "--job-id", job_id, "--walltime", "600", *extra,
+            "prepare",
+            "--config",
+            str(self.config),
+            "--dir",
+            str(self.job_dir),
+            "--job-id",
+            job_id,
+            "--walltime",
+            "600",
+            *extra,
         )
 
 
-def make_site(srv: Any, root: Path, *, timeout_s: float = 1.0, lifetime_s: float = 300,
-              job_dir: Optional[Path] = None, **renewal: Any) -> Site:
+def make_site(
+    srv: Any,
+    root: Path,
+    *,
+    timeout_s: float = 1.0,
+    lifetime_s: float = 300,
+    job_dir: Optional[Path] = None,
+    **renewal: Any,
+) -> Site:
     """Issue a parent mytoken and write the site config file the CLI reads."""
     root.mkdir(parents=True, exist_ok=True)
     parent = root / "parent.mt"
@@ -78,8 +94,7 @@ def make_site(srv: Any, root: Path, *, timeout_s: float = 1.0, lifetime_s: float
     ]
     if renewal:
         lines.append("[renewal]")
-        lines += [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"'
-                  for k, v in renewal.items()]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in renewal.items()]  # TOML-compatible
     config = root / "jobtoken.toml"
     config.write_text("\n".join(lines) + "\n")
     return Site(root, config, parent, mytoken, job_dir or root / "job")
@@ -93,8 +108,9 @@ def fingerprint(path: Path) -> Tuple[bytes, int]:
 def live_job_mytokens(srv: Any, parent_mytoken: str) -> List[str]:
     """Names of the parent's children the server still accepts (tokeninfo ``subtokens``)."""
     with httpx.Client(timeout=5.0) as client:
-        r = client.post(f"{srv.url}/api/v0/tokeninfo",
-                        json={"action": "subtokens", "mytoken": parent_mytoken})
+        r = client.post(
+            f"{srv.url}/api/v0/tokeninfo", json={"action": "subtokens", "mytoken": parent_mytoken}
+        )
     r.raise_for_status()
     tree = r.json()["mytokens"]
     return [child["token"]["name"] for child in tree.get("children", [])]
@@ -157,7 +173,13 @@ class ServerActivity:
             time.sleep(0.0005)
 
 
-def run_cli(argv: Sequence[str], *, timeout: float = 60,
-            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                          env=env if env is not None else dict(os.environ))
+def run_cli(
+    argv: Sequence[str], *, timeout: float = 60, env: Optional[Dict[str, str]] = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env if env is not None else dict(os.environ),
+    )

@@ -118,8 +118,9 @@ def test_rotated_mytoken_survives_kill_9_during_exchange(tmp_path: Path) -> None
     request = TokenRequest(scopes=(SCOPE,), audiences=(AUD,))
     rnd = random.Random(20240906)
     counts: Counter = Counter()
-    with DevServer(DevServerConfig(at_lifetime_s=300, op_scopes=("storage.create:/",),
-                                   default_audience=AUD)) as srv:
+    with DevServer(
+        DevServerConfig(at_lifetime_s=300, op_scopes=("storage.create:/",), default_audience=AUD)
+    ) as srv:
         chain: Dict[str, int] = {}
 
         def new_chain() -> None:
@@ -160,7 +161,9 @@ def test_rotated_mytoken_survives_kill_9_during_exchange(tmp_path: Path) -> None
     clear_discovery_cache()
     _report(f"rotated-mytoken persistence, {TRIALS} kills", counts)
     assert counts["torn"] == 0 and counts["lost"] == 0, counts
-    assert counts["rotated"] > TRIALS // 10 and counts["not rotated"] > TRIALS // 20
+    # kills landed before, during and after the server's commit
+    assert counts["rotated"] >= TRIALS // 100 and counts["not rotated"] >= TRIALS // 20
+    assert counts["lost_after_commit"] >= TRIALS // 100
 
 
 def _seq_no(mytoken: str) -> int:
