@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, List
+
+from ._tokenfile import write_file_atomically
 
 __all__ = ["metrics_path", "remove_metrics", "render_metrics", "write_metrics"]
 
@@ -58,21 +59,13 @@ def render_metrics(job_id: str, state: Any, now: float) -> str:
 
 
 def write_metrics(directory: str, job_id: str, state: Any, now: float) -> None:
-    target = metrics_path(directory, job_id)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".jobtoken_", suffix=".prom.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(render_metrics(job_id, state, now))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # the collector runs as another user; nothing secret here
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Replace the job's metrics file atomically (0644: the collector runs as another user).
+
+    Raises:
+        TokenFileError: the directory is missing or not writable.
+    """
+    text = render_metrics(job_id, state, now)
+    write_file_atomically(metrics_path(directory, job_id), text.encode("utf-8"), mode=0o644)
 
 
 def remove_metrics(directory: str, job_id: str) -> None:

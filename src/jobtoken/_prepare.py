@@ -310,31 +310,16 @@ def _job_spec(
     mom_id: Optional[str],
     tokendir: TokenDir,
 ) -> JobSpec:
-    renewal = config.renewal
-    return JobSpec(
+    return JobSpec.from_config(
+        config,
         job_id=job.job_id,
         server_url=url,
         mytoken_path=tokendir.mytoken.name,  # relative: the directory may move
         scopes=scopes,
         audiences=audiences,
-        ca_file=config.server.ca_file,
-        ca_dir=config.server.ca_dir,
-        allow_http=config.server.allow_http,
-        timeout_s=config.server.timeout_s,
-        trusted_issuers=config.token.trusted_issuers,
         job_end_at=job_end,
         mytoken_owned=True,
-        revoke_at_end=renewal.revoke_at_end,
         remove_dir_at_end=False,
-        fraction=renewal.fraction,
-        margin_s=renewal.margin_s,
-        max_backoff_s=renewal.max_backoff_s,
-        on_failure=renewal.on_failure,
-        warn_signal=renewal.warn_signal,
-        warn_before_s=renewal.warn_before_s,
-        stop_grace_s=renewal.stop_grace_s,
-        metrics_dir=renewal.metrics_dir,
-        log_json=renewal.log_json,
         mom_id=mom_id,
     )
 

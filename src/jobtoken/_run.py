@@ -113,30 +113,17 @@ def setup_tokendir(
         raise ConfigError("no mytoken given: use --mytoken-file FILE or --mytoken-env VAR")
     start = time.time() if now is None else now
     renewal = config.renewal
-    spec = JobSpec(
+    spec = JobSpec.from_config(
+        config,
         job_id=options.job_id or default_job_id(environ),
         server_url=config.server.url or "",
         mytoken_path=mytoken_path,
         scopes=token.scopes,
         audiences=token.audiences,
-        ca_file=config.server.ca_file,
-        ca_dir=config.server.ca_dir,
-        allow_http=config.server.allow_http,
-        timeout_s=config.server.timeout_s,
-        trusted_issuers=token.trusted_issuers,
         job_end_at=start + options.walltime_s if options.walltime_s else None,
         mytoken_owned=False,
-        revoke_at_end=False,
+        revoke_at_end=False,  # the mytoken is the user's own: never revoke it
         remove_dir_at_end=created,
-        fraction=renewal.fraction,
-        margin_s=renewal.margin_s,
-        max_backoff_s=renewal.max_backoff_s,
-        on_failure=renewal.on_failure,
-        warn_signal=renewal.warn_signal,
-        warn_before_s=renewal.warn_before_s,
-        stop_grace_s=renewal.stop_grace_s,
-        metrics_dir=renewal.metrics_dir,
-        log_json=renewal.log_json,
     )
     if renewal.warn_signal:
         signal_number(renewal.warn_signal)  # a bad name fails before the payload starts

@@ -433,7 +433,7 @@ class Sidecar:
 
 def _remove_tree(tokendir: TokenDir) -> None:
     for name in ("bt", "mytoken", "job.json", "state.json", "sidecar.lock", "sidecar.log",
-                 "renew.lock"):
+                 "renew.lock", "discovery.json"):
         try:
             os.unlink(tokendir.path / name)
         except OSError:

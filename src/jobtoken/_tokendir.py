@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from ._config import Config
 from ._errors import ConfigError, JobtokenError, TokenFileError
 from ._tokenfile import ensure_private_dir, write_secret_file
 
@@ -64,6 +65,31 @@ class JobSpec:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_config(cls, config: Config, **job: Any) -> JobSpec:
+        """A spec with the server and renewal settings of ``config`` and the job's own
+        fields (``job_id``, ``server_url``, ``mytoken_path``, scopes, ...) as given."""
+        server, renewal = config.server, config.renewal
+        settings: Dict[str, Any] = dict(
+            ca_file=server.ca_file,
+            ca_dir=server.ca_dir,
+            allow_http=server.allow_http,
+            timeout_s=server.timeout_s,
+            trusted_issuers=config.token.trusted_issuers,
+            fraction=renewal.fraction,
+            margin_s=renewal.margin_s,
+            max_backoff_s=renewal.max_backoff_s,
+            on_failure=renewal.on_failure,
+            warn_signal=renewal.warn_signal,
+            warn_before_s=renewal.warn_before_s,
+            stop_grace_s=renewal.stop_grace_s,
+            metrics_dir=renewal.metrics_dir,
+            log_json=renewal.log_json,
+            revoke_at_end=renewal.revoke_at_end,
+        )
+        settings.update(job)
+        return cls(**settings)
 
     @classmethod
     def from_json(cls, text: str, where: str) -> JobSpec:

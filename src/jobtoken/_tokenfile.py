@@ -27,6 +27,7 @@ from ._errors import TokenFileError
 __all__ = [
     "ensure_private_dir",
     "remove_stale_temps",
+    "write_file_atomically",
     "read_secret_file",
     "remove_secret_file",
     "write_secret_file",
@@ -118,14 +119,34 @@ def write_secret_file(path: PathLike, content: str, *, newline: bool = True) -> 
     text = content.strip()
     if not text:
         raise TokenFileError(f"refusing to write an empty secret to {target}")
-    data = (text + ("\n" if newline else "")).encode("ascii", errors="strict")
+    try:
+        data = (text + ("\n" if newline else "")).encode("ascii", errors="strict")
+    except UnicodeEncodeError:
+        raise TokenFileError(f"refusing to write {target}: not ASCII text") from None
     _check_target(target)
     if _same_content(target, data):
         return False
+    write_file_atomically(target, data, mode=0o600)
+    logger.debug("secret written path=%s", target)
+    return True
+
+
+def write_file_atomically(path: PathLike, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, whole.
+
+    Temp file in the same directory (``O_EXCL|O_NOFOLLOW``, ``mode``), write, fsync,
+    rename over the target (never unlink first), fsync the directory.
+
+    Raises:
+        TokenFileError: a symlink or non-regular target, or any OS error; the old
+            file is then untouched and no temporary file is left.
+    """
+    target = Path(path)
+    _check_target(target)
     directory = target.parent
     tmp: Optional[Path] = None
     try:
-        fd, tmp = _create_temp(directory, target.name)
+        fd, tmp = _create_temp(directory, target.name, mode)
         try:
             view = memoryview(data)
             while view:
@@ -145,11 +166,9 @@ def write_secret_file(path: PathLike, content: str, *, newline: bool = True) -> 
                 os.unlink(tmp)
             except OSError:
                 pass
-    logger.debug("secret written path=%s", target)
-    return True
 
 
-def _create_temp(directory: Path, name: str) -> tuple[int, Path]:
+def _create_temp(directory: Path, name: str, mode: int = 0o600) -> tuple[int, Path]:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for _ in range(100):
         candidate = directory / f".{name}.{os.urandom(6).hex()}.tmp"
@@ -157,7 +176,7 @@ def _create_temp(directory: Path, name: str) -> tuple[int, Path]:
             fd = os.open(candidate, flags, 0o600)
         except FileExistsError:
             continue
-        os.fchmod(fd, 0o600)  # umask may have taken bits away; never added any
+        os.fchmod(fd, mode)  # umask may have taken bits away
         return fd, candidate
     raise OSError(errno.EEXIST, "no free temporary name")
 

@@ -18,9 +18,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import httpx
 
 from .._errors import ConfigError, JobtokenError, UsageError, exit_code_for
+from .._tokenfile import write_file_atomically as write_private_file
 from ._config import AT_ALGORITHMS, DEFAULT_OP_SCOPES, MT_ALGORITHMS, DevServerConfig
 from ._faults import ENDPOINTS
-from ._files import write_private_file
 from ._issuer import TOKEN_FAULTS
 from ._server import DEFAULT_CAPABILITIES, DevServer
 

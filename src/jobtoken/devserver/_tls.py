@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .._errors import ConfigError
-from ._files import write_private_file
+from .._tokenfile import write_file_atomically as write_private_file
 
 __all__ = ["TlsMaterial", "make_tls"]
 
