@@ -224,13 +224,25 @@ def test_finish_removes_token_files_but_not_a_borrowed_mytoken(tmp_path: Path) -
     assert json.loads(h.tokendir.state_file.read_text())["finished"] is True
 
 
-def test_finish_revokes_and_deletes_an_owned_mytoken(tmp_path: Path, mocker) -> None:
+def test_finish_revokes_an_owned_mytoken(tmp_path: Path, mocker) -> None:
     h = Harness(tmp_path, mytoken_owned=True, revoke_at_end=True)
     h.tokendir.mytoken.write_text("job mytoken\n")
-    child = mocker.patch("jobtoken._sidecar.run_renewal_child", return_value={"ok": True})
+    child = mocker.patch("jobtoken._sidecar.run_renewal_child",
+                         return_value={"ok": False, "error": "server down"})
     h.sidecar.finish()
     assert child.call_args.args[1] == "--revoke"
-    assert not h.tokendir.mytoken.exists()
+    # not revoked: the file stays so that an exit hook or `jobtoken revoke` can still do it
+    assert h.tokendir.mytoken.exists()
+
+
+def test_finish_lets_a_renewal_in_flight_land(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.sidecar.adopt(h.ok())
+    h.clock.advance(h.sidecar.state.next_attempt_at - h.clock.now())
+    h.sidecar._spawn = lambda *a: FakeChild(h.ok(), polls=3)  # type: ignore[assignment]
+    h.sidecar.tick()  # child started
+    h.sidecar.finish(revoke=False)
+    assert h.sidecar.state.renewals == 1
 
 
 def test_error_from_report_keeps_class_and_exit_code() -> None:

@@ -33,9 +33,12 @@
 #   2024-05-01T12:00:00Z transfer n=3 result=ok rc=0 http=200 duration_s=0.21 bytes=4096
 #     client=curl token_jti=7f0c... token_exp=1714564812 token_left_s=812.4 file=probe-...dat
 # (one line; wrapped here), and a summary line when it ends:
-#   2024-05-01T13:00:00Z summary transfers=12 ok=12 failed=0 token_expired=0 stopped=0
-# Exit status: 0 when every transfer succeeded, 1 when one failed, 2 for bad settings.
-# A TERM or INT ends the script after the running transfer, with the summary.
+#   2024-05-01T13:00:00Z summary transfers=12 ok=12 failed=0 interrupted=0 token_expired=0
+#     stopped=0
+# Exit status: 0 when no transfer failed, 1 when one did, 2 for bad settings.
+# TERM or INT (what `jobtoken run` forwards when the batch system stops the job) end the
+# script with the summary. A transfer the signal cut short counts as "interrupted", not as
+# failed: the signal reaches the client too, and that says nothing about the storage.
 #
 # Must NOT: print, log or keep a token (the private copy is deleted after each transfer),
 # overwrite or delete anything on the storage (a token with storage.create cannot anyway).
@@ -88,6 +91,7 @@ trap 'stop=1' TERM INT
 n=0
 ok=0
 failed=0
+interrupted=0
 expired=0
 last_ok_at=0
 
@@ -199,6 +203,10 @@ while [ "$stop" = 0 ]; do
         result=ok
         ok=$((ok + 1))
         last_ok_at=$((end_ns / 1000000000))
+    elif [ "$stop" = 1 ]; then
+        # the stop signal reached the client too (the whole process group gets it)
+        result=interrupted
+        interrupted=$((interrupted + 1))
     else
         result=failed
         failed=$((failed + 1))
@@ -227,5 +235,6 @@ while [ "$stop" = 0 ]; do
     fi
 done
 
-echo "$(stamp) summary transfers=$n ok=$ok failed=$failed token_expired=$expired stopped=$stop"
+echo "$(stamp) summary transfers=$n ok=$ok failed=$failed interrupted=$interrupted" \
+    "token_expired=$expired stopped=$stop"
 [ "$failed" = 0 ]

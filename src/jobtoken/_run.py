@@ -375,12 +375,13 @@ def ensure_token(tokendir: TokenDir, spec: JobSpec, *, min_valid_s: float) -> Di
         JobtokenError: renewal failed; TokenCheckError: the server's token is valid
             for less than ``min_valid_s``.
     """
+    asked_at = time.time()  # the child judged "valid long enough" at or after this instant
     report = run_renewal_child(
         tokendir, "--min-valid", repr(float(min_valid_s)), timeout_s=4 * spec.timeout_s + 75
     )
     if not report.get("ok"):
         raise error_from_report(report)
-    left = float(report["expires_at"]) - time.time()
+    left = float(report["expires_at"]) - asked_at
     if left < min_valid_s:
         raise TokenCheckError(
             f"the server issued a token valid for {left:.0f} s, less than the {min_valid_s:.0f} s "

@@ -19,6 +19,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Protocol
 
@@ -396,9 +397,7 @@ class Sidecar:
 
     def finish(self, *, revoke: Optional[bool] = None) -> None:
         """Stop renewing, revoke the job mytoken if so configured, remove token files."""
-        if self._child is not None:
-            self._child.kill()
-            self._child = None
+        self._finish_child()
         spec = self.spec
         do_revoke = spec.revoke_at_end if revoke is None else revoke
         if spec.mytoken_owned and do_revoke:
@@ -409,13 +408,12 @@ class Sidecar:
             else:
                 logger.warning("cannot revoke the job mytoken job=%s: %s", spec.job_id,
                                report.get("error"))
-        for path in (self.tokendir.bearer_token,) + (
-            (self.tokendir.mytoken,) if spec.mytoken_owned else ()
-        ):
-            try:
-                remove_secret_file(path)
-            except JobtokenError as exc:
-                logger.warning("cannot remove %s: %s", path, exc.message)
+        # The job mytoken goes only with a successful revocation (the child deletes it):
+        # kept, a JOB_EXIT hook or ``jobtoken revoke`` can still revoke it later.
+        try:
+            remove_secret_file(self.tokendir.bearer_token)
+        except JobtokenError as exc:
+            logger.warning("cannot remove %s: %s", self.tokendir.bearer_token, exc.message)
         remove_stale_temps(self.tokendir.path)
         self.state = replace(self.state, finished=True, next_attempt_at=None)
         self._save(self.clock.now())
@@ -425,6 +423,22 @@ class Sidecar:
             remove_metrics(spec.metrics_dir, spec.job_id)
         if spec.remove_dir_at_end:
             _remove_tree(self.tokendir)
+
+    def _finish_child(self, wait_s: float = 5.0) -> None:
+        """Let a renewal in flight finish (its token may already be on disk), then stop it."""
+        child, self._child = self._child, None
+        if child is None:
+            return
+        deadline = self.clock.monotonic() + wait_s
+        while True:
+            report = child.poll()
+            if report is not None:
+                self.adopt(report)
+                return
+            if self.clock.monotonic() >= deadline:
+                child.kill()
+                return
+            threading.Event().wait(0.05)
 
     @property
     def exit_code_if_stopped(self) -> int:

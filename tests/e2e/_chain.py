@@ -9,8 +9,9 @@ while a bash payload writes files to a real XRootD with real grid clients.
 short-lived access tokens and an ``XrootdServer`` trusting it), for tests that must see
 tokens renewed or expire, or that inject an outage without disturbing the session fixtures.
 
-Must NOT: put a token or mytoken into argv, logs or assertion messages; wait on a process
-without a timeout; write outside the test's directories.
+Must NOT: put a token or mytoken into argv (except in the davix-put pattern: davix offers no
+other way, see docs/clients.md), logs or assertion messages; wait on a process without a
+timeout; write outside the test's directories.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from jobtoken._tokenfile import write_secret_file
@@ -38,6 +41,7 @@ from .conftest import STORAGE_AUDIENCE, STORAGE_OP_SCOPES, StorageIssuer, requir
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "monitoring"
+WRAPPER = REPO / "wrappers" / "jobtoken-wrap"
 VO = "vo"
 PARENT_CAPABILITIES = ["AT", "create_mytoken", "tokeninfo"]
 PROCESS_TIMEOUT_S = 120.0
@@ -48,14 +52,16 @@ CLIENT_PATTERNS = {
     "xrdcp": 'xrdcp --nopbar "$SRC" "$ROOT_DIR$DEST"',
     "curl": (
         'curl -sS -f -o /dev/null -T "$SRC" '
-        "-H @<(printf 'Authorization: Bearer %s\\n' \"$(<\"$BEARER_TOKEN_FILE\")\") "
+        '-H @<(printf \'Authorization: Bearer %s\\n\' "$(<"$BEARER_TOKEN_FILE")") '
         '"$HTTPS_DIR$DEST"'
     ),
     "davix-put": (
         'davix-put --capath "$X509_CERT_DIR" '
         '-H "Authorization: Bearer $(<"$BEARER_TOKEN_FILE")" "$SRC" "$HTTPS_DIR$DEST"'
     ),
-    "gfal-copy": 'BEARER_TOKEN="$(<"$BEARER_TOKEN_FILE")" gfal-copy "file://$SRC" "$HTTPS_DIR$DEST"',
+    "gfal-copy": (
+        'BEARER_TOKEN="$(<"$BEARER_TOKEN_FILE")" gfal-copy "file://$SRC" "$HTTPS_DIR$DEST"'
+    ),
 }
 
 
@@ -182,7 +188,9 @@ class Finished:
 
     def tail(self, chars: int = 1500) -> str:
         """The end of both streams, for assertion messages."""
-        return f"rc={self.returncode}\nstdout: {self.stdout[-chars:]}\nstderr: {self.stderr[-chars:]}"
+        return (
+            f"rc={self.returncode}\nstdout: {self.stdout[-chars:]}\nstderr: {self.stderr[-chars:]}"
+        )
 
 
 class Job:
@@ -201,18 +209,29 @@ class Job:
         job_id: str | None = None,
         metrics_dir: Path | None = None,
         revoke_at_end: bool = True,
+        parent_restricted: bool = False,
     ) -> None:
         self.storage = storage
         self.job_id = job_id or new_job_id()
+        self.path = job_path(self.job_id)
         self.base = base
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tokendir = base / "job"
         self.home = base / "home"
         self.home.mkdir(mode=0o700, exist_ok=True)
         self.parent_file = base / "parent.mt"
+        # unrestricted, as a VO robot's parent for many jobs; or restricted to exactly this
+        # job's scope strings and audience, as a site's parent for one fixed probe path
+        restrictions = (
+            [{"scope": " ".join(self.scopes), "audience": [STORAGE_AUDIENCE]}]
+            if parent_restricted
+            else None
+        )
         write_secret_file(
             self.parent_file,
-            storage.server.issue_mytoken(capabilities=PARENT_CAPABILITIES),
+            storage.server.issue_mytoken(
+                capabilities=PARENT_CAPABILITIES, restrictions=restrictions
+            ),
             newline=False,
         )
         self.config_file = base / "jobtoken.toml"
@@ -225,9 +244,13 @@ class Job:
                 revoke_at_end=revoke_at_end,
             )
         )
-        self.path = job_path(self.job_id)
         self._proc: subprocess.Popen[str] | None = None
         self._finished: Finished | None = None
+
+    @property
+    def scopes(self) -> tuple[str, str]:
+        """The scopes the site's templates give this job."""
+        return (f"storage.create:{self.path}", f"storage.read:{self.path}")
 
     @property
     def bearer_token_file(self) -> Path:
@@ -301,6 +324,25 @@ class Job:
             cwd=self.home,
         )
 
+    def start_wrapped(self, payload: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        """Start ``wrappers/jobtoken-wrap -- payload``: the pilot wrapper prepares the token
+        directory itself (``JOBTOKEN_DIR``, ``JOBTOKEN_JOB_ID``) and execs ``jobtoken run``."""
+        wrap_env = {
+            "JOBTOKEN_DIR": str(self.tokendir),
+            "JOBTOKEN_JOB_ID": self.job_id,
+            "JOBTOKEN_WALLTIME": "600",
+            **(env or {}),
+        }
+        self._proc = subprocess.Popen(  # noqa: S603 - fixed argv, no token
+            [str(WRAPPER), "--", *payload],
+            env=self.env(wrap_env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.home,
+        )
+
     def finish(self, timeout_s: float = PROCESS_TIMEOUT_S) -> Finished:
         """Wait for the payload started by ``start()``; kill it after ``timeout_s``.
 
@@ -311,7 +353,7 @@ class Job:
             try:
                 out, err = self._proc.communicate(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
+                self._kill_family()
                 out, err = self._proc.communicate(timeout=30)
             self._finished = Finished(self._proc.returncode, out, err)
         return self._finished
@@ -321,11 +363,90 @@ class Job:
         data: dict[str, Any] = json.loads((self.tokendir / "state.json").read_text())
         return data
 
+    @property
+    def pid(self) -> int:
+        """Process id of ``jobtoken run``."""
+        assert self._proc is not None, "start() first"
+        return self._proc.pid
+
+    def send_signal(self, sig: int) -> None:
+        """Signal ``jobtoken run`` (as a batch system stopping the job would)."""
+        assert self._proc is not None, "start() first"
+        self._proc.send_signal(sig)
+
     def kill(self) -> None:
-        """Kill a still running ``jobtoken run`` (cleanup after a failed assertion)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.communicate(timeout=30)
+        """Kill a still running ``jobtoken run`` and its payload (cleanup after a failure).
+
+        The payload runs in its own session, so killing ``jobtoken run`` alone would leave
+        it running and holding the output pipes.
+        """
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        self._kill_family()
+        proc.wait(timeout=10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+    def _kill_family(self) -> None:
+        assert self._proc is not None
+        try:
+            family = [psutil.Process(self._proc.pid)]
+            family += family[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        psutil.wait_procs(family, timeout=10)
+
+
+class SecretWatch(threading.Thread):
+    """Samples the argv and environment of every process below ``pid`` for a JWT.
+
+    What a job's processes expose: ``/proc/<pid>/cmdline`` is readable by every local user,
+    ``/proc/<pid>/environ`` by the same user. Only the process names of offenders are kept,
+    never what was found.
+    """
+
+    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
+        super().__init__(name=f"secret-watch-{pid}", daemon=True)
+        self._root = pid
+        self._interval_s = interval_s
+        self._stop_event = threading.Event()
+        self.samples = 0
+        self.pids_seen: set[int] = set()
+        self.in_argv: set[str] = set()
+        self.in_environ: set[str] = set()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._interval_s):
+            try:
+                family = psutil.Process(self._root).children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            self.samples += 1
+            for proc in family:
+                try:
+                    argv = proc.cmdline()
+                    environ = proc.environ()
+                    name = proc.name()
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                self.pids_seen.add(proc.pid)
+                if any(_JWT_START in arg for arg in argv):
+                    self.in_argv.add(name)
+                if any(_JWT_START in value for value in environ.values()):
+                    self.in_environ.add(name)
+
+    def stop(self) -> None:
+        """Stop sampling and wait for the thread."""
+        self._stop_event.set()
+        self.join(timeout=10)
+
+
+_JWT_START = "eyJ"  # base64url of '{"': how every JWT (access token or mytoken) begins
 
 
 def write_payload(directory: Path, name: str, body: str) -> Path:

@@ -58,7 +58,7 @@ class AccessTokenIssuer:
         self.subject = subject
         self.allowed_scopes = tuple(allowed_scopes)
         self.default_audience = default_audience
-        self.lifetime_s = lifetime_s
+        self.lifetime_s = int(lifetime_s)  # JWT times are integers; scitokens-cpp insists
         self.client_id = client_id
         self._lock = threading.Lock()
         self._last_exp: Optional[int] = None
