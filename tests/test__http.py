@@ -353,3 +353,10 @@ def test_translate_http_error(exc, cls, retryable):
     assert error.retryable is retryable
     assert "access token request failed at https://mytoken.example.org" in str(error)
     assert "\n" not in str(error)
+
+
+def test_retry_after_with_non_ascii_digits_is_ignored() -> None:
+    from jobtoken._http import parse_retry_after
+
+    assert parse_retry_after("\u00b9", now=0.0) is None  # '¹' passes str.isdigit()
+    assert parse_retry_after("30", now=0.0) == 30.0

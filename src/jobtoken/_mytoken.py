@@ -764,7 +764,7 @@ class MytokenClient:
         """``expires_in`` as seconds; None when absent or 0 (the OP did not say)."""
         if value is None:
             return None
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
             value = int(value.strip())
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise bad("expires_in is not a non-negative number")

@@ -465,7 +465,7 @@ def signal_number(name: str) -> int:
         JobtokenError: not a signal name.
     """
     text = name.strip().upper()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return int(text)
     if not text.startswith("SIG"):
         text = "SIG" + text

@@ -393,10 +393,10 @@ def test_prepare_with_a_full_disk_loses_nothing(
 
     real = _tokenfile._create_temp
 
-    def full_disk(directory: Path, name: str) -> Any:
+    def full_disk(directory: Path, name: str, *rest: Any) -> Any:
         if name == victim:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(directory, name)
+        return real(directory, name, *rest)
 
     with DevServer(
         DevServerConfig(at_lifetime_s=300, op_scopes=OP_SCOPES, default_audience=AUD)

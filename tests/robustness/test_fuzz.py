@@ -392,7 +392,8 @@ def test_access_token_checks_survive_any_jwt(
     previous: Optional[float],
 ) -> None:
     parts = [p for p in raw.strip().split(".") if len(p) >= 16]
-    hidden = [raw.strip()] + parts[2:] if raw.strip() else []
+    # a few characters are no secret: they may occur in any message ("base64url" has a 4)
+    hidden = ([raw.strip()] if len(raw.strip()) >= 8 else []) + parts[2:]
     try:
         token = decode_access_token(raw)
         assert isinstance(token, AccessToken)
