@@ -11,8 +11,8 @@ What is real and what is modelled:
   to read them); the sidecar's own glue (``max(at, now + min_backoff_s)`` after a
   success, backoff on transient failures, the token's margin) is mirrored line by line.
 * One renewal is one short-lived child process that sends ``requests_per_renewal``
-  HTTP requests: 2 today (the discovery document is cached per process only, so every
-  child fetches ``/.well-known/mytoken-configuration`` before ``POST /api/v0/token/access``).
+  HTTP requests: 1 (``POST /api/v0/token/access``; the discovery document is kept in the
+  job's token directory, so a child refetches it only every 6 h, which is left out).
   The child's start-up latency (``child_latency_s``) passes between the wake-up and the
   requests; the server issues a token with ``iat = now``, ``exp = now + lifetime``.
 * The outage: every request in ``[outage_at_s, outage_at_s + outage_s)`` fails as
@@ -67,7 +67,7 @@ class FleetConfig:
     outage_s: float = 600.0
     rate_limit: Optional[Tuple[int, int]] = DEFAULT_RATE_LIMIT
     jobs_per_ip: int = 50
-    requests_per_renewal: int = 2
+    requests_per_renewal: int = 1
     child_latency_s: float = 0.5
     steady_start: bool = False  # phases spread over one renewal interval, no start burst
     seed: int = 5
@@ -448,7 +448,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--outage-at-h", type=float, default=3.0)
     parser.add_argument("--outage-min", type=float, default=10.0)
     parser.add_argument("--jobs-per-ip", type=int, default=50)
-    parser.add_argument("--requests-per-renewal", type=int, default=2)
+    parser.add_argument("--requests-per-renewal", type=int, default=1)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "fleet.json")
     parser.add_argument("--png", type=Path, default=ROOT / "docs" / "fleet.png")
