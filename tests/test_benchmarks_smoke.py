@@ -8,6 +8,7 @@ simulation that cannot show an expired token would make every fleet figure worth
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -181,6 +182,9 @@ def test_outage_longer_than_the_token_leaves_jobs_expired(fleet) -> None:
 
 def test_a_site_too_big_for_the_limit_meets_429s(fleet) -> None:
     cfg = fleet.FleetConfig(jobs=120, duration_s=2 * 3600.0, outage_at_s=None, jobs_per_ip=120)
+    assert cfg.requests_per_renewal == 1  # the renewal child keeps the discovery document
     res = fleet.simulate(cfg)
     assert sum(res.rejected) > 0
-    assert res.not_started == 120 - 50  # 50 first tokens x 2 requests fill the window
+    assert res.not_started == 120 - 100  # 100 first tokens x 1 request fill the window
+    two = fleet.simulate(dataclasses.replace(cfg, requests_per_renewal=2))
+    assert two.not_started == 120 - 50  # without the cache: discovery + token each
