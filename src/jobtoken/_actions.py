@@ -13,9 +13,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
-from ._config import Config
+from ._config import Config, ServerConfig
 from ._discovery import default_token_path, discover_bearer_token
 from ._errors import ConfigError, JobtokenError, TokenCheckError, TokenFileError
 from ._mytokenfile import MytokenSource, check_mytoken_value, load_mytoken
@@ -26,11 +26,13 @@ __all__ = [
     "TokenResult",
     "build_client",
     "build_verifier",
+    "client_for",
     "get_token",
     "inspect_token",
     "mytoken_source",
     "server_url_for",
     "summarize",
+    "verifier_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -111,20 +113,30 @@ def server_url_for(config: Config, mytoken: Optional[str]) -> str:
 
 def build_client(config: Config, url: str) -> Any:
     """A ``MytokenClient`` configured from the settings (imports httpx lazily)."""
-    from ._mytoken import MytokenClient
-
-    return MytokenClient(
-        url,
-        timeout_s=config.server.timeout_s,
-        ca_file=config.server.ca_file,
-        ca_dir=config.server.ca_dir,
-        allow_http=config.server.allow_http,
-    )
+    return client_for(config.server, url)
 
 
 def build_verifier(config: Config) -> Any:
     """A signature verifier when trusted issuers are configured, else None."""
-    if not config.token.trusted_issuers:
+    return verifier_for(config.server, config.token.trusted_issuers)
+
+
+def client_for(server: ServerConfig, url: str) -> Any:
+    """A ``MytokenClient`` for ``url`` with the TLS and timeout settings of ``server``."""
+    from ._mytoken import MytokenClient
+
+    return MytokenClient(
+        url,
+        timeout_s=server.timeout_s,
+        ca_file=server.ca_file,
+        ca_dir=server.ca_dir,
+        allow_http=server.allow_http,
+    )
+
+
+def verifier_for(server: ServerConfig, trusted_issuers: Sequence[str]) -> Any:
+    """A JWKS signature verifier for ``trusted_issuers`` (None when there are none)."""
+    if not trusted_issuers:
         return None
     from ._http import build_client as build_http
     from ._jwks import SignatureVerifier
@@ -132,13 +144,13 @@ def build_verifier(config: Config) -> Any:
     def http_factory(base_url: str) -> Any:
         return build_http(
             base_url,
-            timeout_s=config.server.timeout_s,
-            ca_file=config.server.ca_file,
-            ca_dir=config.server.ca_dir,
-            allow_http=config.server.allow_http,
+            timeout_s=server.timeout_s,
+            ca_file=server.ca_file,
+            ca_dir=server.ca_dir,
+            allow_http=server.allow_http,
         )
 
-    return SignatureVerifier(config.token.trusted_issuers, http_factory=http_factory)
+    return SignatureVerifier(tuple(trusted_issuers), http_factory=http_factory)
 
 
 def _existing_if_fresh(path: Path, config: Config, now: float) -> Optional[AccessToken]:

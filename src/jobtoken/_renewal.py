@@ -29,40 +29,30 @@ __all__ = ["renew", "revoke", "main"]
 logger = logging.getLogger(__name__)
 
 
-def _client(spec: JobSpec, mytoken: Optional[str] = None) -> Any:
-    server_url = spec.server_url
-    if not server_url:
-        from ._actions import server_url_for
-        from ._config import Config, ServerConfig
+def _server(spec: JobSpec) -> Any:
+    from ._config import ServerConfig
 
-        server_url = server_url_for(Config(server=ServerConfig(url=None)), mytoken)
-    from ._mytoken import MytokenClient
-
-    return MytokenClient(
-        server_url,
-        timeout_s=spec.timeout_s,
+    return ServerConfig(
+        url=spec.server_url or None,
         ca_file=spec.ca_file,
         ca_dir=spec.ca_dir,
         allow_http=spec.allow_http,
+        timeout_s=spec.timeout_s,
     )
 
 
+def _client(spec: JobSpec, mytoken: Optional[str] = None) -> Any:
+    from ._actions import client_for, server_url_for
+    from ._config import Config
+
+    server = _server(spec)
+    return client_for(server, server_url_for(Config(server=server), mytoken))
+
+
 def _verifier(spec: JobSpec) -> Any:
-    if not spec.trusted_issuers:
-        return None
-    from ._http import build_client
-    from ._jwks import SignatureVerifier
+    from ._actions import verifier_for
 
-    def http_factory(base_url: str) -> Any:
-        return build_client(
-            base_url,
-            timeout_s=spec.timeout_s,
-            ca_file=spec.ca_file,
-            ca_dir=spec.ca_dir,
-            allow_http=spec.allow_http,
-        )
-
-    return SignatureVerifier(spec.trusted_issuers, http_factory=http_factory)
+    return verifier_for(_server(spec), spec.trusted_issuers)
 
 
 def _current(tokendir: TokenDir) -> Any:

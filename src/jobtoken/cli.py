@@ -155,12 +155,6 @@ def _human_inspect(s: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cmd_devserver(args: argparse.Namespace) -> int:
-    from .devserver._cli import main as devserver_main
-
-    return int(devserver_main(list(args.devserver_args)))
-
-
 def _renewal_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     return {
         "on_failure": getattr(args, "on_failure", None),
@@ -196,15 +190,7 @@ def _job_setup(args: argparse.Namespace) -> Any:
         cfg, JobOptions(dir=args.dir, job_id=args.job_id, walltime_s=args.walltime), env=os.environ
     )
     # flags given now win over a prepared job.json (for this process; the file stays)
-    given = {
-        "on_failure": getattr(args, "on_failure", None),
-        "warn_signal": getattr(args, "warn_signal", None),
-        "warn_before_s": getattr(args, "warn_before", None),
-        "margin_s": getattr(args, "margin", None),
-        "metrics_dir": getattr(args, "metrics_dir", None),
-        "log_json": True if getattr(args, "log_json", False) else None,
-    }
-    given = {k: v for k, v in given.items() if v is not None}
+    given = {k: v for k, v in _renewal_overrides(args).items() if v is not None}
     if given:
         from dataclasses import replace
 
@@ -476,8 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the embedded Mytoken-compatible dev server (development and tests only)",
         add_help=False,
     )
+    # listed here for `jobtoken --help`; main() hands `devserver ...` to its own parser
     p.add_argument("devserver_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_devserver, verbose=0, quiet=0)
 
     p = sub.add_parser(
         "run",
