@@ -1,8 +1,11 @@
-"""Shared fixtures: a clean environment for every test (no token leaks in from the host)."""
+"""Shared fixtures: a clean environment for every test (no token leaks in from the host)
+and package loggers put back as they were."""
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Iterator
 
 import pytest
 
@@ -16,3 +19,26 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith(_STRIP_PREFIXES) or name in _STRIP_EXACT:
             monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Undo what an in-process ``jobtoken`` main did to the package loggers.
+
+    ``cli.main`` points the ``jobtoken`` logger at the sys.stderr of its moment (pytest's
+    capture stream, closed after that test) and stops propagation; left in place, later
+    tests would log into a closed file and ``caplog`` would see nothing.
+    """
+    saved = {}
+    for name in ("jobtoken", "jobtoken.devserver"):
+        logger = logging.getLogger(name)
+        saved[name] = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate

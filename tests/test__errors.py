@@ -55,3 +55,19 @@ def test_exported_members() -> None:
         and n != "annotations"
     }
     assert set(jobtoken.__all__) - {"__version__"} == public
+
+
+@pytest.mark.parametrize(
+    "given, shown",
+    [
+        ("unknown section [\r]", "unknown section [\\r]"),
+        ("server said: bad\nrequest", "server said: bad\\nrequest"),
+        ("colour \x1b[31mred", "colour \\x1b[31mred"),
+        ("line\u2028separator", "line\\u2028separator"),
+        ("plain text, ünïcode kept", "plain text, ünïcode kept"),
+    ],
+)
+def test_messages_are_one_printable_line(given: str, shown: str) -> None:
+    # messages quote user input and server text; they reach terminals and batch logs
+    error = e.ConfigError(given)
+    assert error.message == shown and str(error) == shown

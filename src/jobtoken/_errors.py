@@ -64,6 +64,17 @@ class ExitCode(enum.IntEnum):
     NOT_FOUND = 127
 
 
+def _one_line(message: str) -> str:
+    """Escape what would break the one-line promise or fool a terminal.
+
+    Messages quote user input (a config section, a server's error text); a carriage
+    return or an escape sequence in it must reach the log as text, not as an effect.
+    """
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 class JobtokenError(Exception):
     """Root of every error jobtoken raises on purpose."""
 
@@ -71,7 +82,7 @@ class JobtokenError(Exception):
     retryable: bool = False
 
     def __init__(self, message: str, *, retryable: Optional[bool] = None) -> None:
-        super().__init__(message)
+        super().__init__(_one_line(message))
         if retryable is not None:
             self.retryable = retryable
 

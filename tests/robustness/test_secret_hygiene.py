@@ -45,8 +45,10 @@ class JobSampler(threading.Thread):
         self.metrics: Set[str] = set()  # removed at the job's end: read while it runs
         self.stop = threading.Event()
         self.tokens: Set[str] = set()
-        self.argv: Dict[int, str] = {}
-        self.environ: Dict[int, str] = {}
+        # every value seen, per pid: a process changes its argv when it execs, and a
+        # zombie reads as empty, so a later sample must not replace an earlier one
+        self.argv: Dict[int, Set[str]] = {}
+        self.environ: Dict[int, Set[str]] = {}
         self.samples = 0
 
     def _read_secrets(self) -> None:
@@ -71,9 +73,9 @@ class JobSampler(threading.Thread):
             return
         for proc in procs:
             try:
-                self.argv[proc.pid] = "\0".join(proc.cmdline())
-                self.environ[proc.pid] = "\0".join(
-                    f"{k}={v}" for k, v in sorted(proc.environ().items())
+                self.argv.setdefault(proc.pid, set()).add("\0".join(proc.cmdline()))
+                self.environ.setdefault(proc.pid, set()).add(
+                    "\0".join(f"{k}={v}" for k, v in sorted(proc.environ().items()))
                 )
             except psutil.Error:
                 continue
@@ -146,7 +148,7 @@ def test_tokens_appear_only_in_the_token_files(
     access_tokens = [t for t in sampler.tokens if t.count(".") == 2 and "wlcg" in _claims(t)]
     assert len(access_tokens) >= 2 and sampler.samples > 50
     # the job's processes were seen: jobtoken run, renewal children, the payload
-    argvs = list(sampler.argv.values())
+    argvs = [a for seen in sampler.argv.values() for a in seen]
     assert any("jobtoken._renewal" in a for a in argvs), argvs
     assert any("check_token.py" in a for a in argvs), argvs
     secrets = sorted(sampler.tokens | {site.parent_mytoken})
@@ -163,10 +165,10 @@ def test_tokens_appear_only_in_the_token_files(
         ("metrics", "\n".join(sampler.metrics)),
     ):
         leaks += _leaks(where, text, secrets)
-    for pid, text in sampler.argv.items():
-        leaks += _leaks(f"argv of {pid}", text, secrets)
-    for pid, text in sampler.environ.items():
-        leaks += _leaks(f"environment of {pid}", text, secrets)
+    for pid, seen in sampler.argv.items():
+        leaks += _leaks(f"argv of {pid}", "\n".join(seen), secrets)
+    for pid, seen in sampler.environ.items():
+        leaks += _leaks(f"environment of {pid}", "\n".join(seen), secrets)
     allowed = {site.parent}
     for path in sorted(tmp_path.rglob("*")):
         if path.is_file() and path not in allowed:
@@ -178,6 +180,7 @@ def test_tokens_appear_only_in_the_token_files(
     log_lines = (site.job_dir / "sidecar.log").read_text().splitlines()
     assert any(json.loads(line)["message"].startswith("renewed") for line in log_lines)
     assert "secret written" in err  # -vv: debug lines on stderr too
+    assert "access token issued" in caplog.text  # the dev server's own records were seen
     assert json.loads(env_file.read_text())["BEARER_TOKEN_FILE"] == str(site.job_dir / "bt")
     assert sampler.metrics and "job-7" in "".join(sampler.metrics)
     assert not (site.job_dir / "bt").exists() and not (site.job_dir / "mytoken").exists()
