@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 
 class FakeClock:
@@ -29,3 +30,19 @@ class FakeClock:
         self.waits.append(timeout_s)
         self.advance(max(0.0, timeout_s))
         return event.is_set()
+
+
+class ShiftedClock:
+    """The real clock, off by ``offset_s`` (a server whose clock is ahead of ours)."""
+
+    def __init__(self, offset_s: float) -> None:
+        self.offset_s = offset_s
+
+    def now(self) -> float:
+        return time.time() + self.offset_s
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wait(self, event: threading.Event, timeout_s: float) -> bool:
+        return event.wait(max(0.0, timeout_s))

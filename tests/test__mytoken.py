@@ -774,6 +774,58 @@ def test_introspect_invalid_token_is_rejected(server):
     assert info.value.status == 401 and info.value.error_description is None
 
 
+def test_subtokens_lists_every_descendant_but_not_the_token_itself(server):
+    tree = {
+        "token": {"mom_id": "root", "name": "site parent", "created": 1},
+        "children": [
+            {"token": {"mom_id": "a", "name": "jobtoken 1", "created": 100},
+             "children": [{"token": {"mom_id": "a1", "created": 150}}]},
+            {"token": {"mom_id": "b", "name": "jobtoken 2", "created": 200}},
+        ],
+    }
+    server.answers[TOKENINFO] = httpx.Response(200, json={"mytokens": tree})
+    with client_for(server) as client:
+        listing = client.subtokens(MT)
+    assert server.bodies(TOKENINFO) == [{"action": "subtokens", "mytoken": MT}]
+    assert sorted((e.mom_id, e.name, e.created) for e in listing.entries) == [
+        ("a", "jobtoken 1", 100.0), ("a1", "", 150.0), ("b", "jobtoken 2", 200.0)]
+    assert listing.token_update is None
+
+
+def test_subtokens_with_rotation_returns_the_replacement(server):
+    server.answers[TOKENINFO] = httpx.Response(200, json={
+        "mytokens": {"token": {"mom_id": "root", "created": 1}},
+        "token_update": {"mytoken": NEW_MT, "mytoken_type": "token"},
+    })
+    with client_for(server) as client:
+        listing = client.subtokens(MT)
+    assert listing.entries == () and listing.token_update.mytoken == NEW_MT
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"mytokens": []},
+        {"mytokens": {"token": {}, "children": [{"token": {"name": "no mom_id"}}]}},
+        {"mytokens": {"token": {}, "children": [{"token": {"mom_id": "x"}, "children": 3}]}},
+        {"mytokens": {"token": {}, "children": ["text"]}},
+        {"mytokens": {"token": {}}, "token_update": "tiny"},
+    ],
+)
+def test_subtokens_malformed_tree(server, body):
+    server.answers[TOKENINFO] = httpx.Response(200, json=body)
+    with client_for(server) as client:
+        with pytest.raises(ProtocolError):
+            client.subtokens(MT)
+
+
+def test_subtokens_without_capability(server):
+    server.answers[TOKENINFO] = _json_error(403, "insufficient_capabilities")
+    with client_for(server) as client:
+        with pytest.raises(MytokenRejectedError, match="insufficient_capabilities"):
+            client.subtokens(MT)
+
+
 # --- misc -------------------------------------------------------------------------------
 
 

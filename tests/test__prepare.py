@@ -22,6 +22,7 @@ from jobtoken._mytoken import clear_discovery_cache
 from jobtoken._prepare import JobInfo, job_scopes, prepare_job
 from jobtoken._tokenfile import write_secret_file
 from jobtoken.devserver import DevServer, DevServerConfig
+from tests.fakes import ShiftedClock
 from tests.runhelpers import AUD, job_config
 
 OP_SCOPES = ("storage.read:/", "storage.create:/")
@@ -196,3 +197,62 @@ def test_no_parent_configured(srv: DevServer, tmp_path: Path) -> None:
     cfg = Config(site=SiteConfig(vo="vo"))
     with pytest.raises(ConfigError, match="no parent mytoken"):
         prepare_job(cfg, JobInfo(job_id="1"), directory=str(tmp_path / "j"))
+
+
+def _live_children(srv: DevServer, parent: Path) -> list:
+    tree = httpx.post(f"{srv.url}/api/v0/tokeninfo",
+                      json={"action": "subtokens", "mytoken": parent.read_text()}).json()
+    return [c["token"]["name"] for c in tree["mytokens"].get("children", [])]
+
+
+def test_job_mytoken_whose_answer_was_lost_is_revoked(srv: DevServer, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    parent = parent_file(srv, tmp_path)
+    srv.faults.add("my", drop=True, process=True)  # minted, then the connection died
+    caplog.set_level("INFO", logger="jobtoken")
+    with pytest.raises(ServerUnavailableError) as info:
+        prepare_job(config(srv, parent), JobInfo(job_id="7"), directory=str(tmp_path / "j"))
+    assert info.value.retryable
+    assert _live_children(srv, parent) == []
+    assert len(srv.requests("my")) == 1  # never minted twice
+    assert "revoked job mytoken 'jobtoken 7'" in caplog.text
+
+
+def test_lost_answer_reaping_spares_other_jobs_and_old_runs(tmp_path: Path) -> None:
+    clock = ShiftedClock(-600.0)  # the earlier run of job 7 was ten minutes ago
+    with DevServer(DevServerConfig(at_lifetime_s=1200, op_scopes=OP_SCOPES,
+                                   default_audience=AUD), clock=clock) as srv:
+        parent = parent_file(srv, tmp_path)
+        prepare_job(config(srv, parent), JobInfo(job_id="7"), directory=str(tmp_path / "old"))
+        clock.offset_s = 0.0
+        prepare_job(config(srv, parent), JobInfo(job_id="8"), directory=str(tmp_path / "other"))
+        srv.faults.add("my", drop=True, process=True)
+        with pytest.raises(ServerUnavailableError):
+            prepare_job(config(srv, parent), JobInfo(job_id="7"), directory=str(tmp_path / "j"))
+        assert sorted(_live_children(srv, parent)) == ["jobtoken 7", "jobtoken 8"]
+        # the job 7 left alive is the earlier run's; the lost one was revoked
+        assert srv.introspect((tmp_path / "old" / "mytoken").read_text())["valid"] is True
+        assert len(srv.requests("revoke")) == 1
+
+
+@pytest.mark.parametrize("fault", [dict(status=503), dict(status=429, retry_after_s=5)])
+def test_a_refusal_is_not_searched_for_lost_mytokens(srv: DevServer, tmp_path: Path,
+                                                     fault: dict) -> None:
+    # the server answered before minting: no listing, no extra load on a busy server
+    srv.faults.add("my", **fault)
+    with pytest.raises(ServerUnavailableError):
+        prepare_job(config(srv, parent_file(srv, tmp_path)), JobInfo(job_id="1"),
+                    directory=str(tmp_path / "j"))
+    assert srv.requests("tokeninfo") == ()
+
+
+def test_parent_without_subtokens_capability_keeps_the_first_error(
+    srv: DevServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    parent = parent_file(srv, tmp_path, capabilities=["AT", "create_mytoken"])
+    srv.faults.add("my", drop=True, process=True)
+    with pytest.raises(ServerUnavailableError) as info:
+        prepare_job(config(srv, parent), JobInfo(job_id="1"), directory=str(tmp_path / "j"))
+    assert "mytoken creation failed" in info.value.message
+    assert "stays valid until it expires" in caplog.text
+    assert "insufficient_capabilities" in caplog.text

@@ -519,9 +519,14 @@ def test_tokeninfo_unknown_action_and_subtokens(srv: DevServer, client: httpx.Cl
     mt = srv.issue_mytoken(capabilities=["AT", "create_mytoken", "tokeninfo"])
     r = client.post("/api/v0/tokeninfo", json={"action": "bogus", "mytoken": mt})
     assert r.status_code == 400 and r.json()["error_description"] == "unknown action 'bogus'"
+    created = int(srv.clock.now())
     sub_mytoken_request(client, mt, name="kid")
+    sub_mytoken_request(client, mt)
     tree = client.post("/api/v0/tokeninfo", json={"action": "subtokens", "mytoken": mt}).json()
-    assert [c["token"]["name"] for c in tree["mytokens"]["children"]] == ["kid"]
+    kids = [c["token"] for c in tree["mytokens"]["children"]]
+    # the API's MytokenEntry: mom_id, created (creation time), name only when set
+    assert [k.get("name") for k in kids] == ["kid", None]
+    assert all(k["created"] == created and k["mom_id"] for k in kids)
 
 
 # --- framework errors ----------------------------------------------------------------------

@@ -50,6 +50,8 @@ __all__ = [
     "Discovery",
     "MytokenClient",
     "MytokenResponse",
+    "SubtokenEntry",
+    "SubtokenListing",
     "clear_discovery_cache",
     "is_plausible_mytoken",
 ]
@@ -121,6 +123,23 @@ class AccessTokenResponse:
     expires_in: Optional[float]
     scope: str
     audience: tuple[str, ...]
+    token_update: Optional[MytokenResponse]
+
+
+@dataclass(frozen=True)
+class SubtokenEntry:
+    """One descendant listed by tokeninfo ``subtokens`` (the token itself is not shown)."""
+
+    mom_id: str
+    name: str
+    created: Optional[float]
+
+
+@dataclass(frozen=True)
+class SubtokenListing:
+    """Tokeninfo ``subtokens``: every live descendant, flattened, and a possible rotation."""
+
+    entries: tuple[SubtokenEntry, ...]
     token_update: Optional[MytokenResponse]
 
 
@@ -501,6 +520,62 @@ class MytokenClient:
             )
         body = {"action": "introspect", "mytoken": secret}
         return self._call(url, body, action=action, secrets=(secret,))
+
+    def subtokens(self, mytoken: str) -> SubtokenListing:
+        """Every live descendant of ``mytoken`` (needs ``tokeninfo:subtokens``).
+
+        The server answers a tree rooted at ``mytoken`` itself; the root is left out.
+        A ``token_update`` is ``mytoken``'s replacement (rotation ``on_other``).
+
+        Raises:
+            MytokenRejectedError: 4xx (e.g. the capability is missing), or no tokeninfo.
+            ProtocolError: the tree is not the documented shape.
+            ServerUnavailableError / ConfigError: as for the other calls.
+        """
+        secret = _require_secret(mytoken, "mytoken")
+        url = self.discovery().tokeninfo_endpoint
+        action = "mytoken subtokens listing"
+        if not url:
+            raise MytokenRejectedError(
+                f"{action} impossible: {self.server_url} offers no tokeninfo endpoint",
+                url=self.server_url,
+            )
+        data = self._call(
+            url, {"action": "subtokens", "mytoken": secret}, action=action, secrets=(secret,)
+        )
+        entries: list[SubtokenEntry] = []
+        tree = data.get("mytokens")
+        if not isinstance(tree, Mapping):
+            raise ProtocolError(f"{action} at {url}: 'mytokens' is not a tree", url=url)
+        pending = list(tree.get("children") or ())
+        while pending:
+            node = pending.pop()
+            token = node.get("token") if isinstance(node, Mapping) else None
+            mom_id = token.get("mom_id") if isinstance(token, Mapping) else None
+            if not isinstance(mom_id, str) or not mom_id or not isinstance(
+                node.get("children") or [], list
+            ):
+                raise ProtocolError(f"{action} at {url}: malformed tree entry", url=url)
+            name, created = token.get("name"), token.get("created")
+            entries.append(
+                SubtokenEntry(
+                    mom_id=mom_id,
+                    name=name if isinstance(name, str) else "",
+                    created=float(created)
+                    if isinstance(created, (int, float)) and not isinstance(created, bool)
+                    else None,
+                )
+            )
+            pending.extend(node.get("children") or ())
+        update = data.get("token_update")
+        if update is not None and not isinstance(update, Mapping):
+            raise ProtocolError(f"{action} at {url}: token_update is not an object", url=url)
+        return SubtokenListing(
+            entries=tuple(entries),
+            token_update=None if update is None else self._parse_mytoken_response(
+                update, url, action=action, secrets=(secret,), what="token_update"
+            ),
+        )
 
     # -- plumbing ----------------------------------------------------------------------
 

@@ -27,7 +27,13 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from . import _policy as policy
 from ._config import Config
-from ._errors import ConfigError, JobtokenError, MytokenRejectedError, ProtocolError
+from ._errors import (
+    ConfigError,
+    JobtokenError,
+    MytokenRejectedError,
+    ProtocolError,
+    ServerUnavailableError,
+)
 from ._mytokenfile import MytokenSource, load_mytoken, save_rotated_mytoken
 from ._scopes import invalid_scopes, scopes_within
 from ._tokendir import JobSpec, TokenDir
@@ -211,14 +217,21 @@ def prepare_job(
     parent = load_mytoken(parent_source, env=environ, allow_other_owner=True)
     _cap_at_parent_expiry(restriction, parent, start, job.job_id)
     url = server_url_for(config, parent)
+    name = f"jobtoken {job.job_id}"[:100]
     with build_client(config, url) as client:
-        minted = client.create_mytoken(
-            parent,
-            restrictions=[restriction],
-            capabilities=["AT"],
-            name=f"jobtoken {job.job_id}"[:100],
-            error_on_restrictions=True,
-        )
+        client.discovery()  # its failures are not a lost job mytoken
+        try:
+            minted = client.create_mytoken(
+                parent,
+                restrictions=[restriction],
+                capabilities=["AT"],
+                name=name,
+                error_on_restrictions=True,
+            )
+        except ServerUnavailableError as exc:
+            if _answer_may_be_lost(exc):
+                _reap_lost_job_mytokens(client, parent_source, parent, name, start)
+            raise
         if minted.token_update is not None:
             save_rotated_mytoken(parent_source, minted.token_update.mytoken)
         try:
@@ -322,6 +335,63 @@ def _job_spec(
         remove_dir_at_end=False,
         mom_id=mom_id,
     )
+
+
+# how much older than prepare's start (by the server's clock) a lost job mytoken may be
+_LOST_MYTOKEN_SKEW_S = 120.0
+
+
+def _answer_may_be_lost(exc: JobtokenError) -> bool:
+    """Whether the server may have minted a job mytoken whose answer never arrived.
+
+    A read timeout, a connection cut after the request went out, or a garbled answer:
+    the request may have been committed. A status the server chose (5xx, 429, 4xx) was
+    answered before anything was minted; a rotated-then-garbled answer (not retryable)
+    means the parent we hold is dead, and using it again could revoke its whole chain.
+    """
+    import httpx
+
+    if not isinstance(exc, ServerUnavailableError) or not exc.retryable:
+        return False
+    if isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return False  # never reached the server
+    return isinstance(exc, ProtocolError) or exc.status is None
+
+
+def _reap_lost_job_mytokens(
+    client: Any, parent_source: MytokenSource, parent: str, name: str, start: float
+) -> None:
+    """Revoke the job mytoken a lost answer may have left live at the server.
+
+    Found by tokeninfo ``subtokens`` of the parent: the children named for this job,
+    created since just before this prepare began. Best effort: the parent may lack
+    ``tokeninfo:subtokens``, or the server may still be unreachable; then the orphan
+    lives until its ``exp`` (the job's wall time), as the warning says.
+    """
+    try:
+        listing = client.subtokens(parent)
+        if listing.token_update is not None:
+            save_rotated_mytoken(parent_source, listing.token_update.mytoken)
+            parent = listing.token_update.mytoken
+        lost = [
+            e for e in listing.entries
+            if e.name == name and e.created is not None
+            and e.created >= start - _LOST_MYTOKEN_SKEW_S
+        ]
+        for entry in lost:
+            update = client.revoke(parent, recursive=True, mom_id=entry.mom_id)
+            if update is not None:
+                save_rotated_mytoken(parent_source, update.mytoken)
+                parent = update.mytoken
+            logger.info(
+                "revoked job mytoken %r mom_id=%s minted by a request whose answer was lost",
+                name, entry.mom_id,
+            )
+    except JobtokenError as exc:
+        logger.warning(
+            "cannot check for a job mytoken %r minted by a request whose answer was lost (it "
+            "stays valid until it expires): %s", name, exc.message,
+        )
 
 
 def _revoke_quietly(client: Any, mytoken: str) -> None:

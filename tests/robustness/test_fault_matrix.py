@@ -31,6 +31,7 @@ from jobtoken._errors import UsageError
 from jobtoken._mytokenfile import check_mytoken_value
 from jobtoken._tokens import decode_access_token
 from jobtoken.devserver import DevServer, DevServerConfig
+from tests.fakes import ShiftedClock
 from tests.robustness._support import (
     AUD,
     LONG,
@@ -52,8 +53,8 @@ TIMEOUT_S = 0.5  # the CLI's per-request timeout in these cases; "slow" faults w
 class Case:
     fault: Dict[str, Any]
     exit_code: int
-    # documented limitation "response lost after commit": the server minted a job
-    # mytoken whose response never reached prepare, so prepare cannot revoke it
+    # documented limitation "answer after the timeout": the server minted a job mytoken
+    # after prepare gave up and looked for it, so prepare cannot revoke it
     may_orphan: bool = False
     says: tuple = field(default=())
 
@@ -117,8 +118,9 @@ def _matrix() -> Dict[str, Case]:
             dict(case.fault, endpoint="access"), case.exit_code, says=case.says
         )
     # the server commits, then the answer is lost: rotation-free, but a minted job mytoken
+    # prepare finds it among the parent's subtokens and revokes it
     cases["my/lost after commit"] = Case(
-        dict(endpoint="my", drop=True, process=True), 75, may_orphan=True
+        dict(endpoint="my", drop=True, process=True), 75
     )
     cases["access/lost after commit"] = Case(dict(endpoint="access", drop=True, process=True), 75)
     return cases
@@ -177,7 +179,7 @@ def _check_prepare(
     return problems
 
 
-# job mytokens the documented "response lost after commit" cases left behind (for the report)
+# job mytokens the documented "answer after the timeout" case left behind (for the report)
 ORPHANS: List[str] = []
 
 _GROUPS = ["discovery/", "my/", "access/"]
@@ -419,22 +421,6 @@ def test_prepare_with_a_full_disk_loses_nothing(
 
 
 # --- clock jumps ----------------------------------------------------------------------------
-
-
-class ShiftedClock:
-    """The real clock, off by ``offset_s`` (a server whose clock is ahead of ours)."""
-
-    def __init__(self, offset_s: float) -> None:
-        self.offset_s = offset_s
-
-    def now(self) -> float:
-        return time.time() + self.offset_s
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def wait(self, event: threading.Event, timeout_s: float) -> bool:
-        return event.wait(max(0.0, timeout_s))
 
 
 def test_prepare_when_the_issuer_clock_is_ahead(tmp_path: Path) -> None:

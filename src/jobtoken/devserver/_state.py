@@ -96,6 +96,7 @@ class MytokenRecord:
     seq_no: int = 1
     last_rotated_at: float = 0.0
     revoked: bool = False
+    created_at: float = 0.0
 
 
 class MytokenStore:
@@ -170,6 +171,7 @@ class MytokenStore:
                 claims=claims,
                 jwt=self._sign(claims),
                 last_rotated_at=now,
+                created_at=now,
             )
             self._records[mt_id] = record
             logger.info(
@@ -382,13 +384,11 @@ class MytokenStore:
     def subtree(self, record: MytokenRecord) -> Dict[str, Any]:
         """Tokeninfo ``subtokens`` tree: this token's entry plus its live children."""
         with self.lock:
-            entry: Dict[str, Any] = {
-                "token": {
-                    "name": record.name,
-                    "created": int(record.claims.get("auth_time", 0)),
-                    "mom_id": record.mom_id,
-                },
-            }
+            # the API's MytokenEntry: name omitted when empty, created = creation time
+            token: Dict[str, Any] = {"mom_id": record.mom_id, "created": int(record.created_at)}
+            if record.name:
+                token["name"] = record.name
+            entry: Dict[str, Any] = {"token": token}
             kids = [self.subtree(c) for c in self.children(record.id) if not c.revoked]
             if kids:
                 entry["children"] = kids
