@@ -110,7 +110,7 @@ def test_job_jitter_property_in_half_open_range(job_id, fraction):
     ],
 )
 def test_margin_for_table(lifetime_s, expected):
-    assert margin_for(lifetime_s, S) == pytest.approx(expected)
+    assert margin_for(lifetime_s, S) == pytest.approx(expected, abs=1e-6)
 
 
 def test_margin_never_below_min_margin_for_ordinary_lifetimes():
@@ -141,32 +141,32 @@ def test_margin_property_leaves_two_thirds_of_the_lifetime(lifetime):
 )
 def test_next_renewal_at_table(lifetime_s, jitter, expected_offset):
     at = next_renewal_at(T0, T0 + lifetime_s, jitter=jitter, settings=S)
-    assert at - T0 == pytest.approx(expected_offset)
+    assert at - T0 == pytest.approx(expected_offset, abs=1e-6)
 
 
 def test_next_renewal_never_later_than_exp_minus_margin():
     # a fraction close to 1 would renew too late; the margin wins
     settings = RenewalSettings(fraction=0.95, jitter_fraction=0.0)
     at = next_renewal_at(T0, T0 + HOUR, jitter=0.0, settings=settings)
-    assert at == pytest.approx(T0 + HOUR - 300.0)
+    assert at == pytest.approx(T0 + HOUR - 300.0, abs=1e-6)
 
 
 def test_missing_iat_uses_the_time_the_token_was_obtained():
     at = next_renewal_at(None, T0 + HOUR, jitter=0.0, settings=S, obtained_at=T0)
-    assert at == pytest.approx(T0 + 2400.0)
+    assert at == pytest.approx(T0 + 2400.0, abs=1e-6)
 
 
 def test_missing_iat_and_obtained_at_assume_the_shortest_wlcg_lifetime():
     exp = T0 + HOUR
     at = next_renewal_at(None, exp, jitter=0.0, settings=S)
-    assert at == pytest.approx(exp - ASSUMED_LIFETIME_S / 3.0)
+    assert at == pytest.approx(exp - ASSUMED_LIFETIME_S / 3.0, abs=1e-6)
     # never earlier than the rule would put it for a real 1 h token
     assert at >= next_renewal_at(exp - HOUR, exp, jitter=0.0, settings=S)
 
 
 def test_iat_after_exp_is_ignored():
     at = next_renewal_at(T0 + 2 * HOUR, T0 + HOUR, jitter=0.0, settings=S, obtained_at=T0)
-    assert at == pytest.approx(T0 + 2400.0)
+    assert at == pytest.approx(T0 + 2400.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("jitter", [-0.01, 2 / 3, 1.0])
@@ -208,7 +208,7 @@ def test_renewal_property_more_jitter_is_never_later(lifetime, a, b):
     ],
 )
 def test_backoff_table(attempt, unit, expected):
-    assert backoff_s(attempt, rnd=unit, settings=S) == pytest.approx(expected)
+    assert backoff_s(attempt, rnd=unit, settings=S) == pytest.approx(expected, abs=1e-6)
 
 
 def test_backoff_accepts_a_seeded_random():
@@ -244,10 +244,16 @@ EXP = T0 + HOUR  # 1200 s left, margin 300 -> deadline at EXP - 150
 @pytest.mark.parametrize(
     ("now", "attempt", "retry_after", "unit", "expected"),
     [
-        # plain backoff well before the deadline
-        (NOW, 3, None, 0.5, NOW + 5.0),
-        # Retry-After shorter than backoff: backoff wins
-        (NOW, 3, 1.0, 0.5, NOW + 5.0),
+        # the first two retries: short backoff (a blip)
+        (NOW, 1, None, 0.5, NOW + 2.0),
+        (NOW, 2, None, 0.5, NOW + 3.0),
+        # from the third: spread over the 900 s until exp - margin
+        (NOW, 3, None, 0.5, NOW + 2.0 + 0.5 * 898.0),
+        (NOW, 3, None, 0.0, NOW + 2.0),
+        (NOW, 3, None, 0.999, NOW + 2.0 + 0.999 * 898.0),  # never past exp - margin
+        # Retry-After shorter than the delay: the delay wins
+        (NOW, 2, 1.0, 0.5, NOW + 3.0),
+        (NOW, 3, 1.0, 0.5, NOW + 451.0),
         # Retry-After longer than backoff and before the deadline: honoured
         (NOW, 1, 600.0, 0.0, NOW + 600.0),
         # Retry-After ending after exp - margin/2 but before exp: one try at the deadline
@@ -277,14 +283,14 @@ def test_next_attempt_at_table(now, attempt, retry_after, unit, expected):
         rnd=unit,
         margin_s=300.0,
     )
-    assert at == pytest.approx(expected)
+    assert at == pytest.approx(expected, abs=1e-6)
 
 
 def test_next_attempt_default_margin_is_the_settings_margin():
     at = next_attempt_at(
         EXP - 200.0, attempt=20, retry_after_s=None, expires_at=EXP, settings=S, rnd=0.9
     )
-    assert at == pytest.approx(EXP - S.default_margin_s / 2.0)
+    assert at == pytest.approx(EXP - S.default_margin_s / 2.0, abs=1e-6)
 
 
 def test_retries_near_expiry_are_few_not_a_storm():
@@ -392,7 +398,7 @@ def test_usages_budget_covers_every_renewal_the_rule_makes(lifetimes_per_job, li
     [(HOUR, 0.0, 1.5), (1200.0, 0.0, 4.5), (HOUR, 1 / 6, 2.0)],
 )
 def test_renewals_per_hour(lifetime_s, jitter, expected):
-    assert renewals_per_hour(lifetime_s, S, jitter) == pytest.approx(expected)
+    assert renewals_per_hour(lifetime_s, S, jitter) == pytest.approx(expected, abs=1e-6)
 
 
 def test_renewals_per_hour_rejects_non_positive_lifetime():

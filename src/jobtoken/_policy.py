@@ -64,6 +64,8 @@ class RenewalSettings:
         default_margin_s: margin before ``exp`` by which a renewal must have happened.
         max_backoff_s: cap of the exponential backoff after failed renewals.
         min_backoff_s: no retry is ever scheduled sooner than this after a failure.
+        quick_retries: retries on the short backoff before they spread over the time
+            the token can still wait (``next_attempt_at``).
     """
 
     fraction: float = 2.0 / 3.0
@@ -72,6 +74,7 @@ class RenewalSettings:
     default_margin_s: float = 300.0
     max_backoff_s: float = 300.0
     min_backoff_s: float = 2.0
+    quick_retries: int = 2
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction < 1.0:
@@ -84,6 +87,8 @@ class RenewalSettings:
             raise ValueError("margins must satisfy 0 <= min_margin_s <= default_margin_s")
         if not 0.0 < self.min_backoff_s <= self.max_backoff_s:
             raise ValueError("backoff must satisfy 0 < min_backoff_s <= max_backoff_s")
+        if self.quick_retries < 0:
+            raise ValueError(f"quick_retries must be >= 0, got {self.quick_retries}")
 
 
 class TokenState(enum.Enum):
@@ -226,7 +231,15 @@ def next_attempt_at(
 ) -> float:
     """When to try again after ``attempt`` consecutive failed renewals.
 
-    Backoff (``backoff_s``), raised to the server's ``Retry-After`` and then capped so
+    The first ``quick_retries`` retries follow the short backoff (``backoff_s``): most
+    failures are blips. After that the failure is an outage that the whole fleet sees at
+    once, and exponential backoff would bring every job back within ``max_backoff_s`` of
+    the recovery. Each job knows how long its token can still wait, so the delay is drawn
+    over that instead: uniformly up to ``exp - margin`` (never shorter than the backoff).
+    Jobs with slack come back late, jobs near their deadline early, and the recovery burst
+    keeps roughly the spread the due times had (``benchmarks/fleet.py``).
+
+    That delay is raised to the server's ``Retry-After`` and then capped so
     that, while the token still works, we never wait past ``exp - margin/2`` without
     another try (inside that last stretch: halfway to ``exp`` each time). Retry-After
     handling, chosen deliberately:
@@ -248,14 +261,19 @@ def next_attempt_at(
     Raises:
         ValueError: as ``backoff_s``.
     """
+    unit = rnd.random() if isinstance(rnd, random.Random) else float(rnd)
     floor = now + settings.min_backoff_s
-    at = now + backoff_s(attempt, rnd=rnd, settings=settings)
+    at = now + backoff_s(attempt, rnd=unit, settings=settings)
+    margin = settings.default_margin_s if margin_s is None else margin_s
+    renew_by = expires_at - margin
+    if attempt > settings.quick_retries and renew_by - now > settings.min_backoff_s:
+        # not a blip: spread over the time this token can still wait (same draw)
+        at = max(at, floor + unit * (renew_by - now - settings.min_backoff_s))
     if retry_after_s is not None and retry_after_s > 0.0:
         retry_end = now + retry_after_s
         if retry_end >= expires_at:
             return max(at, retry_end, floor)
         at = max(at, retry_end)
-    margin = settings.default_margin_s if margin_s is None else margin_s
     cap = _attempt_cap(now, expires_at, margin)
     if cap is not None:
         at = min(at, cap)
