@@ -488,6 +488,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "margin_s": margin,
             "min_backoff_s": settings.min_backoff_s,
             "max_backoff_s": settings.max_backoff_s,
+            "quick_retries": settings.quick_retries,
         },
         "main": summary(main_run, recovered_at),
         "no_outage": summary(twin, recovered_at),
