@@ -8,6 +8,13 @@ import os
 from typing import Iterator
 
 import pytest
+from hypothesis import settings
+
+# The suite's property and fuzz tests draw the same cases every run, so CI is reproducible;
+# JOBTOKEN_LONG_TESTS=1 explores fresh random cases (and more of them, in tests/robustness).
+settings.register_profile("reproducible", derandomize=True, database=None)
+settings.register_profile("explore", database=None)
+settings.load_profile("explore" if os.environ.get("JOBTOKEN_LONG_TESTS") else "reproducible")
 
 _STRIP_PREFIXES = ("BEARER_TOKEN", "MYTOKEN", "JOBTOKEN", "_CONDOR_", "SSL_CERT", "X509_")
 _STRIP_EXACT = ("XDG_RUNTIME_DIR", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",
