@@ -182,6 +182,11 @@ def test_looks_like_jwt(raw, expected):
     assert looks_like_jwt(raw) is expected
 
 
+def _prev(**claims) -> AccessToken:
+    """The token being replaced (by default: the same claims as ``make_token``'s)."""
+    return decode_access_token(make_token(**claims))
+
+
 def _check(tok: AccessToken, **kwargs):
     args = {
         "requested_scopes": ("storage.create:/vo/jobs/42", "openid"),
@@ -223,8 +228,11 @@ def test_check_accepts_when_nothing_was_requested():
         ({"aud": _DROP}, {}, "lacks audience https://se.example.org"),
         ({"aud": ["https://se.example.org/"]}, {}, "lacks audience"),
         ({"aud": "https://wlcg.cern.ch/jwt/v1/any"}, {}, "lacks audience"),
-        ({}, {"previous_expires_at": NOW + 1200}, "did not extend"),
-        ({}, {"previous_expires_at": NOW + 5000}, "did not extend"),
+        # exp did not move although the token is newer: a stale exp
+        ({}, {"previous": _prev(exp=int(NOW) + 1200, iat=int(NOW) - 20)}, "did not extend"),
+        ({}, {"previous": _prev(exp=int(NOW) + 5000)}, "did not extend"),
+        # the very same token handed out again
+        ({}, {"previous": _prev()}, "did not extend"),
     ],
 )
 def test_check_refuses(overrides, kwargs, why):
@@ -242,7 +250,13 @@ def test_check_tolerates_small_clock_skew():
 
 def test_check_accepts_multiple_audiences_and_moved_exp():
     tok = decode_access_token(make_token(aud=["x", "https://se.example.org"]))
-    _check(tok, previous_expires_at=NOW + 600, min_valid_s=1000)
+    _check(tok, previous=_prev(exp=int(NOW) + 600), min_valid_s=1000)
+
+
+def test_check_accepts_a_new_token_from_the_same_second():
+    # whole-second times: renewing in the second the current token was issued gives the
+    # same iat and exp, and a token just as good (ensure right after prepare)
+    _check(decode_access_token(make_token()), previous=_prev(jti="jti-0"))
 
 
 def test_describe_is_a_non_secret_summary():

@@ -43,7 +43,7 @@ def fetch_access_token(
     request: TokenRequest,
     *,
     now: float,
-    previous_expires_at: Optional[float] = None,
+    previous: Optional[AccessToken] = None,
     verifier: Optional[Verifier] = None,
     allow_other_owner: bool = False,
 ) -> AccessToken:
@@ -53,8 +53,8 @@ def fetch_access_token(
         now: wall-clock time captured before the request; token times are judged
             against it (google-auth's rule: a slow response must not make a token
             look fresher than it is).
-        previous_expires_at: the ``exp`` of the token being replaced; the new one
-            must expire later, or renewing achieved nothing.
+        previous: the token being replaced; the new one must extend it, or renewing
+            achieved nothing.
 
     Raises:
         ConfigError, MytokenError, TokenCheckError, TokenFileError.
@@ -75,7 +75,7 @@ def fetch_access_token(
         requested_audiences=request.audiences,
         now=now,
         min_valid_s=request.min_valid_s,
-        previous_expires_at=previous_expires_at,
+        previous=previous,
     )
     if verifier is not None:
         verifier.verify(token)

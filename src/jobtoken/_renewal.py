@@ -156,7 +156,7 @@ def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) ->
                     scopes=spec.scopes, audiences=spec.audiences, comment=f"jobtoken {spec.job_id}"
                 ),
                 now=now,
-                previous_expires_at=current.expires_at if current is not None else None,
+                previous=current,
                 verifier=_verifier(spec),
             )
         except JobtokenError as exc:

@@ -238,7 +238,7 @@ def check_access_token(
     requested_audiences: Iterable[str],
     now: float,
     min_valid_s: float = 0.0,
-    previous_expires_at: Optional[float] = None,
+    previous: Optional[AccessToken] = None,
 ) -> None:
     """Refuse an access token that is not what the job asked for.
 
@@ -247,7 +247,8 @@ def check_access_token(
     when scopes were requested, a ``scope`` claim exists, is not empty and every granted
     scope is covered by a requested one (WLCG path rules, so an OP may narrow but never
     widen); when audiences were requested, ``aud`` contains each one (exact string);
-    when ``previous_expires_at`` is given, ``exp`` moved forward past it.
+    when ``previous`` (the token being replaced) is given, the new one extends it
+    (``_extends``).
 
     Raises:
         TokenCheckError: the first failed check, as a one-line message naming the token by
@@ -297,11 +298,31 @@ def check_access_token(
             f"access token {ident} lacks audience {' '.join(missing)} (aud: {got}); "
             "the OP may ignore the audience parameter"
         )
-    if previous_expires_at is not None and token.expires_at <= previous_expires_at:
+    if previous is not None and not _extends(token, previous):
         raise TokenCheckError(
             f"access token {ident} did not extend the expiry "
-            f"(exp={token.expires_at:.0f}, previous exp={previous_expires_at:.0f})"
+            f"(exp={token.expires_at:.0f}, previous exp={previous.expires_at:.0f})"
         )
+
+
+def _extends(token: AccessToken, previous: AccessToken) -> bool:
+    """Whether replacing ``previous`` by ``token`` is a renewal, not a stale answer.
+
+    A later ``exp`` is. Token times are whole seconds, so a token issued in the same
+    second as the previous one has the same ``exp`` and is just as good (``ensure`` and
+    the sidecar may renew back to back); it is told apart from the same token handed out
+    again by its ``jti`` and bytes. An ``exp`` that stayed while ``iat`` moved is stale:
+    accepting it would make the sidecar renew again at once, and again.
+    """
+    if token.expires_at > previous.expires_at:
+        return True
+    return (
+        token.expires_at == previous.expires_at
+        and token.issued_at is not None
+        and token.issued_at == previous.issued_at
+        and token.raw != previous.raw
+        and not (token.jti and token.jti == previous.jti)
+    )
 
 
 def describe(token: AccessToken) -> dict[str, Any]:

@@ -9,6 +9,7 @@ a repr, a log record or the terminal.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import secrets
@@ -404,7 +405,9 @@ def test_access_token_checks_survive_any_jwt(
             requested_audiences=auds,
             now=now,
             min_valid_s=min_valid,
-            previous_expires_at=previous,
+            previous=None if previous is None else dataclasses.replace(
+                token, expires_at=previous, raw="x", jti="other"
+            ),
         )
     except JobtokenError as exc:
         assert_clean_error(exc, (65,), hidden)
