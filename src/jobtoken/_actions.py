@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
+from ._clock import utc_text
 from ._config import Config, ServerConfig
 from ._discovery import default_token_path, discover_bearer_token
 from ._errors import ConfigError, JobtokenError, TokenCheckError, TokenFileError
@@ -74,7 +75,7 @@ def summarize(token: AccessToken, now: float) -> Dict[str, Any]:
         "expired " + _human_duration(-remaining) + " ago" if remaining < 0
         else _human_duration(remaining) + " left"
     )
-    data["exp_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.expires_at))
+    data["exp_utc"] = utc_text(token.expires_at)
     return data
 
 
@@ -206,6 +207,7 @@ def get_token(
                 min_valid_s=config.token.min_valid_s,
             ),
             now=now,
+            env=environ,
             verifier=build_verifier(config),
         )
     write_secret_file(path, token.raw)

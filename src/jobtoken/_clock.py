@@ -10,7 +10,19 @@ import threading
 import time
 from typing import Protocol
 
-__all__ = ["Clock", "SystemClock"]
+__all__ = ["Clock", "SystemClock", "utc_text"]
+
+
+def utc_text(epoch_s: float, *, sep: str = "T") -> str:
+    """``epoch_s`` as ISO UTC text; token times come from servers, so any float may arrive.
+
+    A time the platform cannot represent (``exp`` = 1e20) is shown as such rather than
+    crashing the command that displays it.
+    """
+    try:
+        return time.strftime(f"%Y-%m-%d{sep}%H:%M:%SZ", time.gmtime(epoch_s))
+    except (OverflowError, OSError, ValueError):
+        return f"out of range ({epoch_s:.0f})"
 
 
 class Clock(Protocol):

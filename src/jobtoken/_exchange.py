@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Protocol, Tuple
+from typing import Mapping, Optional, Protocol, Tuple
 
 from ._mytoken import MytokenClient
 from ._mytokenfile import MytokenSource, load_mytoken, save_rotated_mytoken
@@ -44,6 +44,7 @@ def fetch_access_token(
     *,
     now: float,
     previous: Optional[AccessToken] = None,
+    env: Optional[Mapping[str, str]] = None,
     verifier: Optional[Verifier] = None,
     allow_other_owner: bool = False,
 ) -> AccessToken:
@@ -55,11 +56,12 @@ def fetch_access_token(
             look fresher than it is).
         previous: the token being replaced; the new one must extend it, or renewing
             achieved nothing.
+        env: where a mytoken named by a variable is looked up (default ``os.environ``).
 
     Raises:
         ConfigError, MytokenError, TokenCheckError, TokenFileError.
     """
-    mytoken = load_mytoken(source, allow_other_owner=allow_other_owner)
+    mytoken = load_mytoken(source, env=env, allow_other_owner=allow_other_owner)
     response = client.get_access_token(
         mytoken,
         scopes=request.scopes,

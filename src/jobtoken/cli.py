@@ -288,12 +288,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _human_status(d: Dict[str, Any]) -> str:
-    import time as _time
+    from ._clock import utc_text
 
     def at(value: Any) -> str:
-        if value is None:
-            return "-"
-        return _time.strftime("%Y-%m-%d %H:%M:%SZ", _time.gmtime(value))
+        return "-" if value is None else utc_text(value, sep=" ")
 
     remaining = d.get("remaining_s")
     lines = [

@@ -112,6 +112,7 @@ class MytokenStore:
         self._short_len = short_token_len
         self._records: Dict[str, MytokenRecord] = {}
         self._short: Dict[str, str] = {}  # short token -> JWT
+        self._short_owner: Dict[str, str] = {}  # short token -> record id
         self._at_used: Dict[Tuple[str, str], int] = {}
         self._other_used: Dict[Tuple[str, str], int] = {}
 
@@ -188,6 +189,7 @@ class MytokenStore:
         with self.lock:
             token = "".join(secrets.choice(_ALNUM) for _ in range(self._short_len))
             self._short[token] = record.jwt
+            self._short_owner[token] = record.id
             return token
 
     def represent(self, record: MytokenRecord, response_type: str) -> Tuple[str, str]:
@@ -321,16 +323,26 @@ class MytokenStore:
         return [r for r in self._records.values() if r.parent_id == record_id]
 
     def revoke(self, record_id: str, *, recursive: bool) -> int:
-        """Revoke one token (and its descendants if ``recursive``); returns how many."""
+        """Revoke one token (and its descendants if ``recursive``); returns how many.
+
+        As in the server's database: the row goes, its short tokens with it (ON DELETE
+        CASCADE), and children left alive lose their parent (ON DELETE SET NULL), so a
+        later recursive revocation of an ancestor no longer reaches them.
+        """
         with self.lock:
             record = self._records.get(record_id)
             if record is None:
                 return 0
             count = 0 if record.revoked else 1
             record.revoked = True
-            if recursive:
-                for child in self.children(record_id):
+            for short, owner in list(self._short_owner.items()):
+                if owner == record_id:
+                    self.drop_short_token(short)
+            for child in self.children(record_id):
+                if recursive:
                     count += self.revoke(child.id, recursive=True)
+                else:
+                    child.parent_id = None
             return count
 
     def revoke_all(self) -> int:
@@ -357,6 +369,7 @@ class MytokenStore:
     def drop_short_token(self, token: str) -> None:
         with self.lock:
             self._short.pop(token, None)
+            self._short_owner.pop(token, None)
 
     def introspection(self, record: MytokenRecord, token_type: str) -> Dict[str, Any]:
         """Tokeninfo ``introspect`` body, with per-entry ``usages_*_done`` (absent = never)."""

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .._errors import ConfigError
+from .._errors import ConfigError, JobtokenError
 from .._tokenfile import write_file_atomically as write_private_file
 
 __all__ = ["TlsMaterial", "make_tls"]
@@ -114,12 +114,17 @@ def make_tls(directory: str, hosts: Sequence[str]) -> TlsMaterial:
     cert_file = os.path.join(directory, "server.pem")
     key_file = os.path.join(directory, "server.key")
     pem = serialization.Encoding.PEM
-    write_private_file(ca_file, ca_cert.public_bytes(pem), mode=0o644)
-    write_private_file(cert_file, cert.public_bytes(pem) + ca_cert.public_bytes(pem), mode=0o644)
-    write_private_file(
-        key_file,
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-    )
+    try:
+        write_private_file(ca_file, ca_cert.public_bytes(pem), mode=0o644)
+        write_private_file(
+            cert_file, cert.public_bytes(pem) + ca_cert.public_bytes(pem), mode=0o644
+        )
+        write_private_file(
+            key_file,
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        )
+    except JobtokenError as exc:
+        raise ConfigError(f"devserver tls_dir={directory} unusable: {exc.message}") from exc
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert_file, key_file)
