@@ -94,3 +94,16 @@ def test_request_header_lookup_ignores_case_and_defaults_to_empty() -> None:
     assert req.header("Content-Type") == req.header("content-type") == "application/json"
     assert req.header("Authorization") == ""
     assert "secret-mytoken" not in repr(req)  # request bodies carry mytokens
+
+
+def test_request_repr_hides_mytokens_in_headers_too() -> None:
+    # Authorization and Cookie are other places where clients send a mytoken
+    req = Request(
+        method="POST",
+        path="/api/v0/tokeninfo",
+        query="",
+        headers={"authorization": "Bearer header-mytoken", "cookie": "mytoken=cookie-mytoken"},
+        body=b"",
+        client_ip="127.0.0.1",
+    )
+    assert "header-mytoken" not in repr(req) and "cookie-mytoken" not in repr(req)

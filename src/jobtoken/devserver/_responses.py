@@ -24,7 +24,8 @@ class Request:
     method: str
     path: str
     query: str
-    headers: Mapping[str, str]  # lower-case names
+    # both may carry a mytoken (body, "Authorization: Bearer", a "mytoken" cookie)
+    headers: Mapping[str, str] = field(repr=False)  # lower-case names
     body: bytes = field(repr=False)
     client_ip: str
 
