@@ -221,8 +221,8 @@ def test_prepare_under_every_fault(group: str, tmp_path: Path) -> None:
     assert problems == {}
     if ORPHANS:
         print(
-            f"documented limitation: {len(ORPHANS)} job mytoken(s) minted by a request whose "
-            "answer was lost or came too late stay valid until they expire"
+            f"documented limitation: {len(ORPHANS)} job mytoken(s) minted after prepare gave up "
+            "waiting and looked for them stay valid until they expire"
         )
 
 
