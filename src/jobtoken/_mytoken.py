@@ -476,13 +476,10 @@ class MytokenClient:
             ServerUnavailableError / ProtocolError / ConfigError: as for the other calls.
         """
         secret = _require_secret(token, "token to revoke")
-        url = self.discovery().revocation_endpoint
         action = "mytoken revocation"
-        if not url:
-            raise MytokenRejectedError(
-                f"{action} impossible: {self.server_url} offers no revocation endpoint",
-                url=self.server_url,
-            )
+        url = self._optional_endpoint(
+            self.discovery().revocation_endpoint, action, "revocation endpoint"
+        )
         body: dict[str, Any] = {"token": secret, "recursive": bool(recursive)}
         if mom_id:
             body["mom_id"] = mom_id
@@ -491,15 +488,7 @@ class MytokenClient:
         if response.status_code == 204 or not response.content.strip():
             return None
         data = self._json_object(response, url, action=action, secrets=(secret,))
-        update = data.get("token_update")
-        if update is None:
-            return None
-        if not isinstance(update, Mapping):
-            raise ProtocolError(f"{action} at {url}: token_update is not an object", url=url)
-        logger.info("mytoken rotated action=%s url=%s", action, url)
-        return self._parse_mytoken_response(
-            update, url, action=action, secrets=(secret,), what="token_update"
-        )
+        return self._token_update(data, url, action=action, secret=secret)
 
     def introspect(self, mytoken: str) -> dict[str, Any]:
         """The tokeninfo ``introspect`` answer for ``mytoken`` (claims, usage counts).
@@ -511,13 +500,10 @@ class MytokenClient:
             ServerUnavailableError / ProtocolError / ConfigError: as for the other calls.
         """
         secret = _require_secret(mytoken, "mytoken")
-        url = self.discovery().tokeninfo_endpoint
         action = "mytoken introspection"
-        if not url:
-            raise MytokenRejectedError(
-                f"{action} impossible: {self.server_url} offers no tokeninfo endpoint",
-                url=self.server_url,
-            )
+        url = self._optional_endpoint(
+            self.discovery().tokeninfo_endpoint, action, "tokeninfo endpoint"
+        )
         body = {"action": "introspect", "mytoken": secret}
         return self._call(url, body, action=action, secrets=(secret,))
 
@@ -533,13 +519,10 @@ class MytokenClient:
             ServerUnavailableError / ConfigError: as for the other calls.
         """
         secret = _require_secret(mytoken, "mytoken")
-        url = self.discovery().tokeninfo_endpoint
         action = "mytoken subtokens listing"
-        if not url:
-            raise MytokenRejectedError(
-                f"{action} impossible: {self.server_url} offers no tokeninfo endpoint",
-                url=self.server_url,
-            )
+        url = self._optional_endpoint(
+            self.discovery().tokeninfo_endpoint, action, "tokeninfo endpoint"
+        )
         data = self._call(
             url, {"action": "subtokens", "mytoken": secret}, action=action, secrets=(secret,)
         )
@@ -567,17 +550,35 @@ class MytokenClient:
                 )
             )
             pending.extend(node.get("children") or ())
-        update = data.get("token_update")
-        if update is not None and not isinstance(update, Mapping):
-            raise ProtocolError(f"{action} at {url}: token_update is not an object", url=url)
         return SubtokenListing(
             entries=tuple(entries),
-            token_update=None if update is None else self._parse_mytoken_response(
-                update, url, action=action, secrets=(secret,), what="token_update"
-            ),
+            token_update=self._token_update(data, url, action=action, secret=secret),
         )
 
     # -- plumbing ----------------------------------------------------------------------
+
+    def _optional_endpoint(self, url: Optional[str], action: str, what: str) -> str:
+        """``url`` from discovery, or the refusal for a server with that feature off."""
+        if not url:
+            raise MytokenRejectedError(
+                f"{action} impossible: {self.server_url} offers no {what}",
+                url=self.server_url,
+            )
+        return url
+
+    def _token_update(
+        self, data: Mapping[str, Any], url: str, *, action: str, secret: str
+    ) -> Optional[MytokenResponse]:
+        """The authenticating mytoken's replacement in an answer (rotation ``on_other``)."""
+        update = data.get("token_update")
+        if update is None:
+            return None
+        if not isinstance(update, Mapping):
+            raise ProtocolError(f"{action} at {url}: token_update is not an object", url=url)
+        logger.info("mytoken rotated action=%s url=%s", action, url)
+        return self._parse_mytoken_response(
+            update, url, action=action, secrets=(secret,), what="token_update"
+        )
 
     def _call(
         self, url: str, body: Mapping[str, Any], *, action: str, secrets: Sequence[str]
