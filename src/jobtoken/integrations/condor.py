@@ -175,13 +175,18 @@ def read_job_ad(text: str) -> Any:
     return ad
 
 
-def _string_attr(ad: Any, name: str) -> Optional[str]:
+def _evaluated(ad: Any, name: str) -> Any:
+    """The attribute's value, None when the ad lacks it."""
     if name not in ad:
         return None
     try:
-        value = ad.eval(name)
+        return ad.eval(name)
     except Exception:
         raise ConfigError(f"job attribute {name} cannot be evaluated") from None
+
+
+def _string_attr(ad: Any, name: str) -> Optional[str]:
+    value = _evaluated(ad, name)
     if value is None or type(value).__name__ in ("Value",):  # Undefined / Error
         return None
     if not isinstance(value, str):
@@ -190,12 +195,7 @@ def _string_attr(ad: Any, name: str) -> Optional[str]:
 
 
 def _number_attr(ad: Any, name: str) -> Optional[float]:
-    if name not in ad:
-        return None
-    try:
-        value = ad.eval(name)
-    except Exception:
-        raise ConfigError(f"job attribute {name} cannot be evaluated") from None
+    value = _evaluated(ad, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
