@@ -29,6 +29,20 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
+def fresh_discovery_cache() -> Iterator[None]:
+    """Each test starts as a fresh process would: no Mytoken discovery document remembered.
+
+    The client keeps discovery per process and server URL; a dev server's port can be
+    reused by a later test's server, whose endpoints or faults differ.
+    """
+    from jobtoken._mytoken import clear_discovery_cache
+
+    clear_discovery_cache()
+    yield
+    clear_discovery_cache()
+
+
+@pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
     """Undo what an in-process ``jobtoken`` main did to the package loggers.
 

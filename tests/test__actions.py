@@ -52,13 +52,6 @@ DEVCONFIG = DevServerConfig(at_lifetime_s=LIFETIME_S, op_scopes=("storage.create
                             default_audience=AUD)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_discovery() -> Iterator[None]:
-    clear_discovery_cache()
-    yield
-    clear_discovery_cache()
-
-
 @pytest.fixture()
 def srv() -> Iterator[DevServer]:
     with DevServer(DEVCONFIG) as server:

@@ -30,7 +30,7 @@ from jobtoken._errors import (
     UsageError,
 )
 from jobtoken._exchange import TokenRequest, fetch_access_token
-from jobtoken._mytoken import DISCOVERY_PATH, MytokenClient, clear_discovery_cache
+from jobtoken._mytoken import DISCOVERY_PATH, MytokenClient
 from jobtoken._mytokenfile import MytokenSource
 from jobtoken._tokenfile import write_secret_file
 from jobtoken._tokens import AccessToken
@@ -42,13 +42,6 @@ AUD = "https://se.example.org"
 SCOPE = "storage.create:/vo/out"
 LIFETIME_S = 1200
 REQUEST = TokenRequest(scopes=(SCOPE,), audiences=(AUD,))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_discovery() -> Iterator[None]:
-    clear_discovery_cache()
-    yield
-    clear_discovery_cache()
 
 
 @pytest.fixture()

@@ -15,7 +15,6 @@ from jobtoken._errors import (
 from jobtoken._mytoken import (
     DISCOVERY_PATH,
     MytokenClient,
-    clear_discovery_cache,
     is_plausible_mytoken,
 )
 from tests.fakes import FakeClock
@@ -74,13 +73,6 @@ class FakeServer:
 
     def count(self, suffix):
         return sum(1 for r in self.requests if r.url.path.endswith(suffix))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    clear_discovery_cache()
-    yield
-    clear_discovery_cache()
 
 
 @pytest.fixture

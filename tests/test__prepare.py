@@ -18,7 +18,6 @@ from jobtoken._errors import (
     ProtocolError,
     ServerUnavailableError,
 )
-from jobtoken._mytoken import clear_discovery_cache
 from jobtoken._prepare import JobInfo, job_scopes, prepare_job
 from jobtoken._tokenfile import write_secret_file
 from jobtoken.devserver import DevServer, DevServerConfig
@@ -30,7 +29,6 @@ OP_SCOPES = ("storage.read:/", "storage.create:/")
 
 @pytest.fixture()
 def srv() -> Iterator[DevServer]:
-    clear_discovery_cache()
     with DevServer(DevServerConfig(at_lifetime_s=1200, op_scopes=OP_SCOPES,
                                    default_audience=AUD)) as server:
         yield server

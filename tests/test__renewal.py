@@ -20,7 +20,6 @@ from tests.runhelpers import AUD, prepare
 
 @pytest.fixture()
 def srv() -> Iterator[DevServer]:
-    clear_discovery_cache()
     with DevServer(DevServerConfig(at_lifetime_s=600, op_scopes=("storage.create:/",),
                                    default_audience=AUD)) as server:
         yield server

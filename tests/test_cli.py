@@ -11,7 +11,6 @@ from typing import Any, Iterator, Tuple
 import pytest
 
 from jobtoken import cli
-from jobtoken._mytoken import clear_discovery_cache
 from jobtoken.devserver import DevServer, DevServerConfig
 from tests import jwtmint
 
@@ -21,7 +20,6 @@ SCOPE = "storage.create:/vo/out"
 
 @pytest.fixture()
 def srv() -> Iterator[DevServer]:
-    clear_discovery_cache()
     with DevServer(DevServerConfig(at_lifetime_s=600, op_scopes=("storage.create:/",),
                                    default_audience=AUD)) as server:
         yield server
