@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import random
 import shutil
@@ -29,6 +28,8 @@ import pytest
 
 from jobtoken._errors import UsageError
 from jobtoken._mytokenfile import check_mytoken_value
+from jobtoken._renewal import _renewal_lock
+from jobtoken._tokendir import TokenDir
 from jobtoken._tokens import decode_access_token
 from jobtoken.devserver import DevServer, DevServerConfig
 from tests.fakes import ShiftedClock
@@ -352,7 +353,7 @@ def test_kill_9_of_the_sidecar_at_random_moments_leaves_a_valid_token(tmp_path: 
                 proc.send_signal(signal.SIGKILL)
             for job, proc, _delay in trials:
                 proc.wait(timeout=30)
-                _wait_renewal_unlocked(job.tokendir.path)  # an orphaned child finishes
+                _wait_renewal_unlocked(job.tokendir)  # an orphaned child finishes
                 token = job.tokendir.bearer_token.read_text().strip()
                 decode_access_token(token)  # raises if torn
                 check_mytoken_value(job.tokendir.mytoken.read_text(), "job mytoken")
@@ -365,19 +366,10 @@ def test_kill_9_of_the_sidecar_at_random_moments_leaves_a_valid_token(tmp_path: 
                 proc.communicate()
 
 
-def _wait_renewal_unlocked(job_dir: Path, timeout_s: float = 30.0) -> None:
-    fd = os.open(job_dir / "renew.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "renewal child never finished"
-                time.sleep(0.02)
-    finally:
-        os.close(fd)
+def _wait_renewal_unlocked(tokendir: TokenDir, timeout_s: float = 30.0) -> None:
+    """Until no renewal holds the directory's lock (taken and released as ensure would)."""
+    with _renewal_lock(tokendir, timeout_s=timeout_s):
+        pass
 
 
 # --- disk full ------------------------------------------------------------------------------
@@ -479,7 +471,7 @@ def test_sidecar_renews_in_time_when_the_local_clock_is_off(
     the checks allow: every renewal still starts before the current token expires in
     true time, and no more often than the rule needs (no renewal storm)."""
     from jobtoken._sidecar import Sidecar
-    from jobtoken._tokendir import JobSpec, TokenDir
+    from jobtoken._tokendir import JobSpec
     from tests.fakes import FakeClock
 
     clock = FakeClock()
