@@ -106,10 +106,10 @@ def find_user_mytoken(config: Config, env: Mapping[str, str]) -> MytokenSource:
     Raises:
         ConfigError: none found.
     """
-    if config.token.mytoken_file:
-        return MytokenSource(path=Path(config.token.mytoken_file))
-    if config.token.mytoken_env:
-        return MytokenSource(env_var=config.token.mytoken_env)
+    if config.token.mytoken_file or config.token.mytoken_env:
+        from .._actions import mytoken_source
+
+        return mytoken_source(config)
     uid = os.geteuid()
     candidates = []
     if env.get("XDG_RUNTIME_DIR"):
