@@ -19,9 +19,9 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Iterator, List, Optional
 
-from ._errors import JobtokenError, MytokenError, TokenFileError, exit_code_for
+from ._errors import JobtokenError, MytokenError, RenewalReport, TokenFileError
 from ._tokendir import JobSpec, TokenDir
 
 __all__ = ["renew", "revoke", "main"]
@@ -67,17 +67,17 @@ def _current(tokendir: TokenDir) -> Any:
         return None
 
 
-def _report(token: Any, reused: bool) -> Dict[str, Any]:
-    return {
-        "ok": True,
-        "reused": reused,
-        "expires_at": token.expires_at,
-        "issued_at": token.issued_at,
-        "jti": token.jti,
-        "sub": token.subject,
-        "scopes": list(token.scopes),
-        "audiences": list(token.audiences),
-    }
+def _report(token: Any, reused: bool) -> RenewalReport:
+    return RenewalReport(
+        ok=True,
+        reused=reused,
+        expires_at=token.expires_at,
+        issued_at=token.issued_at,
+        jti=token.jti,
+        subject=token.subject,
+        scopes=tuple(token.scopes),
+        audiences=tuple(token.audiences),
+    )
 
 
 @contextlib.contextmanager
@@ -109,12 +109,12 @@ def _renewal_lock(tokendir: TokenDir, timeout_s: float = 60.0) -> Iterator[None]
         os.close(fd)
 
 
-def renew(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) -> Dict[str, Any]:
+def renew(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) -> RenewalReport:
     with _renewal_lock(tokendir):
         return _renew_locked(tokendir, min_valid_s=min_valid_s)
 
 
-def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) -> Dict[str, Any]:
+def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) -> RenewalReport:
     """Make sure ``bt`` holds a fresh, checked token; return a non-secret report.
 
     With ``min_valid_s``, a current token valid at least that long (and within the
@@ -199,7 +199,7 @@ def _forget_discovery(tokendir: TokenDir) -> None:
         pass
 
 
-def revoke(tokendir: TokenDir) -> Dict[str, Any]:
+def revoke(tokendir: TokenDir) -> RenewalReport:
     """Revoke the job's mytoken (and its children) at the server, then delete it.
 
     Raises:
@@ -211,27 +211,12 @@ def revoke(tokendir: TokenDir) -> Dict[str, Any]:
     spec = tokendir.read_spec()
     path = tokendir.mytoken_of(spec)
     if not path.exists():
-        return {"ok": True, "revoked": False}
+        return RenewalReport(ok=True, revoked=False)
     mytoken = load_mytoken(MytokenSource(path=path))
     with _client(spec, mytoken) as client:
         client.revoke(mytoken, recursive=True)
     remove_secret_file(path)
-    return {"ok": True, "revoked": True}
-
-
-def _error_report(exc: BaseException) -> Dict[str, Any]:
-    report: Dict[str, Any] = {
-        "ok": False,
-        "error": exc.message if isinstance(exc, JobtokenError) else type(exc).__name__,
-        "error_type": type(exc).__name__,
-        "retryable": bool(getattr(exc, "retryable", False)),
-        "exit_code": exit_code_for(exc),
-    }
-    if isinstance(exc, MytokenError):
-        report.update(
-            status=exc.status, oauth_error=exc.error, retry_after_s=exc.retry_after_s
-        )
-    return report
+    return RenewalReport(ok=True, revoked=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -244,13 +229,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         tokendir = TokenDir.existing(args.dir)
         report = revoke(tokendir) if args.revoke else renew(tokendir, min_valid_s=args.min_valid)
-        code = 0
     except Exception as exc:  # reported as one JSON line; the parent decides
-        report = _error_report(exc)
-        code = int(report["exit_code"])
-    sys.stdout.write(json.dumps(report) + "\n")
+        report = RenewalReport.failure(exc)
+    sys.stdout.write(report.to_json() + "\n")
     sys.stdout.flush()
-    return code
+    return report.exit_code
 
 
 if __name__ == "__main__":

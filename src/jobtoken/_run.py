@@ -29,8 +29,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 from ._clock import Clock, SystemClock
 from ._config import Config
-from ._errors import ConfigError, ExitCode, JobtokenError, TokenCheckError
-from ._sidecar import Sidecar, error_from_report, run_renewal_child, signal_number
+from ._errors import ConfigError, ExitCode, JobtokenError, RenewalReport, TokenCheckError
+from ._sidecar import Sidecar, run_renewal_child, signal_number
 from ._supervisor import Supervisor, exit_like
 from ._tokendir import JobSpec, TokenDir, acquire_lock
 from ._tokenfile import write_secret_file
@@ -149,9 +149,9 @@ def payload_environment(
     return out
 
 
-def first_token(tokendir: TokenDir, spec: JobSpec, *, min_valid_s: Optional[float] = None) -> Dict[
-    str, Any
-]:
+def first_token(
+    tokendir: TokenDir, spec: JobSpec, *, min_valid_s: Optional[float] = None
+) -> RenewalReport:
     """Make sure the directory holds a valid token before the payload starts.
 
     Raises:
@@ -161,8 +161,7 @@ def first_token(tokendir: TokenDir, spec: JobSpec, *, min_valid_s: Optional[floa
     report = run_renewal_child(
         tokendir, "--min-valid", f"{need:.0f}", timeout_s=4 * spec.timeout_s + 15
     )
-    if not report.get("ok"):
-        raise error_from_report(report)
+    report.raise_for_failure()
     return report
 
 
@@ -365,7 +364,7 @@ def status(tokendir: TokenDir, *, now: Optional[float] = None) -> Dict[str, Any]
     return data
 
 
-def ensure_token(tokendir: TokenDir, spec: JobSpec, *, min_valid_s: float) -> Dict[str, Any]:
+def ensure_token(tokendir: TokenDir, spec: JobSpec, *, min_valid_s: float) -> RenewalReport:
     """Return at once when the token is valid ``min_valid_s`` longer, else renew now.
 
     Safe next to a running sidecar: renewals of one directory are serialised by its
@@ -379,9 +378,8 @@ def ensure_token(tokendir: TokenDir, spec: JobSpec, *, min_valid_s: float) -> Di
     report = run_renewal_child(
         tokendir, "--min-valid", repr(float(min_valid_s)), timeout_s=4 * spec.timeout_s + 75
     )
-    if not report.get("ok"):
-        raise error_from_report(report)
-    left = float(report["expires_at"]) - asked_at
+    report.raise_for_failure()
+    left = (report.expires_at or 0.0) - asked_at
     if left < min_valid_s:
         raise TokenCheckError(
             f"the server issued a token valid for {left:.0f} s, less than the {min_valid_s:.0f} s "
@@ -403,9 +401,8 @@ def revoke_job(tokendir: TokenDir) -> bool:
             "refusing to revoke it"
         )
     report = run_renewal_child(tokendir, "--revoke", timeout_s=2 * spec.timeout_s + 15)
-    if not report.get("ok"):
-        raise error_from_report(report)
+    report.raise_for_failure()
     from ._tokenfile import remove_secret_file
 
     remove_secret_file(tokendir.bearer_token)
-    return bool(report.get("revoked"))
+    return report.revoked

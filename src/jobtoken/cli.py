@@ -326,9 +326,9 @@ def _cmd_ensure(args: argparse.Namespace) -> int:
         raise UsageError("which token directory? give --dir DIR or set $JOBTOKEN_DIR")
     tokendir = TokenDir.existing(directory)
     report = ensure_token(tokendir, tokendir.read_spec(), min_valid_s=args.min_valid)
-    left = float(report["expires_at"]) - __import__("time").time()
-    data = {"expires_at": report["expires_at"], "remaining_s": int(left),
-            "renewed": not report.get("reused")}
+    left = (report.expires_at or 0.0) - __import__("time").time()
+    data = {"expires_at": report.expires_at, "remaining_s": int(left),
+            "renewed": not report.reused}
     _emit(args, data, lambda: f"token valid for {int(left)} s"
           + (" (renewed)" if data["renewed"] else ""))
     return ExitCode.OK
