@@ -117,6 +117,7 @@ class MytokenError(JobtokenError):
         url: Optional[str] = None,
         retry_after_s: Optional[float] = None,
         retryable: Optional[bool] = None,
+        reached_server: Optional[bool] = None,
     ) -> None:
         super().__init__(message, retryable=retryable)
         self.status = status
@@ -124,6 +125,9 @@ class MytokenError(JobtokenError):
         self.error_description = error_description
         self.url = url
         self.retry_after_s = retry_after_s
+        # False: the request never left (connection refused or timed out while
+        # connecting), so the server cannot have acted on it; None: not known.
+        self.reached_server = reached_server
 
 
 class MytokenRejectedError(MytokenError):

@@ -37,6 +37,7 @@ import httpx
 from ._clock import Clock, SystemClock
 from ._errors import (
     ConfigError,
+    MytokenError,
     MytokenRejectedError,
     ProtocolError,
     ServerUnavailableError,
@@ -606,6 +607,10 @@ class MytokenClient:
                 response = self._client.request(method, url, json=body)
         except httpx.HTTPError as exc:
             error = translate_http_error(exc, url=url, action=action)
+            if isinstance(error, MytokenError):
+                # classified here, where httpx is known, so callers never inspect httpx
+                error.reached_server = not isinstance(exc, (httpx.ConnectError,
+                                                            httpx.ConnectTimeout))
             logger.debug("mytoken request failed action=%s url=%s error=%s", action, url, error)
             raise error from exc
         logger.debug(

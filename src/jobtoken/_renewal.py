@@ -18,10 +18,12 @@ import json
 import logging
 import os
 import sys
-import time
+import threading
 from typing import Any, Iterator, List, Optional
 
+from ._clock import Clock, SystemClock
 from ._errors import JobtokenError, MytokenError, RenewalReport, TokenFileError
+from ._policy import RENEWAL_LOCK_WAIT_S
 from ._tokendir import JobSpec, TokenDir
 
 __all__ = ["renew", "revoke", "main"]
@@ -81,7 +83,9 @@ def _report(token: Any, reused: bool) -> RenewalReport:
 
 
 @contextlib.contextmanager
-def _renewal_lock(tokendir: TokenDir, timeout_s: float = 60.0) -> Iterator[None]:
+def _renewal_lock(
+    tokendir: TokenDir, timeout_s: float = RENEWAL_LOCK_WAIT_S, clock: Optional[Clock] = None
+) -> Iterator[None]:
     """Serialise renewals of one directory (sidecar and ``jobtoken ensure``).
 
     Two concurrent uses of one rotating mytoken would kill its chain; two of a
@@ -92,18 +96,20 @@ def _renewal_lock(tokendir: TokenDir, timeout_s: float = 60.0) -> Iterator[None]
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise TokenFileError(f"cannot open {path}: {exc.strerror}") from exc
+    clock = clock or SystemClock()
+    never = threading.Event()
     try:
-        deadline = time.monotonic() + timeout_s
+        deadline = clock.monotonic() + timeout_s
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except OSError:
-                if time.monotonic() > deadline:
+                if clock.monotonic() > deadline:
                     raise JobtokenError(
                         f"another renewal of {tokendir.path} still runs after {timeout_s:.0f} s"
                     ) from None
-                time.sleep(0.05)
+                clock.wait(never, 0.05)
         yield
     finally:
         os.close(fd)
@@ -129,7 +135,7 @@ def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) ->
     from ._tokens import check_access_token
 
     spec = tokendir.read_spec()
-    now = time.time()
+    now = SystemClock().now()
     current = _current(tokendir)
     if current is not None and min_valid_s is not None:
         try:
@@ -175,7 +181,7 @@ _DISCOVERY_MAX_AGE_S = 6 * 3600.0
 def _load_discovery(tokendir: TokenDir, client: Any) -> bool:
     path = tokendir.path / "discovery.json"
     try:
-        if time.time() - path.stat().st_mtime > _DISCOVERY_MAX_AGE_S:
+        if SystemClock().now() - path.stat().st_mtime > _DISCOVERY_MAX_AGE_S:
             return False
         client.remember_discovery(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, JobtokenError):

@@ -22,11 +22,11 @@ import signal
 import socket
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
+from . import _policy as policy
 from ._clock import Clock, SystemClock
 from ._config import Config
 from ._errors import ConfigError, ExitCode, JobtokenError, RenewalReport, TokenCheckError
@@ -111,7 +111,7 @@ def setup_tokendir(
         mytoken_path = str(tokendir.mytoken)
     else:
         raise ConfigError("no mytoken given: use --mytoken-file FILE or --mytoken-env VAR")
-    start = time.time() if now is None else now
+    start = SystemClock().now() if now is None else now
     renewal = config.renewal
     spec = JobSpec.from_config(
         config,
@@ -159,7 +159,8 @@ def first_token(
     """
     need = spec.margin_s if min_valid_s is None else min_valid_s
     report = run_renewal_child(
-        tokendir, "--min-valid", f"{need:.0f}", timeout_s=4 * spec.timeout_s + 15
+        tokendir, "--min-valid", f"{need:.0f}",
+        timeout_s=policy.child_timeout_s(spec.timeout_s, requests=4),
     )
     report.raise_for_failure()
     return report
@@ -331,7 +332,7 @@ def sidecar_alive(tokendir: TokenDir) -> bool:
 
 def status(tokendir: TokenDir, *, now: Optional[float] = None) -> Dict[str, Any]:
     """A non-secret view of a token directory for ``jobtoken status``."""
-    t = time.time() if now is None else now
+    t = SystemClock().now() if now is None else now
     spec = tokendir.read_spec()
     state = tokendir.read_state()
     data: Dict[str, Any] = {
@@ -364,7 +365,9 @@ def status(tokendir: TokenDir, *, now: Optional[float] = None) -> Dict[str, Any]
     return data
 
 
-def ensure_token(tokendir: TokenDir, spec: JobSpec, *, min_valid_s: float) -> RenewalReport:
+def ensure_token(
+    tokendir: TokenDir, spec: JobSpec, *, min_valid_s: float, clock: Optional[Clock] = None
+) -> RenewalReport:
     """Return at once when the token is valid ``min_valid_s`` longer, else renew now.
 
     Safe next to a running sidecar: renewals of one directory are serialised by its
@@ -374,9 +377,12 @@ def ensure_token(tokendir: TokenDir, spec: JobSpec, *, min_valid_s: float) -> Re
         JobtokenError: renewal failed; TokenCheckError: the server's token is valid
             for less than ``min_valid_s``.
     """
-    asked_at = time.time()  # the child judged "valid long enough" at or after this instant
+    asked_at = (clock or SystemClock()).now()  # the child judged "valid long enough" after this
     report = run_renewal_child(
-        tokendir, "--min-valid", repr(float(min_valid_s)), timeout_s=4 * spec.timeout_s + 75
+        tokendir, "--min-valid", repr(float(min_valid_s)),
+        timeout_s=policy.child_timeout_s(
+            spec.timeout_s, requests=4, lock_wait_s=policy.RENEWAL_LOCK_WAIT_S
+        ),
     )
     report.raise_for_failure()
     left = (report.expires_at or 0.0) - asked_at
@@ -400,7 +406,9 @@ def revoke_job(tokendir: TokenDir) -> bool:
             f"{tokendir.path} holds no job mytoken of its own ({spec.mytoken_path} is not one); "
             "refusing to revoke it"
         )
-    report = run_renewal_child(tokendir, "--revoke", timeout_s=2 * spec.timeout_s + 15)
+    report = run_renewal_child(
+        tokendir, "--revoke", timeout_s=policy.child_timeout_s(spec.timeout_s, requests=2)
+    )
     report.raise_for_failure()
     from ._tokenfile import remove_secret_file
 

@@ -118,20 +118,13 @@ class Sidecar:
         self._spawn = spawn or (lambda *args: spawn_renewal(tokendir, *args))
         self._send_signal = send_signal
         self._stop_payload = stop_payload
-        self.settings = policy.RenewalSettings(
-            fraction=spec.fraction,
-            min_margin_s=min(60.0, spec.margin_s),
-            default_margin_s=spec.margin_s,
-            max_backoff_s=spec.max_backoff_s,
-            # short test tokens need quick retries; production margins keep 2 s
-            min_backoff_s=min(2.0, max(0.2, spec.margin_s / 4), spec.max_backoff_s),
-        )
+        self.settings = policy.renewal_settings(spec.fraction, spec.margin_s, spec.max_backoff_s)
         self.jitter = policy.job_jitter(spec.job_id, self.settings.jitter_fraction)
         self.state = RenewalState(job_id=spec.job_id, sidecar_pid=os.getpid())
         self.stopped_payload = False
         self._child: Optional[ChildHandle] = None
         self._child_started = 0.0
-        self._child_limit_s = 4 * spec.timeout_s + 15.0
+        self._child_limit_s = policy.child_timeout_s(spec.timeout_s, requests=4)
         self._bt_mtime: Optional[int] = None
 
     # --- outcomes -----------------------------------------------------------------------
@@ -274,22 +267,22 @@ class Sidecar:
         st = self.state
         if st.expires_at is None:
             return
-        decision = policy.escalation(
+        steps = policy.escalation_steps(
             now,
             st.expires_at,
             st.next_attempt_at,
             self.spec.warn_before_s,
             permanent=st.last_error_permanent,
             failing=st.consecutive_failures > 0,
+            warned=st.warned,
+            credential_lost=st.credential_lost,
+            stop_on_loss=self.spec.on_failure == "stop",
+            stopped=self.stopped_payload,
         )
-        if decision is policy.Escalation.NONE:
-            return
-        if not st.warned and (
-            decision is policy.Escalation.WARN or st.expires_at - now <= self.spec.warn_before_s
-        ):
+        if steps.warn:
             st.warned = True
             self._warn_payload(now)
-        if decision is policy.Escalation.CREDENTIAL_LOST and not st.credential_lost:
+        if steps.lose_credential:
             st.credential_lost = True
             logger.error(
                 "credential lost: token expires at %d (in %.0fs) and renewal %s job=%s: %s",
@@ -300,12 +293,7 @@ class Sidecar:
                 st.last_error,
             )
             self._save(now)
-        if (
-            st.credential_lost
-            and self.spec.on_failure == "stop"
-            and now >= st.expires_at
-            and not self.stopped_payload
-        ):
+        if steps.stop_payload:
             self.stopped_payload = True
             logger.error("stopping the payload: its token has expired job=%s", self.spec.job_id)
             if self._stop_payload is not None:
@@ -358,8 +346,9 @@ class Sidecar:
         spec = self.spec
         do_revoke = spec.revoke_at_end if revoke is None else revoke
         if spec.mytoken_owned and do_revoke:
-            report = run_renewal_child(self.tokendir, "--revoke", timeout_s=min(
-                25.0, 2 * spec.timeout_s + 5))
+            # at the job's end the batch system's kill grace is short: cap the wait
+            report = run_renewal_child(self.tokendir, "--revoke", timeout_s=policy.child_timeout_s(
+                spec.timeout_s, requests=2, cap_s=25.0))
             if report.ok:
                 logger.info("job mytoken revoked job=%s mom_id=%s", spec.job_id, spec.mom_id)
             else:
@@ -387,6 +376,7 @@ class Sidecar:
         if child is None:
             return
         deadline = self.clock.monotonic() + wait_s
+        never = threading.Event()
         while True:
             report = child.poll()
             if report is not None:
@@ -395,7 +385,7 @@ class Sidecar:
             if self.clock.monotonic() >= deadline:
                 child.kill()
                 return
-            threading.Event().wait(0.05)
+            self.clock.wait(never, 0.05)
 
     @property
     def exit_code_if_stopped(self) -> int:

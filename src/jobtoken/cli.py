@@ -318,6 +318,7 @@ def _human_status(d: Dict[str, Any]) -> str:
 def _cmd_ensure(args: argparse.Namespace) -> int:
     import os
 
+    from ._clock import SystemClock
     from ._run import ensure_token
     from ._tokendir import TokenDir
 
@@ -326,7 +327,7 @@ def _cmd_ensure(args: argparse.Namespace) -> int:
         raise UsageError("which token directory? give --dir DIR or set $JOBTOKEN_DIR")
     tokendir = TokenDir.existing(directory)
     report = ensure_token(tokendir, tokendir.read_spec(), min_valid_s=args.min_valid)
-    left = (report.expires_at or 0.0) - __import__("time").time()
+    left = (report.expires_at or 0.0) - SystemClock().now()
     data = {"expires_at": report.expires_at, "remaining_s": int(left),
             "renewed": not report.reused}
     _emit(args, data, lambda: f"token valid for {int(left)} s"
