@@ -13,7 +13,6 @@ from jobtoken._policy import (
     ASSUMED_LIFETIME_S,
     Escalation,
     RenewalSettings,
-    TokenState,
     backoff_s,
     escalation,
     exit_code_from_returncode,
@@ -22,7 +21,6 @@ from jobtoken._policy import (
     next_attempt_at,
     next_renewal_at,
     renewals_per_hour,
-    token_state,
     usages_budget,
     wait_status_to_exit,
     within_horizon,
@@ -407,21 +405,7 @@ def test_renewals_per_hour_rejects_non_positive_lifetime():
         renewals_per_hour(0.0, S, 0.0)
 
 
-# --- token state and escalation -----------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("now", "expected"),
-    [
-        (EXP - 301.0, TokenState.FRESH),
-        (EXP - 300.0, TokenState.STALE),
-        (EXP - 1.0, TokenState.STALE),
-        (EXP, TokenState.EXPIRED),  # no grace at exp
-        (EXP + 1.0, TokenState.EXPIRED),
-    ],
-)
-def test_token_state(now, expected):
-    assert token_state(now, EXP, 300.0) is expected
+# --- escalation ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 
 from ._clock import SystemClock, utc_text
 from ._config import Config, ServerConfig
@@ -27,6 +27,10 @@ from ._tokens import (
     describe,
     unverified_claims,
 )
+
+if TYPE_CHECKING:  # the real imports are lazy: httpx stays out of light processes
+    from ._jwks import SignatureVerifier
+    from ._mytoken import MytokenClient
 
 __all__ = [
     "TokenResult",
@@ -112,17 +116,17 @@ def server_url_for(config: Config, mytoken: Optional[str]) -> str:
     raise ConfigError("no Mytoken server given: use --server URL or $JOBTOKEN_SERVER")
 
 
-def build_client(config: Config, url: str) -> Any:
+def build_client(config: Config, url: str) -> MytokenClient:
     """A ``MytokenClient`` configured from the settings (imports httpx lazily)."""
     return client_for(config.server, url)
 
 
-def build_verifier(config: Config) -> Any:
+def build_verifier(config: Config) -> Optional[SignatureVerifier]:
     """A signature verifier when trusted issuers are configured, else None."""
     return verifier_for(config.server, config.token.trusted_issuers)
 
 
-def client_for(server: ServerConfig, url: str) -> Any:
+def client_for(server: ServerConfig, url: str) -> MytokenClient:
     """A ``MytokenClient`` for ``url`` with the TLS and timeout settings of ``server``."""
     from ._mytoken import MytokenClient
 
@@ -135,7 +139,9 @@ def client_for(server: ServerConfig, url: str) -> Any:
     )
 
 
-def verifier_for(server: ServerConfig, trusted_issuers: Sequence[str]) -> Any:
+def verifier_for(
+    server: ServerConfig, trusted_issuers: Sequence[str]
+) -> Optional[SignatureVerifier]:
     """A JWKS signature verifier for ``trusted_issuers`` (None when there are none)."""
     if not trusted_issuers:
         return None

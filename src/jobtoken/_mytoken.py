@@ -85,9 +85,6 @@ class Discovery:
     revocation_endpoint: Optional[str]
     tokeninfo_endpoint: Optional[str]
     jwks_uri: Optional[str]
-    restriction_claims_supported: tuple[str, ...]
-    response_types_supported: tuple[str, ...]
-    tokeninfo_actions_supported: tuple[str, ...]
     version: Optional[str]
     raw: Mapping[str, Any] = field(repr=False, compare=False)
 
@@ -344,12 +341,6 @@ class MytokenClient:
                 )
             return value
 
-        def strings(name: str) -> tuple[str, ...]:
-            value = data.get(name)
-            if isinstance(value, list):
-                return tuple(v for v in value if isinstance(v, str))
-            return ()
-
         access = endpoint("access_token_endpoint", True)
         mytoken = endpoint("mytoken_endpoint", True)
         assert access is not None and mytoken is not None
@@ -362,9 +353,6 @@ class MytokenClient:
             revocation_endpoint=endpoint("revocation_endpoint", False),
             tokeninfo_endpoint=endpoint("tokeninfo_endpoint", False),
             jwks_uri=endpoint("jwks_uri", False),
-            restriction_claims_supported=strings("restriction_claims_supported"),
-            response_types_supported=strings("response_types_supported"),
-            tokeninfo_actions_supported=strings("tokeninfo_endpoint_actions_supported"),
             version=version if isinstance(version, str) else None,
             raw=dict(data),
         )
@@ -536,8 +524,8 @@ class MytokenClient:
             node = pending.pop()
             token = node.get("token") if isinstance(node, Mapping) else None
             mom_id = token.get("mom_id") if isinstance(token, Mapping) else None
-            if not isinstance(mom_id, str) or not mom_id or not isinstance(
-                node.get("children") or [], list
+            if not isinstance(token, Mapping) or not isinstance(mom_id, str) or not mom_id or (
+                not isinstance(node.get("children") or [], list)
             ):
                 raise ProtocolError(f"{action} at {url}: malformed tree entry", url=url)
             name, created = token.get("name"), token.get("created")
@@ -797,7 +785,7 @@ class MytokenClient:
             if not isinstance(transfer_code, str) or not transfer_code.strip():
                 raise bad("has an empty transfer_code")
             mytoken = ""
-        elif not is_plausible_mytoken(mytoken):
+        elif not isinstance(mytoken, str) or not is_plausible_mytoken(mytoken):
             raise bad("has no plausible mytoken (missing, empty, short, or not ASCII)")
         else:
             transfer_code = None

@@ -32,7 +32,6 @@ __all__ = [
     "MIN_JOB_MYTOKEN_S",
     "RENEWAL_LOCK_WAIT_S",
     "RenewalSettings",
-    "TokenState",
     "backoff_s",
     "child_timeout_s",
     "escalation",
@@ -45,7 +44,6 @@ __all__ = [
     "parent_expires_too_soon",
     "renewal_settings",
     "renewals_per_hour",
-    "token_state",
     "usages_budget",
     "wait_status_to_exit",
     "within_horizon",
@@ -153,14 +151,6 @@ def parent_expires_too_soon(parent_exp: float, now: float) -> bool:
     be started with a chain that ends before it can do useful work.
     """
     return parent_exp - now < MIN_JOB_MYTOKEN_S
-
-
-class TokenState(enum.Enum):
-    """How usable the current access token is (google-auth's FRESH/STALE/INVALID)."""
-
-    FRESH = "fresh"  # more than the margin left
-    STALE = "stale"  # still valid, but inside the margin: renew now
-    EXPIRED = "expired"  # at or past exp; WLCG v1.1+ allows no grace at exp
 
 
 class Escalation(enum.Enum):
@@ -399,15 +389,6 @@ def renewals_per_hour(at_lifetime_s: float, settings: RenewalSettings, jitter: f
         raise ValueError(f"access token lifetime must be > 0, got {at_lifetime_s}")
     interval = next_renewal_at(0.0, at_lifetime_s, jitter=jitter, settings=settings)
     return 3600.0 / interval
-
-
-def token_state(now: float, expires_at: float, margin_s: float) -> TokenState:
-    """FRESH, STALE (inside the margin) or EXPIRED (at or past ``exp``, no grace)."""
-    if now >= expires_at:
-        return TokenState.EXPIRED
-    if expires_at - now <= margin_s:
-        return TokenState.STALE
-    return TokenState.FRESH
 
 
 def escalation(

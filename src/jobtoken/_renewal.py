@@ -19,19 +19,25 @@ import logging
 import os
 import sys
 import threading
-from typing import Any, Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 from ._clock import Clock, SystemClock
 from ._errors import JobtokenError, MytokenError, RenewalReport, TokenFileError
 from ._policy import RENEWAL_LOCK_WAIT_S
 from ._tokendir import JobSpec, TokenDir
 
+if TYPE_CHECKING:  # imported lazily below: this module's import must stay cheap
+    from ._config import ServerConfig
+    from ._jwks import SignatureVerifier
+    from ._mytoken import MytokenClient
+    from ._tokens import AccessToken
+
 __all__ = ["renew", "revoke", "main"]
 
 logger = logging.getLogger(__name__)
 
 
-def _server(spec: JobSpec) -> Any:
+def _server(spec: JobSpec) -> ServerConfig:
     from ._config import ServerConfig
 
     return ServerConfig(
@@ -43,7 +49,7 @@ def _server(spec: JobSpec) -> Any:
     )
 
 
-def _client(spec: JobSpec, mytoken: Optional[str] = None) -> Any:
+def _client(spec: JobSpec, mytoken: Optional[str] = None) -> MytokenClient:
     from ._actions import client_for, server_url_for
     from ._config import Config
 
@@ -51,13 +57,13 @@ def _client(spec: JobSpec, mytoken: Optional[str] = None) -> Any:
     return client_for(server, server_url_for(Config(server=server), mytoken))
 
 
-def _verifier(spec: JobSpec) -> Any:
+def _verifier(spec: JobSpec) -> Optional[SignatureVerifier]:
     from ._actions import verifier_for
 
     return verifier_for(_server(spec), spec.trusted_issuers)
 
 
-def _current(tokendir: TokenDir) -> Any:
+def _current(tokendir: TokenDir) -> Optional[AccessToken]:
     from ._tokenfile import read_secret_file
     from ._tokens import decode_access_token
 
@@ -69,7 +75,7 @@ def _current(tokendir: TokenDir) -> Any:
         return None
 
 
-def _report(token: Any, reused: bool) -> RenewalReport:
+def _report(token: AccessToken, reused: bool) -> RenewalReport:
     return RenewalReport(
         ok=True,
         reused=reused,
@@ -178,7 +184,7 @@ def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) ->
 _DISCOVERY_MAX_AGE_S = 6 * 3600.0
 
 
-def _load_discovery(tokendir: TokenDir, client: Any) -> bool:
+def _load_discovery(tokendir: TokenDir, client: MytokenClient) -> bool:
     path = tokendir.path / "discovery.json"
     try:
         if SystemClock().now() - path.stat().st_mtime > _DISCOVERY_MAX_AGE_S:
@@ -189,7 +195,7 @@ def _load_discovery(tokendir: TokenDir, client: Any) -> bool:
     return True
 
 
-def _save_discovery(tokendir: TokenDir, client: Any) -> None:
+def _save_discovery(tokendir: TokenDir, client: MytokenClient) -> None:
     from ._tokenfile import write_secret_file
 
     try:

@@ -24,7 +24,7 @@ from typing import Callable, List, Optional, Protocol
 
 from . import _policy as policy
 from ._clock import Clock, SystemClock
-from ._errors import ExitCode, JobtokenError, RenewalReport, ServerUnavailableError
+from ._errors import JobtokenError, RenewalReport, ServerUnavailableError
 from ._metrics import write_metrics
 from ._tokendir import JobSpec, RenewalState, TokenDir
 from ._tokenfile import remove_secret_file, remove_stale_temps
@@ -386,10 +386,6 @@ class Sidecar:
                 child.kill()
                 return
             self.clock.wait(never, 0.05)
-
-    @property
-    def exit_code_if_stopped(self) -> int:
-        return int(ExitCode.CREDENTIAL_LOST)
 
 
 def _remove_tree(tokendir: TokenDir) -> None:

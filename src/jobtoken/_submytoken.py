@@ -140,7 +140,7 @@ def check_minted(minted: Any, request: SubMytokenRequest) -> None:
             raise ProtocolError(f"server gave {what} a later expiry than asked")
 
 
-def revoke_quietly(client: Any, mytoken: str, label: str) -> None:
+def revoke_quietly(client: MytokenClient, mytoken: str, label: str) -> None:
     """Revoke a minted token we will not use; a failure is logged, never raised."""
     try:
         client.revoke(mytoken, recursive=True)
@@ -166,7 +166,7 @@ def answer_may_be_lost(exc: JobtokenError) -> bool:
 
 
 def _reap_lost(
-    client: Any, parent_source: MytokenSource, parent: str, name: str, start: float
+    client: MytokenClient, parent_source: MytokenSource, parent: str, name: str, start: float
 ) -> None:
     """Revoke the sub-mytoken a lost answer may have left live at the server.
 

@@ -574,8 +574,8 @@ _EXTRA_COMMANDS: List[Any] = []
 
 
 def _stderr_level(args: argparse.Namespace) -> int:
-    return max(logging.DEBUG, min(logging.CRITICAL,
-                                  logging.WARNING - 10 * (args.verbose - args.quiet)))
+    return int(max(logging.DEBUG, min(logging.CRITICAL,
+                                  logging.WARNING - 10 * (args.verbose - args.quiet))))
 
 
 def _setup_logging(verbose: int, quiet: int) -> None:
