@@ -19,7 +19,8 @@ from jobtoken._errors import MytokenRejectedError, ProtocolError
 from jobtoken._mytokenfile import MytokenSource
 from jobtoken._submytoken import SubMytokenRequest, check_minted, mint_sub_mytoken
 from jobtoken._tokenfile import write_secret_file
-from jobtoken.devserver import DevServer, DevServerConfig
+from jobtoken.devserver import DevServer
+from tests.devserver_fixtures import running_devserver
 from tests.runhelpers import AUD, job_config
 
 OP_SCOPES = ("storage.read:/", "storage.create:/")
@@ -27,9 +28,8 @@ OP_SCOPES = ("storage.read:/", "storage.create:/")
 
 @pytest.fixture()
 def srv() -> Iterator[DevServer]:
-    with DevServer(DevServerConfig(at_lifetime_s=1200, op_scopes=OP_SCOPES,
-                                   default_audience=AUD)) as server:
-        yield server
+    with running_devserver(at_lifetime_s=1200, op_scopes=OP_SCOPES, default_audience=AUD) as s:
+        yield s
 
 
 def _request(**kw: Any) -> SubMytokenRequest:

@@ -30,7 +30,9 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
+
+_T = TypeVar("_T")
 
 __all__ = [
     "ConfigError",
@@ -235,8 +237,10 @@ class RenewalReport:
         lines = stdout.decode("utf-8", "replace").strip().splitlines()
         try:
             data = json.loads(lines[-1]) if lines else None
-            if isinstance(data, dict):
-                return cls._from_dict(data)
+            report = cls._from_dict(data) if isinstance(data, dict) else None
+            if report is not None and (report.expires_at is not None or not report.ok
+                                       or report.revoked or report.reused):
+                return report  # not a success that forgot to say until when
         except (ValueError, TypeError):
             pass
         return cls.failure(
@@ -247,35 +251,26 @@ class RenewalReport:
 
     @classmethod
     def _from_dict(cls, data: Dict[str, Any]) -> RenewalReport:
-        def number(key: str) -> Optional[float]:
-            value = data.get(key)
-            return None if value is None else float(value)
-
-        def text(key: str) -> Optional[str]:
-            value = data.get(key)
-            return None if value is None else str(value)
-
         ok = data.get("ok") is True
+        status = data.get("status")
         report = cls(
             ok=ok,
             reused=bool(data.get("reused")),
             revoked=bool(data.get("revoked")),
-            expires_at=number("expires_at"),
-            issued_at=number("issued_at"),
-            jti=text("jti"),
-            subject=text("sub"),
+            expires_at=_optional(float, data.get("expires_at")),
+            issued_at=_optional(float, data.get("issued_at")),
+            jti=_optional(str, data.get("jti")),
+            subject=_optional(str, data.get("sub")),
             scopes=tuple(str(s) for s in data.get("scopes") or ()),
             audiences=tuple(str(a) for a in data.get("audiences") or ()),
-            error=text("error"),
-            error_type=text("error_type"),
+            error=_optional(str, data.get("error")),
+            error_type=_optional(str, data.get("error_type")),
             retryable=bool(data.get("retryable")),
             exit_code=int(data.get("exit_code", ExitCode.OK if ok else ExitCode.ERROR)),
-            status=None if data.get("status") is None else int(data["status"]),
-            oauth_error=text("oauth_error"),
-            retry_after_s=number("retry_after_s"),
+            status=None if status is None else int(status),
+            oauth_error=_optional(str, data.get("oauth_error")),
+            retry_after_s=_optional(float, data.get("retry_after_s")),
         )
-        if report.ok and report.expires_at is None and not report.revoked and not report.reused:
-            raise ValueError("a successful renewal report without expires_at")
         return report
 
     def to_json(self) -> str:
@@ -333,3 +328,7 @@ class RenewalReport:
             error.exit_code = ExitCode.ERROR
         error.retryable = self.retryable
         raise error
+
+
+def _optional(kind: Callable[[Any], _T], value: Any) -> Optional[_T]:
+    return None if value is None else kind(value)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Set, Tuple
 
 from ._errors import JobtokenError, ProtocolError, ServerUnavailableError
 from ._mytokenfile import MytokenSource, save_rotated_mytoken
@@ -125,19 +125,30 @@ def check_minted(minted: Any, request: SubMytokenRequest) -> None:
         )
     if not minted.restrictions:
         raise ProtocolError(f"server minted {what} without restrictions")
-    asked_scopes = set(request.scopes)
-    asked_aud = set(request.audiences)
     for entry in minted.restrictions:
-        got_scopes = set(str(entry.get("scope") or "").split())
-        if not got_scopes or not got_scopes <= asked_scopes:
-            raise ProtocolError(f"server widened {what}'s scope restriction")
-        got_aud = entry.get("audience") or ()
-        got_aud = {got_aud} if isinstance(got_aud, str) else set(got_aud)
-        if asked_aud and (not got_aud or not got_aud <= asked_aud):
-            raise ProtocolError(f"server widened {what}'s audience restriction")
-        exp = entry.get("exp")
-        if not isinstance(exp, (int, float)) or not exp or float(exp) > request.exp + 1:
-            raise ProtocolError(f"server gave {what} a later expiry than asked")
+        problem = _wider_than_asked(entry, request)
+        if problem:
+            raise ProtocolError(f"server {problem.format(what=what)}")
+
+
+def _wider_than_asked(entry: Mapping[str, Any], request: SubMytokenRequest) -> Optional[str]:
+    """What makes one returned restriction clause wider than the request, if anything."""
+    got_scopes = set(str(entry.get("scope") or "").split())
+    if not got_scopes or not got_scopes <= set(request.scopes):
+        return "widened {what}'s scope restriction"
+    got_aud = _audiences(entry)
+    if request.audiences and (not got_aud or not got_aud <= set(request.audiences)):
+        return "widened {what}'s audience restriction"
+    exp = entry.get("exp")
+    if not isinstance(exp, (int, float)) or not exp or float(exp) > request.exp + 1:
+        return "gave {what} a later expiry than asked"
+    return None
+
+
+def _audiences(entry: Mapping[str, Any]) -> Set[str]:
+    """A clause's audience restriction: one string or a list of them (both are valid)."""
+    value = entry.get("audience") or ()
+    return {value} if isinstance(value, str) else {str(a) for a in value}
 
 
 def revoke_quietly(client: MytokenClient, mytoken: str, label: str) -> None:
