@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
-from jobtoken._config import Config, load_config
+from jobtoken._config import Config, TokenConfig, _coerce, load_config
 from jobtoken._errors import ConfigError
 
 SAMPLE = """
@@ -97,3 +99,34 @@ def test_config_is_immutable() -> None:
     cfg = Config()
     with pytest.raises(AttributeError):
         cfg.server = None  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class _ModernSpelling:
+    """Settings annotated the way Python 3.9+ code spells them."""
+
+    scopes: tuple[str, ...] = ()
+    url: Optional[str] = None
+    timeout_s: float = 1.0
+    allow_http: bool = False
+
+
+@pytest.mark.parametrize("cls", [_ModernSpelling, TokenConfig])
+def test_the_parser_follows_the_type_however_it_is_spelled(cls: type) -> None:
+    # $JOBTOKEN_SCOPE's text, parsed for a field written tuple[str, ...] or Tuple[str, ...]
+    text = " storage.read:/a  storage.create:/b "
+    scopes = _coerce("token", "scopes", text, cls, "$JOBTOKEN_SCOPE")
+    assert scopes == ("storage.read:/a", "storage.create:/b")
+    with pytest.raises(ConfigError, match=r"\$JOBTOKEN_SCOPE: token.scopes: expected a list"):
+        _coerce("token", "scopes", 5, cls, "$JOBTOKEN_SCOPE")
+
+
+def test_each_setting_type_parses_its_loose_forms() -> None:
+    m = _ModernSpelling
+    assert _coerce("s", "url", "", m, "w") is None and _coerce("s", "url", "x", m, "w") == "x"
+    assert _coerce("s", "timeout_s", "2.5", m, "w") == 2.5
+    assert _coerce("s", "allow_http", "yes", m, "w") is True
+    for key, bad in (("timeout_s", True), ("timeout_s", "-1"), ("timeout_s", "nan"),
+                     ("allow_http", "maybe"), ("url", 3)):
+        with pytest.raises(ConfigError, match=f"w: s.{key}: "):
+            _coerce("s", key, bad, m, "w")

@@ -4,6 +4,17 @@ import pytest
 
 import jobtoken
 from jobtoken import _errors as e
+from jobtoken._errors import (
+    ConfigError,
+    ExitCode,
+    JobtokenError,
+    MytokenRejectedError,
+    ProtocolError,
+    RenewalReport,
+    ServerUnavailableError,
+    TokenCheckError,
+    TokenFileError,
+)
 
 
 @pytest.mark.parametrize(
@@ -71,3 +82,48 @@ def test_messages_are_one_printable_line(given: str, shown: str) -> None:
     # messages quote user input and server text; they reach terminals and batch logs
     error = e.ConfigError(given)
     assert error.message == shown and str(error) == shown
+
+
+# --- the renewal report: what a renewal child tells the waiting process ----------------------
+
+
+def test_a_report_survives_the_trip_through_the_child_s_stdout() -> None:
+    sent = RenewalReport(ok=True, expires_at=2000.0, issued_at=1000.0, jti="j", subject="s",
+                         scopes=("storage.read:/",), audiences=("https://se",))
+    line = sent.to_json().encode()
+    assert RenewalReport.from_child(b"a warning line\n" + line + b"\n", 0) == sent
+    failed = RenewalReport.failure(
+        ServerUnavailableError("busy", status=429, error="slow_down", retry_after_s=30.0)
+    )
+    assert RenewalReport.from_child(failed.to_json().encode(), 75) == failed
+    assert failed.retry_after_s == 30.0 and failed.status == 429 and failed.exit_code == 75
+
+
+@pytest.mark.parametrize("out", [b"", b"Traceback ...\n", b"[1, 2]\n", b'{"ok": true}\n'])
+def test_a_child_that_crashed_or_printed_garbage_is_a_retryable_failure(out: bytes) -> None:
+    report = RenewalReport.from_child(out, -9)
+    assert not report.ok and report.retryable and not report.permanent
+    assert "status -9" in (report.error or "")
+
+
+@pytest.mark.parametrize(
+    ("error", "permanent"),
+    [(MytokenRejectedError("revoked"), True), (ConfigError("bad"), True),
+     (ServerUnavailableError("down"), False), (ProtocolError("garbage"), False),
+     (TokenCheckError("wider scope"), False), (TokenFileError("disk full"), False)],
+)
+def test_permanent_means_no_retry_can_help(error: JobtokenError, permanent: bool) -> None:
+    assert RenewalReport.failure(error).permanent is permanent
+    assert RenewalReport(ok=True, expires_at=1.0).permanent is False
+
+
+def test_raise_for_failure_keeps_the_class_and_the_exit_code() -> None:
+    RenewalReport(ok=True, expires_at=1.0).raise_for_failure()
+    with pytest.raises(MytokenRejectedError) as info:
+        RenewalReport.failure(MytokenRejectedError("revoked")).raise_for_failure()
+    assert info.value.exit_code == ExitCode.MYTOKEN_REJECTED and not info.value.retryable
+    odd = RenewalReport(ok=False, error="x", error_type="os.system", exit_code=75, retryable=True)
+    with pytest.raises(JobtokenError) as info:
+        odd.raise_for_failure()
+    assert type(info.value) is JobtokenError and info.value.exit_code == 75
+    assert info.value.retryable

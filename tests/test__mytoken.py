@@ -876,3 +876,19 @@ def test_unusable_body_with_rotation_is_not_retryable(server):
             client.get_access_token(MT)
     assert info.value.retryable is False
     assert NEW_MT not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("exc_type", "reached"),
+    [(httpx.ConnectError, False), (httpx.ConnectTimeout, False), (httpx.ReadTimeout, True),
+     (httpx.ReadError, True), (httpx.RemoteProtocolError, True)],
+)
+def test_a_transport_failure_says_whether_the_request_reached_the_server(
+    server, exc_type, reached
+):
+    # prepare decides from this whether a job mytoken may have been minted unseen
+    server.answers[ACCESS] = _raiser(exc_type, "boom")
+    with client_for(server) as client:
+        with pytest.raises(ServerUnavailableError) as info:
+            client.get_access_token(MT)
+    assert info.value.reached_server is reached

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from jobtoken import _policy as pol
 from jobtoken._policy import (
     ASSUMED_LIFETIME_S,
     Escalation,
     RenewalSettings,
-    TokenState,
     backoff_s,
     escalation,
     exit_code_from_returncode,
@@ -21,7 +21,6 @@ from jobtoken._policy import (
     next_attempt_at,
     next_renewal_at,
     renewals_per_hour,
-    token_state,
     usages_budget,
     wait_status_to_exit,
     within_horizon,
@@ -406,21 +405,7 @@ def test_renewals_per_hour_rejects_non_positive_lifetime():
         renewals_per_hour(0.0, S, 0.0)
 
 
-# --- token state and escalation -----------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("now", "expected"),
-    [
-        (EXP - 301.0, TokenState.FRESH),
-        (EXP - 300.0, TokenState.STALE),
-        (EXP - 1.0, TokenState.STALE),
-        (EXP, TokenState.EXPIRED),  # no grace at exp
-        (EXP + 1.0, TokenState.EXPIRED),
-    ],
-)
-def test_token_state(now, expected):
-    assert token_state(now, EXP, 300.0) is expected
+# --- escalation ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -485,3 +470,58 @@ def test_escalation_properties(offset, later_by, next_offset, warn_before, perma
     # waiting longer never calms things down
     later = escalation(now + later_by, EXP, next_at, warn_before, permanent=permanent)
     assert _LEVEL[later] >= _LEVEL[level]
+
+
+# --- the derived settings, the child timeout, the parent rule, escalation steps ---------------
+
+
+def test_one_derivation_of_the_settings_serves_prepare_and_the_sidecar() -> None:
+    production = pol.renewal_settings(2 / 3, 300.0, 300.0)
+    assert (production.min_margin_s, production.default_margin_s) == (60.0, 300.0)
+    assert production.min_backoff_s == 2.0
+    short = pol.renewal_settings(2 / 3, 2.0, 300.0)  # test tokens: quick retries, small margin
+    assert short.min_margin_s == 2.0 and short.min_backoff_s == 0.5
+    assert pol.renewal_settings(2 / 3, 300.0, 1.0).min_backoff_s == 1.0  # never above the cap
+
+
+def test_the_child_timeout_covers_its_requests_start_up_and_lock_wait() -> None:
+    renewal = pol.child_timeout_s(10.0, requests=4)
+    assert renewal == 4 * 10.0 + pol.CHILD_STARTUP_S
+    queued = pol.child_timeout_s(10.0, requests=4, lock_wait_s=pol.RENEWAL_LOCK_WAIT_S)
+    assert queued == renewal + pol.RENEWAL_LOCK_WAIT_S
+    assert pol.child_timeout_s(10.0, requests=2, cap_s=25.0) == 25.0
+
+
+def test_a_parent_expiring_within_minutes_is_too_soon() -> None:
+    assert pol.parent_expires_too_soon(1000.0 + pol.MIN_JOB_MYTOKEN_S - 1, 1000.0)
+    assert not pol.parent_expires_too_soon(1000.0 + pol.MIN_JOB_MYTOKEN_S, 1000.0)
+
+
+def _steps(now: float, **state: object) -> pol.EscalationSteps:
+    next_at = state.pop("next_at", 990.0)
+    base: dict = dict(permanent=False, failing=True, warned=False, credential_lost=False,
+                      stop_on_loss=True, stopped=False)
+    base.update(state)
+    return pol.escalation_steps(now, 1000.0, next_at, 60.0, **base)  # type: ignore[arg-type]
+
+
+def test_escalation_steps_warn_once_then_lose_then_stop_at_expiry() -> None:
+    assert _steps(900.0) == pol.EscalationSteps()  # failing, but time left
+    assert _steps(950.0) == pol.EscalationSteps(warn=True)
+    assert _steps(950.0, warned=True) == pol.EscalationSteps()
+    lost = _steps(995.0, warned=True, next_at=None)  # no attempt before exp
+    assert lost == pol.EscalationSteps(lose_credential=True)
+    assert _steps(1000.0, warned=True, credential_lost=True) == pol.EscalationSteps(
+        stop_payload=True
+    )
+    assert _steps(1000.0, warned=True, credential_lost=True, stopped=True) == pol.EscalationSteps()
+    assert _steps(1000.0, warned=True, stop_on_loss=False) == pol.EscalationSteps(
+        lose_credential=True
+    )
+    assert _steps(500.0, failing=False) == pol.EscalationSteps()
+
+
+def test_a_permanent_refusal_loses_the_credential_but_lets_the_payload_work_on() -> None:
+    # refused for good with half an hour left: record it now, warn later, stop only at exp
+    assert _steps(100.0, permanent=True) == pol.EscalationSteps(lose_credential=True)
+    assert _steps(950.0, permanent=True, credential_lost=True) == pol.EscalationSteps(warn=True)

@@ -213,7 +213,7 @@ def test_job_mytoken_whose_answer_was_lost_is_revoked(srv: DevServer, tmp_path: 
     assert info.value.retryable
     assert _live_children(srv, parent) == []
     assert len(srv.requests("my")) == 1  # never minted twice
-    assert "revoked job mytoken 'jobtoken 7'" in caplog.text
+    assert "revoked mytoken 'jobtoken 7'" in caplog.text
 
 
 def test_lost_answer_reaping_spares_other_jobs_and_old_runs(tmp_path: Path) -> None:

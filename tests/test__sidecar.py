@@ -10,8 +10,8 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from jobtoken._errors import ConfigError, ExitCode, MytokenRejectedError
-from jobtoken._sidecar import Sidecar, error_from_report, signal_number
+from jobtoken._errors import ConfigError, RenewalReport
+from jobtoken._sidecar import Sidecar, signal_number
 from jobtoken._tokendir import JobSpec, TokenDir
 from tests.fakes import FakeClock
 
@@ -19,12 +19,12 @@ LIFETIME = 3600.0
 
 
 class FakeChild:
-    def __init__(self, report: Dict[str, Any], polls: int = 0) -> None:
+    def __init__(self, report: RenewalReport, polls: int = 0) -> None:
         self.report = report
         self.polls_left = polls
         self.killed = False
 
-    def poll(self) -> Optional[Dict[str, Any]]:
+    def poll(self) -> Optional[RenewalReport]:
         if self.polls_left > 0:
             self.polls_left -= 1
             return None
@@ -45,7 +45,7 @@ class Harness:
         defaults.update(spec)
         self.spec = JobSpec(**defaults)
         self.tokendir.write_spec(self.spec)
-        self.outcomes: List[Dict[str, Any]] = []
+        self.outcomes: List[RenewalReport] = []
         self.spawned: List[tuple] = []
         self.signals: List[int] = []
         self.stopped = 0
@@ -61,15 +61,16 @@ class Harness:
     def _stop(self) -> None:
         self.stopped += 1
 
-    def ok(self, lifetime: float = LIFETIME, **extra: Any) -> Dict[str, Any]:
+    def ok(self, lifetime: float = LIFETIME, **extra: Any) -> RenewalReport:
         now = self.clock.now()
-        return dict(ok=True, expires_at=now + lifetime, issued_at=now, jti="j", sub="s",
-                    scopes=["storage.create:/vo/x"], audiences=["https://se"], **extra)
+        return RenewalReport(ok=True, expires_at=now + lifetime, issued_at=now, jti="j",
+                             subject="s", scopes=("storage.create:/vo/x",),
+                             audiences=("https://se",), **extra)
 
     def fail(self, *, retryable: bool = True, error_type: str = "ServerUnavailableError",
-             **extra: Any) -> Dict[str, Any]:
-        return dict(ok=False, error="boom", error_type=error_type, retryable=retryable,
-                    exit_code=75, **extra)
+             **extra: Any) -> RenewalReport:
+        return RenewalReport(ok=False, error="boom", error_type=error_type,
+                             retryable=retryable, exit_code=75, **extra)
 
     def run_until(self, t: float) -> None:
         """Call tick at every instant it asks for, up to clock time t."""
@@ -228,7 +229,7 @@ def test_finish_revokes_an_owned_mytoken(tmp_path: Path, mocker) -> None:
     h = Harness(tmp_path, mytoken_owned=True, revoke_at_end=True)
     h.tokendir.mytoken.write_text("job mytoken\n")
     child = mocker.patch("jobtoken._sidecar.run_renewal_child",
-                         return_value={"ok": False, "error": "server down"})
+                         return_value=RenewalReport(ok=False, error="server down"))
     h.sidecar.finish()
     assert child.call_args.args[1] == "--revoke"
     # not revoked: the file stays so that an exit hook or `jobtoken revoke` can still do it
@@ -243,14 +244,6 @@ def test_finish_lets_a_renewal_in_flight_land(tmp_path: Path) -> None:
     h.sidecar.tick()  # child started
     h.sidecar.finish(revoke=False)
     assert h.sidecar.state.renewals == 1
-
-
-def test_error_from_report_keeps_class_and_exit_code() -> None:
-    err = error_from_report({"ok": False, "error": "revoked", "error_type": "MytokenRejectedError",
-                             "retryable": False, "exit_code": 77})
-    assert isinstance(err, MytokenRejectedError) and err.exit_code == ExitCode.MYTOKEN_REJECTED
-    odd = error_from_report({"error_type": "os.system", "exit_code": 75, "retryable": True})
-    assert type(odd).__name__ == "JobtokenError" and odd.exit_code == 75 and odd.retryable
 
 
 @pytest.mark.parametrize(("name", "number"), [("USR1", signal.SIGUSR1),

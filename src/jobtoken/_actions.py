@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 
-from ._clock import utc_text
+from ._clock import SystemClock, utc_text
 from ._config import Config, ServerConfig
 from ._discovery import default_token_path, discover_bearer_token
 from ._errors import ConfigError, JobtokenError, TokenCheckError, TokenFileError
 from ._mytokenfile import MytokenSource, check_mytoken_value, load_mytoken
 from ._tokenfile import read_secret_file, write_secret_file
-from ._tokens import AccessToken, check_access_token, decode_access_token, describe
+from ._tokens import (
+    AccessToken,
+    check_access_token,
+    decode_access_token,
+    describe,
+    unverified_claims,
+)
+
+if TYPE_CHECKING:  # the real imports are lazy: httpx stays out of light processes
+    from ._jwks import SignatureVerifier
+    from ._mytoken import MytokenClient
 
 __all__ = [
     "TokenResult",
@@ -100,29 +109,24 @@ def server_url_for(config: Config, mytoken: Optional[str]) -> str:
     """
     if config.server.url:
         return config.server.url
-    if mytoken and mytoken.count(".") == 2:
-        import jwt
-
-        try:
-            iss = jwt.decode(mytoken, options={"verify_signature": False}).get("iss")
-        except jwt.PyJWTError:
-            iss = None
-        if isinstance(iss, str) and iss:
-            return iss
+    claims = unverified_claims(mytoken) if mytoken else None
+    iss = claims.get("iss") if claims else None
+    if isinstance(iss, str) and iss:
+        return iss
     raise ConfigError("no Mytoken server given: use --server URL or $JOBTOKEN_SERVER")
 
 
-def build_client(config: Config, url: str) -> Any:
+def build_client(config: Config, url: str) -> MytokenClient:
     """A ``MytokenClient`` configured from the settings (imports httpx lazily)."""
     return client_for(config.server, url)
 
 
-def build_verifier(config: Config) -> Any:
+def build_verifier(config: Config) -> Optional[SignatureVerifier]:
     """A signature verifier when trusted issuers are configured, else None."""
     return verifier_for(config.server, config.token.trusted_issuers)
 
 
-def client_for(server: ServerConfig, url: str) -> Any:
+def client_for(server: ServerConfig, url: str) -> MytokenClient:
     """A ``MytokenClient`` for ``url`` with the TLS and timeout settings of ``server``."""
     from ._mytoken import MytokenClient
 
@@ -135,7 +139,9 @@ def client_for(server: ServerConfig, url: str) -> Any:
     )
 
 
-def verifier_for(server: ServerConfig, trusted_issuers: Sequence[str]) -> Any:
+def verifier_for(
+    server: ServerConfig, trusted_issuers: Sequence[str]
+) -> Optional[SignatureVerifier]:
     """A JWKS signature verifier for ``trusted_issuers`` (None when there are none)."""
     if not trusted_issuers:
         return None
@@ -189,7 +195,7 @@ def get_token(
     path = Path(out or environ.get("BEARER_TOKEN_FILE") or default_token_path(environ))
     if not path.parent.is_dir():
         raise TokenFileError(f"cannot write {path}: directory {path.parent} does not exist")
-    now = time.time()
+    now = SystemClock().now()
     if config.token.min_valid_s > 0:
         existing = _existing_if_fresh(path, config, now)
         if existing is not None:
@@ -237,6 +243,6 @@ def inspect_token(file: Optional[str] = None) -> Dict[str, Any]:
         if raw.count(".") == 2:
             raise TokenCheckError(f"{source} holds a mytoken, not an access token")
     token = decode_access_token(raw)
-    data = summarize(token, time.time())
+    data = summarize(token, SystemClock().now())
     data["source"] = source
     return data

@@ -11,12 +11,14 @@ No network, no token reads here.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
+import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from ._errors import ConfigError
 
@@ -117,38 +119,82 @@ _ENV: Dict[str, Tuple[str, str]] = {
 }
 
 
+def _words(value: Any) -> Tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(v for v in value.split() if v)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise TypeError("expected a list of strings or a space-separated string")
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise TypeError("expected true or false")
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError("expected a number")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("must be a finite, non-negative number")
+    return number
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected a string")
+    return value
+
+
+# The parser of each setting type, chosen by the resolved type itself (``Tuple[str, ...]``
+# and ``tuple[str, ...]`` are the same key), never by the text of an annotation.
+_PARSERS: Dict[Any, Callable[[Any], Any]] = {
+    (tuple, (str, Ellipsis)): _words,
+    bool: _boolean,
+    float: _number,
+    str: _text,
+}
+
+
+def _parser_key(field_type: Any) -> Tuple[Any, bool]:
+    """``(table key, optional)`` for a resolved field type; ``Optional[X]`` is X plus None."""
+    args = typing.get_args(field_type)
+    optional = typing.get_origin(field_type) is typing.Union and type(None) in args
+    if optional:
+        inner = [a for a in args if a is not type(None)]
+        field_type = inner[0] if len(inner) == 1 else field_type
+    origin = typing.get_origin(field_type)
+    if origin is not None:
+        return (origin, typing.get_args(field_type)), optional
+    return field_type, optional
+
+
+@functools.cache
+def _field_types(cls: type) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _coerce(section: str, key: str, value: Any, cls: type, where: str) -> Any:
-    field_type = {f.name: f.type for f in fields(cls)}[key]
-    ftype = str(field_type)
+    """Parse one setting's loose value (TOML or a variable's text) into its field's type.
+
+    An empty string for an optional setting means "not set" (``None``).
+    """
+    table_key, optional = _parser_key(_field_types(cls)[key])
+    parser = _PARSERS.get(table_key)
+    if parser is None:  # pragma: no cover - a new setting type needs a parser
+        raise ConfigError(f"{where}: {section}.{key}: unsupported setting type")
+    if optional and value == "":
+        return None
     try:
-        if ftype.startswith("Tuple[str"):
-            if isinstance(value, str):
-                return tuple(v for v in value.split() if v)
-            if isinstance(value, list) and all(isinstance(v, str) for v in value):
-                return tuple(value)
-            raise TypeError("expected a list of strings or a space-separated string")
-        if ftype == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off", ""):
-                return False
-            raise TypeError("expected true or false")
-        if ftype == "float":
-            if isinstance(value, bool):
-                raise TypeError("expected a number")
-            number = float(value)
-            if not math.isfinite(number) or number < 0:
-                raise ValueError("must be a finite, non-negative number")
-            return number
-        if ftype in ("Optional[str]", "str"):
-            if not isinstance(value, str):
-                raise TypeError("expected a string")
-            return value if value or ftype == "str" else None
+        return parser(value)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ConfigError(f"{where}: {section}.{key}: {exc}") from None
-    raise ConfigError(f"{where}: {section}.{key}: unsupported setting type")  # pragma: no cover
 
 
 def _apply(config: Config, section: str, values: Mapping[str, Any], where: str) -> Config:

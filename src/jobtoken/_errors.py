@@ -28,7 +28,11 @@ retry (HTCondor: requeue) can help.
 from __future__ import annotations
 
 import enum
-from typing import Optional
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
+
+_T = TypeVar("_T")
 
 __all__ = [
     "ConfigError",
@@ -39,6 +43,7 @@ __all__ = [
     "MytokenRejectedError",
     "PayloadStartError",
     "ProtocolError",
+    "RenewalReport",
     "ServerUnavailableError",
     "TokenCheckError",
     "TokenFileError",
@@ -114,6 +119,7 @@ class MytokenError(JobtokenError):
         url: Optional[str] = None,
         retry_after_s: Optional[float] = None,
         retryable: Optional[bool] = None,
+        reached_server: Optional[bool] = None,
     ) -> None:
         super().__init__(message, retryable=retryable)
         self.status = status
@@ -121,6 +127,9 @@ class MytokenError(JobtokenError):
         self.error_description = error_description
         self.url = url
         self.retry_after_s = retry_after_s
+        # False: the request never left (connection refused or timed out while
+        # connecting), so the server cannot have acted on it; None: not known.
+        self.reached_server = reached_server
 
 
 class MytokenRejectedError(MytokenError):
@@ -177,3 +186,149 @@ def exit_code_for(error: BaseException) -> int:
     if isinstance(error, JobtokenError):
         return int(error.exit_code)
     return int(ExitCode.ERROR)
+
+
+@dataclass(frozen=True)
+class RenewalReport:
+    """The outcome of one renewal (or revocation) child, as the waiting process sees it.
+
+    The child (``_renewal``) prints it as one JSON line and exits with ``exit_code``;
+    the sidecar, ``run`` and ``ensure`` read it back with ``from_child``. It never holds
+    a secret: only what may be logged (expiry, ``jti``, subject, scopes) or the error.
+    It lives next to the error tree because a failed report *is* an error carried
+    across a process boundary: ``failure`` flattens one, ``raise_for_failure`` rebuilds it.
+    """
+
+    ok: bool
+    reused: bool = False
+    revoked: bool = False
+    expires_at: Optional[float] = None
+    issued_at: Optional[float] = None
+    jti: Optional[str] = None
+    subject: Optional[str] = None
+    scopes: Tuple[str, ...] = ()
+    audiences: Tuple[str, ...] = ()
+    error: Optional[str] = None
+    error_type: Optional[str] = None
+    retryable: bool = False
+    exit_code: int = int(ExitCode.OK)
+    status: Optional[int] = None
+    oauth_error: Optional[str] = None
+    retry_after_s: Optional[float] = None
+
+    @classmethod
+    def failure(cls, exc: BaseException) -> RenewalReport:
+        """The report of a child that failed with ``exc`` (anything, not only ours)."""
+        mytoken = exc if isinstance(exc, MytokenError) else None
+        return cls(
+            ok=False,
+            error=exc.message if isinstance(exc, JobtokenError) else type(exc).__name__,
+            error_type=type(exc).__name__,
+            retryable=bool(getattr(exc, "retryable", False)),
+            exit_code=exit_code_for(exc),
+            status=mytoken.status if mytoken else None,
+            oauth_error=mytoken.error if mytoken else None,
+            retry_after_s=mytoken.retry_after_s if mytoken else None,
+        )
+
+    @classmethod
+    def from_child(cls, stdout: bytes, returncode: int) -> RenewalReport:
+        """Read the child's last output line; a crash or garbage is a retryable failure."""
+        lines = stdout.decode("utf-8", "replace").strip().splitlines()
+        try:
+            data = json.loads(lines[-1]) if lines else None
+            report = cls._from_dict(data) if isinstance(data, dict) else None
+            if report is not None and (report.expires_at is not None or not report.ok
+                                       or report.revoked or report.reused):
+                return report  # not a success that forgot to say until when
+        except (ValueError, TypeError):
+            pass
+        return cls.failure(
+            JobtokenError(
+                f"renewal process ended with status {returncode} and no report", retryable=True
+            )
+        )
+
+    @classmethod
+    def _from_dict(cls, data: Dict[str, Any]) -> RenewalReport:
+        ok = data.get("ok") is True
+        status = data.get("status")
+        report = cls(
+            ok=ok,
+            reused=bool(data.get("reused")),
+            revoked=bool(data.get("revoked")),
+            expires_at=_optional(float, data.get("expires_at")),
+            issued_at=_optional(float, data.get("issued_at")),
+            jti=_optional(str, data.get("jti")),
+            subject=_optional(str, data.get("sub")),
+            scopes=tuple(str(s) for s in data.get("scopes") or ()),
+            audiences=tuple(str(a) for a in data.get("audiences") or ()),
+            error=_optional(str, data.get("error")),
+            error_type=_optional(str, data.get("error_type")),
+            retryable=bool(data.get("retryable")),
+            exit_code=int(data.get("exit_code", ExitCode.OK if ok else ExitCode.ERROR)),
+            status=None if status is None else int(status),
+            oauth_error=_optional(str, data.get("oauth_error")),
+            retry_after_s=_optional(float, data.get("retry_after_s")),
+        )
+        return report
+
+    def to_json(self) -> str:
+        """The one line the child prints (the wire names ``sub``/``oauth_error`` kept)."""
+        if self.ok:
+            data: Dict[str, Any] = {"ok": True}
+            if self.expires_at is not None:
+                data.update(
+                    reused=self.reused, expires_at=self.expires_at, issued_at=self.issued_at,
+                    jti=self.jti, sub=self.subject, scopes=list(self.scopes),
+                    audiences=list(self.audiences),
+                )
+            else:
+                data["revoked"] = self.revoked
+            return json.dumps(data)
+        data = {
+            "ok": False, "error": self.error, "error_type": self.error_type,
+            "retryable": self.retryable, "exit_code": self.exit_code,
+        }
+        if self.status is not None or self.oauth_error is not None or self.retry_after_s:
+            data.update(
+                status=self.status, oauth_error=self.oauth_error, retry_after_s=self.retry_after_s
+            )
+        return json.dumps(data)
+
+    @property
+    def permanent(self) -> bool:
+        """A failure no retry can mend: a refused mytoken, bad config, a missing file.
+
+        A refused access token (the next one may pass our checks) and a token file that
+        could not be written (a full disk may drain) are retried although not
+        ``retryable`` in the exit-code sense.
+        """
+        return (
+            not self.ok
+            and not self.retryable
+            and self.error_type not in ("TokenCheckError", "TokenFileError")
+        )
+
+    def raise_for_failure(self) -> None:
+        """Re-raise the child's error here, same class and documented exit code.
+
+        Raises:
+            JobtokenError: (or the subclass the child raised) when not ``ok``.
+        """
+        if self.ok:
+            return
+        cls = globals().get(str(self.error_type))
+        if not (isinstance(cls, type) and issubclass(cls, JobtokenError)):
+            cls = JobtokenError
+        error = cls(self.error or "renewal failed")
+        try:
+            error.exit_code = ExitCode(self.exit_code)
+        except ValueError:
+            error.exit_code = ExitCode.ERROR
+        error.retryable = self.retryable
+        raise error
+
+
+def _optional(kind: Callable[[Any], _T], value: Any) -> Optional[_T]:
+    return None if value is None else kind(value)

@@ -34,7 +34,8 @@ class TokenRequest:
 
 
 class Verifier(Protocol):
-    def verify(self, token: AccessToken) -> None: ...
+    def verify(self, token: AccessToken) -> object:
+        """Raise TokenCheckError unless the signature is good (the return value is unused)."""
 
 
 def fetch_access_token(

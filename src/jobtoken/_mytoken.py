@@ -37,6 +37,7 @@ import httpx
 from ._clock import Clock, SystemClock
 from ._errors import (
     ConfigError,
+    MytokenError,
     MytokenRejectedError,
     ProtocolError,
     ServerUnavailableError,
@@ -84,9 +85,6 @@ class Discovery:
     revocation_endpoint: Optional[str]
     tokeninfo_endpoint: Optional[str]
     jwks_uri: Optional[str]
-    restriction_claims_supported: tuple[str, ...]
-    response_types_supported: tuple[str, ...]
-    tokeninfo_actions_supported: tuple[str, ...]
     version: Optional[str]
     raw: Mapping[str, Any] = field(repr=False, compare=False)
 
@@ -343,12 +341,6 @@ class MytokenClient:
                 )
             return value
 
-        def strings(name: str) -> tuple[str, ...]:
-            value = data.get(name)
-            if isinstance(value, list):
-                return tuple(v for v in value if isinstance(v, str))
-            return ()
-
         access = endpoint("access_token_endpoint", True)
         mytoken = endpoint("mytoken_endpoint", True)
         assert access is not None and mytoken is not None
@@ -361,9 +353,6 @@ class MytokenClient:
             revocation_endpoint=endpoint("revocation_endpoint", False),
             tokeninfo_endpoint=endpoint("tokeninfo_endpoint", False),
             jwks_uri=endpoint("jwks_uri", False),
-            restriction_claims_supported=strings("restriction_claims_supported"),
-            response_types_supported=strings("response_types_supported"),
-            tokeninfo_actions_supported=strings("tokeninfo_endpoint_actions_supported"),
             version=version if isinstance(version, str) else None,
             raw=dict(data),
         )
@@ -535,8 +524,8 @@ class MytokenClient:
             node = pending.pop()
             token = node.get("token") if isinstance(node, Mapping) else None
             mom_id = token.get("mom_id") if isinstance(token, Mapping) else None
-            if not isinstance(mom_id, str) or not mom_id or not isinstance(
-                node.get("children") or [], list
+            if not isinstance(token, Mapping) or not isinstance(mom_id, str) or not mom_id or (
+                not isinstance(node.get("children") or [], list)
             ):
                 raise ProtocolError(f"{action} at {url}: malformed tree entry", url=url)
             name, created = token.get("name"), token.get("created")
@@ -606,6 +595,10 @@ class MytokenClient:
                 response = self._client.request(method, url, json=body)
         except httpx.HTTPError as exc:
             error = translate_http_error(exc, url=url, action=action)
+            if isinstance(error, MytokenError):
+                # classified here, where httpx is known, so callers never inspect httpx
+                error.reached_server = not isinstance(exc, (httpx.ConnectError,
+                                                            httpx.ConnectTimeout))
             logger.debug("mytoken request failed action=%s url=%s error=%s", action, url, error)
             raise error from exc
         logger.debug(
@@ -792,7 +785,7 @@ class MytokenClient:
             if not isinstance(transfer_code, str) or not transfer_code.strip():
                 raise bad("has an empty transfer_code")
             mytoken = ""
-        elif not is_plausible_mytoken(mytoken):
+        elif not isinstance(mytoken, str) or not is_plausible_mytoken(mytoken):
             raise bad("has no plausible mytoken (missing, empty, short, or not ASCII)")
         else:
             transfer_code = None

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-import jwt
-
 from ._errors import ConfigError, ProtocolError, TokenFileError
 from ._tokenfile import read_secret_file, write_secret_file
+from ._tokens import unverified_jwt
 
 __all__ = ["MytokenSource", "check_mytoken_value", "load_mytoken", "save_rotated_mytoken"]
 
@@ -66,11 +65,10 @@ def check_mytoken_value(value: str, where: str) -> str:
     if len(text) < _MIN_LEN:
         raise ConfigError(f"mytoken {where} is too short to be a mytoken")
     if text.count(".") == 2:
-        try:
-            header = jwt.get_unverified_header(text)
-            claims = jwt.decode(text, options={"verify_signature": False})
-        except jwt.PyJWTError as exc:
-            raise ConfigError(f"mytoken {where} is a malformed JWT") from exc
+        read = unverified_jwt(text)
+        if read is None:
+            raise ConfigError(f"mytoken {where} is a malformed JWT")
+        header, claims = read
         if claims.get("token_type") == "mytoken" or header.get("typ") == "MT+JWT":
             return text
         if "wlcg.ver" in claims or "scope" in claims:

@@ -26,18 +26,24 @@ from typing import Optional, Tuple, Union
 
 __all__ = [
     "ASSUMED_LIFETIME_S",
+    "CHILD_STARTUP_S",
     "Escalation",
+    "EscalationSteps",
+    "MIN_JOB_MYTOKEN_S",
+    "RENEWAL_LOCK_WAIT_S",
     "RenewalSettings",
-    "TokenState",
     "backoff_s",
+    "child_timeout_s",
     "escalation",
+    "escalation_steps",
     "exit_code_from_returncode",
     "job_jitter",
     "margin_for",
     "next_attempt_at",
     "next_renewal_at",
+    "parent_expires_too_soon",
+    "renewal_settings",
     "renewals_per_hour",
-    "token_state",
     "usages_budget",
     "wait_status_to_exit",
     "within_horizon",
@@ -91,12 +97,60 @@ class RenewalSettings:
             raise ValueError(f"quick_retries must be >= 0, got {self.quick_retries}")
 
 
-class TokenState(enum.Enum):
-    """How usable the current access token is (google-auth's FRESH/STALE/INVALID)."""
+def renewal_settings(fraction: float, margin_s: float, max_backoff_s: float) -> RenewalSettings:
+    """The rule's knobs for a job's configured ``fraction``, ``margin_s`` and backoff cap.
 
-    FRESH = "fresh"  # more than the margin left
-    STALE = "stale"  # still valid, but inside the margin: renew now
-    EXPIRED = "expired"  # at or past exp; WLCG v1.1+ allows no grace at exp
+    The one derivation both ``prepare`` (sizing ``usages_AT``) and the sidecar (planning
+    renewals) use, so the budget counts the renewals the sidecar will really make.
+    ``min_margin_s`` never exceeds the configured margin; ``min_backoff_s`` shrinks for
+    short test margins (a 2 s retry would outlast a 4 s token) but stays 2 s in production.
+
+    Raises:
+        ValueError: settings the rule cannot use (see ``RenewalSettings``).
+    """
+    return RenewalSettings(
+        fraction=fraction,
+        min_margin_s=min(60.0, margin_s),
+        default_margin_s=margin_s,
+        max_backoff_s=max_backoff_s,
+        min_backoff_s=min(2.0, max(0.2, margin_s / 4), max_backoff_s),
+    )
+
+
+#: Python start-up and imports of a renewal child on a loaded worker node.
+CHILD_STARTUP_S = 15.0
+#: How long a renewal child waits for another renewal of the same directory to finish.
+RENEWAL_LOCK_WAIT_S = 60.0
+
+
+def child_timeout_s(
+    request_timeout_s: float, *, requests: int, lock_wait_s: float = 0.0,
+    cap_s: Optional[float] = None,
+) -> float:
+    """How long a renewal child may run before the waiting process gives up on it.
+
+    ``requests`` server round trips of ``request_timeout_s`` each (a renewal: discovery,
+    JWKS, access token and one spare; a revocation: discovery and revoke), the child's
+    start-up, and ``lock_wait_s`` when it may first queue behind another renewal.
+    ``cap_s`` bounds it where the caller itself has a deadline (cleanup at job end).
+    """
+    limit = requests * request_timeout_s + CHILD_STARTUP_S + lock_wait_s
+    return limit if cap_s is None else min(limit, cap_s)
+
+
+#: A job mytoken that would live shorter than this is not worth minting (the job
+#: would start only to lose its credential minutes later).
+# NOTE for the condor engineer (issue 9): condor._fit_into_parent's literal 300.0 is this rule.
+MIN_JOB_MYTOKEN_S = 300.0
+
+
+def parent_expires_too_soon(parent_exp: float, now: float) -> bool:
+    """Whether a parent mytoken expiring at ``parent_exp`` leaves too little for a job.
+
+    A sub-mytoken cannot outlive its parent; below ``MIN_JOB_MYTOKEN_S`` a job would
+    be started with a chain that ends before it can do useful work.
+    """
+    return parent_exp - now < MIN_JOB_MYTOKEN_S
 
 
 class Escalation(enum.Enum):
@@ -337,15 +391,6 @@ def renewals_per_hour(at_lifetime_s: float, settings: RenewalSettings, jitter: f
     return 3600.0 / interval
 
 
-def token_state(now: float, expires_at: float, margin_s: float) -> TokenState:
-    """FRESH, STALE (inside the margin) or EXPIRED (at or past ``exp``, no grace)."""
-    if now >= expires_at:
-        return TokenState.EXPIRED
-    if expires_at - now <= margin_s:
-        return TokenState.STALE
-    return TokenState.FRESH
-
-
 def escalation(
     now: float,
     expires_at: float,
@@ -373,6 +418,50 @@ def escalation(
     if expires_at - now <= warn_before_s:
         return Escalation.WARN
     return Escalation.NONE
+
+
+@dataclass(frozen=True)
+class EscalationSteps:
+    """What the sidecar must do now about a failing renewal; each at most once per job."""
+
+    warn: bool = False  # signal the payload that its token is about to run out
+    lose_credential: bool = False  # record (state.json, log) that the credential is lost
+    stop_payload: bool = False  # stop the payload (``on_failure = "stop"``, token expired)
+
+
+def escalation_steps(
+    now: float,
+    expires_at: float,
+    next_attempt_at: Optional[float],
+    warn_before_s: float,
+    *,
+    permanent: bool,
+    failing: bool,
+    warned: bool,
+    credential_lost: bool,
+    stop_on_loss: bool,
+    stopped: bool,
+) -> EscalationSteps:
+    """The steps ``escalation`` calls for that were not taken yet.
+
+    The payload is warned once, when its token is inside the warning window (or the
+    failure already asks for a warning); it is stopped only when the credential is
+    lost, the site asked for it, and the token has really expired: a lost credential
+    with time left still lets the payload finish its work.
+    """
+    decision = escalation(
+        now, expires_at, next_attempt_at, warn_before_s, permanent=permanent, failing=failing
+    )
+    if decision is Escalation.NONE:
+        return EscalationSteps()
+    lost = decision is Escalation.CREDENTIAL_LOST
+    return EscalationSteps(
+        warn=not warned and (decision is Escalation.WARN or expires_at - now <= warn_before_s),
+        lose_credential=lost and not credential_lost,
+        stop_payload=(
+            (lost or credential_lost) and stop_on_loss and now >= expires_at and not stopped
+        ),
+    )
 
 
 def wait_status_to_exit(returncode: int) -> Tuple[Optional[int], Optional[int]]:

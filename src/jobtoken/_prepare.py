@@ -20,25 +20,20 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 from . import _policy as policy
+from ._clock import SystemClock
 from ._config import Config
-from ._errors import (
-    ConfigError,
-    JobtokenError,
-    MytokenRejectedError,
-    ProtocolError,
-    ServerUnavailableError,
-)
-from ._mytokenfile import MytokenSource, load_mytoken, save_rotated_mytoken
+from ._errors import ConfigError, JobtokenError, MytokenRejectedError
+from ._mytokenfile import MytokenSource, load_mytoken
 from ._scopes import invalid_scopes, scopes_within
+from ._submytoken import SubMytokenRequest, mint_sub_mytoken, revoke_quietly
 from ._tokendir import JobSpec, TokenDir
 from ._tokenfile import remove_secret_file, write_secret_file
-from ._tokens import AccessToken
+from ._tokens import AccessToken, unverified_claims
 
 __all__ = ["JobInfo", "PreparedJob", "job_scopes", "prepare_job"]
 
@@ -145,29 +140,6 @@ def _job_audiences(job: JobInfo, config: Config) -> Tuple[str, ...]:
     return tuple(allowed)
 
 
-def _check_minted(response: Any, restriction: Mapping[str, Any], job_id: str) -> None:
-    """Refuse a job mytoken that came back wider than asked."""
-    caps = set(response.capabilities or ())
-    if caps and not caps <= {"AT"}:
-        raise ProtocolError(
-            f"server minted job {job_id}'s mytoken with capabilities {sorted(caps)}, not ['AT']"
-        )
-    if not response.restrictions:
-        raise ProtocolError(f"server minted job {job_id}'s mytoken without restrictions")
-    asked_scopes = set(str(restriction["scope"]).split())
-    asked_aud = set(restriction.get("audience") or ())
-    for entry in response.restrictions:
-        got_scopes = set(str(entry.get("scope") or "").split())
-        got_aud = set(entry.get("audience") or ())
-        if not got_scopes or not got_scopes <= asked_scopes:
-            raise ProtocolError(f"server widened job {job_id}'s mytoken scope restriction")
-        if asked_aud and (not got_aud or not got_aud <= asked_aud):
-            raise ProtocolError(f"server widened job {job_id}'s mytoken audience restriction")
-        exp = entry.get("exp")
-        if not exp or float(exp) > float(restriction["exp"]) + 1:
-            raise ProtocolError(f"server gave job {job_id}'s mytoken a later expiry than asked")
-
-
 def prepare_job(
     config: Config,
     job: JobInfo,
@@ -188,7 +160,7 @@ def prepare_job(
     from ._exchange import TokenRequest, fetch_access_token
 
     environ = os.environ if env is None else env
-    start = time.time() if now is None else now
+    start = SystemClock().now() if now is None else now
     parent_path = config.site.parent_mytoken_file or config.token.mytoken_file
     if not parent_path:
         raise ConfigError("no parent mytoken: set site.parent_mytoken_file or --mytoken-file")
@@ -198,44 +170,27 @@ def prepare_job(
     walltime = job.walltime_s or config.site.default_walltime_s
     job_end = start + walltime
     renewal = config.renewal
-    settings = policy.RenewalSettings(
-        fraction=renewal.fraction,
-        min_margin_s=min(60.0, renewal.margin_s),
-        default_margin_s=renewal.margin_s,
-        max_backoff_s=renewal.max_backoff_s,
-    )
+    settings = policy.renewal_settings(renewal.fraction, renewal.margin_s, renewal.max_backoff_s)
     usages = policy.usages_budget(walltime, config.site.expected_at_lifetime_s, settings)
-    restriction: Dict[str, Any] = {
-        "scope": " ".join(scopes),
-        "audience": list(audiences),
-        "exp": int(job_end + config.site.walltime_slack_s),
-        "usages_AT": usages,
-    }
-    if config.site.hosts:
-        restriction["hosts"] = list(config.site.hosts)
     tokendir = TokenDir.create(directory)
     parent = load_mytoken(parent_source, env=environ, allow_other_owner=True)
-    _cap_at_parent_expiry(restriction, parent, start, job.job_id)
+    request = SubMytokenRequest(
+        name=f"jobtoken {job.job_id}",
+        label=f"job {job.job_id}'s mytoken",
+        capabilities=("AT",),
+        scopes=scopes,
+        audiences=audiences,
+        exp=_capped_at_parent_expiry(
+            int(job_end + config.site.walltime_slack_s), parent, start, job.job_id
+        ),
+        usages_at=usages,
+        hosts=tuple(config.site.hosts),
+    )
     url = server_url_for(config, parent)
-    name = f"jobtoken {job.job_id}"[:100]
     with build_client(config, url) as client:
         client.discovery()  # its failures are not a lost job mytoken
+        minted = mint_sub_mytoken(client, parent, parent_source, request, started_at=start)
         try:
-            minted = client.create_mytoken(
-                parent,
-                restrictions=[restriction],
-                capabilities=["AT"],
-                name=name,
-                error_on_restrictions=True,
-            )
-        except ServerUnavailableError as exc:
-            if _answer_may_be_lost(exc):
-                _reap_lost_job_mytokens(client, parent_source, parent, name, start)
-            raise
-        if minted.token_update is not None:
-            save_rotated_mytoken(parent_source, minted.token_update.mytoken)
-        try:
-            _check_minted(minted, restriction, job.job_id)
             spec = _job_spec(config, job, url, scopes, audiences, job_end, minted.mom_id,
                              tokendir)
             write_secret_file(tokendir.mytoken, minted.mytoken, newline=False)
@@ -243,9 +198,9 @@ def prepare_job(
                 "job mytoken minted job=%s mom_id=%s scope=%s aud=%s exp=%d usages_AT=%d",
                 job.job_id,
                 minted.mom_id,
-                restriction["scope"],
+                " ".join(scopes),
                 " ".join(audiences),
-                restriction["exp"],
+                request.exp,
                 usages,
             )
             tokendir.write_spec(spec)
@@ -259,7 +214,7 @@ def prepare_job(
             write_secret_file(tokendir.bearer_token, token.raw)
         except JobtokenError:
             # nothing half-made may outlive a failed prepare: no live job mytoken anywhere
-            _revoke_quietly(client, minted.mytoken)
+            revoke_quietly(client, minted.mytoken, request.label)
             for path in (tokendir.mytoken, tokendir.bearer_token):
                 try:
                     remove_secret_file(path)
@@ -277,12 +232,7 @@ def prepare_job(
     return PreparedJob(tokendir, spec, token, minted.mom_id)
 
 
-_MIN_JOB_MYTOKEN_S = 300.0
-
-
-def _cap_at_parent_expiry(
-    restriction: Dict[str, Any], parent: str, now: float, job_id: str
-) -> None:
+def _capped_at_parent_expiry(exp: int, parent: str, now: float, job_id: str) -> int:
     """A child cannot outlive its parent: ask for no later ``exp`` than the parent has.
 
     Asking for more makes the server refuse the restriction (``error_on_restrictions``).
@@ -291,17 +241,11 @@ def _cap_at_parent_expiry(
     Raises:
         MytokenRejectedError: the parent expires within minutes.
     """
-    if parent.count(".") != 2:
-        return
-    import jwt
-
-    try:
-        parent_exp = jwt.decode(parent, options={"verify_signature": False}).get("exp")
-    except jwt.PyJWTError:
-        return
-    if not isinstance(parent_exp, (int, float)) or parent_exp >= restriction["exp"]:
-        return
-    if parent_exp - now < _MIN_JOB_MYTOKEN_S:
+    claims = unverified_claims(parent)
+    parent_exp = claims.get("exp") if claims else None
+    if not isinstance(parent_exp, (int, float)) or parent_exp >= exp:
+        return exp
+    if policy.parent_expires_too_soon(parent_exp, now):
         raise MytokenRejectedError(
             f"the parent mytoken expires in {max(0, parent_exp - now):.0f} s; too soon to mint "
             f"a mytoken for job {job_id}"
@@ -310,7 +254,7 @@ def _cap_at_parent_expiry(
         "parent mytoken expires before job %s would end; job mytoken capped at exp=%d",
         job_id, int(parent_exp),
     )
-    restriction["exp"] = int(parent_exp)
+    return int(parent_exp)
 
 
 def _job_spec(
@@ -335,67 +279,3 @@ def _job_spec(
         remove_dir_at_end=False,
         mom_id=mom_id,
     )
-
-
-# how much older than prepare's start (by the server's clock) a lost job mytoken may be
-_LOST_MYTOKEN_SKEW_S = 120.0
-
-
-def _answer_may_be_lost(exc: JobtokenError) -> bool:
-    """Whether the server may have minted a job mytoken whose answer never arrived.
-
-    A read timeout, a connection cut after the request went out, or a garbled answer:
-    the request may have been committed. A status the server chose (5xx, 429, 4xx) was
-    answered before anything was minted; a rotated-then-garbled answer (not retryable)
-    means the parent we hold is dead, and using it again could revoke its whole chain.
-    """
-    import httpx
-
-    if not isinstance(exc, ServerUnavailableError) or not exc.retryable:
-        return False
-    if isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout)):
-        return False  # never reached the server
-    return isinstance(exc, ProtocolError) or exc.status is None
-
-
-def _reap_lost_job_mytokens(
-    client: Any, parent_source: MytokenSource, parent: str, name: str, start: float
-) -> None:
-    """Revoke the job mytoken a lost answer may have left live at the server.
-
-    Found by tokeninfo ``subtokens`` of the parent: the children named for this job,
-    created since just before this prepare began. Best effort: the parent may lack
-    ``tokeninfo:subtokens``, or the server may still be unreachable; then the orphan
-    lives until its ``exp`` (the job's wall time), as the warning says.
-    """
-    try:
-        listing = client.subtokens(parent)
-        if listing.token_update is not None:
-            save_rotated_mytoken(parent_source, listing.token_update.mytoken)
-            parent = listing.token_update.mytoken
-        lost = [
-            e for e in listing.entries
-            if e.name == name and e.created is not None
-            and e.created >= start - _LOST_MYTOKEN_SKEW_S
-        ]
-        for entry in lost:
-            update = client.revoke(parent, recursive=True, mom_id=entry.mom_id)
-            if update is not None:
-                save_rotated_mytoken(parent_source, update.mytoken)
-                parent = update.mytoken
-            logger.info(
-                "revoked job mytoken %r mom_id=%s minted by a request whose answer was lost",
-                name, entry.mom_id,
-            )
-    except JobtokenError as exc:
-        logger.warning(
-            "cannot check for a job mytoken %r minted by a request whose answer was lost (it "
-            "stays valid until it expires): %s", name, exc.message,
-        )
-
-
-def _revoke_quietly(client: Any, mytoken: str) -> None:
-    try:
-        client.revoke(mytoken, recursive=True)
-    except JobtokenError as exc:
-        logger.warning("cannot revoke the refused job mytoken: %s", exc.message)

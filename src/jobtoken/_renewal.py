@@ -18,18 +18,26 @@ import json
 import logging
 import os
 import sys
-import time
-from typing import Any, Dict, Iterator, List, Optional
+import threading
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
-from ._errors import JobtokenError, MytokenError, TokenFileError, exit_code_for
+from ._clock import Clock, SystemClock
+from ._errors import JobtokenError, MytokenError, RenewalReport, TokenFileError
+from ._policy import RENEWAL_LOCK_WAIT_S
 from ._tokendir import JobSpec, TokenDir
+
+if TYPE_CHECKING:  # imported lazily below: this module's import must stay cheap
+    from ._config import ServerConfig
+    from ._jwks import SignatureVerifier
+    from ._mytoken import MytokenClient
+    from ._tokens import AccessToken
 
 __all__ = ["renew", "revoke", "main"]
 
 logger = logging.getLogger(__name__)
 
 
-def _server(spec: JobSpec) -> Any:
+def _server(spec: JobSpec) -> ServerConfig:
     from ._config import ServerConfig
 
     return ServerConfig(
@@ -41,7 +49,7 @@ def _server(spec: JobSpec) -> Any:
     )
 
 
-def _client(spec: JobSpec, mytoken: Optional[str] = None) -> Any:
+def _client(spec: JobSpec, mytoken: Optional[str] = None) -> MytokenClient:
     from ._actions import client_for, server_url_for
     from ._config import Config
 
@@ -49,13 +57,13 @@ def _client(spec: JobSpec, mytoken: Optional[str] = None) -> Any:
     return client_for(server, server_url_for(Config(server=server), mytoken))
 
 
-def _verifier(spec: JobSpec) -> Any:
+def _verifier(spec: JobSpec) -> Optional[SignatureVerifier]:
     from ._actions import verifier_for
 
     return verifier_for(_server(spec), spec.trusted_issuers)
 
 
-def _current(tokendir: TokenDir) -> Any:
+def _current(tokendir: TokenDir) -> Optional[AccessToken]:
     from ._tokenfile import read_secret_file
     from ._tokens import decode_access_token
 
@@ -67,21 +75,23 @@ def _current(tokendir: TokenDir) -> Any:
         return None
 
 
-def _report(token: Any, reused: bool) -> Dict[str, Any]:
-    return {
-        "ok": True,
-        "reused": reused,
-        "expires_at": token.expires_at,
-        "issued_at": token.issued_at,
-        "jti": token.jti,
-        "sub": token.subject,
-        "scopes": list(token.scopes),
-        "audiences": list(token.audiences),
-    }
+def _report(token: AccessToken, reused: bool) -> RenewalReport:
+    return RenewalReport(
+        ok=True,
+        reused=reused,
+        expires_at=token.expires_at,
+        issued_at=token.issued_at,
+        jti=token.jti,
+        subject=token.subject,
+        scopes=tuple(token.scopes),
+        audiences=tuple(token.audiences),
+    )
 
 
 @contextlib.contextmanager
-def _renewal_lock(tokendir: TokenDir, timeout_s: float = 60.0) -> Iterator[None]:
+def _renewal_lock(
+    tokendir: TokenDir, timeout_s: float = RENEWAL_LOCK_WAIT_S, clock: Optional[Clock] = None
+) -> Iterator[None]:
     """Serialise renewals of one directory (sidecar and ``jobtoken ensure``).
 
     Two concurrent uses of one rotating mytoken would kill its chain; two of a
@@ -92,29 +102,31 @@ def _renewal_lock(tokendir: TokenDir, timeout_s: float = 60.0) -> Iterator[None]
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise TokenFileError(f"cannot open {path}: {exc.strerror}") from exc
+    clock = clock or SystemClock()
+    never = threading.Event()
     try:
-        deadline = time.monotonic() + timeout_s
+        deadline = clock.monotonic() + timeout_s
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except OSError:
-                if time.monotonic() > deadline:
+                if clock.monotonic() > deadline:
                     raise JobtokenError(
                         f"another renewal of {tokendir.path} still runs after {timeout_s:.0f} s"
                     ) from None
-                time.sleep(0.05)
+                clock.wait(never, 0.05)
         yield
     finally:
         os.close(fd)
 
 
-def renew(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) -> Dict[str, Any]:
+def renew(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) -> RenewalReport:
     with _renewal_lock(tokendir):
         return _renew_locked(tokendir, min_valid_s=min_valid_s)
 
 
-def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) -> Dict[str, Any]:
+def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) -> RenewalReport:
     """Make sure ``bt`` holds a fresh, checked token; return a non-secret report.
 
     With ``min_valid_s``, a current token valid at least that long (and within the
@@ -129,7 +141,7 @@ def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) ->
     from ._tokens import check_access_token
 
     spec = tokendir.read_spec()
-    now = time.time()
+    now = SystemClock().now()
     current = _current(tokendir)
     if current is not None and min_valid_s is not None:
         try:
@@ -172,10 +184,10 @@ def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) ->
 _DISCOVERY_MAX_AGE_S = 6 * 3600.0
 
 
-def _load_discovery(tokendir: TokenDir, client: Any) -> bool:
+def _load_discovery(tokendir: TokenDir, client: MytokenClient) -> bool:
     path = tokendir.path / "discovery.json"
     try:
-        if time.time() - path.stat().st_mtime > _DISCOVERY_MAX_AGE_S:
+        if SystemClock().now() - path.stat().st_mtime > _DISCOVERY_MAX_AGE_S:
             return False
         client.remember_discovery(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, JobtokenError):
@@ -183,7 +195,7 @@ def _load_discovery(tokendir: TokenDir, client: Any) -> bool:
     return True
 
 
-def _save_discovery(tokendir: TokenDir, client: Any) -> None:
+def _save_discovery(tokendir: TokenDir, client: MytokenClient) -> None:
     from ._tokenfile import write_secret_file
 
     try:
@@ -199,7 +211,7 @@ def _forget_discovery(tokendir: TokenDir) -> None:
         pass
 
 
-def revoke(tokendir: TokenDir) -> Dict[str, Any]:
+def revoke(tokendir: TokenDir) -> RenewalReport:
     """Revoke the job's mytoken (and its children) at the server, then delete it.
 
     Raises:
@@ -211,27 +223,12 @@ def revoke(tokendir: TokenDir) -> Dict[str, Any]:
     spec = tokendir.read_spec()
     path = tokendir.mytoken_of(spec)
     if not path.exists():
-        return {"ok": True, "revoked": False}
+        return RenewalReport(ok=True, revoked=False)
     mytoken = load_mytoken(MytokenSource(path=path))
     with _client(spec, mytoken) as client:
         client.revoke(mytoken, recursive=True)
     remove_secret_file(path)
-    return {"ok": True, "revoked": True}
-
-
-def _error_report(exc: BaseException) -> Dict[str, Any]:
-    report: Dict[str, Any] = {
-        "ok": False,
-        "error": exc.message if isinstance(exc, JobtokenError) else type(exc).__name__,
-        "error_type": type(exc).__name__,
-        "retryable": bool(getattr(exc, "retryable", False)),
-        "exit_code": exit_code_for(exc),
-    }
-    if isinstance(exc, MytokenError):
-        report.update(
-            status=exc.status, oauth_error=exc.error, retry_after_s=exc.retry_after_s
-        )
-    return report
+    return RenewalReport(ok=True, revoked=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -244,13 +241,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         tokendir = TokenDir.existing(args.dir)
         report = revoke(tokendir) if args.revoke else renew(tokendir, min_valid_s=args.min_valid)
-        code = 0
     except Exception as exc:  # reported as one JSON line; the parent decides
-        report = _error_report(exc)
-        code = int(report["exit_code"])
-    sys.stdout.write(json.dumps(report) + "\n")
+        report = RenewalReport.failure(exc)
+    sys.stdout.write(report.to_json() + "\n")
     sys.stdout.flush()
-    return code
+    return report.exit_code
 
 
 if __name__ == "__main__":

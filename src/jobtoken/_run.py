@@ -22,15 +22,15 @@ import signal
 import socket
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
+from . import _policy as policy
 from ._clock import Clock, SystemClock
 from ._config import Config
-from ._errors import ConfigError, ExitCode, JobtokenError, TokenCheckError
-from ._sidecar import Sidecar, error_from_report, run_renewal_child, signal_number
+from ._errors import ConfigError, ExitCode, JobtokenError, RenewalReport, TokenCheckError
+from ._sidecar import Sidecar, run_renewal_child, signal_number
 from ._supervisor import Supervisor, exit_like
 from ._tokendir import JobSpec, TokenDir, acquire_lock
 from ._tokenfile import write_secret_file
@@ -111,7 +111,7 @@ def setup_tokendir(
         mytoken_path = str(tokendir.mytoken)
     else:
         raise ConfigError("no mytoken given: use --mytoken-file FILE or --mytoken-env VAR")
-    start = time.time() if now is None else now
+    start = SystemClock().now() if now is None else now
     renewal = config.renewal
     spec = JobSpec.from_config(
         config,
@@ -149,9 +149,9 @@ def payload_environment(
     return out
 
 
-def first_token(tokendir: TokenDir, spec: JobSpec, *, min_valid_s: Optional[float] = None) -> Dict[
-    str, Any
-]:
+def first_token(
+    tokendir: TokenDir, spec: JobSpec, *, min_valid_s: Optional[float] = None
+) -> RenewalReport:
     """Make sure the directory holds a valid token before the payload starts.
 
     Raises:
@@ -159,10 +159,10 @@ def first_token(tokendir: TokenDir, spec: JobSpec, *, min_valid_s: Optional[floa
     """
     need = spec.margin_s if min_valid_s is None else min_valid_s
     report = run_renewal_child(
-        tokendir, "--min-valid", f"{need:.0f}", timeout_s=4 * spec.timeout_s + 15
+        tokendir, "--min-valid", f"{need:.0f}",
+        timeout_s=policy.child_timeout_s(spec.timeout_s, requests=4),
     )
-    if not report.get("ok"):
-        raise error_from_report(report)
+    report.raise_for_failure()
     return report
 
 
@@ -332,7 +332,7 @@ def sidecar_alive(tokendir: TokenDir) -> bool:
 
 def status(tokendir: TokenDir, *, now: Optional[float] = None) -> Dict[str, Any]:
     """A non-secret view of a token directory for ``jobtoken status``."""
-    t = time.time() if now is None else now
+    t = SystemClock().now() if now is None else now
     spec = tokendir.read_spec()
     state = tokendir.read_state()
     data: Dict[str, Any] = {
@@ -365,7 +365,9 @@ def status(tokendir: TokenDir, *, now: Optional[float] = None) -> Dict[str, Any]
     return data
 
 
-def ensure_token(tokendir: TokenDir, spec: JobSpec, *, min_valid_s: float) -> Dict[str, Any]:
+def ensure_token(
+    tokendir: TokenDir, spec: JobSpec, *, min_valid_s: float, clock: Optional[Clock] = None
+) -> RenewalReport:
     """Return at once when the token is valid ``min_valid_s`` longer, else renew now.
 
     Safe next to a running sidecar: renewals of one directory are serialised by its
@@ -375,13 +377,15 @@ def ensure_token(tokendir: TokenDir, spec: JobSpec, *, min_valid_s: float) -> Di
         JobtokenError: renewal failed; TokenCheckError: the server's token is valid
             for less than ``min_valid_s``.
     """
-    asked_at = time.time()  # the child judged "valid long enough" at or after this instant
+    asked_at = (clock or SystemClock()).now()  # the child judged "valid long enough" after this
     report = run_renewal_child(
-        tokendir, "--min-valid", repr(float(min_valid_s)), timeout_s=4 * spec.timeout_s + 75
+        tokendir, "--min-valid", repr(float(min_valid_s)),
+        timeout_s=policy.child_timeout_s(
+            spec.timeout_s, requests=4, lock_wait_s=policy.RENEWAL_LOCK_WAIT_S
+        ),
     )
-    if not report.get("ok"):
-        raise error_from_report(report)
-    left = float(report["expires_at"]) - asked_at
+    report.raise_for_failure()
+    left = (report.expires_at or 0.0) - asked_at
     if left < min_valid_s:
         raise TokenCheckError(
             f"the server issued a token valid for {left:.0f} s, less than the {min_valid_s:.0f} s "
@@ -402,10 +406,11 @@ def revoke_job(tokendir: TokenDir) -> bool:
             f"{tokendir.path} holds no job mytoken of its own ({spec.mytoken_path} is not one); "
             "refusing to revoke it"
         )
-    report = run_renewal_child(tokendir, "--revoke", timeout_s=2 * spec.timeout_s + 15)
-    if not report.get("ok"):
-        raise error_from_report(report)
+    report = run_renewal_child(
+        tokendir, "--revoke", timeout_s=policy.child_timeout_s(spec.timeout_s, requests=2)
+    )
+    report.raise_for_failure()
     from ._tokenfile import remove_secret_file
 
     remove_secret_file(tokendir.bearer_token)
-    return bool(report.get("revoked"))
+    return report.revoked

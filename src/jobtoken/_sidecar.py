@@ -12,7 +12,6 @@ it never reads or logs a token: everything it knows comes from the child's repor
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -21,16 +20,16 @@ import subprocess
 import sys
 import threading
 from dataclasses import replace
-from typing import Any, Callable, Dict, List, Optional, Protocol
+from typing import Callable, List, Optional, Protocol
 
 from . import _policy as policy
 from ._clock import Clock, SystemClock
-from ._errors import ExitCode, JobtokenError
+from ._errors import JobtokenError, RenewalReport, ServerUnavailableError
 from ._metrics import write_metrics
 from ._tokendir import JobSpec, RenewalState, TokenDir
 from ._tokenfile import remove_secret_file, remove_stale_temps
 
-__all__ = ["ChildHandle", "Sidecar", "error_from_report", "run_renewal_child", "spawn_renewal"]
+__all__ = ["ChildHandle", "Sidecar", "run_renewal_child", "spawn_renewal"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ _STAT_EVERY_S = 60.0  # idle wake-ups cost CPU on every job of a node; a minute 
 
 
 class ChildHandle(Protocol):
-    def poll(self) -> Optional[Dict[str, Any]]:
+    def poll(self) -> Optional[RenewalReport]:
         """The child's report once it has ended, else None."""
 
     def kill(self) -> None: ...
@@ -49,33 +48,16 @@ class _ProcessChild:
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self._proc = proc
 
-    def poll(self) -> Optional[Dict[str, Any]]:
+    def poll(self) -> Optional[RenewalReport]:
         if self._proc.poll() is None:
             return None
         out, _err = self._proc.communicate()
-        return _parse_report(out, self._proc.returncode)
+        return RenewalReport.from_child(out, self._proc.returncode)
 
     def kill(self) -> None:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.communicate()
-
-
-def _parse_report(out: bytes, returncode: int) -> Dict[str, Any]:
-    lines = out.decode("utf-8", "replace").strip().splitlines()
-    try:
-        report = json.loads(lines[-1]) if lines else None
-    except ValueError:
-        report = None
-    if not isinstance(report, dict):
-        return {
-            "ok": False,
-            "error": f"renewal process ended with status {returncode} and no report",
-            "error_type": "JobtokenError",
-            "retryable": True,
-            "exit_code": int(ExitCode.ERROR),
-        }
-    return report
 
 
 def spawn_renewal(tokendir: TokenDir, *args: str) -> ChildHandle:
@@ -90,7 +72,7 @@ def spawn_renewal(tokendir: TokenDir, *args: str) -> ChildHandle:
     return _ProcessChild(proc)
 
 
-def run_renewal_child(tokendir: TokenDir, *args: str, timeout_s: float) -> Dict[str, Any]:
+def run_renewal_child(tokendir: TokenDir, *args: str, timeout_s: float) -> RenewalReport:
     """Run one renewal child to its end (used before the payload starts and at cleanup)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobtoken._renewal", str(tokendir.path), *args],
@@ -103,27 +85,10 @@ def run_renewal_child(tokendir: TokenDir, *args: str, timeout_s: float) -> Dict[
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        return {
-            "ok": False,
-            "error": f"renewal did not finish within {timeout_s:.0f} s",
-            "error_type": "ServerUnavailableError",
-            "retryable": True,
-            "exit_code": int(ExitCode.SERVER_UNAVAILABLE),
-        }
-    return _parse_report(out, proc.returncode)
-
-
-def error_from_report(report: Dict[str, Any]) -> JobtokenError:
-    """Rebuild the child's error in this process, keeping its documented exit code."""
-    from . import _errors
-
-    cls = getattr(_errors, str(report.get("error_type")), None)
-    if not (isinstance(cls, type) and issubclass(cls, JobtokenError)):
-        cls = JobtokenError
-    error = cls(str(report.get("error") or "renewal failed"))
-    error.exit_code = ExitCode(int(report.get("exit_code", ExitCode.ERROR)))
-    error.retryable = bool(report.get("retryable"))
-    return error
+        return RenewalReport.failure(
+            ServerUnavailableError(f"renewal did not finish within {timeout_s:.0f} s")
+        )
+    return RenewalReport.from_child(out, proc.returncode)
 
 
 class Sidecar:
@@ -153,30 +118,23 @@ class Sidecar:
         self._spawn = spawn or (lambda *args: spawn_renewal(tokendir, *args))
         self._send_signal = send_signal
         self._stop_payload = stop_payload
-        self.settings = policy.RenewalSettings(
-            fraction=spec.fraction,
-            min_margin_s=min(60.0, spec.margin_s),
-            default_margin_s=spec.margin_s,
-            max_backoff_s=spec.max_backoff_s,
-            # short test tokens need quick retries; production margins keep 2 s
-            min_backoff_s=min(2.0, max(0.2, spec.margin_s / 4), spec.max_backoff_s),
-        )
+        self.settings = policy.renewal_settings(spec.fraction, spec.margin_s, spec.max_backoff_s)
         self.jitter = policy.job_jitter(spec.job_id, self.settings.jitter_fraction)
         self.state = RenewalState(job_id=spec.job_id, sidecar_pid=os.getpid())
         self.stopped_payload = False
         self._child: Optional[ChildHandle] = None
         self._child_started = 0.0
-        self._child_limit_s = 4 * spec.timeout_s + 15.0
+        self._child_limit_s = policy.child_timeout_s(spec.timeout_s, requests=4)
         self._bt_mtime: Optional[int] = None
 
     # --- outcomes -----------------------------------------------------------------------
 
-    def adopt(self, report: Dict[str, Any]) -> None:
+    def adopt(self, report: RenewalReport) -> None:
         """Take a renewal report (the first token, or one a child produced)."""
         now = self.clock.now()
         self.state.last_attempt_at = now
-        if report.get("ok"):
-            self._success(report, now)
+        if report.ok and report.expires_at is not None:
+            self._success(report, report.expires_at, now)
         else:
             self._failure(report, now)
         self._save(now)
@@ -190,16 +148,15 @@ class Sidecar:
             lifetime = policy.ASSUMED_LIFETIME_S
         return policy.margin_for(lifetime, self.settings)
 
-    def _success(self, report: Dict[str, Any], now: float) -> None:
+    def _success(self, report: RenewalReport, expires_at: float, now: float) -> None:
         st = self.state
-        renewed = not report.get("reused") and st.expires_at is not None
-        st.expires_at = float(report["expires_at"])
-        issued = report.get("issued_at")
-        st.issued_at = float(issued) if issued is not None else None
-        st.jti = report.get("jti")
-        st.subject = report.get("sub")
-        st.scopes = tuple(report.get("scopes") or ())
-        st.audiences = tuple(report.get("audiences") or ())
+        renewed = not report.reused and st.expires_at is not None
+        st.expires_at = expires_at
+        st.issued_at = report.issued_at
+        st.jti = report.jti
+        st.subject = report.subject
+        st.scopes = report.scopes
+        st.audiences = report.audiences
         if renewed:
             st.renewals += 1
         st.consecutive_failures = 0
@@ -212,7 +169,7 @@ class Sidecar:
         self._bt_mtime = self._mtime()
         logger.info(
             "%s exp=%d next=%s jti=%s sub=%s scope=%s aud=%s job=%s",
-            "renewed" if renewed else ("token kept" if report.get("reused") else "token obtained"),
+            "renewed" if renewed else ("token kept" if report.reused else "token obtained"),
             int(st.expires_at),
             "none" if st.next_attempt_at is None else int(st.next_attempt_at),
             st.jti,
@@ -233,16 +190,12 @@ class Sidecar:
             return None
         return at
 
-    def _failure(self, report: Dict[str, Any], now: float) -> None:
+    def _failure(self, report: RenewalReport, now: float) -> None:
         st = self.state
         st.consecutive_failures += 1
         st.failures_total += 1
-        st.last_error = str(report.get("error"))
-        # a refused token or a full disk may pass; a refused mytoken or bad config will not
-        permanent = not report.get("retryable") and report.get("error_type") not in (
-            "TokenCheckError",
-            "TokenFileError",
-        )
+        st.last_error = str(report.error)
+        permanent = report.permanent
         st.last_error_permanent = permanent
         if permanent or st.expires_at is None:
             st.next_attempt_at = None if permanent else now + self.settings.min_backoff_s
@@ -250,7 +203,7 @@ class Sidecar:
             at = policy.next_attempt_at(
                 now,
                 attempt=st.consecutive_failures,
-                retry_after_s=report.get("retry_after_s"),
+                retry_after_s=report.retry_after_s,
                 expires_at=st.expires_at,
                 settings=self.settings,
                 rnd=self.rnd,
@@ -259,8 +212,8 @@ class Sidecar:
             st.next_attempt_at = at if policy.within_horizon(at, self.spec.job_end_at) else None
         logger.warning(
             "renewal failed status=%s error=%s permanent=%s retry_in=%s failures=%d job=%s: %s",
-            report.get("status"),
-            report.get("oauth_error") or report.get("error_type"),
+            report.status,
+            report.oauth_error or report.error_type,
             "yes" if permanent else "no",
             "never" if st.next_attempt_at is None else f"{st.next_attempt_at - now:.0f}s",
             st.consecutive_failures,
@@ -279,12 +232,9 @@ class Sidecar:
                 if self.clock.monotonic() - self._child_started <= self._child_limit_s:
                     return now + _POLL_S
                 self._child.kill()
-                report = {
-                    "ok": False,
-                    "error": f"renewal took longer than {self._child_limit_s:.0f} s; killed",
-                    "error_type": "ServerUnavailableError",
-                    "retryable": True,
-                }
+                report = RenewalReport.failure(ServerUnavailableError(
+                    f"renewal took longer than {self._child_limit_s:.0f} s; killed"
+                ))
             self._child = None
             self.adopt(report)
             now = self.clock.now()
@@ -317,22 +267,22 @@ class Sidecar:
         st = self.state
         if st.expires_at is None:
             return
-        decision = policy.escalation(
+        steps = policy.escalation_steps(
             now,
             st.expires_at,
             st.next_attempt_at,
             self.spec.warn_before_s,
             permanent=st.last_error_permanent,
             failing=st.consecutive_failures > 0,
+            warned=st.warned,
+            credential_lost=st.credential_lost,
+            stop_on_loss=self.spec.on_failure == "stop",
+            stopped=self.stopped_payload,
         )
-        if decision is policy.Escalation.NONE:
-            return
-        if not st.warned and (
-            decision is policy.Escalation.WARN or st.expires_at - now <= self.spec.warn_before_s
-        ):
+        if steps.warn:
             st.warned = True
             self._warn_payload(now)
-        if decision is policy.Escalation.CREDENTIAL_LOST and not st.credential_lost:
+        if steps.lose_credential:
             st.credential_lost = True
             logger.error(
                 "credential lost: token expires at %d (in %.0fs) and renewal %s job=%s: %s",
@@ -343,12 +293,7 @@ class Sidecar:
                 st.last_error,
             )
             self._save(now)
-        if (
-            st.credential_lost
-            and self.spec.on_failure == "stop"
-            and now >= st.expires_at
-            and not self.stopped_payload
-        ):
+        if steps.stop_payload:
             self.stopped_payload = True
             logger.error("stopping the payload: its token has expired job=%s", self.spec.job_id)
             if self._stop_payload is not None:
@@ -401,13 +346,14 @@ class Sidecar:
         spec = self.spec
         do_revoke = spec.revoke_at_end if revoke is None else revoke
         if spec.mytoken_owned and do_revoke:
-            report = run_renewal_child(self.tokendir, "--revoke", timeout_s=min(
-                25.0, 2 * spec.timeout_s + 5))
-            if report.get("ok"):
+            # at the job's end the batch system's kill grace is short: cap the wait
+            report = run_renewal_child(self.tokendir, "--revoke", timeout_s=policy.child_timeout_s(
+                spec.timeout_s, requests=2, cap_s=25.0))
+            if report.ok:
                 logger.info("job mytoken revoked job=%s mom_id=%s", spec.job_id, spec.mom_id)
             else:
                 logger.warning("cannot revoke the job mytoken job=%s: %s", spec.job_id,
-                               report.get("error"))
+                               report.error)
         # The job mytoken goes only with a successful revocation (the child deletes it):
         # kept, a JOB_EXIT hook or ``jobtoken revoke`` can still revoke it later.
         try:
@@ -430,6 +376,7 @@ class Sidecar:
         if child is None:
             return
         deadline = self.clock.monotonic() + wait_s
+        never = threading.Event()
         while True:
             report = child.poll()
             if report is not None:
@@ -438,11 +385,7 @@ class Sidecar:
             if self.clock.monotonic() >= deadline:
                 child.kill()
                 return
-            threading.Event().wait(0.05)
-
-    @property
-    def exit_code_if_stopped(self) -> int:
-        return int(ExitCode.CREDENTIAL_LOST)
+            self.clock.wait(never, 0.05)
 
 
 def _remove_tree(tokendir: TokenDir) -> None:

@@ -344,3 +344,30 @@ def describe(token: AccessToken) -> dict[str, Any]:
         "alg": token.algorithm,
         "kid": token.key_id,
     }
+
+
+def unverified_jwt(text: str) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(header, claims)`` of a JWT read WITHOUT verifying it; None if it is not one.
+
+    Only for decisions a forged value cannot turn against us: which server a mytoken
+    names (TLS still checks that server), when a parent expires (the server enforces it),
+    whether a file holds a mytoken or an access token. Never for trusting a token.
+    """
+    if not isinstance(text, str) or text.count(".") != 2:
+        return None
+    try:
+        header = jwt.get_unverified_header(text)
+        claims = jwt.decode(text, options={"verify_signature": False, "verify_exp": False,
+                                           "verify_nbf": False, "verify_iat": False,
+                                           "verify_aud": False, "verify_iss": False})
+    except jwt.PyJWTError:
+        return None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        return None
+    return header, claims
+
+
+def unverified_claims(text: str) -> Optional[dict[str, Any]]:
+    """The claims of ``unverified_jwt``; None if ``text`` is not a readable JWT."""
+    read = unverified_jwt(text)
+    return None if read is None else read[1]

@@ -318,6 +318,7 @@ def _human_status(d: Dict[str, Any]) -> str:
 def _cmd_ensure(args: argparse.Namespace) -> int:
     import os
 
+    from ._clock import SystemClock
     from ._run import ensure_token
     from ._tokendir import TokenDir
 
@@ -326,9 +327,9 @@ def _cmd_ensure(args: argparse.Namespace) -> int:
         raise UsageError("which token directory? give --dir DIR or set $JOBTOKEN_DIR")
     tokendir = TokenDir.existing(directory)
     report = ensure_token(tokendir, tokendir.read_spec(), min_valid_s=args.min_valid)
-    left = float(report["expires_at"]) - __import__("time").time()
-    data = {"expires_at": report["expires_at"], "remaining_s": int(left),
-            "renewed": not report.get("reused")}
+    left = (report.expires_at or 0.0) - SystemClock().now()
+    data = {"expires_at": report.expires_at, "remaining_s": int(left),
+            "renewed": not report.reused}
     _emit(args, data, lambda: f"token valid for {int(left)} s"
           + (" (renewed)" if data["renewed"] else ""))
     return ExitCode.OK
@@ -573,8 +574,8 @@ _EXTRA_COMMANDS: List[Any] = []
 
 
 def _stderr_level(args: argparse.Namespace) -> int:
-    return max(logging.DEBUG, min(logging.CRITICAL,
-                                  logging.WARNING - 10 * (args.verbose - args.quiet)))
+    return int(max(logging.DEBUG, min(logging.CRITICAL,
+                                  logging.WARNING - 10 * (args.verbose - args.quiet))))
 
 
 def _setup_logging(verbose: int, quiet: int) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from jobtoken._errors import UsageError
+from jobtoken._errors import RenewalReport, UsageError
 from jobtoken._mytokenfile import check_mytoken_value
 from jobtoken._renewal import _renewal_lock
 from jobtoken._tokendir import TokenDir
@@ -452,10 +452,10 @@ def test_prepare_when_the_issuer_clock_is_ahead(tmp_path: Path) -> None:
 
 
 class _Child:
-    def __init__(self, report: Dict[str, Any]) -> None:
+    def __init__(self, report: RenewalReport) -> None:
         self.report = report
 
-    def poll(self) -> Dict[str, Any]:
+    def poll(self) -> RenewalReport:
         return self.report
 
     def kill(self) -> None:
@@ -487,13 +487,13 @@ def test_sidecar_renews_in_time_when_the_local_clock_is_off(
         assert t < current["exp"], f"renewal started {t - current['exp']:.0f} s after expiry"
         current["exp"] = t + lifetime_s
         return _Child(
-            {
-                "ok": True,
-                "expires_at": t + lifetime_s,
-                "issued_at": float(int(t)),
-                "jti": f"t{len(spawned)}",
-                "scopes": ["storage.create:/vo"],
-            }
+            RenewalReport(
+                ok=True,
+                expires_at=t + lifetime_s,
+                issued_at=float(int(t)),
+                jti=f"t{len(spawned)}",
+                scopes=("storage.create:/vo",),
+            )
         )
 
     tokendir = TokenDir.create(tmp_path / "job")
@@ -504,7 +504,7 @@ def test_sidecar_renews_in_time_when_the_local_clock_is_off(
     t0 = true_now()
     current["exp"] = t0 + lifetime_s
     sidecar.adopt(
-        {"ok": True, "expires_at": t0 + lifetime_s, "issued_at": float(int(t0)), "jti": "t0"}
+        RenewalReport(ok=True, expires_at=t0 + lifetime_s, issued_at=float(int(t0)), jti="t0")
     )
     hours = 6
     while true_now() < t0 + hours * 3600:

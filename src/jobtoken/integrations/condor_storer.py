@@ -29,8 +29,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
 from .._config import Config
-from .._errors import ConfigError, JobtokenError, ProtocolError, UsageError
-from .._mytokenfile import MytokenSource, load_mytoken, save_rotated_mytoken
+from .._errors import ConfigError, UsageError
+from .._mytokenfile import MytokenSource, load_mytoken
 
 __all__ = [
     "CredentialRequest",
@@ -138,73 +138,50 @@ def mint_submission_mytoken(
 ) -> SubmissionToken:
     """Mint the per-submission sub-mytoken from the user's mytoken.
 
+    Minting, the parent's rotation, the check of the answer and revoking a refused token
+    are ``_submytoken.mint_sub_mytoken``'s, shared with ``prepare``.
+
     Raises:
         ConfigError: no scope, bad mytoken source; MytokenRejectedError: the user's
             mytoken lacks ``create_mytoken`` or does not allow the scope/audience;
-        ServerUnavailableError/ProtocolError: transient.
+        ServerUnavailableError/ProtocolError: transient, or an answer wider than asked.
     """
     from .._actions import build_client, server_url_for
+    from .._submytoken import SubMytokenRequest, mint_sub_mytoken
 
     if not scopes:
         raise ConfigError("no scope for the submission: give --scope (or token.scopes)")
     start = time.time() if now is None else now
     parent = load_mytoken(source, env=env)
     url = server_url_for(config, parent)
-    restriction: Dict[str, Any] = {"scope": " ".join(scopes), "exp": int(start + lifetime_s)}
-    if audiences:
-        restriction["audience"] = list(audiences)
-    if max_jobs is not None:
-        restriction["usages_other"] = int(max_jobs)
+    request = SubMytokenRequest(
+        name=name,
+        label="the submission mytoken",
+        capabilities=SUBMISSION_CAPABILITIES,
+        scopes=tuple(scopes),
+        audiences=tuple(audiences),
+        exp=int(start + lifetime_s),
+        usages_other=None if max_jobs is None else int(max_jobs),
+    )
     with build_client(config, url) as client:
-        minted = client.create_mytoken(
-            parent,
-            restrictions=[restriction],
-            capabilities=list(SUBMISSION_CAPABILITIES),
-            name=name[:100],
-            error_on_restrictions=True,
-        )
-        if minted.token_update is not None:
-            save_rotated_mytoken(source, minted.token_update.mytoken)
-        try:
-            _check_submission(minted, restriction)
-        except JobtokenError:
-            try:
-                client.revoke(minted.mytoken, recursive=True)
-            except JobtokenError as exc:
-                logger.warning("cannot revoke the refused submission mytoken: %s", exc.message)
-            raise
+        # a shared name ("jobtoken submission"): a lost answer is not searched for by name
+        minted = mint_sub_mytoken(client, parent, source, request)
     logger.info(
         "submission mytoken minted mom_id=%s scope=%s aud=%s exp=%d server=%s",
         minted.mom_id,
-        restriction["scope"],
+        " ".join(request.scopes),
         " ".join(audiences) or "-",
-        restriction["exp"],
+        request.exp,
         url,
     )
     return SubmissionToken(
         minted.mytoken,
         url,
         minted.mom_id,
-        float(restriction["exp"]),
+        float(request.exp),
         tuple(scopes),
         tuple(audiences),
     )
-
-
-def _check_submission(minted: Any, restriction: Mapping[str, Any]) -> None:
-    caps = set(minted.capabilities or ())
-    if caps and not caps <= set(SUBMISSION_CAPABILITIES):
-        raise ProtocolError(f"server minted the submission mytoken with {sorted(caps)}")
-    if not minted.restrictions:
-        raise ProtocolError("server minted the submission mytoken without restrictions")
-    asked = set(str(restriction["scope"]).split())
-    for entry in minted.restrictions:
-        got = set(str(entry.get("scope") or "").split())
-        if not got or not got <= asked:
-            raise ProtocolError("server widened the submission mytoken's scope restriction")
-        exp = entry.get("exp")
-        if not exp or float(exp) > float(restriction["exp"]) + 1:
-            raise ProtocolError("server gave the submission mytoken a later expiry than asked")
 
 
 def top_content(token: SubmissionToken) -> bytes:
