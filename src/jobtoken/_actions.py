@@ -123,12 +123,16 @@ def build_verifier(config: Config) -> Any:
 
 
 def client_for(server: ServerConfig, url: str) -> Any:
-    """A ``MytokenClient`` for ``url`` with the TLS and timeout settings of ``server``."""
+    """A ``MytokenClient`` for ``url`` with the TLS, timeout and deadline of ``server``.
+
+    The deadline runs from here: build the client when the command's work starts.
+    """
     from ._mytoken import MytokenClient
 
     return MytokenClient(
         url,
         timeout_s=server.timeout_s,
+        deadline_s=server.deadline_s,
         ca_file=server.ca_file,
         ca_dir=server.ca_dir,
         allow_http=server.allow_http,

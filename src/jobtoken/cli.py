@@ -59,6 +59,13 @@ def _server_options(p: argparse.ArgumentParser) -> None:
         help="allow plain http, to a loopback address only (dev server)",
     )
     g.add_argument("--timeout", type=float, metavar="S", help="per-request timeout in seconds")
+    g.add_argument(
+        "--server-deadline",
+        type=float,
+        metavar="S",
+        help="overall limit for all server requests of this command "
+        "(default 120; 0: none; $JOBTOKEN_DEADLINE)",
+    )
 
 
 def _token_options(p: argparse.ArgumentParser) -> None:
@@ -96,6 +103,7 @@ def _config_from(args: argparse.Namespace) -> Config:
             "ca_dir": getattr(args, "ca_dir", None),
             "allow_http": getattr(args, "allow_http", None),
             "timeout_s": getattr(args, "timeout", None),
+            "deadline_s": getattr(args, "server_deadline", None),
         },
         "token": {
             "scopes": _split(getattr(args, "scope", None)),
