@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 from ._clock import utc_text
 from ._config import Config, ServerConfig
-from ._discovery import default_token_path, discover_bearer_token
+from ._discovery import default_token_path, discover_bearer_token, refuse_foreign_file
 from ._errors import ConfigError, JobtokenError, TokenCheckError, TokenFileError
 from ._mytokenfile import MytokenSource, check_mytoken_value, load_mytoken
 from ._tokenfile import read_secret_file, write_secret_file
@@ -193,6 +193,7 @@ def get_token(
     path = Path(out or environ.get("BEARER_TOKEN_FILE") or default_token_path(environ))
     if not path.parent.is_dir():
         raise TokenFileError(f"cannot write {path}: directory {path.parent} does not exist")
+    refuse_foreign_file(path)
     now = time.time()
     if config.token.min_valid_s > 0:
         existing = _existing_if_fresh(path, config, now)
