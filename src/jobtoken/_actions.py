@@ -18,7 +18,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from ._clock import utc_text
 from ._config import Config, ServerConfig
 from ._discovery import default_token_path, discover_bearer_token, refuse_foreign_file
-from ._errors import ConfigError, JobtokenError, TokenCheckError, TokenFileError
+from ._errors import ConfigError, JobtokenError, TokenCheckError, TokenFileError, printable
 from ._mytokenfile import MytokenSource, check_mytoken_value, load_mytoken
 from ._tokenfile import read_secret_file, write_secret_file
 from ._tokens import AccessToken, check_access_token, decode_access_token, describe
@@ -54,7 +54,8 @@ class TokenResult:
     def human(self) -> str:
         verb = "kept" if self.reused else "wrote"
         left = _human_duration(self.token.remaining_s(self.now))
-        return f"{verb} {self.path} (expires in {left}; scope: {' '.join(self.token.scopes)})"
+        scope = printable(" ".join(self.token.scopes))
+        return f"{verb} {printable(str(self.path))} (expires in {left}; scope: {scope})"
 
 
 def _human_duration(seconds: float) -> str:

@@ -16,7 +16,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__
 from ._config import Config, load_config
-from ._errors import ExitCode, JobtokenError, UsageError, exit_code_for
+from ._errors import (
+    ExitCode,
+    JobtokenError,
+    PrintableFilter,
+    UsageError,
+    exit_code_for,
+    printable_values,
+)
 
 __all__ = ["main"]
 
@@ -121,11 +128,15 @@ def _config_from(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides=overrides)
 
 
-def _emit(args: argparse.Namespace, data: Dict[str, Any], human: Callable[[], str]) -> None:
+def _emit(
+    args: argparse.Namespace, data: Dict[str, Any], human: Callable[[Dict[str, Any]], str]
+) -> None:
+    """Print ``data`` as JSON (which escapes control characters itself) or as ``human``
+    text made from an escaped copy: token and server values never reach a terminal raw."""
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
     else:
-        sys.stdout.write(human() + "\n")
+        sys.stdout.write(human(printable_values(data)) + "\n")
 
 
 # --- subcommands -----------------------------------------------------------------------------
@@ -140,7 +151,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
         cfg = replace(cfg, token=replace(cfg.token, min_valid_s=args.min_valid))
     result = get_token(cfg, out=args.out)
-    _emit(args, result.summary(), result.human)
+    _emit(args, result.summary(), lambda _: result.human())
     return ExitCode.OK
 
 
@@ -148,7 +159,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from ._actions import inspect_token
 
     summary = inspect_token(args.file)
-    _emit(args, summary, lambda: _human_inspect(summary))
+    _emit(args, summary, _human_inspect)
     return ExitCode.OK
 
 
@@ -223,6 +234,7 @@ def _log_to_dir(args: argparse.Namespace, tokendir: Any, spec: Any) -> None:
                 "%(asctime)s %(levelname)s %(message)s")
         )
         handler.setLevel(logging.INFO)
+        handler.addFilter(PrintableFilter())
         root.addHandler(handler)
         root.setLevel(min(root.level, logging.INFO))
         for h in root.handlers:
@@ -291,7 +303,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not directory:
         raise UsageError("which token directory? give DIR or set $JOBTOKEN_DIR")
     data = status(TokenDir.existing(directory))
-    _emit(args, data, lambda: _human_status(data))
+    _emit(args, data, _human_status)
     return ExitCode.OK
 
 
@@ -337,7 +349,7 @@ def _cmd_ensure(args: argparse.Namespace) -> int:
     left = float(report["expires_at"]) - __import__("time").time()
     data = {"expires_at": report["expires_at"], "remaining_s": int(left),
             "renewed": not report.get("reused")}
-    _emit(args, data, lambda: f"token valid for {int(left)} s"
+    _emit(args, data, lambda _: f"token valid for {int(left)} s"
           + (" (renewed)" if data["renewed"] else ""))
     return ExitCode.OK
 
@@ -589,6 +601,7 @@ def _setup_logging(verbose: int, quiet: int) -> None:
     level = max(logging.DEBUG, min(logging.CRITICAL, logging.WARNING - 10 * (verbose - quiet)))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("jobtoken: %(message)s"))
+    handler.addFilter(PrintableFilter())
     root = logging.getLogger("jobtoken")
     root.handlers[:] = [handler]
     root.setLevel(level)
