@@ -80,7 +80,11 @@ def _token_options(p: argparse.ArgumentParser) -> None:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--mytoken-file", metavar="FILE", help="file holding the mytoken")
     src.add_argument(
-        "--mytoken-env", metavar="VAR", help="environment variable holding the mytoken"
+        "--mytoken-env",
+        metavar="VAR",
+        help="environment variable holding the mytoken (run copies it to a private file and "
+        "wipes it from its own environment, /proc/PID/environ included; a file is still "
+        "safer: a variable may have been copied before jobtoken started)",
     )
     g.add_argument(
         "--scope", action="append", metavar="SCOPE", help="requested scope (repeatable)"
@@ -262,6 +266,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not args.payload:
         raise UsageError("no payload command: use 'jobtoken run [OPTIONS] -- CMD [ARGS...]'")
     cfg, tokendir, spec = _job_setup(args)
+    if cfg.token.mytoken_env:
+        from ._hardening import scrub_environ
+
+        # the directory holds a private copy now; the payload could read the variable
+        # in /proc/<our pid>/environ, which unsetenv alone does not change
+        scrub_environ(cfg.token.mytoken_env)
     env = payload_environment(os.environ, tokendir, spec, cfg)
     return run_job(tokendir, spec, args.payload, env=env)
 
@@ -634,6 +644,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return ExitCode.USAGE
         verbose = args.verbose
         _setup_logging(args.verbose, args.quiet)
+        if argv is None:  # the real command, not a test calling main() in-process
+            from ._hardening import protect_process
+
+            # no core and no /proc/PID/* for others: most commands hold a mytoken; the
+            # payload of 'run' inherits the core limit, so 'run' leaves that alone
+            protect_process(core_limit=args.command != "run")
         return int(args.func(args))
     except JobtokenError as exc:
         sys.stderr.write(f"jobtoken: error: {exc.message}\n")
