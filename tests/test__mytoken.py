@@ -1012,3 +1012,48 @@ def test_a_minted_mytoken_with_unusable_restrictions_is_revoked(server, exp):
     assert "the minted mytoken was revoked" in info.value.message
     assert server.bodies(REVOKE) == [{"token": SUB_MT, "recursive": False}]
     assert SUB_MT not in info.value.message
+
+
+def _rotating_mytoken(**rotation):
+    import jwt as pyjwt
+
+    claims = {"iss": SERVER, "sub": "s", "jti": "j", "rotation": rotation}
+    return pyjwt.encode(claims, "k" * 32, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    ("rotation", "says"),
+    [
+        ({"on_AT": True, "auto_revoke": True}, "revokes it and every mytoken made from it"),
+        ({"on_AT": True}, "the mytoken we hold is dead and using it again fails"),
+    ],
+)
+def test_a_lost_answer_for_a_rotating_mytoken_says_it_may_be_dead(server, rotation, says):
+    # issue 12 item 17: the server committed the rotation, the answer never arrived
+    def lost(request):
+        raise httpx.ReadTimeout("read timed out", request=request)
+
+    server.answers[ACCESS] = lost
+    mytoken = _rotating_mytoken(**rotation)
+    with client_for(server) as client, pytest.raises(ServerUnavailableError) as info:
+        client.get_access_token(mytoken)
+    assert "rotates on use" in info.value.message and says in info.value.message
+    assert mytoken not in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("rotation", "failure"),
+    [
+        ({}, httpx.ReadTimeout),  # no rotation: retrying is harmless
+        ({"on_AT": True, "auto_revoke": True}, httpx.ConnectError),  # never sent
+        ({"on_other": True}, httpx.ReadTimeout),  # rotates on other uses, not on AT
+    ],
+)
+def test_a_lost_answer_without_rotation_risk_keeps_the_plain_message(server, rotation, failure):
+    def lost(request):
+        raise failure("broken", request=request)
+
+    server.answers[ACCESS] = lost
+    with client_for(server) as client, pytest.raises(ServerUnavailableError) as info:
+        client.get_access_token(_rotating_mytoken(**rotation))
+    assert "rotates on use" not in info.value.message

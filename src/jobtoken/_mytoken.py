@@ -225,6 +225,52 @@ def _load_json(response: httpx.Response) -> Any:
         raise ValueError(str(exc)) from None
 
 
+def _rotation_of(mytoken: str) -> Mapping[str, Any]:
+    """The ``rotation`` claim of a JWT mytoken (unverified; empty if none or not a JWT)."""
+    if mytoken.count(".") != 2:
+        return {}
+    import jwt
+
+    try:
+        claims = jwt.decode(mytoken, options={"verify_signature": False})
+    except (jwt.PyJWTError, RecursionError, ValueError):
+        return {}
+    rotation = claims.get("rotation") if isinstance(claims, dict) else None
+    return rotation if isinstance(rotation, Mapping) else {}
+
+
+def _maybe_rotated(
+    error: ServerUnavailableError, action: str, secrets: Sequence[str]
+) -> ServerUnavailableError:
+    """``error`` for a request the server may have carried out although its answer was
+    lost, saying so when the mytoken sent rotates on such a use.
+
+    Then the server may already hold its successor (which we never saw) and the mytoken
+    we kept is dead; with ``auto_revoke`` using it again revokes the whole chain. "Retry
+    later" alone would be the wrong advice.
+    """
+    rotation = _rotation_of(secrets[0]) if secrets and secrets[0] else {}
+    on_use = rotation.get("on_AT") if action == "access token request" else rotation.get(
+        "on_other"
+    )
+    if on_use is not True:
+        return error
+    if rotation.get("auto_revoke") is True:
+        risk = "using it again revokes it and every mytoken made from it (auto_revoke)"
+    else:
+        risk = "using it again fails"
+    return type(error)(
+        f"{error.message}; the answer was lost after the request was sent, and this mytoken "
+        f"rotates on use: if the server carried it out, the mytoken we hold is dead and {risk}"
+        "; check it with 'mytoken info' (or tokeninfo) before retrying, and replace it if "
+        "the server no longer knows it",
+        status=error.status,
+        url=error.url,
+        retry_after_s=error.retry_after_s,
+        retryable=error.retryable,
+    )
+
+
 def _finite(value: Any) -> Optional[float]:
     """``value`` as a finite float, or None when it is no number a float can hold."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -758,8 +804,14 @@ class MytokenClient:
                 streamed.close()
         except httpx.HTTPError as exc:
             error = translate_http_error(exc, url=url, action=action)
+            if isinstance(error, ServerUnavailableError) and not isinstance(
+                exc, (httpx.ConnectError, httpx.ConnectTimeout)
+            ):
+                error = _maybe_rotated(error, action, secrets)
             logger.debug("mytoken request failed action=%s url=%s error=%s", action, url, error)
             raise error from exc
+        except ServerUnavailableError as error:  # body too slow: the server did answer
+            raise _maybe_rotated(error, action, secrets) from None
         # the body is read and decoded: a fresh response must not decode it again
         headers = [
             (k, v)
