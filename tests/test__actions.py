@@ -488,3 +488,21 @@ def test_summary_tells_how_long_is_left(lifetime_s: int, now: float, remaining: 
     assert data["remaining_human"] == human
     expected_exp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(T0 + lifetime_s))
     assert data["exp_utc"] == expected_exp
+
+
+def test_a_planted_default_token_file_is_refused_with_the_reason(
+    srv: DevServer, tmp_path: Path
+) -> None:
+    # issue 12 item 9: another user creates /tmp/bt_u<uid> first (here: a shared 1777
+    # directory standing in for /tmp via XDG_RUNTIME_DIR)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another user")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    planted = shared / f"bt_u{os.geteuid()}"
+    planted.write_text("the attacker's token")
+    os.chown(planted, 4242, 4242)
+    with pytest.raises(TokenFileError, match="belongs to uid 4242.*planted"):
+        get_token(config(srv, mytoken_file(srv, tmp_path)), env={"XDG_RUNTIME_DIR": str(shared)})
+    assert srv.requests() == ()

@@ -77,3 +77,17 @@ def test_default_token_path() -> None:
     assert default_token_path({"XDG_RUNTIME_DIR": "/run/user/1221"}, euid=1221) == Path(
         "/run/user/1221/bt_u1221"
     )
+
+
+def test_a_token_file_of_another_user_is_refused_with_the_reason(tmp_bt: Path) -> None:
+    # issue 12 item 9: a planted /tmp/bt_u<uid> would feed our tools someone else's token
+    planted = tmp_bt / f"bt_u{UID}"
+    planted.write_text("the attacker's token")
+    if UID == 0:
+        os.chown(planted, 4242, 4242)
+        owner = 4242
+    else:  # pose as another user: then our own file is "someone else's"
+        owner = UID
+        planted.rename(tmp_bt / f"bt_u{UID + 1}")
+    with pytest.raises(TokenFileError, match=f"belongs to uid {owner}, not to you.*planted"):
+        discover_bearer_token({}, euid=UID if UID == 0 else UID + 1)

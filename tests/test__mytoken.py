@@ -892,3 +892,184 @@ def test_a_transport_failure_says_whether_the_request_reached_the_server(
         with pytest.raises(ServerUnavailableError) as info:
             client.get_access_token(MT)
     assert info.value.reached_server is reached
+
+
+# --- limits: size, time, and values no float holds (issue 12, items 6 and 7) -----------
+
+
+def test_a_body_past_the_cap_is_refused_without_reading_it_all(server):
+    from jobtoken._mytoken import MAX_RESPONSE_BYTES
+
+    sent = []
+
+    def huge():  # 400 MB if read to the end
+        for _ in range(400 * 16):
+            sent.append(1)
+            yield b"x" * 65536
+
+    server.answers[ACCESS] = lambda request: httpx.Response(200, content=huge())
+    with client_for(server) as client, pytest.raises(ProtocolError) as info:
+        client.get_access_token(MT)
+    assert f"larger than {MAX_RESPONSE_BYTES} bytes" in info.value.message
+    assert len(sent) * 65536 <= MAX_RESPONSE_BYTES + 65536
+
+
+def test_a_dripping_body_stops_at_the_overall_deadline(server, clock):
+    # one byte every 2 s never trips the per-read timeout; the deadline must
+    def drip(request):
+        def body():
+            for byte in json.dumps({"access_token": AT}).encode():
+                clock.advance(2.0)
+                yield bytes([byte])
+
+        return httpx.Response(200, content=body())
+
+    server.answers[ACCESS] = drip
+    start = clock.monotonic()
+    with client_for(server, clock, deadline_s=60, timeout_s=100) as client:
+        with pytest.raises(ServerUnavailableError, match="overall deadline of 60 s") as info:
+            client.get_access_token(MT)
+        assert info.value.retryable
+        assert clock.monotonic() - start <= 62
+        # revocation cleans up after the deadline, so it still gets its own time
+        server.answers[REVOKE] = httpx.Response(204)
+        assert client.revoke(SUB_MT) is None
+        # anything else is refused without a request
+        before = len(server.requests)
+        with pytest.raises(ServerUnavailableError, match="overall deadline"):
+            client.get_access_token(MT)
+        assert len(server.requests) == before
+    # without a deadline a body still has to arrive within timeout_s in all
+    server.answers[ACCESS] = drip
+    with client_for(server, clock, timeout_s=10) as client:
+        with pytest.raises(ServerUnavailableError, match="not received within 10 s"):
+            client.get_access_token(MT)
+
+
+def test_a_dripping_server_on_a_real_socket_is_cut_off(tmp_path):
+    import socket
+    import threading
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+    doc = json.dumps(discovery_doc(f"http://127.0.0.1:{port}")).encode()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                request = conn.recv(65536)
+                if DISCOVERY_PATH.encode() in request:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(doc), doc))
+                    continue
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                while not stop.wait(0.3):
+                    try:
+                        conn.sendall(b" ")
+                    except OSError:
+                        break
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        with MytokenClient(f"http://127.0.0.1:{port}", allow_http=True, timeout_s=5,
+                           deadline_s=1.5) as client:
+            with pytest.raises(ServerUnavailableError, match="overall deadline"):
+                client.get_access_token(MT)
+        # per-read timeout alone (5 s, never tripped by a 0.3 s drip) would wait ~forever
+        assert time.monotonic() - started < 1.5 + 5
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"access_token": ' + "[" * 100000 + "]" * 100000 + "}",
+        '{"access_token": "' + AT + '", "expires_in": ' + "9" * 400 + "}",
+        '{"access_token": "' + AT + '", "expires_in": 1e999}',
+    ],
+    ids=["deeply-nested", "400-digit-expires_in", "infinite-expires_in"],
+)
+def test_unusable_server_values_are_a_one_line_protocol_error(server, body):
+    server.answers[ACCESS] = httpx.Response(
+        200, content=body.encode(), headers={"content-type": "application/json"}
+    )
+    with client_for(server) as client, pytest.raises(ProtocolError) as info:
+        client.get_access_token(MT)
+    assert info.value.retryable  # the sidecar tries again
+    assert "\n" not in info.value.message and len(info.value.message) < 400
+
+
+@pytest.mark.parametrize(
+    "exp", ['"tomorrow"', "9" * 400, "1e300", "-1", "true", str(1 << 60)]
+)
+def test_a_minted_mytoken_with_unusable_restrictions_is_revoked(server, exp):
+    body = (
+        '{"mytoken": "' + SUB_MT + '", "mytoken_type": "token", "capabilities": ["AT"], '
+        '"restrictions": [{"scope": "storage.create:/vo/out", "exp": ' + exp + "}]}"
+    )
+    server.answers[MYTOKEN] = httpx.Response(
+        200, content=body.encode(), headers={"content-type": "application/json"}
+    )
+    server.answers[REVOKE] = httpx.Response(204)
+    with client_for(server) as client, pytest.raises(ProtocolError) as info:
+        client.create_mytoken(MT, capabilities=["AT"])
+    assert "restriction exp is not a plausible integer" in info.value.message
+    assert "the minted mytoken was revoked" in info.value.message
+    assert server.bodies(REVOKE) == [{"token": SUB_MT, "recursive": False}]
+    assert SUB_MT not in info.value.message
+
+
+def _rotating_mytoken(**rotation):
+    import jwt as pyjwt
+
+    claims = {"iss": SERVER, "sub": "s", "jti": "j", "rotation": rotation}
+    return pyjwt.encode(claims, "k" * 32, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    ("rotation", "says"),
+    [
+        ({"on_AT": True, "auto_revoke": True}, "revokes it and every mytoken made from it"),
+        ({"on_AT": True}, "the mytoken we hold is dead and using it again fails"),
+    ],
+)
+def test_a_lost_answer_for_a_rotating_mytoken_says_it_may_be_dead(server, rotation, says):
+    # issue 12 item 17: the server committed the rotation, the answer never arrived
+    def lost(request):
+        raise httpx.ReadTimeout("read timed out", request=request)
+
+    server.answers[ACCESS] = lost
+    mytoken = _rotating_mytoken(**rotation)
+    with client_for(server) as client, pytest.raises(ServerUnavailableError) as info:
+        client.get_access_token(mytoken)
+    assert "rotates on use" in info.value.message and says in info.value.message
+    assert mytoken not in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("rotation", "failure"),
+    [
+        ({}, httpx.ReadTimeout),  # no rotation: retrying is harmless
+        ({"on_AT": True, "auto_revoke": True}, httpx.ConnectError),  # never sent
+        ({"on_other": True}, httpx.ReadTimeout),  # rotates on other uses, not on AT
+    ],
+)
+def test_a_lost_answer_without_rotation_risk_keeps_the_plain_message(server, rotation, failure):
+    def lost(request):
+        raise failure("broken", request=request)
+
+    server.answers[ACCESS] = lost
+    with client_for(server) as client, pytest.raises(ServerUnavailableError) as info:
+        client.get_access_token(_rotating_mytoken(**rotation))
+    assert "rotates on use" not in info.value.message

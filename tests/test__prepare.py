@@ -254,3 +254,20 @@ def test_parent_without_subtokens_capability_keeps_the_first_error(
     assert "mytoken creation failed" in info.value.message
     assert "stays valid until it expires" in caplog.text
     assert "insufficient_capabilities" in caplog.text
+
+
+def test_a_slow_server_cannot_keep_prepare_alive_and_the_job_mytoken_is_revoked(
+    srv: DevServer, tmp_path: Path
+) -> None:
+    # issue 12 item 7: the first access token request hangs past the overall deadline
+    parent = parent_file(srv, tmp_path)
+    cfg = config(srv, parent)
+    cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, deadline_s=1.5))
+    srv.faults.add("access", delay_s=4.0)
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailableError):
+        prepare_job(cfg, JobInfo(job_id="9"), directory=str(tmp_path / "j"))
+    assert time.monotonic() - started < 4.0
+    assert len(srv.requests("revoke")) == 1
+    assert _live_children(srv, parent) == []
+    assert not (tmp_path / "j" / "mytoken").exists()

@@ -248,9 +248,113 @@ def test_check_tolerates_small_clock_skew():
     _check(decode_access_token(make_token(nbf=int(NOW) + 299, iat=int(NOW) + 200)))
 
 
-def test_check_accepts_multiple_audiences_and_moved_exp():
+def test_check_accepts_multiple_requested_audiences_and_moved_exp():
     tok = decode_access_token(make_token(aud=["x", "https://se.example.org"]))
-    _check(tok, previous=_prev(exp=int(NOW) + 600), min_valid_s=1000)
+    _check(
+        tok,
+        requested_audiences=("https://se.example.org", "x"),
+        previous=_prev(exp=int(NOW) + 600),
+        min_valid_s=1000,
+    )
+
+
+@pytest.mark.parametrize(
+    ("aud", "why"),
+    [
+        (["x", "https://se.example.org"], "audiences beyond the request: x"),
+        # the WLCG wildcard makes the token good at every relying party
+        (["https://se.example.org", "https://wlcg.cern.ch/jwt/v1/any"], "beyond the request"),
+    ],
+)
+def test_check_refuses_audiences_that_were_not_asked_for(aud, why):
+    with pytest.raises(TokenCheckError, match=why):
+        _check(decode_access_token(make_token(aud=aud)))
+
+
+def test_check_accepts_the_wildcard_audience_when_asked_for():
+    tok = decode_access_token(make_token(aud="https://wlcg.cern.ch/jwt/v1/any"))
+    _check(tok, requested_audiences=("https://wlcg.cern.ch/jwt/v1/any",))
+
+
+@pytest.mark.parametrize(
+    "scope",
+    [
+        # what INDIGO IAM answers to the real Mytoken server's scoped refresh, which
+        # always appends offline_access (oidc-mytoken/server oidcreqres/request.go)
+        "storage.create:/vo/jobs/42 openid offline_access",
+        "storage.create:/vo/jobs/42 profile email address phone wlcg wlcg:1.0",
+    ],
+)
+def test_check_ignores_identity_scopes_that_grant_no_right(scope):
+    tok = decode_access_token(make_token(scope=scope))
+    _check(tok, requested_scopes=("storage.create:/vo/jobs/42",))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        ({"wlcg.groups": ["/vo"]}, "groups that were not requested: /vo"),
+        ({"scp": "storage.modify:/"}, "'scp' claim granting beyond the request: storage.modify:/"),
+        ({"scp": ["storage.read:/vo"]}, "'scp' claim"),
+        ({"scope": "storage.create:/vo/jobs/42 compute.create"}, "beyond the request: compute"),
+    ],
+)
+def test_check_refuses_unrequested_capabilities_and_groups(overrides, why):
+    with pytest.raises(TokenCheckError, match=why):
+        _check(decode_access_token(make_token(**overrides)))
+
+
+def test_check_accepts_requested_groups_and_a_narrow_scp():
+    requested = ("storage.create:/vo/jobs/42", "wlcg.groups:/vo/prod")
+    tok = decode_access_token(
+        make_token(**{"wlcg.groups": ["/vo/prod"], "scp": "storage.create:/vo/jobs/42/a"})
+    )
+    _check(tok, requested_scopes=requested)
+    with pytest.raises(TokenCheckError, match="not requested: /vo/admin"):
+        _check(
+            decode_access_token(make_token(**{"wlcg.groups": ["/vo/prod", "/vo/admin"]})),
+            requested_scopes=requested,
+        )
+    # the bare scope asks for the user's default groups, whatever they are
+    _check(
+        decode_access_token(make_token(**{"wlcg.groups": ["/vo", "/vo/x"]})),
+        requested_scopes=("storage.create:/vo/jobs/42", "wlcg.groups"),
+    )
+
+
+def _with_payload(payload_json: str) -> str:
+    header, _, signature = make_token().split(".")
+    body = base64.urlsafe_b64encode(payload_json.encode()).rstrip(b"=").decode()
+    return f"{header}.{body}.{signature}"
+
+
+def test_decode_refuses_duplicate_claim_keys():
+    # the wide value first: parsers that keep the first key would see it
+    claims = json.dumps(_claims())[:-1]
+    raw = _with_payload(claims + ', "scope": "storage.create:/vo/jobs/42"}')
+    raw_wide = _with_payload(
+        '{"scope": "storage.modify:/", ' + json.dumps(_claims())[1:]
+    )
+    for token in (raw, raw_wide):
+        with pytest.raises(TokenCheckError, match="repeat the key 'scope'"):
+            decode_access_token(token)
+    nested = _with_payload(json.dumps(_claims())[:-1] + ', "x": {"a": 1, "a": 2}}')
+    with pytest.raises(TokenCheckError, match="repeat the key 'a'"):
+        decode_access_token(nested)
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        # a 400-digit exp is valid JSON, and an OverflowError for float()
+        (json.dumps(_claims())[:-1] + ', "exp": ' + "9" * 400 + "}", "not a finite number"),
+        ("[" * 2000 + "]" * 2000, "unreadable JWT claims"),
+    ],
+)
+def test_decode_refuses_unusable_values_with_a_one_line_error(payload, why):
+    payload = payload.replace(f'"exp": {int(NOW) + 1200}, ', "", 1)
+    with pytest.raises(TokenCheckError, match=why):
+        decode_access_token(_with_payload(payload))
 
 
 def test_check_accepts_a_new_token_from_the_same_second():
@@ -285,5 +389,6 @@ def test_check_treats_a_string_request_as_the_space_separated_form():
         requested_scopes="storage.create:/vo/jobs/42 openid",
         requested_audiences="https://se.example.org",
     )
+    wide = decode_access_token(make_token(scope="storage.create:/vo/jobs/42 storage.read:/vo"))
     with pytest.raises(TokenCheckError, match="beyond the request"):
-        _check(tok, requested_scopes="storage.create:/vo/jobs/42")
+        _check(wide, requested_scopes="storage.create:/vo/jobs/42")

@@ -233,3 +233,33 @@ def test_signature_verified_against_trusted_issuer(setup: Any, capsys) -> None:
     assert code == 0, err
     code, _, err = call(args + ["--trusted-issuer", "https://other-issuer.example.org"], capsys)
     assert code == 65 and "trusted" in err
+
+
+EVIL = "x\r\njobtoken: job mytoken revoked mom_id=all\x1b]0;owned\x07\x1b[2J"
+
+
+def test_inspect_escapes_what_the_token_says(tmp_path: Path, capsys) -> None:
+    # issue 12 item 8: sub/jti with CR/LF/ESC must not forge lines or drive the terminal
+    token = tmp_path / "bt"
+    token.write_text(jwtmint.access_token(sub=EVIL, jti=EVIL, scope="storage.read:/\x1b[31m"))
+    token.chmod(0o600)
+    code, stdout, _ = call(["inspect", str(token)], capsys)
+    assert code == 0
+    assert "\x1b" not in stdout and "\r" not in stdout and "\x07" not in stdout
+    assert not any(line.startswith("jobtoken: job mytoken") for line in stdout.splitlines())
+    assert "\\r\\njobtoken: job mytoken revoked" in stdout  # shown, as text
+    code, stdout, _ = call(["inspect", "--json", str(token)], capsys)
+    assert json.loads(stdout)["sub"] == EVIL  # JSON carries the value, escaped by JSON
+
+
+def test_log_lines_escape_server_values(capsys) -> None:
+    import logging
+
+    cli._setup_logging(1, 0)
+    try:
+        logging.getLogger("jobtoken._exchange").info("access token obtained sub=%s", EVIL)
+    finally:
+        cli._setup_logging(0, 0)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\r" not in err and "\x1b" not in err
+    assert err.startswith("jobtoken: access token obtained sub=x\\r\\njobtoken: job mytoken")

@@ -91,17 +91,55 @@ def test_serve_writes_url_and_private_mytoken_never_prints_it(
     assert url in err
 
 
-def test_fault_subcommand(capsys: pytest.CaptureFixture) -> None:
+def control_file(srv, tmp_path: Path) -> str:
+    path = tmp_path / "control"
+    path.write_text(srv.control_token + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_fault_subcommand(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     with running_devserver() as srv, client_for(srv) as c:
-        argv = ["fault", "--url", srv.url, "--endpoint", "jwks", "--status", "503", "--count", "1"]
+        own = ["--url", srv.url, "--control-file", control_file(srv, tmp_path)]
+        argv = ["fault", *own, "--endpoint", "jwks", "--status", "503", "--count", "1"]
         assert main(argv) == 0
         assert c.get("/jwks").status_code == 503
         assert c.get("/jwks").status_code == 200
-        assert main(["fault", "--url", srv.url, "--endpoint", "access", "--token", "hs256"]) == 0
-        assert main(["fault", "--url", srv.url, "--clear"]) == 0
+        assert main(["fault", *own, "--endpoint", "access", "--token", "hs256"]) == 0
+        assert main(["fault", *own, "--clear"]) == 0
         assert srv.faults.active() == ()
-        assert main(["fault", "--url", srv.url, "--endpoint", "jwks", "--token", "hs256"]) == 78
-        assert main(["fault", "--url", srv.url]) == 2
+        assert main(["fault", *own, "--endpoint", "jwks", "--token", "hs256"]) == 78
+        assert main(["fault", *own]) == 2
+
+
+def test_serve_writes_a_private_control_file_that_only_fault_uses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # issue 12 item 15: the owner steers the server without flags; nobody else can
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    url_file = tmp_path / "url"
+    args = build_parser().parse_args(["serve", "--url-file", str(url_file)])
+    stop = threading.Event()
+    worker = threading.Thread(target=serve, args=(args, stop))
+    worker.start()
+    try:
+        url = wait_for_file(url_file, timeout_s=10)
+        [control] = list((tmp_path / "jobtoken-devserver").iterdir())
+        assert stat.S_IMODE(control.stat().st_mode) == 0o600
+        assert main(["fault", "--url", url, "--endpoint", "jwks", "--status", "503"]) == 0
+        with httpx.Client(base_url=url, timeout=5) as c:
+            assert c.get("/jwks").status_code == 503
+            # a local user without the file gets nowhere
+            r = c.delete("/_devserver/faults")
+            assert r.status_code == 403
+            assert c.get("/jwks").status_code == 503
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "elsewhere"))
+        assert main(["fault", "--url", url, "--clear"]) == 78
+        assert "only the user who started" in capsys.readouterr().err
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    assert not control.exists()  # removed when the server stops
 
 
 def test_fault_subcommand_over_https(tmp_path: Path) -> None:
@@ -112,6 +150,8 @@ def test_fault_subcommand_over_https(tmp_path: Path) -> None:
             srv.url,
             "--ca-file",
             str(srv.ca_file),
+            "--control-file",
+            control_file(srv, tmp_path),
             "--endpoint",
             "jwks",
             "--drop",

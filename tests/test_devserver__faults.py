@@ -153,23 +153,43 @@ def test_stale_exp_and_expired_faults(srv: DevServer, client: httpx.Client, cloc
     assert dead["exp"] < clock.now()
 
 
+def owner(srv: DevServer) -> dict:
+    return {"Authorization": f"Bearer {srv.control_token}"}
+
+
+def control(client: httpx.Client, srv: DevServer, rule: dict) -> httpx.Response:
+    return client.post("/_devserver/faults", headers=owner(srv), json=rule)
+
+
 def test_http_control_api(srv: DevServer, client: httpx.Client):
-    r = client.post("/_devserver/faults", json={"endpoint": "jwks", "status": 500, "count": 1})
+    r = control(client, srv, {"endpoint": "jwks", "status": 500, "count": 1})
     assert r.status_code == 201 and r.json()["id"] >= 1
     assert client.get("/jwks").status_code == 500
-    assert client.post("/_devserver/faults", json={"endpoint": "jwks", "status": 500}).is_success
-    assert client.delete("/_devserver/faults").status_code == 204
+    assert control(client, srv, {"endpoint": "jwks", "status": 500}).is_success
+    assert client.delete("/_devserver/faults", headers=owner(srv)).status_code == 204
     assert client.get("/jwks").status_code == 200
-    bad = client.post("/_devserver/faults", json={"endpoint": "nope"})
+    bad = control(client, srv, {"endpoint": "nope"})
     assert bad.status_code == 400
-    bad = client.post("/_devserver/faults", json={"endpoint": "jwks", "token": "hs256"})
+    bad = control(client, srv, {"endpoint": "jwks", "token": "hs256"})
     assert bad.status_code == 400
 
 
 def test_control_api_for_s_window(srv: DevServer, client: httpx.Client, clock: FakeClock):
-    client.post("/_devserver/faults", json={"endpoint": "jwks", "status": 500, "for_s": 5})
+    control(client, srv, {"endpoint": "jwks", "status": 500, "for_s": 5})
     assert client.get("/jwks").status_code == 500
     clock.advance(6)
+    assert client.get("/jwks").status_code == 200
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer guessed"}])
+def test_control_api_refuses_everyone_but_its_owner(
+    srv: DevServer, client: httpx.Client, headers: dict
+):
+    # issue 12 item 15: any local user reaches loopback; only the owner's secret steers it
+    r = client.post("/_devserver/faults", headers=headers, json={"endpoint": "jwks", "status": 500})
+    assert r.status_code == 403 and "owner's secret" in r.text
+    assert client.delete("/_devserver/faults", headers=headers).status_code == 403
+    assert srv.faults.active() == ()
     assert client.get("/jwks").status_code == 200
 
 

@@ -98,7 +98,8 @@ def test_rate_limit_counts_every_request_per_ip() -> None:
         assert r.text == "Too Many Requests"
         assert r.headers["content-type"].startswith("text/plain")
         assert r.headers["retry-after"] == "60"
-        assert c.delete("/_devserver/faults").status_code == 204  # control API exempt
+        owner = {"Authorization": f"Bearer {srv.control_token}"}
+        assert c.delete("/_devserver/faults", headers=owner).status_code == 204  # exempt
         clock.advance(61)
         assert c.get("/jwks").status_code == 200
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 
 from ._clock import SystemClock, utc_text
 from ._config import Config, ServerConfig
-from ._discovery import default_token_path, discover_bearer_token
-from ._errors import ConfigError, JobtokenError, TokenCheckError, TokenFileError
+from ._discovery import default_token_path, discover_bearer_token, refuse_foreign_file
+from ._errors import ConfigError, JobtokenError, TokenCheckError, TokenFileError, printable
 from ._mytokenfile import MytokenSource, check_mytoken_value, load_mytoken
 from ._tokenfile import read_secret_file, write_secret_file
 from ._tokens import (
@@ -63,7 +63,8 @@ class TokenResult:
     def human(self) -> str:
         verb = "kept" if self.reused else "wrote"
         left = _human_duration(self.token.remaining_s(self.now))
-        return f"{verb} {self.path} (expires in {left}; scope: {' '.join(self.token.scopes)})"
+        scope = printable(" ".join(self.token.scopes))
+        return f"{verb} {printable(str(self.path))} (expires in {left}; scope: {scope})"
 
 
 def _human_duration(seconds: float) -> str:
@@ -127,12 +128,16 @@ def build_verifier(config: Config) -> Optional[SignatureVerifier]:
 
 
 def client_for(server: ServerConfig, url: str) -> MytokenClient:
-    """A ``MytokenClient`` for ``url`` with the TLS and timeout settings of ``server``."""
+    """A ``MytokenClient`` for ``url`` with the TLS, timeout and deadline of ``server``.
+
+    The deadline runs from here: build the client when the command's work starts.
+    """
     from ._mytoken import MytokenClient
 
     return MytokenClient(
         url,
         timeout_s=server.timeout_s,
+        deadline_s=server.deadline_s,
         ca_file=server.ca_file,
         ca_dir=server.ca_dir,
         allow_http=server.allow_http,
@@ -195,6 +200,7 @@ def get_token(
     path = Path(out or environ.get("BEARER_TOKEN_FILE") or default_token_path(environ))
     if not path.parent.is_dir():
         raise TokenFileError(f"cannot write {path}: directory {path.parent} does not exist")
+    refuse_foreign_file(path)
     now = SystemClock().now()
     if config.token.min_valid_s > 0:
         existing = _existing_if_fresh(path, config, now)

@@ -42,6 +42,9 @@ class ServerConfig:
     ca_dir: Optional[str] = None
     allow_http: bool = False  # plain http, and only to a loopback address
     timeout_s: float = 10.0
+    # all requests of one prepare/token/stage 0 together (0: no limit): a server that
+    # drips its answer never trips the per-read timeout_s
+    deadline_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ _ENV: Dict[str, Tuple[str, str]] = {
     "JOBTOKEN_CA_DIR": ("server", "ca_dir"),
     "JOBTOKEN_ALLOW_HTTP": ("server", "allow_http"),
     "JOBTOKEN_TIMEOUT": ("server", "timeout_s"),
+    "JOBTOKEN_DEADLINE": ("server", "deadline_s"),
     "JOBTOKEN_SCOPE": ("token", "scopes"),
     "JOBTOKEN_AUDIENCE": ("token", "audiences"),
     "JOBTOKEN_MYTOKEN_FILE": ("token", "mytoken_file"),
@@ -213,6 +217,8 @@ def _validate(config: Config) -> Config:
         raise ConfigError("renewal.on_failure must be 'keep' or 'stop'")
     if not 0.1 <= config.renewal.fraction <= 0.95:
         raise ConfigError("renewal.fraction must be between 0.1 and 0.95")
+    if not 0 <= config.server.deadline_s < float("inf"):
+        raise ConfigError("server.deadline_s must be a number of seconds >= 0 (0: no limit)")
     if config.token.mytoken_file and config.token.mytoken_env:
         raise ConfigError("set token.mytoken_file or token.mytoken_env, not both")
     return config

@@ -6,6 +6,11 @@
 A missing file at step 3 falls through to step 4, as the mytoken CLI and HTCondor
 do (the spec is ambiguous there).
 
+The default place (``/tmp`` unless ``$XDG_RUNTIME_DIR`` is set, which is per-user and
+preferred) is in a shared directory: another user can create ``/tmp/bt_u<uid>`` first
+and have our tools send *their* token, or make our writes fail. A file there that is
+not ours is refused with that explanation (:func:`refuse_foreign_file`).
+
 Why jobtoken needs this: ``jobtoken inspect``/``status`` show what a payload tool
 would actually pick up, and ``run`` must know where the job's tools will look.
 This module never writes anything.
@@ -21,7 +26,12 @@ from typing import Mapping, Optional
 from ._errors import TokenFileError
 from ._tokenfile import read_secret_file
 
-__all__ = ["DiscoveredToken", "default_token_path", "discover_bearer_token"]
+__all__ = [
+    "DiscoveredToken",
+    "default_token_path",
+    "discover_bearer_token",
+    "refuse_foreign_file",
+]
 
 _ISSPACE = " \t\n\r\v\f"
 
@@ -38,6 +48,27 @@ def default_token_path(env: Mapping[str, str], euid: Optional[int] = None) -> Pa
     runtime = env.get("XDG_RUNTIME_DIR")
     base = Path(runtime) if runtime else Path("/tmp")
     return base / f"bt_u{uid}"
+
+
+def refuse_foreign_file(path: Path, euid: Optional[int] = None) -> None:
+    """Refuse ``path`` if it exists and belongs to another user (root's files are fine).
+
+    Raises:
+        TokenFileError: the file (or a link there) is someone else's; the message says
+            why that matters and what to do.
+    """
+    uid = os.geteuid() if euid is None else euid
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if st.st_uid in (uid, 0):
+        return
+    raise TokenFileError(
+        f"{path} belongs to uid {st.st_uid}, not to you (uid {uid}): another user may have "
+        "planted it so that your tools use their token; remove it (or have it removed) and "
+        "keep tokens in $XDG_RUNTIME_DIR or a file named by $BEARER_TOKEN_FILE"
+    )
 
 
 def _read_optional(path: Path) -> Optional[str]:
@@ -72,6 +103,7 @@ def discover_bearer_token(
         candidates.append(Path(runtime) / f"bt_u{uid}")
     candidates.append(Path("/tmp") / f"bt_u{uid}")
     for path in candidates:
+        refuse_foreign_file(path, uid)
         text = _read_optional(path)
         if text:
             return DiscoveredToken(text, str(path))

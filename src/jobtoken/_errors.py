@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 
@@ -42,6 +43,7 @@ __all__ = [
     "MytokenError",
     "MytokenRejectedError",
     "PayloadStartError",
+    "PrintableFilter",
     "ProtocolError",
     "RenewalReport",
     "ServerUnavailableError",
@@ -49,6 +51,8 @@ __all__ = [
     "TokenFileError",
     "UsageError",
     "exit_code_for",
+    "printable",
+    "printable_values",
 ]
 
 
@@ -69,15 +73,47 @@ class ExitCode(enum.IntEnum):
     NOT_FOUND = 127
 
 
-def _one_line(message: str) -> str:
+def printable(text: str) -> str:
     """Escape what would break the one-line promise or fool a terminal.
 
-    Messages quote user input (a config section, a server's error text); a carriage
-    return or an escape sequence in it must reach the log as text, not as an effect.
+    The one escaping rule for anything a server, a token or a user chose and we
+    print or log (error messages, ``sub``/``jti``/``mom_id`` in log lines, ``inspect``
+    and ``status`` output): a carriage return, line feed or escape sequence must reach
+    the log or terminal as text (``\\r``, ``\\n``, ``\\x1b``), not as an effect, so
+    it can neither forge a line (HTCondor copies hook stderr into the StarterLog) nor
+    drive the terminal.
     """
-    if message.isprintable():
-        return message
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+_one_line = printable
+
+
+def printable_values(data: Any) -> Any:
+    """``data`` with :func:`printable` applied to every string in it, keys included."""
+    if isinstance(data, str):
+        return printable(data)
+    if isinstance(data, dict):
+        return {printable_values(k): printable_values(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(printable_values(v) for v in data)
+    return data
+
+
+class PrintableFilter(logging.Filter):
+    """A handler filter that applies :func:`printable` to each record's message.
+
+    Every handler jobtoken installs carries it, so a server value logged anywhere (a
+    ``sub`` with a CR/LF that would forge a "job mytoken revoked" line) stays one line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.isprintable():
+            record.msg, record.args = printable(message), None
+        return True
 
 
 class JobtokenError(Exception):

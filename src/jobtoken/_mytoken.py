@@ -18,7 +18,13 @@ Error mapping (every httpx exception is translated here, via ``_http``):
   certificate verification → ``ConfigError`` (not retryable: a wrong trust store or a
   bad server certificate does not heal by retrying).
 * 3xx (never followed), non-JSON/truncated bodies, missing or mistyped fields, an
-  implausible ``token_update.mytoken`` → ``ProtocolError``.
+  implausible ``token_update.mytoken``, a body over :data:`MAX_RESPONSE_BYTES`, JSON
+  nested deeper than Python parses, a number no float holds, a restriction time or
+  count that is not a plausible integer → ``ProtocolError``. A freshly minted mytoken
+  whose answer is unusable this way is revoked before the error is raised.
+* the client's overall ``deadline_s`` (a slow server dripping a byte at a time never
+  trips a per-read timeout) → ``ServerUnavailableError``; revocation, the clean-up
+  after a failure, always gets at least ``timeout_s`` of its own.
 
 This module must NOT write files (persisting a rotated mytoken is the caller's job, and
 must happen before the next request), retry (the renewal policy owns retries), or log,
@@ -27,7 +33,9 @@ repr or put into a message any token or mytoken.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
@@ -47,6 +55,7 @@ from ._scopes import parse_scopes
 
 __all__ = [
     "DISCOVERY_PATH",
+    "MAX_RESPONSE_BYTES",
     "AccessTokenResponse",
     "Discovery",
     "MytokenClient",
@@ -60,6 +69,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DISCOVERY_PATH = "/.well-known/mytoken-configuration"
+
+# Nothing the Mytoken API answers comes near this (a JWT mytoken is at most 64 KiB);
+# without a cap a hostile server makes us hold whatever it sends in memory.
+MAX_RESPONSE_BYTES = 1 << 20
+# Restriction numbers (times, usage counts) above this are no time and no count.
+_MAX_RESTRICTION_NUMBER = 1 << 53
+_RESTRICTION_NUMBERS = ("nbf", "exp", "iat", "usages_AT", "usages_other")
 
 # The server treats anything shorter as "not a token"; short tokens default to 64 chars.
 MIN_MYTOKEN_CHARS = 32
@@ -192,6 +208,93 @@ def _malformed(message: str, url: str, *, rotated: bool) -> ProtocolError:
     return ProtocolError(message, status=200, url=url)
 
 
+def _load_json(response: httpx.Response) -> Any:
+    """The body as JSON; ``ValueError`` for anything we cannot use as such.
+
+    Besides malformed text that covers JSON nested past Python's recursion limit and
+    numbers with more digits than Python converts: a server's odd answer is a protocol
+    error, never a crash.
+    """
+    try:
+        return json.loads(response.content.decode(response.encoding or "utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except (LookupError, UnicodeDecodeError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _rotation_of(mytoken: str) -> Mapping[str, Any]:
+    """The ``rotation`` claim of a JWT mytoken (unverified; empty if none or not a JWT)."""
+    if mytoken.count(".") != 2:
+        return {}
+    import jwt
+
+    try:
+        claims = jwt.decode(mytoken, options={"verify_signature": False})
+    except (jwt.PyJWTError, RecursionError, ValueError):
+        return {}
+    rotation = claims.get("rotation") if isinstance(claims, dict) else None
+    return rotation if isinstance(rotation, Mapping) else {}
+
+
+def _maybe_rotated(
+    error: ServerUnavailableError, action: str, secrets: Sequence[str]
+) -> ServerUnavailableError:
+    """``error`` for a request the server may have carried out although its answer was
+    lost, saying so when the mytoken sent rotates on such a use.
+
+    Then the server may already hold its successor (which we never saw) and the mytoken
+    we kept is dead; with ``auto_revoke`` using it again revokes the whole chain. "Retry
+    later" alone would be the wrong advice.
+    """
+    rotation = _rotation_of(secrets[0]) if secrets and secrets[0] else {}
+    on_use = rotation.get("on_AT") if action == "access token request" else rotation.get(
+        "on_other"
+    )
+    if on_use is not True:
+        return error
+    if rotation.get("auto_revoke") is True:
+        risk = "using it again revokes it and every mytoken made from it (auto_revoke)"
+    else:
+        risk = "using it again fails"
+    return type(error)(
+        f"{error.message}; the answer was lost after the request was sent, and this mytoken "
+        f"rotates on use: if the server carried it out, the mytoken we hold is dead and {risk}"
+        "; check it with 'mytoken info' (or tokeninfo) before retrying, and replace it if "
+        "the server no longer knows it",
+        status=error.status,
+        url=error.url,
+        retry_after_s=error.retry_after_s,
+        retryable=error.retryable,
+        reached_server=True,
+    )
+
+
+def _finite(value: Any) -> Optional[float]:
+    """``value`` as a finite float, or None when it is no number a float can hold."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _restriction_problem(restriction: Mapping[str, Any]) -> Optional[str]:
+    for key in _RESTRICTION_NUMBERS:
+        value = restriction.get(key)
+        if value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not 0 <= value <= _MAX_RESTRICTION_NUMBER
+        ):
+            return f"restriction {key} is not a plausible integer"
+    return None
+
+
 def _string_items(values: Union[str, Iterable[str], None], what: str) -> list[str]:
     if values is None:
         return []
@@ -244,8 +347,15 @@ class MytokenClient:
         transport: Optional[httpx.BaseTransport] = None,
         user_agent: Optional[str] = None,
         clock: Optional[Clock] = None,
+        deadline_s: Optional[float] = None,
     ) -> None:
         """Build the HTTP client; no request is sent yet.
+
+        Args:
+            timeout_s: per connect/read/write step.
+            deadline_s: all requests of this client together, counted from now (None
+                or 0: no overall limit). ``prepare`` and ``token`` set it, so a server
+                that answers one byte every few seconds cannot keep them alive.
 
         Raises:
             ConfigError: bad URL (http to a non-loopback host, ...), timeout or CA option.
@@ -255,6 +365,11 @@ class MytokenClient:
         self.server_url = server_url.strip().rstrip("/")
         self._allow_http = allow_http
         self._clock: Clock = clock if clock is not None else SystemClock()
+        self._timeout_s = float(timeout_s)
+        self._deadline_s = float(deadline_s) if deadline_s else None
+        self._deadline = (
+            self._clock.monotonic() + self._deadline_s if self._deadline_s else None
+        )
         self._closed = False
         self._client = build_client(
             self.server_url,
@@ -445,9 +560,12 @@ class MytokenClient:
         url = self.discovery().mytoken_endpoint
         action = "mytoken creation"
         data = self._call(url, body, action=action, secrets=(secret,))
-        result = self._parse_mytoken_response(
-            data, url, action=action, secrets=(secret,), what="created mytoken"
-        )
+        try:
+            result = self._parse_mytoken_response(
+                data, url, action=action, secrets=(secret,), what="created mytoken"
+            )
+        except ProtocolError as exc:
+            raise self._revoke_unusable(data.get("mytoken"), exc) from None
         if result.token_update is not None:
             logger.info("mytoken rotated action=%s url=%s", action, url)
         return result
@@ -533,9 +651,7 @@ class MytokenClient:
                 SubtokenEntry(
                     mom_id=mom_id,
                     name=name if isinstance(name, str) else "",
-                    created=float(created)
-                    if isinstance(created, (int, float)) and not isinstance(created, bool)
-                    else None,
+                    created=_finite(created),
                 )
             )
             pending.extend(node.get("children") or ())
@@ -545,6 +661,84 @@ class MytokenClient:
         )
 
     # -- plumbing ----------------------------------------------------------------------
+
+    def _revoke_unusable(self, minted: Any, error: ProtocolError) -> ProtocolError:
+        """Revoke a mytoken the server minted in an answer we cannot use; ``error`` says so.
+
+        Nobody else learns of that mytoken, so nobody else could revoke it.
+        """
+        if not is_plausible_mytoken(minted):
+            return error
+        try:
+            self.revoke(minted)
+        except (ConfigError, MytokenRejectedError, ServerUnavailableError) as exc:
+            note = f"; revoking the minted mytoken failed too: {exc.message}"
+        else:
+            note = "; the minted mytoken was revoked"
+            logger.info("unusable minted mytoken revoked url=%s", error.url)
+        return ProtocolError(
+            error.message + note,
+            status=error.status,
+            url=error.url,
+            retryable=error.retryable,
+        )
+
+    def _timeout_for(self, action: str, url: str) -> float:
+        """This request's time limit: ``timeout_s``, or what is left of the deadline.
+
+        Revocation cleans up after a failure (often the deadline itself), so it always
+        gets at least ``timeout_s``.
+
+        Raises:
+            ServerUnavailableError: the deadline has passed.
+        """
+        if self._deadline is None or action == "mytoken revocation":
+            return self._timeout_s
+        left = self._deadline - self._clock.monotonic()
+        if left <= 0:
+            raise self._deadline_error(action, url)
+        return min(self._timeout_s, left)
+
+    def _deadline_error(self, action: str, url: str) -> ServerUnavailableError:
+        return ServerUnavailableError(
+            f"{action} failed at {url}: gave up after the overall deadline of "
+            f"{self._deadline_s:.0f} s (server too slow)",
+            url=url,
+        )
+
+    def _read_capped(
+        self, response: httpx.Response, url: str, *, action: str, timeout_s: float
+    ) -> bytes:
+        """The (decoded) body: at most :data:`MAX_RESPONSE_BYTES`, within ``timeout_s``
+        in all, and not past the client's deadline.
+
+        Raises:
+            ProtocolError: the body is too large.
+            ServerUnavailableError: it came too slowly.
+        """
+        give_up = self._clock.monotonic() + timeout_s
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise ProtocolError(
+                    f"{action} failed at {url}: HTTP {response.status_code} body is larger "
+                    f"than {MAX_RESPONSE_BYTES} bytes",
+                    status=response.status_code,
+                    url=url,
+                )
+            chunks.append(chunk)
+            now = self._clock.monotonic()
+            if self._deadline is not None and now > self._deadline:
+                raise self._deadline_error(action, url)
+            if now > give_up:
+                raise ServerUnavailableError(
+                    f"{action} failed at {url}: body not received within {timeout_s:.0f} s "
+                    "(server too slow)",
+                    url=url,
+                )
+        return b"".join(chunks)
 
     def _optional_endpoint(self, url: Optional[str], action: str, what: str) -> str:
         """``url`` from discovery, or the refusal for a server with that feature off."""
@@ -588,19 +782,38 @@ class MytokenClient:
         if self._closed:
             raise RuntimeError("MytokenClient used after close()")
         logger.debug("mytoken request action=%s url=%s", action, url)
+        timeout_s = self._timeout_for(action, url)
         try:
-            if body is None:
-                response = self._client.request(method, url)
-            else:
-                response = self._client.request(method, url, json=body)
+            request = self._client.build_request(
+                method, url, json=body, timeout=httpx.Timeout(timeout_s)
+            )
+            streamed = self._client.send(request, stream=True)
+            try:
+                content = self._read_capped(streamed, url, action=action, timeout_s=timeout_s)
+            finally:
+                streamed.close()
         except httpx.HTTPError as exc:
             error = translate_http_error(exc, url=url, action=action)
             if isinstance(error, MytokenError):
                 # classified here, where httpx is known, so callers never inspect httpx
                 error.reached_server = not isinstance(exc, (httpx.ConnectError,
                                                             httpx.ConnectTimeout))
+            if isinstance(error, ServerUnavailableError) and error.reached_server:
+                error = _maybe_rotated(error, action, secrets)
             logger.debug("mytoken request failed action=%s url=%s error=%s", action, url, error)
             raise error from exc
+        except ServerUnavailableError as error:  # body too slow: the server did answer
+            error.reached_server = True
+            raise _maybe_rotated(error, action, secrets) from None
+        # the body is read and decoded: a fresh response must not decode it again
+        headers = [
+            (k, v)
+            for k, v in streamed.headers.multi_items()
+            if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        response = httpx.Response(
+            streamed.status_code, headers=headers, content=content, request=request
+        )
         logger.debug(
             "mytoken response action=%s url=%s status=%s", action, url, response.status_code
         )
@@ -677,7 +890,7 @@ class MytokenClient:
         response: httpx.Response, secrets: Sequence[str]
     ) -> tuple[Optional[str], Optional[str]]:
         try:
-            data = response.json()
+            data = _load_json(response)
         except ValueError:
             return None, None
         if not isinstance(data, Mapping):
@@ -697,7 +910,7 @@ class MytokenClient:
     ) -> dict[str, Any]:
         status = response.status_code
         try:
-            data = response.json()
+            data = _load_json(response)
         except ValueError:
             kind = response.headers.get("content-type", "no content type")
             raise ProtocolError(
@@ -802,6 +1015,10 @@ class MytokenClient:
             isinstance(r, Mapping) for r in restrictions
         ):
             raise bad("restrictions is not an array of objects")
+        for restriction in restrictions:
+            problem = _restriction_problem(restriction)
+            if problem:
+                raise bad(problem)
         capabilities = data.get("capabilities") or []
         if not isinstance(capabilities, list) or not all(isinstance(c, str) for c in capabilities):
             raise bad("capabilities is not an array of strings")
@@ -835,6 +1052,7 @@ class MytokenClient:
             return None
         if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
             value = int(value.strip())
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        number = _finite(value)
+        if number is None or number < 0:
             raise bad("expires_in is not a non-negative number")
-        return float(value) if value else None
+        return number if number else None

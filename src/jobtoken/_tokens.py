@@ -12,6 +12,9 @@ into a message, a log line or a repr.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -24,12 +27,15 @@ from ._scopes import invalid_scopes, join_scopes, parse_scopes, scopes_within
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
+    "ANY_AUDIENCE",
     "CLOCK_SKEW_S",
+    "IDENTITY_SCOPES",
     "MAX_TOKEN_CHARS",
     "AccessToken",
     "check_access_token",
     "decode_access_token",
     "describe",
+    "is_identity_scope",
     "looks_like_jwt",
 ]
 
@@ -56,6 +62,22 @@ CLOCK_SKEW_S = 300.0
 
 # Real WLCG access tokens are 1-4 KB; anything past this is not a token we should hold.
 MAX_TOKEN_CHARS = 16384
+
+# The WLCG profile's "any relying party" audience: accepted only when it was asked for.
+ANY_AUDIENCE = "https://wlcg.cern.ch/jwt/v1/any"
+
+# OpenID Connect / WLCG scopes that name who the user is or which token profile to use,
+# and grant no storage or compute right. The real Mytoken server appends
+# ``offline_access`` to every scoped refresh request (oidc-mytoken/server,
+# internal/oidc/oidcreqres/request.go), and OPs echo it and ``openid`` in the AT's
+# ``scope``; refusing them would refuse every token. ``wlcg:<MAJOR.MINOR>`` (a profile
+# version request) is one of them too.
+IDENTITY_SCOPES = frozenset(
+    {"openid", "offline_access", "profile", "email", "address", "phone", "wlcg"}
+)
+_WLCG_VERSION_SCOPE = re.compile(r"wlcg:[0-9]+\.[0-9]+")
+_GROUPS_CLAIM = "wlcg.groups"
+_GROUPS_SCOPE = "wlcg.groups"
 
 _JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
@@ -117,7 +139,10 @@ def _number(claims: Mapping[str, Any], name: str, *, required: bool) -> Optional
     # bool is an int subclass in Python; a JSON true is not a time.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _fail(f"'{name}' claim is not a number")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a 400-digit integer is valid JSON, but no time
+        raise _fail(f"'{name}' claim is not a finite number") from None
     if not math.isfinite(number):
         raise _fail(f"'{name}' claim is not a finite number")
     return number
@@ -152,6 +177,41 @@ def _scopes_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
     raise _fail("'scope' claim is neither a string nor a list of strings")
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _strict_claims(text: str) -> dict[str, Any]:
+    """The payload decoded again, refusing duplicate keys at any depth.
+
+    JSON leaves duplicates to the parser: Python keeps the last, other libraries the
+    first. A payload with ``"scope"`` twice means different things to us and to the
+    storage that reads it, so it is not a token we hand on.
+    """
+    segment = text.split(".")[1]
+    try:
+        data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        claims = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise _fail(f"JWT claims repeat the key {exc.key[:64]!r}") from None
+    except (ValueError, binascii.Error, RecursionError) as exc:
+        raise _fail(f"unreadable JWT claims ({type(exc).__name__})") from None
+    if not isinstance(claims, dict):
+        raise _fail("JWT claims are not a JSON object")
+    return claims
+
+
 def decode_access_token(raw: str) -> AccessToken:
     """Decode a JWT access token's header and claims without verifying the signature.
 
@@ -171,7 +231,7 @@ def decode_access_token(raw: str) -> AccessToken:
         raise _fail("not a JWT (expected three base64url parts separated by dots)")
     try:
         header = jwt.get_unverified_header(text)
-    except jwt.PyJWTError as exc:
+    except (jwt.PyJWTError, RecursionError) as exc:
         raise _fail(f"unreadable JWT header ({type(exc).__name__})") from None
     alg = header.get("alg")
     if not isinstance(alg, str) or not alg:
@@ -197,9 +257,10 @@ def decode_access_token(raw: str) -> AccessToken:
                 "verify_iss": False,
             },
         )
-    except jwt.PyJWTError as exc:
+    except (jwt.PyJWTError, RecursionError) as exc:
         # pyjwt's messages may quote parts of the payload; keep only the class name.
         raise _fail(f"unreadable JWT claims ({type(exc).__name__})") from None
+    claims = _strict_claims(text)
     expires_at = _number(claims, "exp", required=True)
     assert expires_at is not None
     ver = claims.get("wlcg.ver")
@@ -245,8 +306,12 @@ def check_access_token(
     Checks, in order: not expired and at least ``min_valid_s`` left; ``nbf``/``iat`` not
     more than :data:`CLOCK_SKEW_S` in the future; no ``storage.*`` scope without a path;
     when scopes were requested, a ``scope`` claim exists, is not empty and every granted
-    scope is covered by a requested one (WLCG path rules, so an OP may narrow but never
-    widen); when audiences were requested, ``aud`` contains each one (exact string);
+    capability scope (in ``scope`` or ``scp``) is covered by a requested one (WLCG path
+    rules, so an OP may narrow but never widen), identity scopes such as
+    ``offline_access`` aside, and every ``wlcg.groups`` entry was asked for; when
+    audiences were requested, ``aud`` is exactly that set (exact strings; the ``any``
+    wildcard only if asked for). With nothing requested there is no upper bound to
+    judge against;
     when ``previous`` (the token being replaced) is given, the new one extends it
     (``_extends``).
 
@@ -279,29 +344,80 @@ def check_access_token(
         )
     wanted_scopes = _as_items(requested_scopes)
     if wanted_scopes:
-        if not token.has_scope_claim or not token.scopes:
-            raise TokenCheckError(
-                f"access token {ident} has no scopes, but {join_scopes(wanted_scopes)} "
-                "were requested"
-            )
-        extra = scopes_within(token.scopes, wanted_scopes)
-        if extra:
-            raise TokenCheckError(
-                f"access token {ident} grants scopes beyond the request: {join_scopes(extra)} "
-                f"(requested: {join_scopes(wanted_scopes)})"
-            )
+        _check_scopes(token, ident, wanted_scopes)
     wanted_audiences = _as_items(requested_audiences)
-    missing = [a for a in wanted_audiences if a not in token.audiences]
-    if missing:
-        got = " ".join(token.audiences) or "none"
-        raise TokenCheckError(
-            f"access token {ident} lacks audience {' '.join(missing)} (aud: {got}); "
-            "the OP may ignore the audience parameter"
-        )
+    if wanted_audiences:
+        _check_audiences(token, ident, wanted_audiences)
     if previous is not None and not _extends(token, previous):
         raise TokenCheckError(
             f"access token {ident} did not extend the expiry "
             f"(exp={token.expires_at:.0f}, previous exp={previous.expires_at:.0f})"
+        )
+
+
+def is_identity_scope(scope: str) -> bool:
+    """Whether ``scope`` only names the user or the token profile (see IDENTITY_SCOPES)."""
+    return scope in IDENTITY_SCOPES or _WLCG_VERSION_SCOPE.fullmatch(scope) is not None
+
+
+def _capabilities(scopes: Iterable[str]) -> tuple[str, ...]:
+    return tuple(s for s in scopes if not is_identity_scope(s))
+
+
+def _check_scopes(token: AccessToken, ident: str, wanted: tuple[str, ...]) -> None:
+    """Capability scopes, ``scp`` and ``wlcg.groups`` within the request; identity ones free.
+
+    The WLCG profile defines only ``scope`` and tells relying parties to ignore claims
+    it does not define; not every one does (RFC 9068 and several libraries read
+    ``scp``), so an ``scp`` claim is judged like ``scope``. Groups are asked for with
+    the ``wlcg.groups`` scope (bare: the default groups; ``wlcg.groups:/vo/sub``: that
+    group); any group the request did not name is a wider token.
+    """
+    if not token.has_scope_claim or not token.scopes:
+        raise TokenCheckError(
+            f"access token {ident} has no scopes, but {join_scopes(wanted)} were requested"
+        )
+    extra = scopes_within(_capabilities(token.scopes), wanted)
+    if extra:
+        raise TokenCheckError(
+            f"access token {ident} grants scopes beyond the request: {join_scopes(extra)} "
+            f"(requested: {join_scopes(wanted)})"
+        )
+    if "scp" in token.claims:
+        scp = _string_list(token.claims.get("scp"), "scp")
+        granted = tuple(dict.fromkeys(p for item in scp for p in parse_scopes(item)))
+        extra = scopes_within(_capabilities(granted), wanted)
+        if extra:
+            raise TokenCheckError(
+                f"access token {ident} has an 'scp' claim granting beyond the request: "
+                f"{join_scopes(extra)} (requested: {join_scopes(wanted)})"
+            )
+    groups = _string_list(token.claims.get(_GROUPS_CLAIM), _GROUPS_CLAIM)
+    if groups and _GROUPS_SCOPE not in wanted:
+        asked = {s[len(_GROUPS_SCOPE) + 1 :] for s in wanted if s.startswith(_GROUPS_SCOPE + ":")}
+        unasked = [g for g in groups if g not in asked]
+        if unasked:
+            raise TokenCheckError(
+                f"access token {ident} carries groups that were not requested: "
+                f"{' '.join(unasked)} (ask with the scope {_GROUPS_SCOPE}:<group>)"
+            )
+
+
+def _check_audiences(token: AccessToken, ident: str, wanted: tuple[str, ...]) -> None:
+    """``aud`` must be exactly the requested set: an extra audience (above all the WLCG
+    ``any`` wildcard) makes the token usable at services the job never named."""
+    got = " ".join(token.audiences) or "none"
+    missing = [a for a in wanted if a not in token.audiences]
+    if missing:
+        raise TokenCheckError(
+            f"access token {ident} lacks audience {' '.join(missing)} (aud: {got}); "
+            "the OP may ignore the audience parameter"
+        )
+    extra = [a for a in token.audiences if a not in wanted]
+    if extra:
+        raise TokenCheckError(
+            f"access token {ident} is valid for audiences beyond the request: "
+            f"{' '.join(extra)} (requested: {' '.join(wanted)})"
         )
 
 

@@ -16,7 +16,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__
 from ._config import Config, load_config
-from ._errors import ExitCode, JobtokenError, UsageError, exit_code_for
+from ._errors import (
+    ExitCode,
+    JobtokenError,
+    PrintableFilter,
+    UsageError,
+    exit_code_for,
+    printable_values,
+)
 
 __all__ = ["main"]
 
@@ -59,6 +66,13 @@ def _server_options(p: argparse.ArgumentParser) -> None:
         help="allow plain http, to a loopback address only (dev server)",
     )
     g.add_argument("--timeout", type=float, metavar="S", help="per-request timeout in seconds")
+    g.add_argument(
+        "--server-deadline",
+        type=float,
+        metavar="S",
+        help="overall limit for all server requests of this command "
+        "(default 120; 0: none; $JOBTOKEN_DEADLINE)",
+    )
 
 
 def _token_options(p: argparse.ArgumentParser) -> None:
@@ -66,7 +80,11 @@ def _token_options(p: argparse.ArgumentParser) -> None:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--mytoken-file", metavar="FILE", help="file holding the mytoken")
     src.add_argument(
-        "--mytoken-env", metavar="VAR", help="environment variable holding the mytoken"
+        "--mytoken-env",
+        metavar="VAR",
+        help="environment variable holding the mytoken (run copies it to a private file and "
+        "wipes it from its own environment, /proc/PID/environ included; a file is still "
+        "safer: a variable may have been copied before jobtoken started)",
     )
     g.add_argument(
         "--scope", action="append", metavar="SCOPE", help="requested scope (repeatable)"
@@ -96,6 +114,7 @@ def _config_from(args: argparse.Namespace) -> Config:
             "ca_dir": getattr(args, "ca_dir", None),
             "allow_http": getattr(args, "allow_http", None),
             "timeout_s": getattr(args, "timeout", None),
+            "deadline_s": getattr(args, "server_deadline", None),
         },
         "token": {
             "scopes": _split(getattr(args, "scope", None)),
@@ -113,11 +132,15 @@ def _config_from(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides=overrides)
 
 
-def _emit(args: argparse.Namespace, data: Dict[str, Any], human: Callable[[], str]) -> None:
+def _emit(
+    args: argparse.Namespace, data: Dict[str, Any], human: Callable[[Dict[str, Any]], str]
+) -> None:
+    """Print ``data`` as JSON (which escapes control characters itself) or as ``human``
+    text made from an escaped copy: token and server values never reach a terminal raw."""
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
     else:
-        sys.stdout.write(human() + "\n")
+        sys.stdout.write(human(printable_values(data)) + "\n")
 
 
 # --- subcommands -----------------------------------------------------------------------------
@@ -132,7 +155,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
         cfg = replace(cfg, token=replace(cfg.token, min_valid_s=args.min_valid))
     result = get_token(cfg, out=args.out)
-    _emit(args, result.summary(), result.human)
+    _emit(args, result.summary(), lambda _: result.human())
     return ExitCode.OK
 
 
@@ -140,7 +163,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from ._actions import inspect_token
 
     summary = inspect_token(args.file)
-    _emit(args, summary, lambda: _human_inspect(summary))
+    _emit(args, summary, _human_inspect)
     return ExitCode.OK
 
 
@@ -215,6 +238,7 @@ def _log_to_dir(args: argparse.Namespace, tokendir: Any, spec: Any) -> None:
                 "%(asctime)s %(levelname)s %(message)s")
         )
         handler.setLevel(logging.INFO)
+        handler.addFilter(PrintableFilter())
         root.addHandler(handler)
         root.setLevel(min(root.level, logging.INFO))
         for h in root.handlers:
@@ -242,6 +266,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not args.payload:
         raise UsageError("no payload command: use 'jobtoken run [OPTIONS] -- CMD [ARGS...]'")
     cfg, tokendir, spec = _job_setup(args)
+    if cfg.token.mytoken_env:
+        from ._hardening import scrub_environ
+
+        # the directory holds a private copy now; the payload could read the variable
+        # in /proc/<our pid>/environ, which unsetenv alone does not change
+        scrub_environ(cfg.token.mytoken_env)
     env = payload_environment(os.environ, tokendir, spec, cfg)
     return run_job(tokendir, spec, args.payload, env=env)
 
@@ -283,7 +313,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not directory:
         raise UsageError("which token directory? give DIR or set $JOBTOKEN_DIR")
     data = status(TokenDir.existing(directory))
-    _emit(args, data, lambda: _human_status(data))
+    _emit(args, data, _human_status)
     return ExitCode.OK
 
 
@@ -330,7 +360,7 @@ def _cmd_ensure(args: argparse.Namespace) -> int:
     left = (report.expires_at or 0.0) - SystemClock().now()
     data = {"expires_at": report.expires_at, "remaining_s": int(left),
             "renewed": not report.reused}
-    _emit(args, data, lambda: f"token valid for {int(left)} s"
+    _emit(args, data, lambda _: f"token valid for {int(left)} s"
           + (" (renewed)" if data["renewed"] else ""))
     return ExitCode.OK
 
@@ -582,6 +612,7 @@ def _setup_logging(verbose: int, quiet: int) -> None:
     level = max(logging.DEBUG, min(logging.CRITICAL, logging.WARNING - 10 * (verbose - quiet)))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("jobtoken: %(message)s"))
+    handler.addFilter(PrintableFilter())
     root = logging.getLogger("jobtoken")
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -614,6 +645,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return ExitCode.USAGE
         verbose = args.verbose
         _setup_logging(args.verbose, args.quiet)
+        if argv is None:  # the real command, not a test calling main() in-process
+            from ._hardening import protect_process
+
+            # no core and no /proc/PID/* for others: most commands hold a mytoken; the
+            # payload of 'run' inherits the core limit, so 'run' leaves that alone
+            protect_process(core_limit=args.command != "run")
         return int(args.func(args))
     except JobtokenError as exc:
         sys.stderr.write(f"jobtoken: error: {exc.message}\n")

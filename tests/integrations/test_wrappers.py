@@ -206,3 +206,27 @@ def test_pilot_wrapper_server_down_fails_before_payload(parent_file: Path, tmp_p
 def test_pilot_wrapper_usage(tmp_path: Path) -> None:
     proc = subprocess.run([PILOT_WRAP], env=base_env(), capture_output=True, text=True, timeout=10)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_pilot_wrapper_does_not_use_a_predictable_directory(
+    srv: DevServer, parent_file: Path, tmp_path: Path
+) -> None:
+    # issue 12 item 9: another user pre-creates /tmp/.jobtoken-<pid> for the next pids;
+    # the wrapper must not depend on any name it could have guessed
+    work = tmp_path / "shared"
+    work.mkdir()
+    work.chmod(0o1777)
+    import os
+
+    first_pid = os.getpid() + 1
+    for pid in range(first_pid, first_pid + 600):
+        (work / f".jobtoken-{pid}").mkdir(mode=0o777)  # a squatter's (would be refused)
+        (work / f".jobtoken-{pid}").chmod(0o777)
+    marker = tmp_path / "payload-ran"
+    env = pilot_env(srv.url, parent_file, work)
+    proc = subprocess.run(
+        [PILOT_WRAP, "/bin/touch", str(marker)], env=env, capture_output=True, text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert marker.exists()

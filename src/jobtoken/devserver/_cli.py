@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -18,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import httpx
 
 from .._errors import ConfigError, JobtokenError, UsageError, exit_code_for
+from .._tokenfile import ensure_private_dir, read_secret_file
 from .._tokenfile import write_file_atomically as write_private_file
 from ._config import AT_ALGORITHMS, DEFAULT_OP_SCOPES, MT_ALGORITHMS, DevServerConfig
 from ._faults import ENDPOINTS
@@ -31,7 +33,11 @@ logger = logging.getLogger(__name__)
 DESCRIPTION = (
     "DEVELOPMENT AND TEST TOOL. Runs a local, in-memory Mytoken API v0 server that is also "
     "the OIDC token issuer (OP) signing WLCG access tokens with throwaway keys. Never use it "
-    "to protect real data; it binds loopback only unless --force-remote is given."
+    "to protect real data; it binds loopback only unless --force-remote is given. Every "
+    "local user can reach a loopback port, and whoever listens on it receives the mytokens "
+    "clients send: on a shared machine use --tls-dir (clients then verify its CA). Faults are "
+    "injected only by its owner: 'serve' writes a secret to a 0600 control file that "
+    "'fault' reads."
 )
 
 
@@ -71,11 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--parent-lifetime", type=int, default=None, metavar="SECONDS")
     serve_p.add_argument("--url-file", metavar="FILE", help="write the base URL once listening")
     serve_p.add_argument(
+        "--control-file",
+        metavar="FILE",
+        help="write the control secret here (0600; default: a per-user file named after the "
+        "URL, which 'fault' finds by itself)",
+    )
+    serve_p.add_argument(
         "--force-remote", action="store_true", help="allow a non-loopback --host (dangerous)"
     )
 
-    fault_p = sub.add_parser("fault", help="inject or clear faults in a running dev server")
+    fault_p = sub.add_parser(
+        "fault",
+        help="inject or clear faults in a running dev server (yours: needs its control file)",
+        description="DEVELOPMENT AND TEST TOOL. Steer a dev server started by you.",
+    )
     fault_p.add_argument("--url", required=True, help="dev server base URL")
+    fault_p.add_argument("--control-file", metavar="FILE", help="the server's control file")
     fault_p.add_argument("--ca-file", help="CA bundle for an HTTPS dev server")
     fault_p.add_argument("--clear", action="store_true", help="remove all faults")
     fault_p.add_argument("--endpoint", choices=ENDPOINTS)
@@ -127,6 +144,14 @@ def _parent_restrictions(args: argparse.Namespace, now: float) -> List[Dict[str,
     return [entry] if entry else []
 
 
+def control_file_for(url: str) -> str:
+    """The default control file of the dev server at ``url``, in a private per-user place."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(os.path.expanduser("~"), ".cache")
+    where = httpx.URL(url)
+    name = f"{where.scheme}_{where.host}_{where.port}.control".replace(":", "_")
+    return os.path.join(base, "jobtoken-devserver", name)
+
+
 def serve(args: argparse.Namespace, stop: threading.Event) -> int:
     """Run until ``stop`` is set.
 
@@ -141,14 +166,24 @@ def serve(args: argparse.Namespace, stop: threading.Event) -> int:
             )
             write_private_file(args.mytoken_out, (token + "\n").encode())
             logger.info("parent mytoken written path=%s", args.mytoken_out)
-        if args.url_file:
+        control = getattr(args, "control_file", None) or control_file_for(srv.url)
+        if not getattr(args, "control_file", None):
+            ensure_private_dir(os.path.dirname(control))
+        write_private_file(control, (srv.control_token + "\n").encode())
+        if args.url_file:  # last: who waits for the URL may use the control file at once
             write_private_file(args.url_file, (srv.url + "\n").encode(), mode=0o644)
         sys.stderr.write(f"jobtoken devserver (development/test only) listening on {srv.url}\n")
         if srv.ca_file:
             sys.stderr.write(f"CA certificate: {srv.ca_file}\n")
         sys.stderr.flush()
-        while not stop.wait(0.2):
-            pass
+        try:
+            while not stop.wait(0.2):
+                pass
+        finally:
+            try:
+                os.unlink(control)
+            except OSError:
+                pass
     return 0
 
 
@@ -161,8 +196,17 @@ def fault(args: argparse.Namespace) -> int:
     """
     verify: Any = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else True
     url = args.url.rstrip("/") + "/_devserver/faults"
+    control = args.control_file or control_file_for(args.url)
     try:
-        with httpx.Client(timeout=10.0, verify=verify) as client:
+        secret = read_secret_file(control, require_private=True)
+    except JobtokenError as exc:
+        raise ConfigError(
+            f"devserver fault: no control secret ({exc.message}); only the user who started "
+            "the server can steer it (give --control-file if it wrote one elsewhere)"
+        ) from None
+    headers = {"Authorization": f"Bearer {secret}"}
+    try:
+        with httpx.Client(timeout=10.0, verify=verify, headers=headers) as client:
             if args.clear:
                 resp = client.delete(url)
             else:

@@ -9,7 +9,9 @@ Must NOT: log or record token strings, bind a non-loopback address unless told t
 
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
 import socket
 import ssl
 import threading
@@ -159,6 +161,9 @@ class DevServer:
         self.config.validate()
         self.clock: Clock = clock or SystemClock()
         self.faults = FaultSet(self.clock.now)
+        # the HTTP control API answers only its owner: whoever knows this secret (the CLI
+        # keeps it in a 0600 file for `jobtoken devserver fault`), not every local user
+        self.control_token = secrets.token_urlsafe(32)
         self._limiter = (
             RateLimiter(self.config.rate_limit[0], self.config.rate_limit[1], self.clock.monotonic)
             if self.config.rate_limit
@@ -373,6 +378,17 @@ class DevServer:
         if endpoint == "control":
             if not _is_loopback_ip(req.client_ip):
                 early = json_response(403, error_body("Forbidden", "control API is loopback only"))
+            elif not hmac.compare_digest(
+                req.header("authorization").encode(), f"Bearer {self.control_token}".encode()
+            ):
+                early = json_response(
+                    403,
+                    error_body(
+                        "Forbidden",
+                        "control API needs the owner's secret (jobtoken devserver fault reads "
+                        "it from the server's control file)",
+                    ),
+                )
         elif self._limiter is not None:
             decision = self._limiter.hit(req.client_ip)
             rate_headers = (

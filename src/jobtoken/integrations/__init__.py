@@ -306,6 +306,9 @@ def _cmd_credmon(args: argparse.Namespace) -> int:
     if args.log_file:
         handler = logging.FileHandler(args.log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        from .._errors import PrintableFilter
+
+        handler.addFilter(PrintableFilter())
         root.addHandler(handler)
     cred_dir = Path(args.cred_dir) if args.cred_dir else default_cred_dir()
     return run_credmon(
