@@ -34,9 +34,9 @@ from jobtoken.integrations.condor import (
 
 from .conftest import (
     AUDIENCE,
-    CONDOR_DIR,
     base_env,
     closed_port_url,
+    condor_script,
     job_ad_text,
     toml_config,
     write_secret,
@@ -61,7 +61,7 @@ def run_hook(
         _CONDOR_JOB_AD=str(scratch / ".job.ad"),
     )
     environ.update(env or {})
-    argv = [str(CONDOR_DIR / "jobtoken-prepare-hook"), "--config", str(config), *args]
+    argv = [condor_script("jobtoken-prepare-hook"), "--config", str(config), *args]
     popen = subprocess.Popen(
         argv,
         stdin=subprocess.PIPE,
@@ -361,7 +361,7 @@ def test_exit_hook_revokes_and_removes_files(
     assert out["HookStatusCode"] == 0
     job_mt = (scratch / ".jobtoken" / "mytoken").read_text()
     proc = subprocess.run(
-        [str(CONDOR_DIR / "jobtoken-exit-hook"), "exit"],
+        [condor_script("jobtoken-exit-hook"), "exit"],
         input="",
         capture_output=True,
         text=True,

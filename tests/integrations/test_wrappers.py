@@ -22,9 +22,16 @@ from jobtoken._run import sidecar_alive
 from jobtoken._tokendir import TokenDir
 from jobtoken.devserver import DevServer
 
-from .conftest import AUDIENCE, CONDOR_DIR, PAYLOADS, WRAPPERS_DIR, base_env, closed_port_url
+from .conftest import (
+    AUDIENCE,
+    PAYLOADS,
+    WRAPPERS_DIR,
+    base_env,
+    closed_port_url,
+    condor_script,
+    job_ad_text,
+)
 
-WRAPPER = str(CONDOR_DIR / "jobtoken-job-wrapper")
 PILOT_WRAP = str(WRAPPERS_DIR / "jobtoken-wrap")
 EXIT_WITH = [sys.executable, str(PAYLOADS / "exit_with.py")]
 
@@ -62,17 +69,26 @@ def sandbox(srv: DevServer, parent_file: Path, tmp_path: Path) -> Dict[str, Path
         JobInfo("ap#1.0#2", walltime_s=600),
         directory=str(tokendir),
     )
+    asked_for_token(scratch)
     return {"scratch": scratch, "tokendir": tokendir, "failure": outer / ".job_wrapper_failure"}
+
+
+def asked_for_token(scratch: Path) -> None:
+    """The starter's copy of a job ad that asked (HookKeyword JOBTOKEN)."""
+    (scratch / ".job.ad").write_text(
+        job_ad_text(GlobalJobId="ap#1.0#2", HookKeyword="JOBTOKEN", Cmd="/bin/true")
+    )
 
 
 def run_as_starter(sandbox: Dict[str, Path], argv: List[str]) -> subprocess.CompletedProcess:
     env = base_env(
         _CONDOR_SCRATCH_DIR=str(sandbox["scratch"]),
         _CONDOR_WRAPPER_ERROR_FILE=str(sandbox["failure"]),
+        _CONDOR_JOB_AD=str(sandbox["scratch"] / ".job.ad"),
         BEARER_TOKEN="stale-token-from-the-job-environment",
     )
     return subprocess.run(
-        [WRAPPER, *argv],
+        [condor_script("jobtoken-job-wrapper"), *argv],
         cwd=sandbox["scratch"],
         env=env,
         capture_output=True,

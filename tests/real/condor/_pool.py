@@ -321,6 +321,7 @@ SYSTEM_PERIODIC_REMOVE = False
 include : {jobtoken_conf}
 JOBTOKEN_LIBEXEC = {libexec}
 JOBTOKEN_CONFIG = {jobtoken_toml}
+JOBTOKEN_AUDIT_LOG = $(LOG)/jobtoken
 """
 
 
@@ -356,7 +357,8 @@ class Pool:
 
     @property
     def audit_log(self) -> Path:
-        return self.dir / "log" / "jobtoken.log"
+        """The test user's audit log file (JOBTOKEN_AUDIT_LOG/<user>.log)."""
+        return self.dir / "log" / "jobtoken" / f"{self.user}.log"
 
     # set-up ---------------------------------------------------------------------------------
 
@@ -413,6 +415,8 @@ class Pool:
         for name in ("log", "spool", "execute", "lock", "run", "cred_dir"):
             (self.dir / name).mkdir()
             os.chown(self.dir / name, condor.uid, condor.gid)
+        (self.dir / "log" / "jobtoken").mkdir()
+        (self.dir / "log" / "jobtoken").chmod(0o1733)  # as the package makes /var/log/jobtoken
         for name in ("passwords.d", "tokens.d"):
             (self.dir / name).mkdir(mode=0o700)
         self.host("/run/condor").mkdir(parents=True, exist_ok=True)
