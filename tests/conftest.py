@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator
+import signal
+from typing import Iterator, List
 
 import pytest
 from hypothesis import settings
@@ -15,6 +16,43 @@ from hypothesis import settings
 settings.register_profile("reproducible", derandomize=True, database=None)
 settings.register_profile("explore", database=None)
 settings.load_profile("explore" if os.environ.get("JOBTOKEN_LONG_TESTS") else "reproducible")
+
+# Signals a test may send to a process it started (payloads, wrappers, servers).
+_TEST_SIGNALS = ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM")
+
+
+def _ignore_here(signum: int, frame: object) -> None:
+    """Stands in for SIG_IGN in pytest itself; unlike SIG_IGN it is not inherited."""
+
+
+def reset_inherited_signal_dispositions() -> List[str]:
+    """Make every child the suite starts begin with default signal handling.
+
+    An ignored signal (SIG_IGN) survives fork and exec, and a blocked one stays blocked:
+    a suite started under ``nohup`` (HUP ignored), from a non-interactive shell with
+    ``&`` (INT and QUIT ignored) or by a runner that blocks signals would hand that to
+    every payload and wrapper it starts, and the signal tests would wait for signals
+    that can never arrive. A caught signal is reset to SIG_DFL by exec, so pytest keeps
+    ignoring what it was told to ignore (through a handler that does nothing) while its
+    children start clean. Returns the names it changed.
+    """
+    changed = []
+    for name in _TEST_SIGNALS:
+        signum = getattr(signal, name)
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, _ignore_here)
+            changed.append(name)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+        changed.extend(f"unblocked {signal.Signals(s).name}" for s in sorted(blocked))
+    return changed
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # before any test (or fixture, or plugin thread) starts a process
+    reset_inherited_signal_dispositions()
+
 
 _STRIP_PREFIXES = ("BEARER_TOKEN", "MYTOKEN", "JOBTOKEN", "_CONDOR_", "SSL_CERT", "X509_")
 _STRIP_EXACT = ("XDG_RUNTIME_DIR", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",

@@ -6,8 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import IO, Any, Dict, List, Optional, Sequence
 
 from jobtoken._config import Config, RenewalConfig, ServerConfig, SiteConfig
 from jobtoken._prepare import JobInfo, PreparedJob, prepare_job
@@ -17,6 +18,23 @@ AUD = "https://se.example.org"
 ROOT = Path(__file__).resolve().parent.parent
 PAYLOADS = ROOT / "tests" / "payloads"
 PARENT_CAPS = ("AT", "create_mytoken", "tokeninfo")
+LINE_TIMEOUT_S = 60.0  # a handshake line on a loaded machine; a hang fails, not stalls
+
+
+def readline_within(stream: Optional[IO[str]], timeout_s: float = LINE_TIMEOUT_S) -> str:
+    """``stream.readline()`` that fails the test instead of hanging when no line comes.
+
+    A child that never answers (a signal it ignores, a crash before its handshake) must
+    end the test with a message, not block the suite until an outer timeout.
+    """
+    assert stream is not None
+    line: List[str] = []
+    reader = threading.Thread(target=lambda: line.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    if not line:
+        raise AssertionError(f"no line from the child within {timeout_s:.0f} s")
+    return line[0]
 
 
 def job_config(srv: Any, parent: Path, *, lifetime_s: float, margin_s: float = 1.5,

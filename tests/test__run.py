@@ -24,6 +24,7 @@ from tests.runhelpers import (
     checker,
     jobtoken_argv,
     prepare,
+    readline_within,
     run,
     state,
     summary,
@@ -47,20 +48,23 @@ def at_requests(srv: DevServer) -> int:
     return len(srv.requests("access"))
 
 
-@pytest.mark.parametrize("server", [3], indirect=True)
-def test_payload_running_three_lifetimes_never_sees_a_bad_token(
+@pytest.mark.parametrize("server", [12], indirect=True)
+def test_payload_reading_across_many_renewals_never_sees_a_bad_token(
     server: DevServer, tmp_path: Path
 ) -> None:
-    job = prepare(server, tmp_path, lifetime_s=3, margin_s=1.0)
-    result = run(jobtoken_argv("run", "--dir", str(job.tokendir.path), "--", *checker(10)))
+    # Renewing early (fraction 0.3: every 2.4-3.6 s) gives each renewal 8 s of slack before
+    # its token expires, so a loaded machine that delays a renewal child by seconds cannot
+    # fail this; 3 s tokens renewed at 2/3 left 1 s and did. Three or four renewals in 15 s.
+    job = prepare(server, tmp_path, lifetime_s=12, margin_s=4.0, fraction=0.3)
+    result = run(jobtoken_argv("run", "--dir", str(job.tokendir.path), "--", *checker(15)))
     s = summary(result.stdout)
     assert result.returncode == 0, result.stderr
-    assert s["bad"] == 0 and s["reads"] > 200
-    assert s["tokens"] >= 4  # renewed again and again
+    assert s["bad"] == 0 and s["reads"] > 100  # read all along (every 20 ms when idle)
+    assert s["tokens"] >= 3  # renewed again and again
     st = state(job.tokendir.path)
-    assert st["renewals"] >= 3 and st["failures_total"] == 0
-    # renewals per lifetime close to the rule's minimum: no wasted requests
-    assert at_requests(server) <= 2 + 10 / (3 * 0.55)
+    assert st["renewals"] >= 2 and st["failures_total"] == 0
+    # renewals close to the rule's minimum interval ((0.3 - jitter) x lifetime): no waste
+    assert at_requests(server) <= 2 + 15 / (12 * (0.3 - 0.1))
 
 
 FAULTS = {
@@ -85,18 +89,19 @@ def _fault_batch(names: list, tmp_path: Path) -> dict:
     with contextlib.ExitStack() as stack:
         for name in names:
             srv = stack.enter_context(DevServer(DevServerConfig(
-                at_lifetime_s=12, op_scopes=OP_SCOPES, default_audience=AUD)))
-            # renew at half the lifetime so a few retries (each a short child process) fit
-            job = prepare(srv, tmp_path / name.replace(" ", "_"), lifetime_s=12, margin_s=3.0,
-                          timeout_s=1.0, fraction=0.5)
+                at_lifetime_s=30, op_scopes=OP_SCOPES, default_audience=AUD)))
+            # Renew early (6-9 s after issue): each retry is a child process that a loaded
+            # machine slows by seconds (4 s seen: 3 attempts took 18 s), and the token must
+            # outlast them all. The payload reads through the faults and the recovery.
+            job = prepare(srv, tmp_path / name.replace(" ", "_"), lifetime_s=30, margin_s=10.0,
+                          timeout_s=1.0, fraction=0.3)
             scenarios[name] = (srv, job)
             proc = subprocess.Popen(
                 jobtoken_argv("run", "--dir", str(job.tokendir.path), "--",
-                              *checker(13, interval=0.05)),
+                              *checker(25, interval=0.05)),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             procs[name] = proc
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "ready"  # first token in place
+            assert readline_within(proc.stdout).strip() == "ready"  # first token in place
             srv.faults.add(**FAULTS[name])  # so the fault hits the renewal, not the start
         for name, (srv, job) in scenarios.items():
             proc = procs[name]
@@ -108,6 +113,8 @@ def _fault_batch(names: list, tmp_path: Path) -> dict:
                 "no bad read": s["bad"] == 0,
                 "fault hit a renewal": st["failures_total"] >= 1,
                 "recovered": st["consecutive_failures"] == 0 and st["renewals"] >= 1,
+                # a refused answer (e.g. "exp not moved") was not taken for a renewal
+                "token extended": st["expires_at"] > job.token.expires_at,
                 "logged": "renewal failed" in err,
                 "no token in log": "eyJ" not in err,
             }
@@ -121,7 +128,7 @@ def _fault_batch(names: list, tmp_path: Path) -> dict:
 
 _NAMES = list(FAULTS)
 # a few side by side: each scenario waits on real time, but renewal children need CPU
-_BATCHES = [_NAMES[i : i + 4] for i in range(0, len(_NAMES), 4)]
+_BATCHES = [_NAMES[i : i + 6] for i in range(0, len(_NAMES), 6)]
 
 
 @pytest.mark.parametrize("names", _BATCHES, ids=["+".join(b) for b in _BATCHES])
@@ -229,9 +236,9 @@ def test_signals_reach_the_payload(long_job: Path, sig: int) -> None:
     )
     try:
         assert proc.stdout is not None and proc.stdin is not None
-        assert proc.stdout.readline().startswith("ready")
+        assert readline_within(proc.stdout).startswith("ready")
         proc.send_signal(sig)
-        assert proc.stdout.readline().strip() == f"signal {int(sig)}"
+        assert readline_within(proc.stdout).strip() == f"signal {int(sig)}"
         proc.stdin.write("exit 7\n")
         proc.stdin.flush()
         assert proc.wait(timeout=30) == 7
@@ -266,8 +273,7 @@ def test_second_sidecar_for_one_directory_is_refused(long_job: Path) -> None:
         jobtoken_argv("run", "--dir", str(long_job), "--", *checker(6)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert first.stdout is not None
-        assert first.stdout.readline().strip() == "ready"
+        assert readline_within(first.stdout).strip() == "ready"
         second = run(jobtoken_argv("run", "--dir", str(long_job), "--", "true"))
         assert second.returncode == 1
         assert "another jobtoken sidecar is already running" in second.stderr

@@ -38,7 +38,7 @@ PAYLOADS = Path(__file__).parent / "payloads"
 PRINT_SIGNALS = str(PAYLOADS / "print_signals.py")
 EXIT_WITH = str(PAYLOADS / "exit_with.py")
 SUPERVISE = str(PAYLOADS / "supervise.py")
-TIMEOUT_S = 20.0
+TIMEOUT_S = 60.0  # liveness, not speed: a loaded machine may stall a child for seconds
 
 
 class Driver:

@@ -225,6 +225,39 @@ def _validate(config: Config) -> Config:
     return config
 
 
+def _read_toml(file_path: Path) -> Dict[str, Any]:
+    """The parsed config file; every way it can fail is a one-line ``ConfigError``."""
+    # imported here: most job processes read no file, and the waiting one stays small
+    if sys.version_info >= (3, 11):
+        import tomllib  # novermin (guarded by the version check)
+    else:  # pragma: no cover - exercised on EL9's Python 3.9
+        import tomli as tomllib
+    try:
+        return tomllib.loads(file_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {file_path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {file_path}: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {file_path} is not valid TOML: {exc}") from exc
+
+
+def _from_file(config: Config, file_path: Path) -> Config:
+    for section, values in _read_toml(file_path).items():
+        if section not in _SECTIONS or not isinstance(values, dict):
+            raise ConfigError(f"{file_path}: unknown section [{section}]")
+        config = _apply(config, section, values, str(file_path))
+    return replace(config, source=str(file_path))
+
+
+def _from_flags(config: Config, overrides: Mapping[str, Mapping[str, Any]]) -> Config:
+    for section, values in overrides.items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            config = _apply(config, section, given, "command line")
+    return config
+
+
 def load_config(
     path: Optional[str] = None,
     *,
@@ -248,29 +281,8 @@ def load_config(
     file_path = Path(chosen) if chosen else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file()
                                              else None)
     if file_path is not None:
-        # imported here: most job processes read no file, and the waiting one stays small
-        if sys.version_info >= (3, 11):
-            import tomllib  # novermin (guarded by the version check)
-        else:  # pragma: no cover - exercised on EL9's Python 3.9
-            import tomli as tomllib
-        try:
-            data = tomllib.loads(file_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {file_path} does not exist") from None
-        except OSError as exc:
-            raise ConfigError(f"config file {file_path}: {exc.strerror}") from exc
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {file_path} is not valid TOML: {exc}") from exc
-        for section, values in data.items():
-            if section not in _SECTIONS or not isinstance(values, dict):
-                raise ConfigError(f"{file_path}: unknown section [{section}]")
-            config = _apply(config, section, values, str(file_path))
-        config = replace(config, source=str(file_path))
+        config = _from_file(config, file_path)
     for var, (section, key) in _ENV.items():
         if var in environ:
             config = _apply(config, section, {key: environ[var]}, f"${var}")
-    for section, values in (overrides or {}).items():
-        given = {k: v for k, v in values.items() if v is not None}
-        if given:
-            config = _apply(config, section, given, "command line")
-    return _validate(config)
+    return _validate(_from_flags(config, overrides or {}))

@@ -138,24 +138,14 @@ def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) ->
     from ._exchange import TokenRequest, fetch_access_token
     from ._mytokenfile import MytokenSource, load_mytoken
     from ._tokenfile import write_secret_file
-    from ._tokens import check_access_token
 
     spec = tokendir.read_spec()
     now = SystemClock().now()
     current = _current(tokendir)
-    if current is not None and min_valid_s is not None:
-        try:
-            check_access_token(
-                current,
-                requested_scopes=spec.scopes,
-                requested_audiences=spec.audiences,
-                now=now,
-                min_valid_s=min_valid_s,
-            )
-        except JobtokenError:
-            pass
-        else:
-            return _report(current, True)
+    if current is not None and min_valid_s is not None and _good_for(
+        current, spec, now, min_valid_s
+    ):
+        return _report(current, True)
     source = MytokenSource(path=tokendir.mytoken_of(spec))
     mytoken = None if spec.server_url else load_mytoken(source)
     with _client(spec, mytoken) as client:
@@ -179,6 +169,23 @@ def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) ->
             _save_discovery(tokendir, client)
     write_secret_file(tokendir.bearer_token, token.raw)
     return _report(token, False)
+
+
+def _good_for(token: AccessToken, spec: JobSpec, now: float, min_valid_s: float) -> bool:
+    """Whether the current token passes the job's checks for ``min_valid_s`` more seconds."""
+    from ._tokens import check_access_token
+
+    try:
+        check_access_token(
+            token,
+            requested_scopes=spec.scopes,
+            requested_audiences=spec.audiences,
+            now=now,
+            min_valid_s=min_valid_s,
+        )
+    except JobtokenError:
+        return False
+    return True
 
 
 _DISCOVERY_MAX_AGE_S = 6 * 3600.0

@@ -101,16 +101,7 @@ def setup_tokendir(
         path = str(options.dir)
     tokendir = TokenDir.create(path)
     token = config.token
-    if token.mytoken_file:
-        mytoken_path = str(Path(token.mytoken_file).resolve())
-    elif token.mytoken_env:
-        value = environ.get(token.mytoken_env, "").strip()
-        if not value:
-            raise ConfigError(f"mytoken variable ${token.mytoken_env} is not set")
-        write_secret_file(tokendir.mytoken, value, newline=False)
-        mytoken_path = str(tokendir.mytoken)
-    else:
-        raise ConfigError("no mytoken given: use --mytoken-file FILE or --mytoken-env VAR")
+    mytoken_path = _job_mytoken_path(config, tokendir, environ)
     start = SystemClock().now() if now is None else now
     renewal = config.renewal
     spec = JobSpec.from_config(
@@ -129,6 +120,24 @@ def setup_tokendir(
         signal_number(renewal.warn_signal)  # a bad name fails before the payload starts
     tokendir.write_spec(spec)
     return tokendir, spec
+
+
+def _job_mytoken_path(config: Config, tokendir: TokenDir, environ: Mapping[str, str]) -> str:
+    """The configured mytoken file, or a private copy of the mytoken given in a variable.
+
+    Raises:
+        ConfigError: neither is configured, or the variable is empty.
+    """
+    token = config.token
+    if token.mytoken_file:
+        return str(Path(token.mytoken_file).resolve())
+    if token.mytoken_env:
+        value = environ.get(token.mytoken_env, "").strip()
+        if not value:
+            raise ConfigError(f"mytoken variable ${token.mytoken_env} is not set")
+        write_secret_file(tokendir.mytoken, value, newline=False)
+        return str(tokendir.mytoken)
+    raise ConfigError("no mytoken given: use --mytoken-file FILE or --mytoken-env VAR")
 
 
 def payload_environment(

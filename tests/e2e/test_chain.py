@@ -1,7 +1,7 @@
 """The whole chain, as a site runs it: parent mytoken → ``jobtoken prepare`` → ``jobtoken run``
 → a payload writing files to a real XRootD with real grid clients, across token renewals.
 
-The issuer here mints 15-second access tokens, so every job below lives through at least
+The issuer here mints 45-second access tokens, so every job below lives through at least
 one renewal. Each client's payload transfers once, waits until jobtoken has replaced
 ``$BEARER_TOKEN_FILE``, and transfers again with the same one-line pattern of
 docs/clients.md: xrdcp finding the file by itself, curl and davix-put reading it at each
@@ -49,12 +49,16 @@ from .conftest import STORAGE_AUDIENCE
 
 pytestmark = pytest.mark.e2e
 
-AT_LIFETIME_S = 15
-MARGIN_S = 5.0  # renew at least 5 s before exp (a third of the lifetime)
-RENEWAL_WAIT_S = 60  # a renewal is due after ~10 s; this only bounds a broken run
-MONITOR_COUNT = 15  # one transfer a second: spans a renewal (due 8.5-10 s after iat)
+# Long enough for a loaded machine (load 6-14 on 2 cores): a renewal child that needs
+# 10 s to start and finish still lands inside the 15 s margin, so "every transfer
+# presented an unexpired token" tests jobtoken, not the scheduler. 15 s tokens with a
+# 5 s margin once handed a payload a token expired 7 s.
+AT_LIFETIME_S = 45
+MARGIN_S = 15.0  # renew at least 15 s before exp (a third of the lifetime)
+RENEWAL_WAIT_S = 120  # a renewal is due after ~26-30 s; this only bounds a broken run
+MONITOR_COUNT = 36  # one transfer a second: spans a renewal (due 25.5-30 s after iat)
 MONITOR_CLIENTS = {"xrdcp": "root", "curl": "https"}  # the others: chain tests above
-ONCE_MIN_VALID_S = 8  # fresh tokens have 14-15 s
+ONCE_MIN_VALID_S = 24  # fresh tokens have 44-45 s: 20 s for a slow first cron run
 TOKEN_MIN_VALID_S = 4  # `jobtoken token` runs: the second keeps the first one's token
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import selectors
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.runhelpers import readline_within
 
 from . import _xrootd
 from ._clients import StorageClients
@@ -173,10 +174,7 @@ def test_killed_test_process_takes_xrootd_with_it(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        with selectors.DefaultSelector() as sel:
-            sel.register(child.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
-            assert sel.select(timeout=30), "child never reported a started xrootd"
-        pid_text, rundir_text = child.stdout.readline().split()  # type: ignore[union-attr]
+        pid_text, rundir_text = readline_within(child.stdout).split()
         server = psutil.Process(int(pid_text))
         child.kill()
         child.wait(timeout=10)

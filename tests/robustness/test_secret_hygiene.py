@@ -30,8 +30,11 @@ from tests.runhelpers import checker, jobtoken_argv, summary
 
 pytestmark = pytest.mark.process
 
-LIFETIME_S = 3
-PAYLOAD_S = 7.0
+# Renewing early (fraction 0.4: 3.6-4.8 s after issue) leaves 7 s before each token
+# expires, so a renewal child a loaded machine slows by seconds still lands in time;
+# 3 s tokens with a 1 s margin once handed the payload an expired one.
+LIFETIME_S = 12
+PAYLOAD_S = 10.0
 
 
 class JobSampler(threading.Thread):
@@ -112,7 +115,8 @@ def test_tokens_appear_only_in_the_token_files(
             tmp_path,
             timeout_s=2.0,
             lifetime_s=LIFETIME_S,
-            margin_s=1.0,
+            margin_s=4.0,
+            fraction=0.4,
             # a prepared dir's job.json decides these, not run's flags
             log_json=True,
             metrics_dir=str(metrics),
