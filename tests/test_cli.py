@@ -281,3 +281,18 @@ def test_run_refuses_flags_a_prepared_directory_would_ignore(
     assert code == 2
     assert flags[0] in err and "job.json" in err
     assert not marker.exists()
+
+
+def test_server_deadline_reaches_hooks_and_arc_stage0(tmp_path: Path, monkeypatch) -> None:
+    # issue 12 item 7: the overall deadline is a setting the batch-system adapters honour
+    import argparse
+
+    from jobtoken import integrations
+
+    monkeypatch.setenv("JOBTOKEN_CONFIG", str(tmp_path / "none.toml"))
+    cfg_file = tmp_path / "site.toml"
+    cfg_file.write_text("[server]\ndeadline_s = 30\n")
+    args = argparse.Namespace(config=str(cfg_file), server_deadline=None)
+    assert integrations._site_config(args).server.deadline_s == 30
+    args = argparse.Namespace(config=str(cfg_file), server_deadline=7.0)
+    assert integrations._site_config(args).server.deadline_s == 7
