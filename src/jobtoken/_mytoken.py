@@ -823,8 +823,8 @@ class MytokenClient:
         # the body is read and decoded: a fresh response must not decode it again
         headers = [
             (k, v)
-            for k, v in streamed.headers.multi_items()
-            if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+            for k, v in streamed.headers.raw  # bytes: any header a server sends survives
+            if k.lower() not in (b"content-encoding", b"content-length", b"transfer-encoding")
         ]
         response = httpx.Response(
             streamed.status_code, headers=headers, content=content, request=request
