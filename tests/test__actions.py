@@ -506,3 +506,17 @@ def test_a_planted_default_token_file_is_refused_with_the_reason(
     with pytest.raises(TokenFileError, match="belongs to uid 4242.*planted"):
         get_token(config(srv, mytoken_file(srv, tmp_path)), env={"XDG_RUNTIME_DIR": str(shared)})
     assert srv.requests() == ()
+
+
+def test_scopes_asked_of_an_unrestricted_mytoken_get_the_reason(
+    srv: DevServer, tmp_path: Path
+) -> None:
+    # issue 12 item 19: the server ignores requested scopes for a mytoken without a scope
+    # restriction, so the token is always wider than asked; say why, not only "65"
+    mt = tmp_path / "mt"
+    write_secret_file(mt, srv.issue_mytoken(capabilities=["AT"]), newline=False)
+    cfg = config(srv, mt)
+    with pytest.raises(TokenCheckError) as info:
+        get_token(cfg, out=str(tmp_path / "bt"))
+    assert "has no scope restriction" in info.value.message
+    assert "ignores the requested scopes" in info.value.message

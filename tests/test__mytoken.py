@@ -1073,3 +1073,15 @@ def test_a_lost_answer_without_rotation_risk_keeps_the_plain_message(server, rot
     with client_for(server) as client, pytest.raises(ServerUnavailableError) as info:
         client.get_access_token(_rotating_mytoken(**rotation))
     assert "rotates on use" not in info.value.message
+
+
+def test_a_fixed_scope_parent_refusal_explains_exact_matching(server):
+    # issue 12 item 19: the real server's words alone do not say what to change
+    server.answers[MYTOKEN] = _json_error(
+        400, "invalid_request", "requested restrictions are not subset of original restrictions"
+    )
+    with client_for(server) as client, pytest.raises(MytokenRejectedError) as info:
+        client.create_mytoken(MT, restrictions=[{"scope": "storage.create:/vo/jobs/7"}])
+    assert "not subset of original restrictions" in info.value.message
+    assert "compares scope strings exactly" in info.value.message
+    assert "leave 'scope' open or list the exact scope string" in info.value.message

@@ -263,3 +263,36 @@ def test_log_lines_escape_server_values(capsys) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "\r" not in err and "\x1b" not in err
     assert err.startswith("jobtoken: access token obtained sub=x\\r\\njobtoken: job mytoken")
+
+
+@pytest.mark.parametrize("flags", [["--timeout", "3"], ["--scope", "storage.read:/"],
+                                   ["--server-deadline", "5", "--walltime", "60"]])
+def test_run_refuses_flags_a_prepared_directory_would_ignore(
+    tmp_path: Path, capsys, flags: list
+) -> None:
+    # issue 12 item 18: the renewal children read job.json only; a flag that silently
+    # does nothing is worse than a refusal
+    prepared = tmp_path / "job"
+    prepared.mkdir(mode=0o700)
+    (prepared / "job.json").write_text("{}")
+    marker = tmp_path / "payload-ran"
+    code, _, err = call(["run", "--dir", str(prepared), *flags, "--", "touch", str(marker)],
+                        capsys)
+    assert code == 2
+    assert flags[0] in err and "job.json" in err
+    assert not marker.exists()
+
+
+def test_server_deadline_reaches_hooks_and_arc_stage0(tmp_path: Path, monkeypatch) -> None:
+    # issue 12 item 7: the overall deadline is a setting the batch-system adapters honour
+    import argparse
+
+    from jobtoken import integrations
+
+    monkeypatch.setenv("JOBTOKEN_CONFIG", str(tmp_path / "none.toml"))
+    cfg_file = tmp_path / "site.toml"
+    cfg_file.write_text("[server]\ndeadline_s = 30\n")
+    args = argparse.Namespace(config=str(cfg_file), server_deadline=None)
+    assert integrations._site_config(args).server.deadline_s == 30
+    args = argparse.Namespace(config=str(cfg_file), server_deadline=7.0)
+    assert integrations._site_config(args).server.deadline_s == 7

@@ -210,20 +210,45 @@ def get_token(
     mytoken = load_mytoken(source, env=environ)
     url = server_url_for(config, mytoken)
     with build_client(config, url) as client:
-        token = fetch_access_token(
-            client,
-            source,
-            TokenRequest(
-                scopes=config.token.scopes,
-                audiences=config.token.audiences,
-                min_valid_s=config.token.min_valid_s,
-            ),
-            now=now,
-            env=environ,
-            verifier=build_verifier(config),
-        )
+        try:
+            token = fetch_access_token(
+                client,
+                source,
+                TokenRequest(
+                    scopes=config.token.scopes,
+                    audiences=config.token.audiences,
+                    min_valid_s=config.token.min_valid_s,
+                ),
+                now=now,
+                env=environ,
+                verifier=build_verifier(config),
+            )
+        except TokenCheckError as exc:
+            if config.token.scopes and not _restricts_scope(mytoken):
+                raise TokenCheckError(
+                    f"{exc.message}; this mytoken has no scope restriction, and for such a "
+                    "mytoken the Mytoken server ignores the requested scopes and hands out "
+                    "the OP's defaults: use a mytoken restricted to the scopes you ask for"
+                ) from None
+            raise
     write_secret_file(path, token.raw)
     return TokenResult(path, token, False, now)
+
+
+def _restricts_scope(mytoken: str) -> bool:
+    """Whether a JWT mytoken's restrictions name scopes (True when we cannot tell)."""
+    if mytoken.count(".") != 2:
+        return True
+    import jwt
+
+    try:
+        claims = jwt.decode(mytoken, options={"verify_signature": False})
+    except (jwt.PyJWTError, RecursionError, ValueError):
+        return True
+    restrictions = claims.get("restrictions") if isinstance(claims, dict) else None
+    if not isinstance(restrictions, list) or not restrictions:
+        return False
+    return all(isinstance(r, dict) and r.get("scope") for r in restrictions)
 
 
 def inspect_token(file: Optional[str] = None) -> Dict[str, Any]:

@@ -84,6 +84,14 @@ _MAX_DESCRIPTION_CHARS = 300
 _RESPONSE_TYPES = ("token", "short_token", "transfer_code")
 # OAuth error codes that say "try again later" even under a 4xx status.
 _TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error", "internal_server_error"})
+# What the server's own text leaves out, keyed by a piece of its error_description.
+_DESCRIPTION_HINTS = (
+    (
+        "not subset of original restrictions",
+        "Mytoken compares scope strings exactly, without WLCG path rules: the parent mytoken "
+        "must leave 'scope' open or list the exact scope string the job asks for",
+    ),
+)
 _HINTS = {
     "usage_restricted": "no restriction of the mytoken allows this use (time, host, usage "
     "count, or scope/audience strings that do not match the restriction exactly)",
@@ -808,8 +816,8 @@ class MytokenClient:
         # the body is read and decoded: a fresh response must not decode it again
         headers = [
             (k, v)
-            for k, v in streamed.headers.multi_items()
-            if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+            for k, v in streamed.headers.raw  # bytes: any header a server sends survives
+            if k.lower() not in (b"content-encoding", b"content-length", b"transfer-encoding")
         ]
         response = httpx.Response(
             streamed.status_code, headers=headers, content=content, request=request
@@ -844,6 +852,9 @@ class MytokenClient:
             said += f" {error}"
         if description:
             said += f": {description}"
+            hints = [hint for part, hint in _DESCRIPTION_HINTS if part in description]
+            if hints:
+                said += f" ({hints[0]})"
         elif error in _HINTS:
             said += f" ({_HINTS[error]})"
         elif error is None:

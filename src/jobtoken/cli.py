@@ -203,11 +203,42 @@ def _job_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+# Flags that shape a *new* token directory. A prepared one (job.json) fixes them for every
+# renewal child, which reads only job.json: accepting them would be a silent no-op.
+_FIXED_BY_JOB_JSON = (
+    ("server", "--server"), ("ca_file", "--ca-file"), ("ca_dir", "--ca-dir"),
+    ("allow_http", "--allow-http"), ("timeout", "--timeout"),
+    ("server_deadline", "--server-deadline"), ("scope", "--scope"), ("audience", "--audience"),
+    ("mytoken_file", "--mytoken-file"), ("mytoken_env", "--mytoken-env"),
+    ("trusted_issuer", "--trusted-issuer"), ("token_dir_base", "--token-dir-base"),
+    ("job_id", "--job-id"), ("walltime", "--walltime"),
+)
+
+
+def _refuse_flags_for_prepared(args: argparse.Namespace) -> None:
+    """Refuse flags a prepared directory's ``job.json`` would silently override.
+
+    Raises:
+        UsageError: naming the flags.
+    """
+    from pathlib import Path
+
+    if not args.dir or not (Path(args.dir) / "job.json").is_file():
+        return
+    given = [flag for name, flag in _FIXED_BY_JOB_JSON if getattr(args, name, None) is not None]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)} cannot change the prepared directory {args.dir}: its job.json "
+            "fixes them for every renewal (prepare it with them, or run without --dir)"
+        )
+
+
 def _job_setup(args: argparse.Namespace) -> Any:
     import os
 
     from ._run import JobOptions, setup_tokendir
 
+    _refuse_flags_for_prepared(args)
     cfg = _job_config(args)
     tokendir, spec = setup_tokendir(
         cfg, JobOptions(dir=args.dir, job_id=args.job_id, walltime_s=args.walltime), env=os.environ

@@ -45,6 +45,7 @@ def _site_config(args: argparse.Namespace) -> Any:
             "ca_dir": getattr(args, "ca_dir", None),
             "allow_http": getattr(args, "allow_http", None),
             "timeout_s": getattr(args, "timeout", None),
+            "deadline_s": getattr(args, "server_deadline", None),
         },
         "token": {"audiences": cli._split(getattr(args, "audience", None))},
     }
