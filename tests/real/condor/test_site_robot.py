@@ -8,6 +8,7 @@ mytokens are revoked, and jobs that did not ask are untouched.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Set
@@ -239,3 +240,40 @@ def test_remove_and_hold_revoke_the_job_mytoken(
     if tool == "condor_hold":
         site.condor(["condor_rm", str(cluster)])
         site.wait_done(cluster, timeout=60)
+
+
+def test_include_command_path_sends_the_users_own_mytoken_with_the_job(
+    site: Pool, devserver: DevServer
+) -> None:
+    """A user with their own mytoken: `include command : jobtoken condor submit` on the AP,
+    the per-submission mytoken transferred encrypted, the job mytoken minted from it."""
+    user_mytoken = devserver.issue_mytoken(capabilities=["AT", "create_mytoken", "tokeninfo"],
+                                           name="user's own")
+    directory = site.job_dir("include")
+    account = site.env.account(site.user)
+    mytoken_file = directory / "my.mytoken"
+    mytoken_file.write_text(user_mytoken)
+    mytoken_file.chmod(0o600)
+    os.chown(mytoken_file, account.uid, account.gid)
+    inner = site.env.inner_path(directory)
+    include = (
+        f"include command : {site.jobtoken_bin} condor submit --mytoken-file {inner}/my.mytoken"
+        f" --server {devserver.url} --ca-file {site.etc}/ca.pem"
+        f" --scope storage.create:/dteam --lifetime 3600 --out-dir {inner}/state"
+    )
+    probe = ("#!/bin/sh\n"
+             "test ! -e jobtoken_submission.mytoken || { echo 'mytoken left'; exit 92; }\n"
+             f"exec /usr/bin/python3 reader.py {2 * AT_LIFETIME_S} 3\n")
+    text = submit_text(0, 0, "allowed_job_duration = 600", "transfer_input_files = reader.py",
+                       include).replace("executable = reader.py", "executable = probe.sh")
+    cluster = site.submit(directory, text, {"probe.sh": probe, **reader_files()})
+    ad = site.wait_done(cluster, timeout=2 * AT_LIFETIME_S + 120)
+    assert (ad["JobStatus"], ad["ExitCode"]) == (COMPLETED, 3), (ad, stderr_of(directory))
+    out = result(directory)
+    assert out["bad"] == 0 and out["tokens"] >= 2, out
+    store = devserver._store
+    (submission,) = store.children(store.by_mom_id(devserver.introspect(user_mytoken)
+                                                   ["mom_id"]).id)
+    (job_mytoken,) = store.children(submission.id)
+    assert job_mytoken.revoked
+    assert ad["HookKeyword"] == "JOBTOKEN"
