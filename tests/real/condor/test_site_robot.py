@@ -245,6 +245,9 @@ def test_remove_and_hold_revoke_the_job_mytoken(
     site.wait_job(cluster, lambda a: a["JobStatus"] == want, 120, f"to be {tool} done")
     site.wait_for(lambda: all(c.revoked for c in new_children(devserver, robot, before)), 60,
                   "the job mytoken to be revoked")
+    # HTCondor 23.9 runs JOB_EXIT with "evict" for condor_rm and condor_hold alike
+    site.wait_for(lambda: "exit-hook:evict" in site.audit_log.read_text(), 60,
+                  "the exit hook's audit line")
     if tool == "condor_hold":
         site.condor(["condor_rm", str(cluster)])
         site.wait_done(cluster, timeout=60)
