@@ -328,9 +328,12 @@ JOBTOKEN_AUDIT_LOG = $(LOG)/jobtoken
 class Pool:
     """One running personal pool; ``start()``/``stop()`` or use it as a context manager."""
 
-    def __init__(self, env: PoolEnv, *, jobtoken_toml: str) -> None:
+    def __init__(self, env: PoolEnv, *, jobtoken_toml: str, extra_config: str = "") -> None:
+        """``extra_config``: HTCondor config lines appended last (e.g. an access point's
+        credd and credmon for the credd-path tests)."""
         self.env = env
         self.jobtoken_toml_text = jobtoken_toml
+        self.extra_config = extra_config
         base = env.host_path("/var/tmp")
         base.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="jobtoken-pool-", dir=base))
@@ -423,7 +426,7 @@ class Pool:
         self._install_jobtoken()
         (self.dir / "condor_config").write_text(_pool_config(
             self.inner, self.port, f"{self.inner}/config.d/50-jobtoken.conf",
-            f"{self.inner}/libexec", f"{self.etc}/jobtoken.toml"))
+            f"{self.inner}/libexec", f"{self.etc}/jobtoken.toml") + self.extra_config)
         subprocess.run(["chmod", "-R", "go+rX", str(self.dir / "venv"), str(self.dir / "bin"),
                         str(self.dir / "etc"), str(self.dir / "config.d")], check=True)
         if self.mounts is not None:
