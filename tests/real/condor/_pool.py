@@ -151,6 +151,12 @@ class PoolEnv:
 # --- the chroot's kernel mounts, shared by every pool in it -----------------------------------
 
 
+def _mount_points() -> List[str]:
+    with open("/proc/mounts") as fh:
+        return [line.split()[1] for line in fh]
+
+
+
 class ChrootMounts:
     """/proc, /sys and /dev in the chroot, mounted while at least one pool holds them.
 
@@ -166,9 +172,7 @@ class ChrootMounts:
 
     def _mounted(self) -> List[str]:
         prefix = str(self.root).rstrip("/") + "/"
-        with open("/proc/mounts") as fh:
-            points = [line.split()[1] for line in fh]
-        return [p for p in points if p.startswith(prefix)]
+        return [p for p in _mount_points() if p.startswith(prefix)]
 
     def _live_holders(self) -> List[Path]:
         live = []
@@ -496,8 +500,11 @@ class Pool:
         finally:
             if self.mounts is not None and self._started:
                 self.mounts.release()
-            if self.mounts is None or not self.mounts._mounted():
-                shutil.rmtree(self.dir, ignore_errors=True)
+            # the chroot's mounts (ours or another pool's) are never below this directory
+            below = [p for p in _mount_points() if p.startswith(str(self.dir) + "/")]
+            if below:
+                raise RuntimeError(f"not deleting {self.dir}: mounts below it {below}")
+            shutil.rmtree(self.dir)
 
     def __enter__(self) -> Pool:
         try:
