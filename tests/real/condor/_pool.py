@@ -151,6 +151,12 @@ class PoolEnv:
 # --- the chroot's kernel mounts, shared by every pool in it -----------------------------------
 
 
+def _mount_points() -> List[str]:
+    with open("/proc/mounts") as fh:
+        return [line.split()[1] for line in fh]
+
+
+
 class ChrootMounts:
     """/proc, /sys and /dev in the chroot, mounted while at least one pool holds them.
 
@@ -166,9 +172,7 @@ class ChrootMounts:
 
     def _mounted(self) -> List[str]:
         prefix = str(self.root).rstrip("/") + "/"
-        with open("/proc/mounts") as fh:
-            points = [line.split()[1] for line in fh]
-        return [p for p in points if p.startswith(prefix)]
+        return [p for p in _mount_points() if p.startswith(prefix)]
 
     def _live_holders(self) -> List[Path]:
         live = []
@@ -328,9 +332,12 @@ JOBTOKEN_AUDIT_LOG = $(LOG)/jobtoken
 class Pool:
     """One running personal pool; ``start()``/``stop()`` or use it as a context manager."""
 
-    def __init__(self, env: PoolEnv, *, jobtoken_toml: str) -> None:
+    def __init__(self, env: PoolEnv, *, jobtoken_toml: str, extra_config: str = "") -> None:
+        """``extra_config``: HTCondor config lines appended last (e.g. an access point's
+        credd and credmon for the credd-path tests)."""
         self.env = env
         self.jobtoken_toml_text = jobtoken_toml
+        self.extra_config = extra_config
         base = env.host_path("/var/tmp")
         base.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="jobtoken-pool-", dir=base))
@@ -423,7 +430,7 @@ class Pool:
         self._install_jobtoken()
         (self.dir / "condor_config").write_text(_pool_config(
             self.inner, self.port, f"{self.inner}/config.d/50-jobtoken.conf",
-            f"{self.inner}/libexec", f"{self.etc}/jobtoken.toml"))
+            f"{self.inner}/libexec", f"{self.etc}/jobtoken.toml") + self.extra_config)
         subprocess.run(["chmod", "-R", "go+rX", str(self.dir / "venv"), str(self.dir / "bin"),
                         str(self.dir / "etc"), str(self.dir / "config.d")], check=True)
         if self.mounts is not None:
@@ -493,8 +500,11 @@ class Pool:
         finally:
             if self.mounts is not None and self._started:
                 self.mounts.release()
-            if self.mounts is None or not self.mounts._mounted():
-                shutil.rmtree(self.dir, ignore_errors=True)
+            # the chroot's mounts (ours or another pool's) are never below this directory
+            below = [p for p in _mount_points() if p.startswith(str(self.dir) + "/")]
+            if below:
+                raise RuntimeError(f"not deleting {self.dir}: mounts below it {below}")
+            shutil.rmtree(self.dir)
 
     def __enter__(self) -> Pool:
         try:
