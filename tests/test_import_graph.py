@@ -20,7 +20,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Dependencies point downward only: a module may import its own layer or lower ones.
 LAYERS: Dict[str, int] = {
     "jobtoken": 0, "jobtoken._errors": 0,  # the package re-exports only the error tree
-    "jobtoken._clock": 1, "jobtoken._policy": 1, "jobtoken._scopes": 1, "jobtoken._config": 1,
+    "jobtoken._clock": 1, "jobtoken._logs": 1, "jobtoken._hardening": 1,
+    "jobtoken._policy": 1, "jobtoken._scopes": 1, "jobtoken._config": 1,
     "jobtoken._tokens": 2, "jobtoken._jwks": 2, "jobtoken._http": 2, "jobtoken._mytoken": 2,
     "jobtoken._tokenfile": 3, "jobtoken._discovery": 3, "jobtoken._mytokenfile": 3,
     "jobtoken._tokendir": 3, "jobtoken._metrics": 3,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import enum
 import json
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 
@@ -43,7 +42,6 @@ __all__ = [
     "MytokenError",
     "MytokenRejectedError",
     "PayloadStartError",
-    "PrintableFilter",
     "ProtocolError",
     "RenewalReport",
     "ServerUnavailableError",
@@ -100,20 +98,6 @@ def printable_values(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return type(data)(printable_values(v) for v in data)
     return data
-
-
-class PrintableFilter(logging.Filter):
-    """A handler filter that applies :func:`printable` to each record's message.
-
-    Every handler jobtoken installs carries it, so a server value logged anywhere (a
-    ``sub`` with a CR/LF that would forge a "job mytoken revoked" line) stays one line.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if not message.isprintable():
-            record.msg, record.args = printable(message), None
-        return True
 
 
 class JobtokenError(Exception):

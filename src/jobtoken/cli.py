@@ -19,11 +19,11 @@ from ._config import Config, load_config
 from ._errors import (
     ExitCode,
     JobtokenError,
-    PrintableFilter,
     UsageError,
     exit_code_for,
     printable_values,
 )
+from ._logs import PrintableFilter
 
 __all__ = ["main"]
 

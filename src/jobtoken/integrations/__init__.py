@@ -340,7 +340,7 @@ def _cmd_credmon(args: argparse.Namespace) -> int:
     if args.log_file:
         handler = logging.FileHandler(args.log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        from .._errors import PrintableFilter
+        from .._logs import PrintableFilter
 
         handler.addFilter(PrintableFilter())
         root.addHandler(handler)

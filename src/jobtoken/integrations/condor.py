@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
+from .. import _policy as policy
 from .._config import Config
 from .._errors import (
     ConfigError,
@@ -51,6 +52,7 @@ from .._errors import (
     MytokenRejectedError,
     ServerUnavailableError,
     exit_code_for,
+    printable,
 )
 from .._mytokenfile import check_mytoken_value
 from .._prepare import JobInfo, PreparedJob, prepare_job, walltime_for
@@ -61,6 +63,7 @@ from .._tokenfile import (
     remove_secret_file,
     write_secret_file,
 )
+from .._tokens import unverified_claims
 from ._cleanup import revoke_and_clean
 from ._env import EnvironmentSyntaxError, format_environment_v2, job_environment
 
@@ -162,7 +165,8 @@ def hook_status_code(error: BaseException) -> int:
 
 
 def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(str(text).split())
+    """``text`` as one short printable line: the starter copies hook output into its log."""
+    line = printable(" ".join(str(text).split()))
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
@@ -428,14 +432,8 @@ def credential_files(services: Tuple[str, ...], service: str) -> Tuple[str, ...]
 
 
 def _mytoken_expiry(mytoken: str) -> Optional[float]:
-    if mytoken.count(".") != 2:
-        return None  # a short mytoken: opaque
-    import jwt
-
-    try:
-        exp = jwt.decode(mytoken, options={"verify_signature": False}).get("exp")
-    except jwt.PyJWTError:
-        return None
+    claims = unverified_claims(mytoken)  # a short mytoken is opaque: no claims
+    exp = claims.get("exp") if claims else None
     return float(exp) if isinstance(exp, (int, float)) else None
 
 
@@ -457,7 +455,7 @@ def _fit_into_parent(
     room = exp - now - config.site.walltime_slack_s - 60.0
     if room >= walltime:
         return job, None
-    if room < 300.0:
+    if room < policy.MIN_JOB_MYTOKEN_S:
         raise MytokenRejectedError(
             f"the job's mytoken expires in {max(0.0, exp - now):.0f} s, too soon for job "
             f"{job.job_id} (submit again with a longer --lifetime)"
