@@ -337,15 +337,59 @@ def _job_supplied_mytoken(
     if creds:
         service = options.creds_service
         # with a handle the credential is <service>_<handle>; '*' becomes '_' in file names
-        names = [
-            n for n in request.oauth_services if n == service or n.startswith(service + "_")
-        ] + [service]
-        for name in names:
-            file_name = name.replace("*", "_") + ".use"
+        translated = [n.replace("*", "_") for n in request.oauth_services]
+        names = [n for n in translated if n == service or n.startswith(service + "_")]
+        for name in names + [service]:
+            file_name = name + ".use"
             path = Path(creds) / file_name
             if path.is_file():
                 return f"$_CONDOR_CREDS/{file_name}", path
     return None
+
+
+def _creds_access_token(
+    request: JobRequest, where: str, path: Path, *, now: float
+) -> Optional[HookResult]:
+    """The job's token is the access token the AP's credmon keeps in ``$_CONDOR_CREDS``.
+
+    jobtoken's AP credmon sends only access tokens (the mytoken stays on the AP); the
+    starter re-copies the ``.use`` every ``SEC_CREDENTIAL_REFRESH`` s, so the file *is*
+    the job's bare-token ``BEARER_TOKEN_FILE``: no job mytoken, no sidecar. None when
+    the file holds a mytoken (older storers, or a site's own setup).
+
+    Raises:
+        ServerUnavailableError: the token has already expired (requeue: the AP renews it).
+    """
+    from .._tokens import decode_access_token, looks_like_jwt
+
+    text = read_secret_file(path)
+    if not looks_like_jwt(text):
+        return None
+    try:
+        token = decode_access_token(text)
+    except JobtokenError:
+        return None
+    if token.claims.get("token_type") == "mytoken":
+        return None
+    if token.expires_at <= now:
+        raise ServerUnavailableError(
+            f"the access token in {where} expired at {int(token.expires_at)}; the access "
+            "point's credmon has not renewed it"
+        )
+    current = {k: v for k, v in request.environment.items() if k != "BEARER_TOKEN"}
+    current["BEARER_TOKEN_FILE"] = str(path)
+    try:
+        environment = format_environment_v2(current)
+    except EnvironmentSyntaxError as exc:
+        raise ConfigError(f"job {request.job.job_id}: {exc}") from None
+    logger.info(
+        "prepare hook done job=%s token=%s jti=%s exp=%d",
+        request.job.job_id,
+        where,
+        token.jti,
+        int(token.expires_at),
+    )
+    return HookResult(0, None, environment)
 
 
 # --- the prepare hook ---------------------------------------------------------------------
@@ -466,6 +510,10 @@ def _prepare_hook(
         logger.warning("no $_CONDOR_SCRATCH_DIR; using the current directory %s", scratch)
     directory = scratch / options.dir_name
     supplied = _job_supplied_mytoken(request, env, scratch, options)
+    if supplied is not None and supplied[0].startswith("$_CONDOR_CREDS"):
+        bearer = _creds_access_token(request, *supplied, now=time.time())
+        if bearer is not None:
+            return bearer
     parent_copy: Optional[Path] = None
     clamp_note: Optional[str] = None
     if supplied is not None:
