@@ -331,7 +331,8 @@ def test_credd_chain_storer_credmon_starter_hook(
         lifetime_s=3600,
         credd=credd,
     )
-    (stored,) = credd.stored
+    parent, stored = credd.stored
+    put(cred_dir / "alice" / "jobtoken.top", parent["credential"])
     top = put(cred_dir / "alice" / "jobtoken_out.top", stored["credential"])
     mytoken = json.loads(stored["credential"])["mytoken"]
     assert scan_credentials(cred_dir, now=time.time(), mint=mint).written == ("alice/jobtoken_out",)

@@ -274,7 +274,10 @@ def test_storer_stores_restricted_mytoken_as_top(
         credd=credd,
     )
     assert names == ["jobtoken_prod"]
-    (call,) = credd.stored
+    parent, call = credd.stored
+    # 23.9's Vault credmon deletes svc_handle credentials whose svc.top is missing
+    assert parent["service"] == "jobtoken" and parent["handle"] is None
+    assert "mytoken" not in json.loads(parent["credential"])
     assert call["credtype"] == htcondor2.CredType.OAuth and call["refresh"] == refresh
     assert call["service"] == "jobtoken" and call["handle"] == "prod"
     top = json.loads(call["credential"])

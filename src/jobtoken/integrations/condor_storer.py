@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 SUBMISSION_CAPABILITIES = ("AT", "create_mytoken")
 DEFAULT_LIFETIME_S = 7 * 24 * 3600.0
+HANDLES_PARENT = b'{"format": "jobtoken-top-1", "handles": true}'
 
 
 @dataclass(frozen=True)
@@ -409,6 +410,15 @@ def run_storer(
         except ValueError:
             wait_s = 20.0
     stored = []
+    for parent in sorted({r.service for r in ours if r.handle}):
+        # HTCondor 23.9's Vault credmon reads every .top and deletes <svc>_<handle> when
+        # <svc>.top is missing; a parent without a mytoken keeps it away (ours skip it).
+        try:
+            bindings.store(CredentialRequest(parent), HANDLES_PARENT)
+        except Exception as exc:
+            raise ConfigError(
+                f"credd refused the {parent} credential: {' '.join(str(exc).split())}"
+            ) from None
     for request in ours:
         token = mint_submission_mytoken(
             config,
