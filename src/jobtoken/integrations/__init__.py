@@ -184,11 +184,25 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_from_condor(args: argparse.Namespace) -> None:
+    """No --config and no $JOBTOKEN_CONFIG: HTCondor's ``JOBTOKEN_CONFIG``, when set.
+
+    condor_submit runs the storer, and condor_master the credmon, without arguments of
+    ours; the AP config names the file once for both.
+    """
+    if args.config or os.environ.get("JOBTOKEN_CONFIG"):
+        return
+    from ._condor_bindings import condor_param
+
+    args.config = condor_param("JOBTOKEN_CONFIG")
+
+
 def _cmd_storer(args: argparse.Namespace) -> int:
     from .condor_storer import run_storer
 
     sys.stderr.write("\n")  # condor_submit leaves the cursor mid-line
     cli = _cli()
+    _config_from_condor(args)
     config = cli._config_from(args)
     names = run_storer(config, args.credentials, env=os.environ, lifetime_s=args.lifetime)
     sys.stderr.write(f"jobtoken: stored {', '.join(names)}\n")
@@ -313,6 +327,7 @@ def _cmd_credmon(args: argparse.Namespace) -> int:
         handler = logging.FileHandler(args.log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         root.addHandler(handler)
+    _config_from_condor(args)
     config = _cli()._config_from(args)
     site = credmon_settings()
     cred_dir = Path(args.cred_dir) if args.cred_dir else default_cred_dir()

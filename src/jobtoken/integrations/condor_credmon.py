@@ -141,9 +141,7 @@ def json_depth_within(text: str, limit: int) -> bool:
 
 
 def _items(value: Any) -> Tuple[str, ...]:
-    """Scope or audience items from the credd's comma string or a JSON list."""
-    if isinstance(value, str):
-        return tuple(s for part in value.split(",") for s in part.split() if s)
+    """Scope or audience strings from a JSON list (anything else: none)."""
     if isinstance(value, list):
         return tuple(str(s) for s in value if isinstance(s, str) and s)
     return ()
@@ -180,8 +178,8 @@ def read_top(data: bytes, where: str) -> Optional[TopCredential]:
         server if isinstance(server, str) and server else None,
         mom_id if isinstance(mom_id, str) else None,
         float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None,
-        _items(doc.get("scopes")),
-        _items(doc.get("audience", doc.get("audiences"))),
+        _items(doc.get("jobtoken_scopes")),
+        _items(doc.get("jobtoken_audiences")),
     )
 
 

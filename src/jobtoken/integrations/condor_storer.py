@@ -216,8 +216,8 @@ def _check_submission(minted: Any, restriction: Mapping[str, Any]) -> None:
 def top_content(token: SubmissionToken) -> bytes:
     """What the storer hands the credd as ``<name>.top`` (JSON; read by ``jobtoken credmon``).
 
-    ``scopes`` and ``audience`` are comma strings, the form the credd itself writes into
-    a ``.top`` and compares when condor_submit (25.x) checks the stored credential.
+    Not ``scopes``/``audience``: the credd compares those members with the query's (empty)
+    ones when anyone asks whether the credential exists, and then says it does not.
     """
     return json.dumps(
         {
@@ -226,8 +226,8 @@ def top_content(token: SubmissionToken) -> bytes:
             "mytoken_server": token.server_url,
             "mom_id": token.mom_id,
             "expires_at": int(token.expires_at),
-            "scopes": ",".join(token.scopes),
-            "audience": ",".join(token.audiences),
+            "jobtoken_scopes": list(token.scopes),
+            "jobtoken_audiences": list(token.audiences),
         },
         sort_keys=True,
     ).encode("ascii")
