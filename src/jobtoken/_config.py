@@ -60,6 +60,7 @@ class SiteConfig:
     scope_templates: Tuple[str, ...] = ("storage.create:/{vo}/jobs/{job_id}",)
     vo: Optional[str] = None
     default_walltime_s: float = 48 * 3600.0
+    max_walltime_s: float = 7 * 24 * 3600.0  # caps what a job's ad asks for
     walltime_slack_s: float = 1800.0
     expected_at_lifetime_s: float = 1200.0  # sizes the usages_AT budget; shorter = more
     hosts: Tuple[str, ...] = ()

@@ -195,7 +195,7 @@ def prepare_job(
     parent_source = MytokenSource(path=Path(parent_path))
     scopes = job_scopes(job, config)
     audiences = _job_audiences(job, config)
-    walltime = job.walltime_s or config.site.default_walltime_s
+    walltime = walltime_for(job, config)
     job_end = start + walltime
     renewal = config.renewal
     settings = policy.RenewalSettings(
@@ -257,6 +257,7 @@ def prepare_job(
                 verifier=build_verifier(config),
             )
             write_secret_file(tokendir.bearer_token, token.raw)
+            _check_budget(usages, token, walltime, settings)
         except JobtokenError:
             # nothing half-made may outlive a failed prepare: no live job mytoken anywhere
             _revoke_quietly(client, minted.mytoken)
@@ -266,15 +267,34 @@ def prepare_job(
                 except JobtokenError as exc:
                     logger.warning("cannot remove %s: %s", path, exc.message)
             raise
-    if token.issued_at is not None:
-        needed = policy.usages_budget(walltime, token.expires_at - token.issued_at, settings)
-        if needed > usages:
-            logger.warning(
-                "job mytoken's usages_AT budget (%d) is too small for %.0f s tokens over %.0f s "
-                "(needs %d): set site.expected_at_lifetime_s to the issuer's token lifetime",
-                usages, token.expires_at - token.issued_at, walltime, needed,
-            )
     return PreparedJob(tokendir, spec, token, minted.mom_id)
+
+
+def _check_budget(
+    usages: int, token: AccessToken, walltime: float, settings: policy.RenewalSettings
+) -> None:
+    """A job mytoken whose ``usages_AT`` cannot last the wall time with the tokens the
+    issuer really hands out would leave the job without a token halfway: refuse it now.
+
+    Raises:
+        ConfigError: the budget is too small (the site's expected_at_lifetime_s is too long).
+    """
+    if token.issued_at is None:
+        return
+    lifetime = token.expires_at - token.issued_at
+    needed = policy.usages_budget(walltime, lifetime, settings)
+    if needed > usages:
+        raise ConfigError(
+            f"the job mytoken's usages_AT budget ({usages}) cannot last {walltime:.0f} s with "
+            f"the issuer's {lifetime:.0f} s tokens (needs {needed}): set "
+            f"site.expected_at_lifetime_s to at most {lifetime:.0f}"
+        )
+
+
+def walltime_for(job: JobInfo, config: Config) -> float:
+    """The wall time a job's tokens must cover: its own, else the site default, at most
+    the site maximum (a job never sizes its chain beyond what the site allows)."""
+    return min(job.walltime_s or config.site.default_walltime_s, config.site.max_walltime_s)
 
 
 _MIN_JOB_MYTOKEN_S = 300.0

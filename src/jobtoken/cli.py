@@ -606,7 +606,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args_list, payload = args_list[:cut], args_list[cut + 1 :]
         args = parser.parse_args(args_list)
         args.payload = payload
-        if payload and args.command != "run":
+        if payload and args.command != "run" and not getattr(args, "takes_payload", False):
             raise UsageError(f"'--' is only used with 'jobtoken run' (got {args.command})")
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)

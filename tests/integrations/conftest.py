@@ -25,6 +25,24 @@ AUDIENCE = "https://se.example.org"
 VO = "dteam"
 
 
+_INSTALLED: Dict[str, str] = {}
+
+
+def condor_script(name: str) -> str:
+    """``condor/NAME`` as a site installs it: the fixed /usr/bin/jobtoken in it replaced by
+    this checkout's jobtoken (the scripts take no path from the environment)."""
+    if name not in _INSTALLED:
+        import tempfile
+
+        directory = Path(tempfile.mkdtemp(prefix="jobtoken-libexec-"))
+        text = (CONDOR_DIR / name).read_text().replace("/usr/bin/jobtoken", JOBTOKEN_BIN)
+        path = directory / name
+        path.write_text(text)
+        path.chmod(0o755)
+        _INSTALLED[name] = str(path)
+    return _INSTALLED[name]
+
+
 @pytest.fixture(scope="module")
 def srv() -> Iterator[DevServer]:
     server = DevServer(DevServerConfig(default_audience=AUDIENCE, at_lifetime_s=1200))

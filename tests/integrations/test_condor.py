@@ -33,9 +33,9 @@ from jobtoken.integrations.condor import (
 
 from .conftest import (
     AUDIENCE,
-    CONDOR_DIR,
     base_env,
     closed_port_url,
+    condor_script,
     job_ad_text,
     toml_config,
     write_secret,
@@ -60,7 +60,7 @@ def run_hook(
         _CONDOR_JOB_AD=str(scratch / ".job.ad"),
     )
     environ.update(env or {})
-    argv = [str(CONDOR_DIR / "jobtoken-prepare-hook"), "--config", str(config), *args]
+    argv = [condor_script("jobtoken-prepare-hook"), "--config", str(config), *args]
     popen = subprocess.Popen(
         argv,
         stdin=subprocess.PIPE,
@@ -360,7 +360,7 @@ def test_exit_hook_revokes_and_removes_files(
     assert out["HookStatusCode"] == 0
     job_mt = (scratch / ".jobtoken" / "mytoken").read_text()
     proc = subprocess.run(
-        [str(CONDOR_DIR / "jobtoken-exit-hook"), "exit"],
+        [condor_script("jobtoken-exit-hook"), "exit"],
         input="",
         capture_output=True,
         text=True,
@@ -417,3 +417,153 @@ def test_publish_chirp_is_best_effort(tmp_path: Path, mocker: Any) -> None:
     assert publish_chirp(tokendir, chirp_factory=broken) == {}
     missing = mocker.MagicMock(side_effect=ValueError(".chirp.config must be present"))
     assert publish_chirp(tokendir, chirp_factory=missing) == {}
+
+
+# --- issue 9: opt-in, handles, wall time, Chirp bindings, containers, audit, stdin -----------
+
+
+def test_credentials_with_a_handle_are_found_by_their_file_name() -> None:
+    from jobtoken.integrations.condor import credential_files
+
+    assert credential_files(("scitokens", "jobtoken*out"), "jobtoken") == ("jobtoken_out.use",)
+    assert credential_files(("jobtoken",), "jobtoken") == ("jobtoken.use",)
+    assert credential_files(("jobtokenx", "other*jobtoken"), "jobtoken") == ()
+
+
+def test_hook_uses_the_handle_credential_not_the_site_robot(
+    srv: DevServer, scratch: Path, tmp_path: Path, parent_file: Path
+) -> None:
+    submission = srv.issue_mytoken(
+        capabilities=["AT", "create_mytoken"], restrictions=[{"scope": "storage.create:/dteam"}]
+    )
+    creds = scratch.parent / ".condor_creds"
+    creds.mkdir(mode=0o755)
+    write_secret(creds / "jobtoken_out.use", submission)
+    config = toml_config(tmp_path / "site.toml", server=srv.url, parent=parent_file)
+    ad = standard_ad(JobtokenScope="storage.create:/dteam", OAuthServicesNeeded="jobtoken*out")
+    out, proc = run_hook(scratch, config, ad, env={"_CONDOR_CREDS": str(creds)})
+    assert out["HookStatusCode"] == 0, out.get("HookStatusMessage")
+    assert "source=$_CONDOR_CREDS/jobtoken_out.use" in proc.stderr
+
+
+def test_hook_holds_when_the_asked_credential_is_missing_despite_a_robot(
+    srv: DevServer, scratch: Path, tmp_path: Path, parent_file: Path
+) -> None:
+    creds = scratch.parent / ".condor_creds"
+    creds.mkdir(mode=0o755)
+    config = toml_config(tmp_path / "site.toml", server=srv.url, parent=parent_file)
+    ad = standard_ad(OAuthServicesNeeded="jobtoken*out")
+    out, _ = run_hook(scratch, config, ad, env={"_CONDOR_CREDS": str(creds)})
+    assert out["HookStatusCode"] == 78
+    assert "jobtoken_out.use" in out["HookStatusMessage"]
+    assert not (scratch / ".jobtoken" / "mytoken").exists()
+
+
+@pytest.mark.parametrize(
+    "attrs, seconds, source",
+    [
+        ({"AllowedJobDuration": 7200}, 7200.0, "AllowedJobDuration"),
+        ({"AllowedJobDuration": 7200, "AllowedExecuteDuration": 3600}, 3600.0,
+         "AllowedExecuteDuration"),
+        ({"AllowedJobDuration": 600, "MaxWallTimeMins": 240}, 600.0, "AllowedJobDuration"),
+        ({"MaxWallTimeMins": 240}, 14400.0, "MaxWallTimeMins"),
+        ({"BatchRuntime": 99, "MaxRuntime": 99}, None, None),
+    ],
+)
+def test_wall_time_from_htcondor_limits_before_conventions(
+    attrs: Dict[str, Any], seconds: Optional[float], source: Optional[str]
+) -> None:
+    from jobtoken.integrations.condor import job_walltime
+
+    ad = read_job_ad(job_ad_text(GlobalJobId="a#1.0#2", **attrs))
+    assert job_walltime(ad) == (seconds, source)
+
+
+def test_site_maximum_caps_the_wall_time() -> None:
+    from jobtoken._config import Config, SiteConfig
+    from jobtoken._prepare import JobInfo, walltime_for
+
+    config = Config(site=SiteConfig(default_walltime_s=600.0, max_walltime_s=3600.0))
+    assert walltime_for(JobInfo("j", walltime_s=10 * 86400.0), config) == 3600.0
+    assert walltime_for(JobInfo("j", walltime_s=1200.0), config) == 1200.0
+    assert walltime_for(JobInfo("j"), config) == 600.0
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [{"WantDocker": True, "DockerImage": "alpine"}, {"ContainerImage": "x.sif"},
+     {"SingularityImage": "/cvmfs/x"}],
+)
+def test_hook_refuses_container_jobs_clearly(
+    srv: DevServer, scratch: Path, tmp_path: Path, parent_file: Path, attrs: Dict[str, Any]
+) -> None:
+    config = toml_config(tmp_path / "site.toml", server=srv.url, parent=parent_file)
+    out, _ = run_hook(scratch, config, standard_ad(**attrs))
+    assert out["HookStatusCode"] == 78
+    assert "not supported" in out["HookStatusMessage"]
+    assert not (scratch / ".jobtoken").exists()
+
+
+def test_chirp_uses_the_23x_bindings_when_htcondor2_has_no_htchirp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sys
+    import types
+
+    from jobtoken.integrations import condor
+
+    old_style = types.ModuleType("htcondor.htchirp")
+    old_style.HTChirp = object  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "htcondor2.htchirp", None)  # as in 23.x
+    monkeypatch.setitem(sys.modules, "htcondor.htchirp", old_style)
+    monkeypatch.setitem(sys.modules, "htcondor", types.ModuleType("htcondor"))
+    assert condor.chirp_client_class() is object
+    monkeypatch.setitem(sys.modules, "htcondor.htchirp", None)
+    assert condor.chirp_client_class() is None
+    tokendir = TokenDir.create(tmp_path / "tok")
+    tokendir.write_state(RenewalState(job_id="j", expires_at=1.0))
+    with caplog.at_level("WARNING", logger="jobtoken"):
+        assert publish_chirp(tokendir) == {}
+        assert publish_chirp(tokendir) == {}
+    assert [r.message for r in caplog.records].count(
+        next(r.message for r in caplog.records if "chirp unavailable" in r.message)) == 1
+
+
+def test_audit_log_knob_and_file(tmp_path: Path) -> None:
+    import logging
+
+    from jobtoken.integrations.condor import (
+        DEFAULT_AUDIT_DIR,
+        attach_audit_log,
+        audit_log_dir,
+    )
+
+    assert audit_log_dir(lambda name: None) == DEFAULT_AUDIT_DIR
+    assert audit_log_dir(lambda name: "none") is None
+    assert audit_log_dir(lambda name: str(tmp_path)) == str(tmp_path)
+    logging.getLogger("jobtoken").setLevel(logging.INFO)  # as the hooks set it
+    handler = attach_audit_log("prepare-hook", str(tmp_path))
+    assert handler is not None
+    try:
+        logging.getLogger("jobtoken.integrations.condor").info("job mytoken minted job=x")
+    finally:
+        logging.getLogger("jobtoken").removeHandler(handler)
+        handler.close()
+    (path,) = tmp_path.iterdir()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    line = path.read_text()
+    assert "prepare-hook" in line and "job mytoken minted job=x" in line
+
+
+@pytest.mark.parametrize("hook", ["jobtoken-update-hook", "jobtoken-exit-hook"])
+def test_hooks_read_the_job_ad_to_its_end(scratch: Path, hook: str) -> None:
+    """The starter writes the whole ad; a hook that closes stdin first makes it log EPIPE."""
+    ad = job_ad_text(GlobalJobId="a#1.0#2", Big="x" * 1_000_000)
+    proc = subprocess.Popen(
+        [condor_script(hook)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, env=base_env(_CONDOR_SCRATCH_DIR=str(scratch)), cwd=scratch,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(ad.encode())  # BrokenPipeError if the hook did not read it all
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0

@@ -22,9 +22,16 @@ from jobtoken._run import sidecar_alive
 from jobtoken._tokendir import TokenDir
 from jobtoken.devserver import DevServer
 
-from .conftest import AUDIENCE, CONDOR_DIR, PAYLOADS, WRAPPERS_DIR, base_env, closed_port_url
+from .conftest import (
+    AUDIENCE,
+    PAYLOADS,
+    WRAPPERS_DIR,
+    base_env,
+    closed_port_url,
+    condor_script,
+    job_ad_text,
+)
 
-WRAPPER = str(CONDOR_DIR / "jobtoken-job-wrapper")
 PILOT_WRAP = str(WRAPPERS_DIR / "jobtoken-wrap")
 EXIT_WITH = [sys.executable, str(PAYLOADS / "exit_with.py")]
 
@@ -62,17 +69,26 @@ def sandbox(srv: DevServer, parent_file: Path, tmp_path: Path) -> Dict[str, Path
         JobInfo("ap#1.0#2", walltime_s=600),
         directory=str(tokendir),
     )
+    asked_for_token(scratch)
     return {"scratch": scratch, "tokendir": tokendir, "failure": outer / ".job_wrapper_failure"}
+
+
+def asked_for_token(scratch: Path) -> None:
+    """The starter's copy of a job ad that asked (HookKeyword JOBTOKEN)."""
+    (scratch / ".job.ad").write_text(
+        job_ad_text(GlobalJobId="ap#1.0#2", HookKeyword="JOBTOKEN", Cmd="/bin/true")
+    )
 
 
 def run_as_starter(sandbox: Dict[str, Path], argv: List[str]) -> subprocess.CompletedProcess:
     env = base_env(
         _CONDOR_SCRATCH_DIR=str(sandbox["scratch"]),
         _CONDOR_WRAPPER_ERROR_FILE=str(sandbox["failure"]),
+        _CONDOR_JOB_AD=str(sandbox["scratch"] / ".job.ad"),
         BEARER_TOKEN="stale-token-from-the-job-environment",
     )
     return subprocess.run(
-        [WRAPPER, *argv],
+        [condor_script("jobtoken-job-wrapper"), *argv],
         cwd=sandbox["scratch"],
         env=env,
         capture_output=True,
@@ -206,3 +222,37 @@ def test_pilot_wrapper_server_down_fails_before_payload(parent_file: Path, tmp_p
 def test_pilot_wrapper_usage(tmp_path: Path) -> None:
     proc = subprocess.run([PILOT_WRAP], env=base_env(), capture_output=True, text=True, timeout=10)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+# --- issue 9: the condor wrapper for jobs that did not ask, and its own revocation ----------
+
+
+def test_condor_wrapper_leaves_a_job_that_did_not_ask_alone(sandbox: Dict[str, Path]) -> None:
+    """Even with a token directory in the sandbox, a job without HookKeyword JOBTOKEN
+    runs exactly as without jobtoken: no sidecar, no token variables."""
+    (sandbox["scratch"] / ".job.ad").write_text(job_ad_text(GlobalJobId="ap#1.0#2"))
+    probe = ["/bin/sh", "-c", 'test -z "${BEARER_TOKEN_FILE:-}" && test -z "${JOBTOKEN_DIR:-}"'
+             ' && test "$BEARER_TOKEN" = stale-token-from-the-job-environment && exit 4']
+    proc = run_as_starter(sandbox, probe)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr == ""
+    assert not sidecar_alive(TokenDir(sandbox["tokendir"]))
+    assert not (sandbox["tokendir"] / "state.json").exists()
+
+
+def test_condor_wrapper_failure_revokes_the_job_mytoken_itself(
+    srv: DevServer, sandbox: Dict[str, Path]
+) -> None:
+    """With .job_wrapper_failure the starter runs no JOB_EXIT hook: the wrapper revokes."""
+    tokendir = sandbox["tokendir"]
+    mom_id = json.loads((tokendir / "job.json").read_text())["mom_id"]
+    (tokendir / "bt").unlink()  # the sidecar needs a new token, and the server refuses one
+    srv.faults.add("access", status=503)
+    try:
+        proc = run_as_starter(sandbox, [*EXIT_WITH, "code", "0"])
+    finally:
+        srv.faults.clear()
+    assert proc.returncode == 1, proc.stderr
+    assert "could not start the token renewal sidecar" in sandbox["failure"].read_text()
+    assert srv._store.by_mom_id(mom_id).revoked
+    assert not (tokendir / "mytoken").exists()

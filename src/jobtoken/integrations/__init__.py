@@ -51,10 +51,25 @@ def _site_config(args: argparse.Namespace) -> Any:
     return load_config(args.config, env={}, overrides=overrides)
 
 
-def _hook_logging() -> None:
-    """Hooks log their audit trail at INFO to stderr, which the starter copies to its log."""
+def _hook_logging(what: str = "") -> None:
+    """Hooks log their audit trail at INFO to stderr (the StarterLog shows it only at
+    D_FULLDEBUG) and, for HTCondor, to the site's audit log (``JOBTOKEN_AUDIT_LOG``)."""
     root = logging.getLogger("jobtoken")
     root.setLevel(min(root.level, logging.INFO))
+    if what:
+        from .condor import attach_audit_log, audit_log_dir
+
+        attach_audit_log(what, audit_log_dir())
+
+
+def _drain_stdin() -> None:
+    """Read the job ad the starter writes, to its end: closing early makes the starter log
+    a failed write (EPIPE) at its default level for every hook run."""
+    try:
+        while sys.stdin.buffer.read(65536):
+            pass
+    except (OSError, ValueError):
+        pass
 
 
 # --- jobtoken condor ... ---------------------------------------------------------------------
@@ -63,7 +78,7 @@ def _hook_logging() -> None:
 def _cmd_prepare_hook(args: argparse.Namespace) -> int:
     from .condor import HookOptions, run_prepare_hook
 
-    _hook_logging()
+    _hook_logging("prepare-hook")
     try:
         config = _site_config(args)
     except Exception as exc:  # a broken site config must hold the job, with its reason
@@ -97,8 +112,8 @@ def _cmd_prepare_hook(args: argparse.Namespace) -> int:
 def _cmd_exit_hook(args: argparse.Namespace) -> int:
     from .condor import run_exit_hook
 
-    _hook_logging()
-    sys.stdin.close()  # the job ad is not needed
+    _hook_logging(f"exit-hook:{args.reason}")
+    _drain_stdin()  # the job ad is not needed
     run_exit_hook(os.environ, reason=args.reason, timeout_s=args.timeout)
     return 0
 
@@ -108,6 +123,7 @@ def _cmd_update_hook(args: argparse.Namespace) -> int:
     from .._tokendir import TokenDir
     from .condor import TOKEN_DIR_NAME, publish_chirp
 
+    _drain_stdin()
     scratch = os.environ.get("_CONDOR_SCRATCH_DIR") or os.getcwd()
     directory = Path(args.dir or Path(scratch) / TOKEN_DIR_NAME)
     if (directory / "job.json").is_file():
@@ -209,6 +225,13 @@ def _cmd_storer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_job_wrapper(args: argparse.Namespace) -> int:
+    from .condor import run_job_wrapper
+
+    _hook_logging()  # the job's environment: the audit knob is not visible here
+    return run_job_wrapper(list(args.payload), os.environ)
+
+
 def _register_condor(sub: Any, name: str) -> None:
     cli = _cli()
     p = sub.add_parser(
@@ -260,6 +283,16 @@ def _register_condor(sub: Any, name: str) -> None:
     cli._common(h)
     h.add_argument("--dir", metavar="DIR", help="token directory (default scratch/.jobtoken)")
     h.set_defaults(func=_cmd_update_hook)
+
+    h = csub.add_parser(
+        "job-wrapper",
+        help="USER_JOB_WRAPPER for a job that asked: start the sidecar, exec the job",
+        description="Run by condor/jobtoken-job-wrapper for jobs with HookKeyword JOBTOKEN: "
+        "a valid token and a renewal sidecar, then the job in this process. Settings come "
+        "from the token directory only, never from the job's environment.",
+    )
+    cli._common(h)
+    h.set_defaults(func=_cmd_job_wrapper, takes_payload=True)  # -- the job's argv
 
     h = csub.add_parser(
         "submit",

@@ -45,7 +45,7 @@ from .._errors import (
     exit_code_for,
 )
 from .._mytokenfile import check_mytoken_value
-from .._prepare import JobInfo, PreparedJob, prepare_job
+from .._prepare import JobInfo, PreparedJob, prepare_job, walltime_for
 from .._tokendir import TokenDir
 from .._tokenfile import (
     ensure_private_dir,
@@ -77,12 +77,21 @@ logger = logging.getLogger(__name__)
 TOKEN_DIR_NAME = ".jobtoken"
 _PARENT_COPY = "parent.mytoken"
 
-# (attribute, seconds per unit), first one present wins; see docs/htcondor.md
-WALLTIME_ATTRIBUTES: Tuple[Tuple[str, float], ...] = (
-    ("BatchRuntime", 1.0),  # HTCondor-CE / routed jobs, seconds
-    ("MaxWallTimeMins", 60.0),  # CMS/OSG glideins and many site policies, minutes
-    ("MaxRuntime", 1.0),  # CHTC-style SYSTEM_PERIODIC_REMOVE limits, seconds
+# HTCondor's enforced run-time limits (seconds; the job is held when one is reached): the
+# token chain must last until the sooner of them. See docs/htcondor.md.
+ENFORCED_WALLTIME_ATTRIBUTES: Tuple[str, ...] = ("AllowedExecuteDuration", "AllowedJobDuration")
+# Site conventions, used only when no enforced limit is set: (attribute, seconds per unit).
+# MaxWallTimeMins is not an HTCondor attribute: jobs set it as +MaxWallTimeMins / My.
+CONVENTION_WALLTIME_ATTRIBUTES: Tuple[Tuple[str, float], ...] = (("MaxWallTimeMins", 60.0),)
+WALLTIME_ATTRIBUTES: Tuple[str, ...] = ENFORCED_WALLTIME_ATTRIBUTES + tuple(
+    name for name, _ in CONVENTION_WALLTIME_ATTRIBUTES
 )
+
+# How a job asks for a token: HTCondor's own per-job hook keyword. Jobs without it get no
+# jobtoken hook at all, and the job wrapper execs them unchanged.
+HOOK_KEYWORD = "JOBTOKEN"
+# What the execute point advertises (STARTD_ATTRS), so that jobs can match it.
+MACHINE_ATTRIBUTE = "HasJobtoken"
 
 CHIRP_ATTRIBUTES = (
     "ChirpJobtokenExpiry",
@@ -212,6 +221,23 @@ def _vo_from_ad(ad: Any) -> Optional[str]:
     return None
 
 
+def job_walltime(ad: Any) -> Tuple[Optional[float], Optional[str]]:
+    """(seconds, where from): the sooner enforced limit, else a site convention, else None."""
+    enforced = [
+        (value, name)
+        for name in ENFORCED_WALLTIME_ATTRIBUTES
+        for value in (_number_attr(ad, name),)
+        if value is not None and value > 0
+    ]
+    if enforced:
+        return min(enforced)
+    for name, unit in CONVENTION_WALLTIME_ATTRIBUTES:
+        value = _number_attr(ad, name)
+        if value is not None and value > 0:
+            return value * unit, name
+    return None, None
+
+
 def job_request_from_ad(ad: Any, *, require_walltime: bool = False) -> JobRequest:
     """Turn the job ad into a validated request (job id, wall time, wishes, environment).
 
@@ -222,17 +248,9 @@ def job_request_from_ad(ad: Any, *, require_walltime: bool = False) -> JobReques
     job_id = _string_attr(ad, "GlobalJobId")
     if not job_id:
         raise ConfigError("job ad has no GlobalJobId")
-    walltime = None
-    source = None
-    for name, unit in WALLTIME_ATTRIBUTES:
-        value = _number_attr(ad, name)
-        if value is not None and value > 0:
-            walltime, source = value * unit, name
-            break
+    walltime, source = job_walltime(ad)
     if walltime is None and require_walltime:
-        raise ConfigError(
-            f"job {job_id} has no wall time ({', '.join(n for n, _ in WALLTIME_ATTRIBUTES)})"
-        )
+        raise ConfigError(f"job {job_id} has no wall time ({', '.join(WALLTIME_ATTRIBUTES)})")
     scopes: List[str] = []
     wanted = _string_attr(ad, "JobtokenScope")
     if wanted:
@@ -275,6 +293,43 @@ def job_request_from_ad(ad: Any, *, require_walltime: bool = False) -> JobReques
         environment=environment,
         oauth_services=services,
     )
+
+
+def refuse_unsupported_job(ad: Any, job_id: str) -> None:
+    """Hold container jobs: their token would silently stop being renewed.
+
+    HTCondor does not run ``USER_JOB_WRAPPER`` in the docker universe (no sidecar, so no
+    renewal), and with apptainer/singularity the wrapper and the payload see different
+    paths (``SINGULARITY_TARGET_DIR`` rewrites the sandbox). Refusing is honest; a job
+    that needs a token in a container gets the reason in its hold message.
+
+    Raises:
+        ConfigError: a docker or container job.
+    """
+    if _bool_attr(ad, "WantDocker") or _string_attr_raw(ad, "DockerImage"):
+        raise ConfigError(
+            f"job {job_id}: the docker universe is not supported (HTCondor runs no "
+            "USER_JOB_WRAPPER there, so the token would not be renewed)"
+        )
+    if (
+        _bool_attr(ad, "WantContainer")
+        or _bool_attr(ad, "WantSingularity")
+        or _string_attr_raw(ad, "ContainerImage")
+        or _string_attr_raw(ad, "SingularityImage")
+    ):
+        raise ConfigError(
+            f"job {job_id}: container (apptainer/singularity) jobs are not supported: the "
+            "job wrapper runs outside the container and the token path would differ inside"
+        )
+
+
+def _bool_attr(ad: Any, name: str) -> bool:
+    if name not in ad:
+        return False
+    try:
+        return ad.eval(name) is True
+    except Exception:
+        return False
 
 
 def _string_attr_raw(ad: Any, name: str) -> Optional[str]:
@@ -333,18 +388,32 @@ def _job_supplied_mytoken(
                 "transfer_input_files set again after the jobtoken include line?)"
             )
         return "transferred file", path
+    wanted = credential_files(request.oauth_services, options.creds_service)
     creds = env.get("_CONDOR_CREDS")
     if creds:
-        service = options.creds_service
-        # with a handle the credential is <service>_<handle>; '*' becomes '_' in file names
-        translated = [n.replace("*", "_") for n in request.oauth_services]
-        names = [n for n in translated if n == service or n.startswith(service + "_")]
-        for name in names + [service]:
-            file_name = name + ".use"
+        for file_name in wanted or (options.creds_service + ".use",):
             path = Path(creds) / file_name
             if path.is_file():
                 return f"$_CONDOR_CREDS/{file_name}", path
+    if wanted:
+        # the job asked for its own credential: never fall back to the site's robot
+        raise ConfigError(
+            f"the job asks for credential {', '.join(wanted)} (OAuthServicesNeeded) but "
+            f"{'$_CONDOR_CREDS has no such file' if creds else 'there is no $_CONDOR_CREDS'}"
+        )
     return None
+
+
+def credential_files(services: Tuple[str, ...], service: str) -> Tuple[str, ...]:
+    """The ``.use`` file names of our service in ``OAuthServicesNeeded``.
+
+    HTCondor lists a credential with a handle as ``svc*handle`` and stores it as
+    ``svc_handle.use``: the ``*`` is translated before matching, so a handle is found.
+    """
+    names = [n.replace("*", "_") for n in services]
+    return tuple(
+        f"{n}.use" for n in dict.fromkeys(names) if n == service or n.startswith(service + "_")
+    )
 
 
 def _creds_access_token(
@@ -421,7 +490,7 @@ def _fit_into_parent(
     exp = _mytoken_expiry(mytoken)
     if exp is None:
         return job, None
-    walltime = job.walltime_s or config.site.default_walltime_s
+    walltime = walltime_for(job, config)
     room = exp - now - config.site.walltime_slack_s - 60.0
     if room >= walltime:
         return job, None
@@ -504,6 +573,11 @@ def _prepare_hook(
     ad = read_job_ad(ad_text)
     request = job_request_from_ad(ad, require_walltime=options.require_walltime)
     job = request.job
+    refuse_unsupported_job(ad, job.job_id)
+    if _number_attr(ad, "SuccessCheckpointExitCode") is not None:  # checkpoint_exit_code
+        # a self-checkpointing job is restarted through the wrapper without this hook: the
+        # job mytoken must outlive each run; the exit hook revokes it at the job's end
+        config = replace(config, renewal=replace(config.renewal, revoke_at_end=False))
     scratch_env = env.get("_CONDOR_SCRATCH_DIR")
     scratch = Path(scratch_env) if scratch_env else Path.cwd()
     if not scratch_env:
@@ -635,6 +709,35 @@ def chirp_values(tokendir: TokenDir) -> Dict[str, str]:
     return values
 
 
+def chirp_client_class() -> Optional[Callable[[], Any]]:
+    """HTChirp from the bindings the site has: ``htcondor2`` (24+), else ``htcondor`` (23.x)."""
+    for module in ("htcondor2.htchirp", "htcondor.htchirp"):
+        try:
+            imported = __import__(module, fromlist=["HTChirp"])
+        except ImportError:
+            continue
+        return getattr(imported, "HTChirp", None)
+    return None
+
+
+_NO_CHIRP_MARK = "chirp-unavailable"
+
+
+def _warn_no_chirp_once(tokendir: TokenDir) -> None:
+    """One warning per job (each hook run is a new process, so the mark is a file)."""
+    mark = tokendir.path / _NO_CHIRP_MARK
+    if mark.exists():
+        return
+    logger.warning(
+        "chirp unavailable: no htcondor2.htchirp or htcondor.htchirp (install the HTCondor "
+        "Python bindings that come with the daemons); no ChirpJobtoken* attributes"
+    )
+    try:
+        mark.touch(exist_ok=True)
+    except OSError:
+        pass
+
+
 def publish_chirp(
     tokendir: TokenDir, *, chirp_factory: Optional[Callable[[], Any]] = None
 ) -> Dict[str, str]:
@@ -642,17 +745,15 @@ def publish_chirp(
     values = chirp_values(tokendir)
     if not values:
         return {}
-    try:
+    if chirp_factory is None:
+        chirp_factory = chirp_client_class()
         if chirp_factory is None:
-            from htcondor2.htchirp import HTChirp
-
-            chirp_factory = HTChirp
+            _warn_no_chirp_once(tokendir)
+            return {}
+    try:
         with chirp_factory() as chirp:
             for name, value in values.items():
                 chirp.set_job_attr_delayed(name, value)
-    except ImportError:
-        logger.debug("chirp skipped: htcondor bindings not installed")
-        return {}
     except ValueError as exc:  # no .chirp.config: Chirp is off for this job
         logger.debug("chirp skipped: %s", exc)
         return {}
@@ -708,6 +809,7 @@ def submit_commands(
         "if !defined should_transfer_files",
         "  should_transfer_files = YES",
         "endif",
+        f"My.HookKeyword = {_quote(HOOK_KEYWORD)}",
         f"My.JobtokenMytokenFile = {_quote(os.path.basename(mytoken_path))}",
         f"My.JobtokenServer = {_quote(server_url)}",
         f"My.JobtokenScope = {_quote(' '.join(scopes))}",
@@ -717,3 +819,194 @@ def submit_commands(
     if mom_id:
         lines.append(f"My.JobtokenSubmissionMomId = {_quote(mom_id)}")
     return "\n".join(lines) + "\n"
+
+
+# --- the job wrapper (USER_JOB_WRAPPER) for jobs that asked ---------------------------------
+
+# what a job's environment must not change in jobtoken's own processes (the wrapper runs
+# with the job's environment): settings, the interpreter's module path
+_NOT_FROM_THE_JOB = ("JOBTOKEN_", "PYTHON", "MYTOKEN", "BEARER_TOKEN")
+
+
+def own_environment(env: Mapping[str, str]) -> Dict[str, str]:
+    """The job's environment without what could steer jobtoken itself."""
+    return {k: v for k, v in env.items() if not k.startswith(_NOT_FROM_THE_JOB)}
+
+
+def start_job_sidecar(
+    directory: Path,
+    watch_pid: int,
+    env: Mapping[str, str],
+    *,
+    previous_timeout_s: float = 60.0,
+    ready_timeout_s: float = 30.0,
+) -> None:
+    """A valid token in ``directory`` and a renewal sidecar watching ``watch_pid``.
+
+    A self-checkpointing job comes back here without the prepare hook: the previous run's
+    sidecar may still be finishing, so it is waited for before the new one starts (two
+    would fight over the lock, and the finishing one would delete the new token).
+
+    Raises:
+        ConfigError: no token directory (the prepare hook did not run for a job that asked).
+        ServerUnavailableError: the previous sidecar does not end, or the new one does not
+            start; JobtokenError: no first token (the sidecar's own error).
+    """
+    import subprocess
+    import sys
+
+    from .._run import sidecar_alive
+
+    if not (directory / "job.json").is_file():
+        raise ConfigError(
+            f"the job asked for a token (HookKeyword {HOOK_KEYWORD}) but {directory} has no "
+            "job.json: the prepare hook did not run on this execute point"
+        )
+    tokendir = TokenDir.existing(directory)
+    deadline = time.monotonic() + previous_timeout_s
+    while sidecar_alive(tokendir):
+        if time.monotonic() > deadline:
+            raise ServerUnavailableError(
+                f"the previous run's token sidecar did not end within {previous_timeout_s:.0f} s"
+            )
+        time.sleep(0.1)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobtoken", "sidecar", "--detach", "--dir", str(directory),
+         "--watch-pid", str(watch_pid)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=own_environment(env),
+        text=True,
+        timeout=ready_timeout_s + 120.0,
+    )
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        raise JobtokenError(
+            f"could not start the token renewal sidecar (exit {proc.returncode}): "
+            f"{_one_line(lines[-1] if lines else 'no message', 200)}"
+        )
+    # the sidecar records the pid it watches once it holds the lock
+    deadline = time.monotonic() + ready_timeout_s
+    while True:
+        state = tokendir.read_state()
+        if state is not None and state.payload_pid == watch_pid and sidecar_alive(tokendir):
+            return
+        if time.monotonic() > deadline:
+            raise ServerUnavailableError(
+                f"the token sidecar did not take over within {ready_timeout_s:.0f} s"
+            )
+        time.sleep(0.05)
+
+
+def run_job_wrapper(
+    argv: List[str],
+    env: Mapping[str, str],
+    *,
+    dir_name: str = TOKEN_DIR_NAME,
+    execute: Callable[[str, List[str], Dict[str, str]], Any] = os.execvpe,
+) -> int:
+    """``USER_JOB_WRAPPER`` for a job that asked: sidecar up, then exec the job in place.
+
+    The job keeps this process id (the sidecar watches it), its exit status and signals.
+    When the sidecar cannot start, HTCondor's ``$_CONDOR_WRAPPER_ERROR_FILE`` gets the
+    reason (the starter requeues the job) and the job mytoken is revoked here, because
+    the starter then runs no ``JOB_EXIT`` hook.
+
+    Returns:
+        Only on failure: 1 (sidecar), 127 (the job's executable cannot run).
+    """
+    if not argv:
+        logger.error("job wrapper: no job command")
+        return int(ExitCode.USAGE)
+    scratch = Path(env.get("_CONDOR_SCRATCH_DIR") or os.getcwd())
+    directory = scratch / dir_name
+    try:
+        start_job_sidecar(directory, os.getpid(), env)
+    except JobtokenError as exc:
+        message = _one_line(f"jobtoken: {exc.message}")
+        logger.error("job wrapper failed: %s", exc.message)
+        failure = env.get("_CONDOR_WRAPPER_ERROR_FILE")
+        if failure:
+            try:
+                with open(failure, "w", encoding="utf-8") as fh:
+                    fh.write(message + "\n")
+            except OSError as err:
+                logger.error("cannot write %s: %s", failure, err.strerror)
+        revoked = revoke_and_clean(directory, timeout_s=20.0)
+        logger.info("job wrapper cleaned up after its failure revoked=%s", revoked)
+        return 1
+    payload_env = {k: v for k, v in env.items() if k != "BEARER_TOKEN"}
+    payload_env["BEARER_TOKEN_FILE"] = str(directory / "bt")
+    payload_env["JOBTOKEN_DIR"] = str(directory)
+    try:
+        execute(argv[0], argv, payload_env)
+    except OSError as exc:
+        logger.error("cannot run the job's executable %s: %s", argv[0], exc.strerror)
+    return 127
+
+
+# --- the audit log ----------------------------------------------------------------------------
+
+AUDIT_KNOB = "JOBTOKEN_AUDIT_LOG"
+DEFAULT_AUDIT_DIR = "/var/log/jobtoken"
+
+
+def _condor_param(name: str) -> Optional[str]:
+    """A knob of the HTCondor configuration this process runs under (the starter's, for
+    hooks), read with the bindings the site has; None when unset or no bindings."""
+    for module in ("htcondor2", "htcondor"):
+        try:
+            imported = __import__(module)
+        except ImportError:
+            continue
+        try:
+            value = imported.param.get(name)
+        except Exception:  # a config the bindings cannot read: use the default
+            return None
+        return None if value is None else str(value)
+    return None
+
+
+def audit_log_dir(param: Callable[[str], Optional[str]] = _condor_param) -> Optional[str]:
+    """Where hooks append their audit lines: ``JOBTOKEN_AUDIT_LOG`` (HTCondor config),
+    default /var/log/jobtoken; ``none`` or empty turns the file off."""
+    value = param(AUDIT_KNOB)
+    if value is None:
+        return DEFAULT_AUDIT_DIR
+    value = value.strip()
+    return None if value.lower() in ("", "none", "false") else value
+
+
+def attach_audit_log(what: str, directory: Optional[str]) -> Optional[logging.Handler]:
+    """Append this process's INFO+ log lines to ``DIRECTORY/<user>.log``.
+
+    Hooks run as the job's user, so each user writes only their own file; the directory is
+    the site's (mode 1733 like /tmp: anyone may create a file, nobody may touch another's).
+    A missing or unwritable directory costs a warning on stderr, never the job.
+    """
+    if not directory:
+        return None
+    import pwd
+
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = str(os.getuid())
+    path = Path(directory) / f"{user}.log"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError as exc:
+        logger.warning("no audit log: cannot open %s: %s", path, exc.strerror)
+        return None
+    handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
+    formatter = logging.Formatter(
+        f"%(asctime)s jobtoken[%(process)d] {what} user={user} %(levelname)s %(message)s",
+        "%Y-%m-%dT%H:%M:%SZ",
+    )
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    handler.setLevel(logging.INFO)
+    logging.getLogger("jobtoken").addHandler(handler)
+    return handler
