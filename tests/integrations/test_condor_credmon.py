@@ -382,3 +382,27 @@ def test_hook_requeues_an_expired_creds_token(srv: DevServer, tmp_path: Path) ->
     out, _ = run_hook(scratch, config, standard_ad(), env={"_CONDOR_CREDS": str(creds)})
     assert 300 <= out["HookStatusCode"] < 400, out
     assert "expired" in out["HookStatusMessage"]
+
+
+def test_job_wrapper_execs_a_creds_token_job_unchanged(tmp_path: Path) -> None:
+    """The credd path leaves no job mytoken on the EP: nothing to renew, no sidecar."""
+    from jobtoken.integrations.condor import run_job_wrapper
+
+    creds = tmp_path / ".condor_creds"
+    creds.mkdir()
+    scratch = tmp_path / "dir_1"
+    scratch.mkdir()
+    env = {
+        "_CONDOR_SCRATCH_DIR": str(scratch),
+        "_CONDOR_CREDS": str(creds),
+        "BEARER_TOKEN_FILE": str(creds / "jobtoken_out.use"),
+    }
+    ran = []
+    assert run_job_wrapper(["/bin/true"], env, execute=lambda *a: ran.append(a)) == 127
+    assert ran == [("/bin/true", ["/bin/true"], env)]
+    assert not (scratch / ".jobtoken").exists()
+    # a job that points BEARER_TOKEN_FILE elsewhere gets the usual path (no job.json: fails)
+    env["BEARER_TOKEN_FILE"] = str(tmp_path / "mine")
+    ran.clear()
+    assert run_job_wrapper(["/bin/true"], env, execute=lambda *a: ran.append(a)) == 1
+    assert ran == []

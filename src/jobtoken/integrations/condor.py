@@ -899,6 +899,12 @@ def start_job_sidecar(
         time.sleep(0.05)
 
 
+def _token_from_creds(env: Mapping[str, str]) -> bool:
+    """Whether the job's ``BEARER_TOKEN_FILE`` is a ``.use`` in ``$_CONDOR_CREDS``."""
+    creds, token = env.get("_CONDOR_CREDS"), env.get("BEARER_TOKEN_FILE")
+    return bool(creds and token and token.endswith(".use") and Path(token).parent == Path(creds))
+
+
 def run_job_wrapper(
     argv: List[str],
     env: Mapping[str, str],
@@ -921,6 +927,14 @@ def run_job_wrapper(
         return int(ExitCode.USAGE)
     scratch = Path(env.get("_CONDOR_SCRATCH_DIR") or os.getcwd())
     directory = scratch / dir_name
+    if not (directory / "job.json").exists() and _token_from_creds(env):
+        # the credd path: the prepare hook pointed BEARER_TOKEN_FILE at $_CONDOR_CREDS,
+        # which HTCondor refreshes from the AP's credmon; no job mytoken, nothing to renew
+        try:
+            execute(argv[0], argv, dict(env))
+        except OSError as exc:
+            logger.error("cannot run the job's executable %s: %s", argv[0], exc.strerror)
+        return 127
     try:
         start_job_sidecar(directory, os.getpid(), env)
     except JobtokenError as exc:

@@ -328,8 +328,9 @@ JOBTOKEN_AUDIT_LOG = $(LOG)/jobtoken
 class Pool:
     """One running personal pool; ``start()``/``stop()`` or use it as a context manager."""
 
-    def __init__(self, env: PoolEnv, *, jobtoken_toml: str) -> None:
+    def __init__(self, env: PoolEnv, *, jobtoken_toml: str, extra_config: str = "") -> None:
         self.env = env
+        self.extra_config = extra_config  # appended to the pool's config (the AP tests' part)
         self.jobtoken_toml_text = jobtoken_toml
         base = env.host_path("/var/tmp")
         base.mkdir(parents=True, exist_ok=True)
@@ -384,7 +385,8 @@ class Pool:
             (libexec / script.name).chmod(0o755)
         confd = self.dir / "config.d"
         confd.mkdir()
-        shutil.copy(REPO / "condor" / "config.d" / "50-jobtoken.conf", confd)
+        for conf in sorted((REPO / "condor" / "config.d").glob("*.conf")):
+            shutil.copy(conf, confd)  # every shipped file; the pool config includes the EP's
         etc = self.dir / "etc"
         etc.mkdir()
         (etc / "jobtoken.toml").write_text(self.jobtoken_toml_text)
@@ -423,7 +425,7 @@ class Pool:
         self._install_jobtoken()
         (self.dir / "condor_config").write_text(_pool_config(
             self.inner, self.port, f"{self.inner}/config.d/50-jobtoken.conf",
-            f"{self.inner}/libexec", f"{self.etc}/jobtoken.toml"))
+            f"{self.inner}/libexec", f"{self.etc}/jobtoken.toml") + self.extra_config)
         subprocess.run(["chmod", "-R", "go+rX", str(self.dir / "venv"), str(self.dir / "bin"),
                         str(self.dir / "etc"), str(self.dir / "config.d")], check=True)
         if self.mounts is not None:
