@@ -406,3 +406,18 @@ def test_job_wrapper_execs_a_creds_token_job_unchanged(tmp_path: Path) -> None:
     ran.clear()
     assert run_job_wrapper(["/bin/true"], env, execute=lambda *a: ran.append(a)) == 1
     assert ran == []
+
+
+def test_tokens_shorter_than_the_refresh_chain_are_reported_once(
+    srv: DevServer, cred_dir: Path, mint: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job reads a .use up to SEC_CREDENTIAL_REFRESH + one scan after it was written."""
+    put(cred_dir / "alice" / "jobtoken.top", top_json(user_mytoken(srv), srv.url))
+    remembered: dict = {}
+    with caplog.at_level("WARNING", logger="jobtoken"):
+        for _ in range(2):  # 1200 s tokens < 2000 s: renewed at every scan, warned once
+            scan_credentials(
+                cred_dir, now=time.time(), mint=mint, min_remaining_s=2000, remembered=remembered
+            )
+    warned = [r.getMessage() for r in caplog.records if "SEC_CREDENTIAL_REFRESH" in r.getMessage()]
+    assert len(warned) == 1 and "live 1200 s" in warned[0]

@@ -325,6 +325,19 @@ def scan_credentials(
                 token = mint(now, cred)
                 write_secret_file(use, token.raw)
                 memory[label] = "ok"
+                lifetime = token.expires_at - (token.issued_at or now)
+                if lifetime < min_remaining_s:
+                    note(
+                        label + "#lifetime",
+                        "short",
+                        logging.WARNING,
+                        "access tokens live %d s, less than %d s (SEC_CREDENTIAL_REFRESH + "
+                        "scan interval + 60 s): jobs may read expired tokens; lower "
+                        "SEC_CREDENTIAL_REFRESH on the execute points cred=%s",
+                        int(lifetime),
+                        int(min_remaining_s),
+                        label,
+                    )
                 logger.info(
                     "access token written cred=%s reason=%s mom_id=%s jti=%s exp=%d",
                     label,
