@@ -36,10 +36,6 @@ VAULT_PORT = 8200  # HTCondor's Vault credmon accepts no other port
 AP_CONFIG = """
 # --- the access point: jobtoken's AP config as shipped, this pool's paths ---
 include : $(LOCAL_DIR)/config.d/50-jobtoken-ap.conf
-JOBTOKEN_LIBEXEC = $(LOCAL_DIR)/libexec
-JOBTOKEN_CONFIG = $(LOCAL_DIR)/etc/jobtoken.toml
-# the AP file names JOBTOKEN_CONFIG again (for AP-only hosts): say the EP hook's again too
-JOBTOKEN_HOOK_PREPARE_JOB_ARGS = --config $(JOBTOKEN_CONFIG) --deadline 120
 SEC_CREDENTIAL_DIRECTORY_OAUTH = $(LOCAL_DIR)/oauth_credentials
 JOBTOKEN_CREDMON_ARGS = --log-file $(LOG)/JobtokenCredmonLog --interval 3
 # the credd's default fixed port 9620 would keep a second pool on this machine from starting
