@@ -221,7 +221,8 @@ def _cmd_storer(args: argparse.Namespace) -> int:
     _config_from_condor(args)
     config = cli._config_from(args)
     names = run_storer(config, args.credentials, env=os.environ, lifetime_s=args.lifetime)
-    sys.stderr.write(f"jobtoken: stored {', '.join(names)}\n")
+    if names:
+        sys.stderr.write(f"jobtoken: stored {', '.join(names)}\n")
     return 0
 
 
