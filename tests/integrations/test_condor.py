@@ -150,17 +150,23 @@ def test_hook_without_walltime_uses_site_default_with_message(
 # --- the job's own mytoken: $_CONDOR_CREDS and transferred files -------------------------------
 
 
-@pytest.mark.parametrize("form", ["bare", "json"])
-def test_hook_takes_mytoken_from_condor_creds(
-    srv: DevServer, scratch: Path, tmp_path: Path, form: str
-) -> None:
+def job_credential(srv: DevServer, scratch: Path, file_name: str, form: str) -> Path:
+    """$_CONDOR_CREDS with the job's own (submission) mytoken in FILE_NAME, bare or JSON."""
     submission = srv.issue_mytoken(
         capabilities=["AT", "create_mytoken"], restrictions=[{"scope": "storage.create:/dteam"}]
     )
     creds = scratch.parent / ".condor_creds"
     creds.mkdir(mode=0o755)
     text = submission if form == "bare" else json.dumps({"mytoken": submission, "x": 1})
-    write_secret(creds / "jobtoken.use", text + "\n")
+    write_secret(creds / file_name, text + "\n")
+    return creds
+
+
+@pytest.mark.parametrize("form", ["bare", "json"])
+def test_hook_takes_mytoken_from_condor_creds(
+    srv: DevServer, scratch: Path, tmp_path: Path, form: str
+) -> None:
+    creds = job_credential(srv, scratch, "jobtoken.use", form)
     config = toml_config(tmp_path / "site.toml", server=srv.url)  # no site mytoken at all
     ad = standard_ad(JobtokenScope="storage.create:/dteam")
     out, proc = run_hook(scratch, config, ad, env={"_CONDOR_CREDS": str(creds)})
@@ -433,12 +439,7 @@ def test_credentials_with_a_handle_are_found_by_their_file_name() -> None:
 def test_hook_uses_the_handle_credential_not_the_site_robot(
     srv: DevServer, scratch: Path, tmp_path: Path, parent_file: Path
 ) -> None:
-    submission = srv.issue_mytoken(
-        capabilities=["AT", "create_mytoken"], restrictions=[{"scope": "storage.create:/dteam"}]
-    )
-    creds = scratch.parent / ".condor_creds"
-    creds.mkdir(mode=0o755)
-    write_secret(creds / "jobtoken_out.use", submission)
+    creds = job_credential(srv, scratch, "jobtoken_out.use", "bare")
     config = toml_config(tmp_path / "site.toml", server=srv.url, parent=parent_file)
     ad = standard_ad(JobtokenScope="storage.create:/dteam", OAuthServicesNeeded="jobtoken*out")
     out, proc = run_hook(scratch, config, ad, env={"_CONDOR_CREDS": str(creds)})

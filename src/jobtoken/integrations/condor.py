@@ -1,6 +1,9 @@
-"""HTCondor: the execute point's hooks, Chirp status, and the access point's submit include.
+"""HTCondor: the execute point's hooks, job wrapper, Chirp status, audit log, and the access
+point's submit include.
 
-Each entry point turns one HTCondor contract into one library call:
+Only jobs that ask (``HookKeyword = "JOBTOKEN"``, HTCondor's own per-job hook choice) get
+any of this; the shipped ``USER_JOB_WRAPPER`` execs every other job unchanged. Each entry
+point turns one HTCondor contract into one library call:
 
 * ``PREPARE_JOB`` hook (``run_prepare_hook``): job ad on stdin → ``prepare_job`` →
   a ClassAd on stdout that adds ``BEARER_TOKEN_FILE``/``JOBTOKEN_DIR`` to the job's
@@ -13,14 +16,19 @@ Each entry point turns one HTCondor contract into one library call:
 * ``UPDATE_JOB_INFO`` hook / Chirp (``publish_chirp``): the sidecar's state as delayed
   ``Chirp*`` job attributes (no ``want_io_proxy`` needed). Best effort.
 * ``include command : jobtoken condor submit`` (``submit_commands``): submit-language
-  lines that ship the per-submission mytoken with the job, encrypted.
+  lines that ship the per-submission mytoken with the job, encrypted, and ask for a token.
+* ``USER_JOB_WRAPPER`` (``run_job_wrapper``): the renewal sidecar, then the job in place;
+  also after a self-checkpointing restart, which skips the prepare hook.
+* Audit lines (``attach_audit_log``): ``JOBTOKEN_AUDIT_LOG/<user>.log``, because the
+  StarterLog shows a successful hook's stderr only at ``D_FULLDEBUG``.
 
 Status codes (``hook_status_code``): hold subcode = jobtoken's exit code (65-78, 1);
 requeue = 300 + exit code (375 server unavailable, 376 protocol error).
 
-Must NOT: import htcondor at module level (``classad2``/``htcondor2`` are imported inside
-the functions that need them), hold a policy of its own (scopes, lifetimes and
-budgets come from ``_prepare``), or write a token anywhere but the token directory.
+Must NOT: import htcondor at module level (``classad2``, ``htcondor2`` or 23.x's
+``htcondor`` are imported inside the functions that need them), hold a policy of its own
+(scopes, lifetimes and budgets come from ``_prepare``), or write a token anywhere but the
+token directory.
 """
 
 from __future__ import annotations

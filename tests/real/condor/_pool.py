@@ -329,9 +329,11 @@ class Pool:
     """One running personal pool; ``start()``/``stop()`` or use it as a context manager."""
 
     def __init__(self, env: PoolEnv, *, jobtoken_toml: str, extra_config: str = "") -> None:
+        """``extra_config``: HTCondor config lines appended last (e.g. an access point's
+        credd and credmon for the credd-path tests)."""
         self.env = env
-        self.extra_config = extra_config  # appended to the pool's config (the AP tests' part)
         self.jobtoken_toml_text = jobtoken_toml
+        self.extra_config = extra_config
         base = env.host_path("/var/tmp")
         base.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="jobtoken-pool-", dir=base))

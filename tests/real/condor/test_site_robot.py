@@ -109,6 +109,8 @@ def test_jobs_that_do_not_ask_are_untouched_server_up_or_down(
     """Plain jobs: no token, no job mytoken, no sidecar, server up or down; a job that
     asks while the server is down is requeued and completes once it is back."""
     before = child_ids(devserver, robot)
+    # the EP tells jobs it has jobtoken
+    assert site.condor(["condor_status", "-af", "HasJobtoken"]).stdout.split()[0] == "true"
     probe = (
         "#!/bin/sh\n"
         'test -z "${BEARER_TOKEN_FILE:-}" || { echo "has BEARER_TOKEN_FILE"; exit 90; }\n'
@@ -190,14 +192,20 @@ def test_wall_time_comes_from_htcondor_limits_capped_by_the_site(
         "over-max": ("allowed_job_duration = 100000", 1000.0),  # site max below
     }
     site.set_jobtoken_toml(site_toml(site, devserver, site={"max_walltime_s": 1000.0}))
-    clusters = {}
-    for name, (line, _) in cases.items():
-        before = child_ids(devserver, robot)
-        directory = site.job_dir(f"walltime-{name}")
-        clusters[name] = site.submit(directory, submit_text(1, 0, ASK, line), reader_files())
-        ad = site.wait_done(clusters[name], timeout=120)
+    before = child_ids(devserver, robot)
+    clusters = {
+        name: site.submit(site.job_dir(f"walltime-{name}"), submit_text(1, 0, ASK, line),
+                          reader_files())
+        for name, (line, _) in cases.items()
+    }
+    minted = {}
+    for name, cluster in clusters.items():
+        ad = site.wait_done(cluster, timeout=120)
         assert (ad["JobStatus"], ad["ExitCode"]) == (COMPLETED, 0), (name, ad)
-        (child,) = new_children(devserver, robot, before)
+        # the job mytoken's name carries the GlobalJobId (schedd#cluster.proc#time)
+        (minted[name],) = [c for c in new_children(devserver, robot, before)
+                           if f"#{cluster}.0#" in c.name]
+    for name, child in minted.items():
         expected = cases[name][1] + slack
         assert abs(_exp_budget(child) - expected) < 15, (name, _exp_budget(child), expected)
 
@@ -237,6 +245,9 @@ def test_remove_and_hold_revoke_the_job_mytoken(
     site.wait_job(cluster, lambda a: a["JobStatus"] == want, 120, f"to be {tool} done")
     site.wait_for(lambda: all(c.revoked for c in new_children(devserver, robot, before)), 60,
                   "the job mytoken to be revoked")
+    # HTCondor 23.9 runs JOB_EXIT with "evict" for condor_rm and condor_hold alike
+    site.wait_for(lambda: "exit-hook:evict" in site.audit_log.read_text(), 60,
+                  "the exit hook's audit line")
     if tool == "condor_hold":
         site.condor(["condor_rm", str(cluster)])
         site.wait_done(cluster, timeout=60)
@@ -265,7 +276,8 @@ def test_include_command_path_sends_the_users_own_mytoken_with_the_job(
              "test ! -e jobtoken_submission.mytoken || { echo 'mytoken left'; exit 92; }\n"
              f"exec /usr/bin/python3 reader.py {2 * AT_LIFETIME_S} 3\n")
     text = submit_text(0, 0, "allowed_job_duration = 600", "transfer_input_files = reader.py",
-                       include).replace("executable = reader.py", "executable = probe.sh")
+                       "requirements = TARGET.HasJobtoken =?= true", include)
+    text = text.replace("executable = reader.py", "executable = probe.sh")
     cluster = site.submit(directory, text, {"probe.sh": probe, **reader_files()})
     ad = site.wait_done(cluster, timeout=2 * AT_LIFETIME_S + 120)
     assert (ad["JobStatus"], ad["ExitCode"]) == (COMPLETED, 3), (ad, stderr_of(directory))
