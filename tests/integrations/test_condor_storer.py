@@ -11,7 +11,7 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import htcondor2
 import pytest
@@ -203,6 +203,9 @@ def test_parse_storer_argument() -> None:
         parse_storer_argument("&scopes=x")
 
 
+SCOPE = "storage.create:/dteam"
+
+
 class FakeCredd:
     """The credd API of 24.10+/25 bindings (``refresh``); records calls, answers queries."""
 
@@ -230,9 +233,16 @@ class FakeCredd:
             )
         )
 
-    def query_user_service_cred(self, credtype: Any, service: str, handle: Any = None) -> str:
+    def query_user_service_cred(
+        self, credtype: Any, service: str, handle: Any = None
+    ) -> Optional[str]:
         self.queries += 1
         name = f"{service}_{handle}" if handle else service
+        stored = {
+            f"{c['service']}_{c['handle']}" if c["handle"] else c["service"] for c in self.stored
+        }
+        if name not in stored:
+            return None  # the bindings' answer for FAILURE_NOT_FOUND
         lines = [f"Top{name}Time = 1000"]
         if self.queries > self.use_after:
             lines.append(f"{name} = 1001")  # the credmon wrote the .use after the .top
@@ -288,6 +298,24 @@ def test_storer_stores_restricted_mytoken_as_top(
     # not "scopes"/"audience": the credd would compare them with its query's and say "missing"
     assert top["jobtoken_scopes"] == ["storage.create:/dteam"]
     assert top["jobtoken_audiences"] == [AUDIENCE] and "scopes" not in top
+
+
+def test_a_handle_never_replaces_a_credential_without_one(
+    srv: DevServer, user_mytoken: Path
+) -> None:
+    """The parent .top that keeps 23.9's Vault credmon off handle credentials is stored only
+    where none exists: a running job's jobtoken.top (no handle) must keep its mytoken."""
+    credd = FakeCredd()
+    config = storer_config(srv, user_mytoken)
+    run_storer(config, [f"jobtoken&scopes={SCOPE}&audience={AUDIENCE}"], env={}, credd=credd)
+    run_storer(
+        config, [f"jobtoken&handle=out&scopes={SCOPE}&audience={AUDIENCE}"], env={}, credd=credd
+    )
+    assert [(c["service"], c["handle"]) for c in credd.stored] == [
+        ("jobtoken", None),
+        ("jobtoken", "out"),
+    ]
+    assert "mytoken" in json.loads(credd.stored[0]["credential"])
 
 
 def test_storer_leaves_other_services_alone(srv: DevServer, user_mytoken: Path) -> None:

@@ -413,7 +413,10 @@ def run_storer(
     for parent in sorted({r.service for r in ours if r.handle}):
         # HTCondor 23.9's Vault credmon reads every .top and deletes <svc>_<handle> when
         # <svc>.top is missing; a parent without a mytoken keeps it away (ours skip it).
+        # An existing <svc>.top (another submission's credential without a handle) is kept.
         try:
+            if bindings.use_time(CredentialRequest(parent))[0] is not None:
+                continue
             bindings.store(CredentialRequest(parent), HANDLES_PARENT)
         except Exception as exc:
             raise ConfigError(

@@ -216,33 +216,34 @@ def credmon_log(pool: Pool) -> str:
     return pool.tail("JobtokenCredmonLog", 40)
 
 
-@pytest.mark.parametrize(
-    "credentials, name",
-    [
-        (f"use_oauth_services = jobtoken\njobtoken_oauth_permissions = {SCOPE}\n"
-         f"jobtoken_oauth_resource = {AUDIENCE}", "jobtoken"),
-        (f"use_oauth_services = jobtoken\njobtoken_oauth_permissions_out = {SCOPE}\n"
-         f"jobtoken_oauth_resource_out = {AUDIENCE}", "jobtoken_out"),
-    ],
-    ids=["no-handle", "handle"],
-)
-def test_credd_path_job_gets_access_tokens_only(
-    ap_pool: Pool, devserver: DevServer, credentials: str, name: str
-) -> None:
-    directory = ap_pool.job_dir(f"credd-{name}")
-    mt_path = user_mytoken(ap_pool, devserver, directory)
-    seconds = 2 * AT_LIFETIME_S + 5
-    cluster, submit_s = submit(ap_pool, directory, credentials, mt_path, seconds)
-    assert submit_s < 30  # the storer waited for the credmon's .use, not for a timeout
-    use = ap_pool.dir / "oauth_credentials" / ap_pool.user / f"{name}.use"
-    assert use.is_file() and use.stat().st_uid == 0 and use.stat().st_mode & 0o077 == 0
-    top = use.with_suffix(".top")  # the per-submission mytoken: root-only, on the AP only
-    assert top.stat().st_uid == 0 and top.stat().st_mode & 0o077 == 0
-    secrets = (stored_mytoken(ap_pool, name), (directory / "mt_user").read_text())
-    try:
-        check_job(ap_pool, directory, cluster, name, secrets)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{credmon_log(ap_pool)}") from None
+CASES = {
+    "jobtoken": f"use_oauth_services = jobtoken\njobtoken_oauth_permissions = {SCOPE}\n"
+    f"jobtoken_oauth_resource = {AUDIENCE}",
+    "jobtoken_out": f"use_oauth_services = jobtoken\njobtoken_oauth_permissions_out = {SCOPE}\n"
+    f"jobtoken_oauth_resource_out = {AUDIENCE}",
+}
+
+
+def test_credd_path_jobs_get_access_tokens_only(ap_pool: Pool, devserver: DevServer) -> None:
+    """Without a handle (jobtoken.use) and with one (jobtoken*out → jobtoken_out.use),
+    side by side."""
+    jobs = {}
+    for name, credentials in CASES.items():
+        directory = ap_pool.job_dir(f"credd-{name}")
+        mt_path = user_mytoken(ap_pool, devserver, directory)
+        cluster, submit_s = submit(ap_pool, directory, credentials, mt_path, 2 * AT_LIFETIME_S + 5)
+        assert submit_s < 30  # the storer waited for the credmon's .use, not for a timeout
+        use = ap_pool.dir / "oauth_credentials" / ap_pool.user / f"{name}.use"
+        assert use.is_file() and use.stat().st_uid == 0 and use.stat().st_mode & 0o077 == 0
+        top = use.with_suffix(".top")  # the per-submission mytoken: root-only, on the AP only
+        assert top.stat().st_uid == 0 and top.stat().st_mode & 0o077 == 0
+        secrets = (stored_mytoken(ap_pool, name), (directory / "mt_user").read_text())
+        jobs[name] = (directory, cluster, secrets)
+    for name, (directory, cluster, secrets) in jobs.items():
+        try:
+            check_job(ap_pool, directory, cluster, name, secrets)
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}\n{credmon_log(ap_pool)}") from None
     # the primary credmon owns the credd's wake-up and the schedd's start-up marker
     creds = ap_pool.dir / "oauth_credentials"
     assert (creds / "CREDMON_COMPLETE").exists() and (creds / "pid").is_file()
