@@ -16,8 +16,10 @@
 # Idempotent and quiet; root; no stdin.
 set -euo pipefail
 
+# python3-six, python3-urllib3: HTCondor's own Vault credmon (tests/real/condor/test_ap_credd.py
+# runs it beside jobtoken's); Debian's htcondor package does not pull them in
 PACKAGES=(htcondor python3 python3-httpx python3-jwt python3-cryptography
-    python3-psutil procps)
+    python3-psutil procps python3-six python3-urllib3)
 ROOT_DEFAULT=/var/lib/jobtoken-ci/trixie
 STAMP_NAME=.jobtoken-ci-complete
 

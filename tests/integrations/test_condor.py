@@ -11,7 +11,6 @@ import json
 import os
 import stat
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -424,55 +423,6 @@ def test_publish_chirp_is_best_effort(tmp_path: Path, mocker: Any) -> None:
     assert publish_chirp(tokendir, chirp_factory=broken) == {}
     missing = mocker.MagicMock(side_effect=ValueError(".chirp.config must be present"))
     assert publish_chirp(tokendir, chirp_factory=missing) == {}
-
-
-def test_credd_chain_storer_credmon_starter_hook(
-    srv: DevServer, scratch: Path, tmp_path: Path, mocker: Any
-) -> None:
-    """AP storer → credd (.top) → credmon (.use) → starter ($_CONDOR_CREDS) → prepare hook."""
-    from jobtoken._config import Config, ServerConfig, TokenConfig
-    from jobtoken.integrations.condor_credmon import scan_credentials
-    from jobtoken.integrations.condor_storer import run_storer
-
-    user_mt = write_secret(
-        tmp_path / "mt_user",
-        srv.issue_mytoken(
-            capabilities=["AT", "create_mytoken"], restrictions=[{"scope": "storage.create:/dteam"}]
-        ),
-    )
-    credd = mocker.MagicMock()
-    ap_config = Config(
-        server=ServerConfig(url=srv.url, allow_http=True),
-        token=TokenConfig(mytoken_file=str(user_mt)),
-    )
-    run_storer(
-        ap_config,
-        ["jobtoken&handle=out&scopes=storage.create:/dteam"],
-        env={"CONDOR_CREDENTIAL_STORER_MODE": "vault"},
-        lifetime_s=3600,
-        credd=credd,
-    )
-    cred_dir = tmp_path / "oauth_credentials"
-    (cred_dir / "alice").mkdir(parents=True, mode=0o700)
-    os.chmod(cred_dir, 0o700)
-    kwargs = credd.add_user_service_cred.call_args.kwargs
-    top = cred_dir / "alice" / f"{kwargs['service']}_{kwargs['handle']}.top"
-    write_secret(top, kwargs["credential"].decode())
-    assert scan_credentials(cred_dir, now=time.time()).written == ("alice/jobtoken_out",)
-    creds = scratch.parent / ".condor_creds"  # what the starter does with the .use
-    creds.mkdir()
-    write_secret(creds / "jobtoken_out.use", (top.with_suffix(".use")).read_text())
-
-    config = toml_config(tmp_path / "site.toml", server=srv.url)
-    ad = standard_ad(OAuthServicesNeeded="jobtoken_out")  # no JobtokenScope: from the .use
-    out, _ = run_hook(scratch, config, ad, env={"_CONDOR_CREDS": str(creds)})
-    assert out["HookStatusCode"] == 0, out.get("HookStatusMessage")
-    claims = jwt.decode(
-        (scratch / ".jobtoken" / "bt").read_text().strip(), options={"verify_signature": False}
-    )
-    assert claims["scope"] == "storage.create:/dteam"
-    # 90 min of wall time, but the submission mytoken lives 1 h: the chain is capped, and said so
-    assert "expires before the job's wall time ends" in out["HookStatusMessage"]
 
 
 # --- issue 9: opt-in, handles, wall time, Chirp bindings, containers, audit, stdin -----------

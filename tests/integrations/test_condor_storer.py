@@ -11,17 +11,18 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import htcondor2
 import pytest
 
 from jobtoken import cli
 from jobtoken._config import Config, ServerConfig
-from jobtoken._errors import MytokenRejectedError, UsageError
+from jobtoken._errors import ConfigError, MytokenRejectedError, UsageError
 from jobtoken._mytokenfile import MytokenSource
 from jobtoken.devserver import DevServer
 from jobtoken.integrations.condor_storer import (
+    CondorCredd,
     find_user_mytoken,
     mint_submission_mytoken,
     parse_storer_argument,
@@ -202,44 +203,202 @@ def test_parse_storer_argument() -> None:
         parse_storer_argument("&scopes=x")
 
 
-def test_storer_stores_restricted_mytoken_as_top(
-    srv: DevServer, user_mytoken: Path, mocker: Any
-) -> None:
-    credd = mocker.MagicMock()
-    env = {"CONDOR_CREDENTIAL_STORER_MODE": "vault"}
-    config = Config(
+SCOPE = "storage.create:/dteam"
+
+
+class FakeCredd:
+    """The credd API of 24.10+/25 bindings (``refresh``); records calls, answers queries."""
+
+    def __init__(self, use_after: int = 0) -> None:
+        self.stored: List[Dict[str, Any]] = []
+        self.queries = 0
+        self.use_after = use_after
+
+    def add_user_service_cred(
+        self,
+        credtype: Any,
+        credential: bytes,
+        service: str,
+        handle: Any = None,
+        user: Any = None,
+        refresh: Any = None,
+    ) -> None:
+        self.stored.append(
+            dict(
+                credtype=credtype,
+                credential=credential,
+                service=service,
+                handle=handle,
+                refresh=refresh,
+            )
+        )
+
+    def query_user_service_cred(
+        self, credtype: Any, service: str, handle: Any = None
+    ) -> Optional[str]:
+        self.queries += 1
+        name = f"{service}_{handle}" if handle else service
+        stored = {
+            f"{c['service']}_{c['handle']}" if c["handle"] else c["service"] for c in self.stored
+        }
+        if name not in stored:
+            return None  # the bindings' answer for FAILURE_NOT_FOUND
+        lines = [f"Top{name}Time = 1000"]
+        if self.queries > self.use_after:
+            lines.append(f"{name} = 1001")  # the credmon wrote the .use after the .top
+        return "\n".join(lines) + "\n"
+
+
+class OldCredd(FakeCredd):
+    """The credd API of 23.x/24.0 bindings: no ``refresh`` keyword."""
+
+    def add_user_service_cred(  # type: ignore[override]
+        self,
+        credtype: Any,
+        credential: bytes,
+        service: str,
+        handle: Any = None,
+        user: Any = None,
+    ) -> None:
+        super().add_user_service_cred(credtype, credential, service, handle, user, "absent")
+
+
+def storer_config(srv: DevServer, user_mytoken: Path) -> Config:
+    return Config(
         server=config_for(srv).server,
         token=config_for(srv).token.__class__(mytoken_file=str(user_mytoken)),
     )
+
+
+@pytest.mark.parametrize("credd_class, refresh", [(FakeCredd, True), (OldCredd, "absent")])
+def test_storer_stores_restricted_mytoken_as_top(
+    srv: DevServer, user_mytoken: Path, credd_class: Any, refresh: Any
+) -> None:
+    """refresh=True where the bindings have it (else 25.x stores a .use sent to jobs as is)."""
+    credd = credd_class()
     names = run_storer(
-        config,
+        storer_config(srv, user_mytoken),
         [f"jobtoken&handle=prod&scopes=storage.create:/dteam&audience={AUDIENCE}"],
-        env=env,
+        env={},
         lifetime_s=3600,
         credd=credd,
     )
     assert names == ["jobtoken_prod"]
-    (call,) = credd.add_user_service_cred.call_args_list
-    assert call.kwargs["credtype"] == htcondor2.CredType.OAuth
-    assert call.kwargs["service"] == "jobtoken" and call.kwargs["handle"] == "prod"
-    assert call.kwargs["refresh"] is True
-    top = json.loads(call.kwargs["credential"])
+    parent, call = credd.stored
+    # 23.9's Vault credmon deletes svc_handle credentials whose svc.top is missing
+    assert parent["service"] == "jobtoken" and parent["handle"] is None
+    assert "mytoken" not in json.loads(parent["credential"])
+    assert call["credtype"] == htcondor2.CredType.OAuth and call["refresh"] == refresh
+    assert call["service"] == "jobtoken" and call["handle"] == "prod"
+    top = json.loads(call["credential"])
     seen = introspect_restrictions(srv, top["mytoken"])
     assert set(seen["capabilities"]) == {"AT", "create_mytoken"}
     assert seen["restrictions"][0]["scope"] == "storage.create:/dteam"
     assert top["mytoken_server"] == srv.url and top["mom_id"]
+    # not "scopes"/"audience": the credd would compare them with its query's and say "missing"
+    assert top["jobtoken_scopes"] == ["storage.create:/dteam"]
+    assert top["jobtoken_audiences"] == [AUDIENCE] and "scopes" not in top
+
+
+def test_a_handle_never_replaces_a_credential_without_one(
+    srv: DevServer, user_mytoken: Path
+) -> None:
+    """The parent .top that keeps 23.9's Vault credmon off handle credentials is stored only
+    where none exists: a running job's jobtoken.top (no handle) must keep its mytoken."""
+    credd = FakeCredd()
+    config = storer_config(srv, user_mytoken)
+    run_storer(config, [f"jobtoken&scopes={SCOPE}&audience={AUDIENCE}"], env={}, credd=credd)
+    run_storer(
+        config, [f"jobtoken&handle=out&scopes={SCOPE}&audience={AUDIENCE}"], env={}, credd=credd
+    )
+    assert [(c["service"], c["handle"]) for c in credd.stored] == [
+        ("jobtoken", None),
+        ("jobtoken", "out"),
+    ]
+    assert "mytoken" in json.loads(credd.stored[0]["credential"])
+
+
+def test_storer_leaves_other_services_alone(srv: DevServer, user_mytoken: Path) -> None:
+    """23.9 runs the storer for every service in use_oauth_services (e.g. scitokens)."""
+    credd = FakeCredd()
+    names = run_storer(
+        storer_config(srv, user_mytoken),
+        [
+            "scitokens",
+            "dune&handle=prod&scopes=x",
+            f"jobtoken&scopes=storage.create:/dteam&audience={AUDIENCE}",
+        ],
+        env={},
+        credd=credd,
+    )
+    assert names == ["jobtoken"] and [c["service"] for c in credd.stored] == ["jobtoken"]
+    credd = FakeCredd()
+    assert (
+        run_storer(
+            storer_config(srv, user_mytoken),
+            [f"jobtoken&scopes=storage.create:/dteam&audience={AUDIENCE}"],
+            env={"CONDOR_CREDENTIAL_STORER_MODE": "pelican"},  # 25.14: not a pelican storer
+            credd=credd,
+        )
+        == []
+        and credd.stored == []
+    )
+
+
+def test_storer_hands_other_services_to_the_site_storer(
+    srv: DevServer, user_mytoken: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = tmp_path / "argv"
+    site = tmp_path / "condor_vault_storer"
+    site.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {seen}\n')
+    site.chmod(0o755)
+    knobs = {"JOBTOKEN_SITE_CREDENTIAL_STORER": str(site)}
+    monkeypatch.setattr(CondorCredd, "knob", lambda self, name, default: knobs.get(name, default))
+    credd = FakeCredd()
+    run_storer(
+        storer_config(srv, user_mytoken),
+        [
+            "dune&handle=prod&scopes=a,b",
+            f"jobtoken&scopes=storage.create:/dteam&audience={AUDIENCE}",
+        ],
+        env=dict(os.environ),
+        credd=credd,
+    )
+    assert seen.read_text().splitlines() == ["dune&handle=prod&scopes=a,b"]
+    site.write_text("#!/bin/sh\nexit 3\n")
+    with pytest.raises(ConfigError, match="exit 3"):
+        run_storer(storer_config(srv, user_mytoken), ["dune"], env={}, credd=credd)
+
+
+def test_storer_waits_for_the_credmon(srv: DevServer, user_mytoken: Path) -> None:
+    """condor_submit does not wait; a job that starts before the .use exists is held."""
+    credd = FakeCredd(use_after=3)
+    run_storer(
+        storer_config(srv, user_mytoken),
+        [f"jobtoken&scopes=storage.create:/dteam&audience={AUDIENCE}"],
+        env={},
+        credd=credd,
+        wait_s=20,
+    )
+    assert credd.queries == 4
+    slow = FakeCredd(use_after=10**6)
+    with pytest.raises(ConfigError, match="no jobtoken.use from the access point's credmon"):
+        run_storer(
+            storer_config(srv, user_mytoken),
+            [f"jobtoken&scopes=storage.create:/dteam&audience={AUDIENCE}"],
+            env={},
+            credd=slow,
+            wait_s=0.3,
+        )
 
 
 def test_storer_cli_exit_codes(
     srv: DevServer, tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch, mocker: Any
 ) -> None:
-    monkeypatch.setenv("CONDOR_CREDENTIAL_STORER_MODE", "pelican")
-    assert cli.main(["condor", "storer", "jobtoken"]) == 2
-    assert "vault-classified" in capsys.readouterr().err
     monkeypatch.setenv("CONDOR_CREDENTIAL_STORER_MODE", "vault")
     at_only = write_secret(tmp_path / "mt", srv.issue_mytoken(capabilities=["AT"]))
     monkeypatch.setenv("JOBTOKEN_MYTOKEN_FILE", str(at_only))
-    mocker.patch("htcondor2.Credd")
+    mocker.patch("htcondor2.Credd", FakeCredd)
     rc = cli.main(
         [
             "condor",

@@ -201,14 +201,29 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_from_condor(args: argparse.Namespace) -> None:
+    """No --config and no $JOBTOKEN_CONFIG: HTCondor's ``JOBTOKEN_CONFIG``, when set.
+
+    condor_submit runs the storer, and condor_master the credmon, without arguments of
+    ours; the AP config names the file once for both.
+    """
+    if args.config or os.environ.get("JOBTOKEN_CONFIG"):
+        return
+    from ._condor_bindings import condor_param
+
+    args.config = condor_param("JOBTOKEN_CONFIG")
+
+
 def _cmd_storer(args: argparse.Namespace) -> int:
     from .condor_storer import run_storer
 
     sys.stderr.write("\n")  # condor_submit leaves the cursor mid-line
     cli = _cli()
+    _config_from_condor(args)
     config = cli._config_from(args)
     names = run_storer(config, args.credentials, env=os.environ, lifetime_s=args.lifetime)
-    sys.stderr.write(f"jobtoken: stored {', '.join(names)}\n")
+    if names:
+        sys.stderr.write(f"jobtoken: stored {', '.join(names)}\n")
     return 0
 
 
@@ -333,7 +348,13 @@ def _register_condor(sub: Any, name: str) -> None:
 
 
 def _cmd_credmon(args: argparse.Namespace) -> int:
-    from .condor_credmon import default_cred_dir, run_credmon, tell_master_ready
+    from .condor_credmon import (
+        credmon_settings,
+        default_cred_dir,
+        run_credmon,
+        tell_master_ready,
+        token_minter,
+    )
 
     root = logging.getLogger("jobtoken")
     root.setLevel(min(root.level, logging.INFO))
@@ -344,13 +365,19 @@ def _cmd_credmon(args: argparse.Namespace) -> int:
 
         handler.addFilter(PrintableFilter())
         root.addHandler(handler)
+    _config_from_condor(args)
+    config = _cli()._config_from(args)
+    site = credmon_settings()
     cred_dir = Path(args.cred_dir) if args.cred_dir else default_cred_dir()
+    primary = site["primary"] if args.role == "auto" else args.role == "primary"
     return run_credmon(
         cred_dir,
+        mint=token_minter(config),
         interval_s=args.interval,
         once=args.once,
-        providers=args.provider or None,
-        write_pid=not args.no_pid_file,
+        services=tuple(args.service or site["services"]),
+        primary=primary,
+        min_remaining_s=site["starter_refresh_s"] + args.interval + 60.0,
         on_ready=tell_master_ready,
     )
 
@@ -359,11 +386,13 @@ def _register_credmon(sub: Any, name: str) -> None:
     cli = _cli()
     p = sub.add_parser(
         name,
-        help="access-point credmon: turn jobtoken .top credentials into .use files",
+        help="access-point credmon: keep an access token in each jobtoken .use",
         description="Scan SEC_CREDENTIAL_DIRECTORY_OAUTH; for every jobtoken <user>/<name>.top "
-        "write <name>.use (atomic), touch CREDMON_COMPLETE, rescan on SIGHUP.",
+        "(the per-submission mytoken) keep <name>.use holding a fresh access token; rescan "
+        "on SIGHUP or when a .top changes. See docs/htcondor-ap.md.",
     )
     cli._common(p)
+    cli._server_options(p)
     p.add_argument(
         "--cred-dir",
         metavar="DIR",
@@ -372,18 +401,22 @@ def _register_credmon(sub: Any, name: str) -> None:
     p.add_argument("--interval", type=float, default=60.0, metavar="S", help="rescan period")
     p.add_argument("--once", action="store_true", help="scan once and exit")
     p.add_argument(
-        "--provider",
+        "--service",
         action="append",
         metavar="NAME",
-        help="only these service names (default: every jobtoken .top)",
+        help="credentials of this service are ours (default JOBTOKEN_SERVICES or jobtoken)",
     )
     p.add_argument(
-        "--no-pid-file",
-        action="store_true",
-        help="do not write <cred dir>/pid (another credmon owns the SIGHUP)",
+        "--role",
+        choices=("auto", "primary", "guest"),
+        default="auto",
+        help="primary writes <cred dir>/pid and CREDMON_COMPLETE; guest leaves them to the "
+        "site's CREDMON_OAUTH (auto: guest when DAEMON_LIST has CREDMON_OAUTH)",
     )
     p.add_argument("--log-file", metavar="FILE", help="also log here")
-    p.set_defaults(func=_cmd_credmon)
+    p.set_defaults(
+        func=_cmd_credmon, scope=None, audience=None, mytoken_file=None, mytoken_env=None
+    )
 
 
 # --- jobtoken arc ... -------------------------------------------------------------------------

@@ -428,6 +428,51 @@ def credential_files(services: Tuple[str, ...], service: str) -> Tuple[str, ...]
     )
 
 
+def _creds_access_token(
+    request: JobRequest, where: str, path: Path, *, now: float
+) -> Optional[HookResult]:
+    """The job's token is the access token the AP's credmon keeps in ``$_CONDOR_CREDS``.
+
+    jobtoken's AP credmon sends only access tokens (the mytoken stays on the AP); the
+    starter re-copies the ``.use`` every ``SEC_CREDENTIAL_REFRESH`` s, so the file *is*
+    the job's bare-token ``BEARER_TOKEN_FILE``: no job mytoken, no sidecar. None when
+    the file holds a mytoken (older storers, or a site's own setup).
+
+    Raises:
+        ServerUnavailableError: the token has already expired (requeue: the AP renews it).
+    """
+    from .._tokens import decode_access_token, looks_like_jwt
+
+    text = read_secret_file(path)
+    if not looks_like_jwt(text):
+        return None
+    try:
+        token = decode_access_token(text)
+    except JobtokenError:
+        return None
+    if token.claims.get("token_type") == "mytoken":
+        return None
+    if token.expires_at <= now:
+        raise ServerUnavailableError(
+            f"the access token in {where} expired at {int(token.expires_at)}; the access "
+            "point's credmon has not renewed it"
+        )
+    current = {k: v for k, v in request.environment.items() if k != "BEARER_TOKEN"}
+    current["BEARER_TOKEN_FILE"] = str(path)
+    try:
+        environment = format_environment_v2(current)
+    except EnvironmentSyntaxError as exc:
+        raise ConfigError(f"job {request.job.job_id}: {exc}") from None
+    logger.info(
+        "prepare hook done job=%s token=%s jti=%s exp=%d",
+        request.job.job_id,
+        where,
+        token.jti,
+        int(token.expires_at),
+    )
+    return HookResult(0, None, environment)
+
+
 # --- the prepare hook ---------------------------------------------------------------------
 
 
@@ -545,6 +590,10 @@ def _prepare_hook(
         logger.warning("no $_CONDOR_SCRATCH_DIR; using the current directory %s", scratch)
     directory = scratch / options.dir_name
     supplied = _job_supplied_mytoken(request, env, scratch, options)
+    if supplied is not None and supplied[0].startswith("$_CONDOR_CREDS"):
+        bearer = _creds_access_token(request, *supplied, now=time.time())
+        if bearer is not None:
+            return bearer
     parent_copy: Optional[Path] = None
     clamp_note: Optional[str] = None
     if supplied is not None:
@@ -856,6 +905,12 @@ def start_job_sidecar(
         time.sleep(0.05)
 
 
+def _token_from_creds(env: Mapping[str, str]) -> bool:
+    """Whether the job's ``BEARER_TOKEN_FILE`` is a ``.use`` in ``$_CONDOR_CREDS``."""
+    creds, token = env.get("_CONDOR_CREDS"), env.get("BEARER_TOKEN_FILE")
+    return bool(creds and token and token.endswith(".use") and Path(token).parent == Path(creds))
+
+
 def run_job_wrapper(
     argv: List[str],
     env: Mapping[str, str],
@@ -878,6 +933,14 @@ def run_job_wrapper(
         return int(ExitCode.USAGE)
     scratch = Path(env.get("_CONDOR_SCRATCH_DIR") or os.getcwd())
     directory = scratch / dir_name
+    if not (directory / "job.json").exists() and _token_from_creds(env):
+        # the credd path: the prepare hook pointed BEARER_TOKEN_FILE at $_CONDOR_CREDS,
+        # which HTCondor refreshes from the AP's credmon; no job mytoken, nothing to renew
+        try:
+            execute(argv[0], argv, dict(env))
+        except OSError as exc:
+            logger.error("cannot run the job's executable %s: %s", argv[0], exc.strerror)
+        return 127
     try:
         start_job_sidecar(directory, os.getpid(), env)
     except JobtokenError as exc:

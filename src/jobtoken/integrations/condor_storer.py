@@ -28,24 +28,30 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
+from .._clock import Clock, SystemClock
 from .._config import Config
-from .._errors import ConfigError, UsageError
+from .._errors import ConfigError, JobtokenError, UsageError
 from .._mytokenfile import MytokenSource, load_mytoken
+from ._condor_bindings import bindings, condor_param
 
 __all__ = [
+    "CondorCredd",
     "CredentialRequest",
     "SubmissionToken",
     "find_user_mytoken",
     "mint_submission_mytoken",
     "parse_storer_argument",
     "run_storer",
+    "split_requests",
     "top_content",
+    "wait_for_use",
 ]
 
 logger = logging.getLogger(__name__)
 
 SUBMISSION_CAPABILITIES = ("AT", "create_mytoken")
 DEFAULT_LIFETIME_S = 7 * 24 * 3600.0
+HANDLES_PARENT = b'{"format": "jobtoken-top-1", "handles": true}'
 
 
 @dataclass(frozen=True)
@@ -185,18 +191,153 @@ def mint_submission_mytoken(
 
 
 def top_content(token: SubmissionToken) -> bytes:
-    """What the storer hands the credd as ``<service>.top`` (JSON; read by jobtoken credmon)."""
+    """What the storer hands the credd as ``<name>.top`` (JSON; read by ``jobtoken credmon``).
+
+    Not ``scopes``/``audience``: the credd compares those members with the query's (empty)
+    ones when anyone asks whether the credential exists, and then says it does not.
+    """
     return json.dumps(
         {
+            "format": "jobtoken-top-1",
             "mytoken": token.mytoken,
             "mytoken_server": token.server_url,
             "mom_id": token.mom_id,
             "expires_at": int(token.expires_at),
-            "scopes": list(token.scopes),
-            "audiences": list(token.audiences),
+            "jobtoken_scopes": list(token.scopes),
+            "jobtoken_audiences": list(token.audiences),
         },
         sort_keys=True,
     ).encode("ascii")
+
+
+@dataclass(frozen=True)
+class CondorCredd:
+    """The installed bindings' credd API, whichever HTCondor version they come from.
+
+    ``add_user_service_cred(refresh=True)`` exists from 24.10 on, and there the credd
+    would store a credential of a service no credmon type claims as a ``.use`` (sent to
+    jobs as is) unless told it needs refreshing; 23.x and 24.0 have no ``refresh`` and
+    always store a ``.top``. ``htcondor2`` exists from 23.x; ``htcondor`` is the older
+    module (``CredTypes``).
+    """
+
+    credd: Any
+    oauth: Any
+    has_refresh: bool
+    module: Any
+
+    @classmethod
+    def from_bindings(cls, credd: Any = None) -> CondorCredd:
+        """Raises: ConfigError: no HTCondor bindings."""
+        module = bindings()
+        if module is None:
+            raise ConfigError("no HTCondor python bindings (htcondor2 or htcondor) on this host")
+        oauth = (getattr(module, "CredType", None) or module.CredTypes).OAuth
+        target = credd if credd is not None else module.Credd()
+        return cls(target, oauth, _accepts(target.add_user_service_cred, "refresh"), module)
+
+    def store(self, request: CredentialRequest, content: bytes) -> None:
+        kwargs: Dict[str, Any] = {
+            "credtype": self.oauth,
+            "credential": content,
+            "service": request.service,
+            "handle": request.handle,
+        }
+        if self.has_refresh:
+            kwargs["refresh"] = True
+        self.credd.add_user_service_cred(**kwargs)
+
+    def use_time(self, request: CredentialRequest) -> Tuple[Optional[int], Optional[int]]:
+        """(mtime of the ``.top``, mtime of the ``.use``) as the credd reports them."""
+        answer = self.credd.query_user_service_cred(self.oauth, request.service, request.handle)
+        if not isinstance(answer, str):
+            return None, None
+        found: Dict[str, int] = {}
+        for line in answer.splitlines():
+            key, sep, value = line.partition("=")
+            if sep and value.strip().lstrip("-").isdigit():
+                found[key.strip().lower()] = int(value.strip())
+        return found.get(f"top{request.name}time".lower()), found.get(request.name.lower())
+
+    def knob(self, name: str, default: str) -> str:
+        return condor_param(name, default, self.module) or default
+
+
+def _accepts(function: Any, keyword: str) -> bool:
+    import inspect
+
+    try:
+        return keyword in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False  # a compiled (boost) function: the old API
+
+
+def split_requests(
+    arguments: Sequence[str], services: Sequence[str]
+) -> Tuple[List[CredentialRequest], List[str]]:
+    """(the requests for our services, the argv items of every other service as given).
+
+    Raises:
+        UsageError: an item of ours cannot be read.
+    """
+    ours: List[CredentialRequest] = []
+    others: List[str] = []
+    for item in arguments:
+        service = item.split("&", 1)[0]
+        if service in services:
+            ours.append(parse_storer_argument(item))
+        else:
+            others.append(item)
+    return ours, others
+
+
+def _run_site_storer(storer: str, items: Sequence[str], env: Mapping[str, str]) -> None:
+    """Hand the other services to the site's own storer, as condor_submit would have."""
+    import subprocess
+
+    try:
+        rc = subprocess.run([storer, *items], env=dict(env), stdin=subprocess.DEVNULL).returncode
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot run the site's credential storer {storer}: {exc.strerror}"
+        ) from None
+    if rc != 0:
+        raise ConfigError(f"the site's credential storer {storer} failed (exit {rc})")
+
+
+def wait_for_use(
+    credd: CondorCredd,
+    request: CredentialRequest,
+    *,
+    timeout_s: float,
+    poll_s: float = 0.5,
+    clock: Optional[Clock] = None,
+) -> bool:
+    """Wait until the credd has a ``.use`` at least as new as the ``.top`` just stored.
+
+    condor_submit does not wait for a storer's credential, and a job that starts before
+    the credmon wrote its ``.use`` is held ("Job credentials are not available").
+
+    Returns:
+        True when it is there; False when the time ran out.
+    """
+    import threading
+
+    real_clock = clock or SystemClock()
+    never = threading.Event()
+    deadline = real_clock.monotonic() + timeout_s
+    while True:
+        try:
+            top_at, use_at = credd.use_time(request)
+        except Exception as exc:
+            logger.debug("credd query failed: %s", exc)
+            top_at, use_at = None, None
+        if use_at is not None and (top_at is None or use_at >= top_at):
+            return True
+        left = deadline - real_clock.monotonic()
+        if left <= 0:
+            return False
+        real_clock.wait(never, min(poll_s, left))
 
 
 def run_storer(
@@ -206,53 +347,91 @@ def run_storer(
     env: Mapping[str, str],
     lifetime_s: float = DEFAULT_LIFETIME_S,
     credd: Any = None,
+    wait_s: Optional[float] = None,
 ) -> List[str]:
-    """The storer program: mint and store one ``.top`` per argv item; returns the names.
+    """The storer program: mint and store one ``.top`` per credential of ours.
+
+    condor_submit 23.x/24.0 runs the storer for *every* service in
+    ``use_oauth_services`` (25.x: those classified Vault, once per mode). Services that
+    are not ours (``JOBTOKEN_SERVICES``, default ``jobtoken``) go to the site's own
+    storer (``JOBTOKEN_SITE_CREDENTIAL_STORER``) when one is configured, else are left
+    to whichever credmon owns them.
+
+    Returns:
+        The names of the credentials stored.
 
     Raises:
-        UsageError: no argument, or a mode other than ``vault``; JobtokenError: minting
-            failed; ConfigError: the credd refused the credential.
+        UsageError: an unreadable argument of ours; JobtokenError: minting failed;
+        ConfigError: the credd refused the credential, its ``.use`` did not appear, or
+        the site's storer failed.
     """
+    bindings = CondorCredd.from_bindings(credd)
+    services = tuple(bindings.knob("JOBTOKEN_SERVICES", "jobtoken").replace(",", " ").split())
     mode = env.get("CONDOR_CREDENTIAL_STORER_MODE", "vault")
-    if mode != "vault":
-        raise UsageError(
-            f"jobtoken handles vault-classified services only, not mode {mode!r} "
-            "(set VAULT_CREDMON_PROVIDER_NAMES to the jobtoken services)"
-        )
-    if not arguments:
-        raise UsageError("no credential requested (condor_submit passes service&... items)")
-    requests = [parse_storer_argument(a) for a in arguments]
+    ours, others = split_requests(arguments, services) if mode == "vault" else ([], list(arguments))
+    if others:
+        site_storer = bindings.knob("JOBTOKEN_SITE_CREDENTIAL_STORER", "")
+        if site_storer:
+            _run_site_storer(site_storer, others, env)
+        else:
+            logger.info(
+                "not ours, left to their credmon: %s",
+                " ".join(item.split("&", 1)[0] for item in others),
+            )
+    if not ours:
+        return []
     source = find_user_mytoken(config, env)
-    import htcondor2
-
-    if credd is None:
-        credd = htcondor2.Credd()
-
+    if wait_s is None:
+        try:
+            wait_s = float(bindings.knob("CREDD_POLLING_TIMEOUT", "20"))
+        except ValueError:
+            wait_s = 20.0
     stored = []
-    for request in requests:
-        scopes = request.scopes or config.token.scopes
-        audiences = request.audiences or config.token.audiences
+    for parent in sorted({r.service for r in ours if r.handle}):
+        # HTCondor 23.9's Vault credmon reads every .top and deletes <svc>_<handle> when
+        # <svc>.top is missing; a parent without a mytoken keeps it away (ours skip it).
+        # An existing <svc>.top (another submission's credential without a handle) is kept.
+        try:
+            if bindings.use_time(CredentialRequest(parent))[0] is not None:
+                continue
+            bindings.store(CredentialRequest(parent), HANDLES_PARENT)
+        except Exception as exc:
+            raise ConfigError(
+                f"credd refused the {parent} credential: {' '.join(str(exc).split())}"
+            ) from None
+    for request in ours:
         token = mint_submission_mytoken(
             config,
             source,
-            scopes=scopes,
-            audiences=audiences,
+            scopes=request.scopes or config.token.scopes,
+            audiences=request.audiences or config.token.audiences,
             lifetime_s=lifetime_s,
             name=f"jobtoken condor {request.name}",
             env=env,
         )
         try:
-            credd.add_user_service_cred(
-                credtype=htcondor2.CredType.OAuth,
-                credential=top_content(token),
-                service=request.service,
-                handle=request.handle,
-                refresh=True,
-            )
+            bindings.store(request, top_content(token))
         except Exception as exc:  # HTCondorException and friends from the bindings
+            _revoke_quietly(config, token)
             raise ConfigError(
                 f"credd refused the {request.name} credential: {' '.join(str(exc).split())}"
             ) from None
         logger.info("credential stored name=%s mom_id=%s", request.name, token.mom_id)
+        if not wait_for_use(bindings, request, timeout_s=wait_s):
+            raise ConfigError(
+                f"no {request.name}.use from the access point's credmon after {wait_s:.0f} s "
+                "(is JOBTOKEN_CREDMON in DAEMON_LIST running? see its log)"
+            )
         stored.append(request.name)
     return stored
+
+
+def _revoke_quietly(config: Config, token: SubmissionToken) -> None:
+    """A minted mytoken we cannot use is revoked (best effort, one line on failure)."""
+    from .._actions import build_client
+
+    try:
+        with build_client(config, token.server_url) as client:
+            client.revoke(token.mytoken, recursive=True)
+    except JobtokenError as exc:
+        logger.warning("cannot revoke the unstored submission mytoken: %s", exc.message)

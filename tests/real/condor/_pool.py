@@ -391,7 +391,8 @@ class Pool:
             (libexec / script.name).chmod(0o755)
         confd = self.dir / "config.d"
         confd.mkdir()
-        shutil.copy(REPO / "condor" / "config.d" / "50-jobtoken.conf", confd)
+        for conf in sorted((REPO / "condor" / "config.d").glob("*.conf")):
+            shutil.copy(conf, confd)  # every shipped file; the pool config includes the EP's
         etc = self.dir / "etc"
         etc.mkdir()
         (etc / "jobtoken.toml").write_text(self.jobtoken_toml_text)
