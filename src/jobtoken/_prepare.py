@@ -40,7 +40,8 @@ from ._tokendir import JobSpec, TokenDir
 from ._tokenfile import remove_secret_file, write_secret_file
 from ._tokens import AccessToken
 
-__all__ = ["JobInfo", "PreparedJob", "job_scopes", "prepare_job"]
+__all__ = ["JobInfo", "PreparedJob", "job_mytoken_name", "job_scopes", "prepare_job",
+           "revoke_job_mytokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def prepare_job(
     parent = load_mytoken(parent_source, env=environ, allow_other_owner=True)
     _cap_at_parent_expiry(restriction, parent, start, job.job_id)
     url = server_url_for(config, parent)
-    name = f"jobtoken {job.job_id}"[:100]
+    name = job_mytoken_name(job.job_id)
     with build_client(config, url) as client:
         client.discovery()  # its failures are not a lost job mytoken
         try:
@@ -256,6 +257,7 @@ def prepare_job(
                 now=start,
                 verifier=build_verifier(config),
             )
+            _check_budget(token, walltime, usages, settings)
             write_secret_file(tokendir.bearer_token, token.raw)
         except JobtokenError:
             # nothing half-made may outlive a failed prepare: no live job mytoken anywhere
@@ -266,18 +268,30 @@ def prepare_job(
                 except JobtokenError as exc:
                     logger.warning("cannot remove %s: %s", path, exc.message)
             raise
-    if token.issued_at is not None:
-        needed = policy.usages_budget(walltime, token.expires_at - token.issued_at, settings)
-        if needed > usages:
-            logger.warning(
-                "job mytoken's usages_AT budget (%d) is too small for %.0f s tokens over %.0f s "
-                "(needs %d): set site.expected_at_lifetime_s to the issuer's token lifetime",
-                usages, token.expires_at - token.issued_at, walltime, needed,
-            )
     return PreparedJob(tokendir, spec, token, minted.mom_id)
 
 
 _MIN_JOB_MYTOKEN_S = 300.0
+
+
+def _check_budget(token: Any, walltime: float, usages: int, settings: Any) -> None:
+    """The budget was sized from ``site.expected_at_lifetime_s``; the server's real token
+    lifetime decides. Too small, the job would run out of tokens halfway (``403
+    usage_restricted``), so the job fails now, where the site sees why.
+
+    Raises:
+        ConfigError: the server's tokens are shorter than the budget assumed.
+    """
+    if token.issued_at is None:
+        return
+    lifetime = token.expires_at - token.issued_at
+    needed = policy.usages_budget(walltime, max(lifetime, 1.0), settings)
+    if needed > usages:
+        raise ConfigError(
+            f"the server's {lifetime:.0f} s access tokens need a usages_AT budget of {needed} "
+            f"for {walltime:.0f} s, but site.expected_at_lifetime_s sized it at {usages}: set "
+            f"site.expected_at_lifetime_s = {max(1, int(lifetime))}"
+        )
 
 
 def _cap_at_parent_expiry(
@@ -369,29 +383,72 @@ def _reap_lost_job_mytokens(
     lives until its ``exp`` (the job's wall time), as the warning says.
     """
     try:
-        listing = client.subtokens(parent)
-        if listing.token_update is not None:
-            save_rotated_mytoken(parent_source, listing.token_update.mytoken)
-            parent = listing.token_update.mytoken
-        lost = [
-            e for e in listing.entries
-            if e.name == name and e.created is not None
-            and e.created >= start - _LOST_MYTOKEN_SKEW_S
-        ]
-        for entry in lost:
-            update = client.revoke(parent, recursive=True, mom_id=entry.mom_id)
-            if update is not None:
-                save_rotated_mytoken(parent_source, update.mytoken)
-                parent = update.mytoken
+        for mom_id in _revoke_children_named(client, parent_source, parent, name,
+                                             created_after=start - _LOST_MYTOKEN_SKEW_S):
             logger.info(
                 "revoked job mytoken %r mom_id=%s minted by a request whose answer was lost",
-                name, entry.mom_id,
+                name, mom_id,
             )
     except JobtokenError as exc:
         logger.warning(
             "cannot check for a job mytoken %r minted by a request whose answer was lost (it "
             "stays valid until it expires): %s", name, exc.message,
         )
+
+
+def _revoke_children_named(
+    client: Any, parent_source: MytokenSource, parent: str, name: str,
+    created_after: Optional[float] = None,
+) -> Tuple[str, ...]:
+    """Revoke (recursively, by ``mom_id``) the parent's live children called ``name``;
+    returns their mom_ids. A rotated parent is saved back to its file.
+
+    Raises:
+        JobtokenError: the listing or a revocation failed.
+    """
+    listing = client.subtokens(parent)
+    if listing.token_update is not None:
+        save_rotated_mytoken(parent_source, listing.token_update.mytoken)
+        parent = listing.token_update.mytoken
+    found = [
+        e for e in listing.entries
+        if e.name == name and (created_after is None
+                               or (e.created is not None and e.created >= created_after))
+    ]
+    for entry in found:
+        update = client.revoke(parent, recursive=True, mom_id=entry.mom_id)
+        if update is not None:
+            save_rotated_mytoken(parent_source, update.mytoken)
+            parent = update.mytoken
+    return tuple(e.mom_id for e in found)
+
+
+def job_mytoken_name(job_id: str) -> str:
+    """The name a job mytoken carries at the server (what ``revoke_job_mytokens`` finds)."""
+    return f"jobtoken {job_id}"[:100]
+
+
+def revoke_job_mytokens(config: Config, job_id: str, *, env: Optional[Mapping[str, str]] = None
+                        ) -> Tuple[str, ...]:
+    """Revoke every live job mytoken the site's parent minted for ``job_id``, by name.
+
+    For the CE's side of a job's end: it needs neither the session directory nor the job
+    mytoken, only the parent (with ``tokeninfo``), so it works after ``arckill`` or a lost
+    node. Returns the revoked mom_ids (none when the job already revoked its own).
+
+    Raises:
+        ConfigError: no parent mytoken; JobtokenError: the server could not list or revoke.
+    """
+    from ._actions import build_client, server_url_for
+
+    environ = os.environ if env is None else env
+    parent_path = config.site.parent_mytoken_file or config.token.mytoken_file
+    if not parent_path:
+        raise ConfigError("no parent mytoken: set site.parent_mytoken_file or --mytoken-file")
+    parent_source = MytokenSource(path=Path(parent_path))
+    parent = load_mytoken(parent_source, env=environ, allow_other_owner=True)
+    with build_client(config, server_url_for(config, parent)) as client:
+        return _revoke_children_named(client, parent_source, parent, job_mytoken_name(job_id))
 
 
 def _revoke_quietly(client: Any, mytoken: str) -> None:

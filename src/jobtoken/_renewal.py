@@ -87,7 +87,7 @@ def _renewal_lock(tokendir: TokenDir, timeout_s: float = 60.0) -> Iterator[None]
     Two concurrent uses of one rotating mytoken would kill its chain; two of a
     non-rotating one would waste a ``usages_AT``.
     """
-    path = tokendir.path / "renew.lock"
+    path = tokendir.renew_lock
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
@@ -173,7 +173,7 @@ _DISCOVERY_MAX_AGE_S = 6 * 3600.0
 
 
 def _load_discovery(tokendir: TokenDir, client: Any) -> bool:
-    path = tokendir.path / "discovery.json"
+    path = tokendir.discovery_file
     try:
         if time.time() - path.stat().st_mtime > _DISCOVERY_MAX_AGE_S:
             return False
@@ -187,14 +187,14 @@ def _save_discovery(tokendir: TokenDir, client: Any) -> None:
     from ._tokenfile import write_secret_file
 
     try:
-        write_secret_file(tokendir.path / "discovery.json", json.dumps(client.discovery().raw))
+        write_secret_file(tokendir.discovery_file, json.dumps(client.discovery().raw))
     except (JobtokenError, TypeError, ValueError):
         pass
 
 
 def _forget_discovery(tokendir: TokenDir) -> None:
     try:
-        os.unlink(tokendir.path / "discovery.json")
+        os.unlink(tokendir.discovery_file)
     except OSError:
         pass
 
