@@ -365,7 +365,7 @@ def _arc_site_config(args: argparse.Namespace) -> Any:
 
 
 def _cmd_arc_stage0(args: argparse.Namespace) -> int:
-    from .arc import stage0
+    from .arc import audit_lines_on_success, stage0
 
     _hook_logging()
     cli = _cli()
@@ -376,13 +376,14 @@ def _cmd_arc_stage0(args: argparse.Namespace) -> int:
         "joboption_gridid": args.job_id,
         "joboption_walltime": args.walltime or "",
     }
-    stage0(
-        config,
-        grami,
-        scope_templates=args.scope_template or (),
-        audiences=cli._split(args.job_audience) or (),
-        vo=args.vo,
-    )
+    with audit_lines_on_success():
+        stage0(
+            config,
+            grami,
+            scope_templates=args.scope_template or (),
+            audiences=cli._split(args.job_audience) or (),
+            vo=args.vo,
+        )
     return 0
 
 

@@ -20,10 +20,11 @@ jobtoken configuration.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, List, Mapping, Optional, Sequence
 
 from .._config import Config
 from .._errors import ConfigError, JobtokenError
@@ -31,11 +32,48 @@ from .._prepare import JobInfo, PreparedJob, prepare_job, revoke_job_mytokens
 from .._tokendir import TokenDir
 from ._cleanup import revoke_and_clean, stop_sidecar
 
-__all__ = ["TOKEN_DIR_NAME", "end", "job_from_grami", "relocate", "stage0", "stage2"]
+__all__ = ["TOKEN_DIR_NAME", "audit_lines_on_success", "end", "job_from_grami", "relocate",
+           "stage0", "stage2"]
 
 logger = logging.getLogger(__name__)
 
 TOKEN_DIR_NAME = ".jobtoken"
+
+
+class _Held(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def audit_lines_on_success() -> Iterator[None]:
+    """Hold stage 0's log records; print them when it succeeds, only the warnings when not.
+
+    Stage 0's stderr is what a user reads with ``arccat -l``: after a failure it must be
+    the one error line (the CLI prints it), not the audit trail of a job that never was.
+    """
+    root = logging.getLogger("jobtoken")
+    held = _Held()
+    handlers, root.handlers = root.handlers, [held]
+    try:
+        yield
+    except BaseException:
+        root.handlers = handlers
+        _replay(handlers, [r for r in held.records if r.levelno >= logging.WARNING])
+        raise
+    root.handlers = handlers
+    _replay(handlers, held.records)
+
+
+def _replay(handlers: Sequence[logging.Handler], records: Sequence[logging.LogRecord]) -> None:
+    for record in records:
+        for handler in handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
 
 
 def job_from_grami(grami: Mapping[str, str], *, vo: Optional[str] = None) -> JobInfo:
