@@ -72,6 +72,8 @@ apt_install() {
     local run=()
     [[ -z $root ]] || run=(chroot "$root")
     no_services "$root"
+    # an earlier run cut short leaves packages half-configured; finish them first
+    "${run[@]}" dpkg --force-confdef --force-confold --configure -a </dev/null >"$log" 2>&1 || true
     if ! "${run[@]}" "${APT[@]}" update </dev/null >"$log" 2>&1; then
         cat "$log" >&2
         die "apt-get update failed${root:+ in $root}"
@@ -140,7 +142,9 @@ if [[ ! -x $ARC_CHROOT/usr/bin/apt-get ]]; then
     fi
     mv "$ARC_CHROOT.partial" "$ARC_CHROOT"
 fi
+# name service as on the host: the arex postinst signs a host certificate for `hostname -f`
 cp /etc/resolv.conf "$ARC_CHROOT/etc/resolv.conf" 2>/dev/null || true
+cp /etc/hosts "$ARC_CHROOT/etc/hosts"
 need=$(missing "$ARC_CHROOT" "${ARC_PACKAGES[@]}")
 if [[ -n $need ]]; then
     # postinst scripts may want /proc; nothing stays mounted afterwards

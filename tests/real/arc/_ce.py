@@ -55,14 +55,13 @@ def wait_for(what: str, probe: Callable[[], Optional[T]], timeout_s: float,
 
 
 def use_chroot() -> bool:
-    """Whether the CE lives in the Debian 12 chroot (the same rule as install-arc.sh)."""
+    """Whether the CE lives in the Debian 12 chroot (the rule of install-arc.sh: Debian 12
+    runs ARC 6 itself; elsewhere install-arc.sh built the chroot)."""
     forced = os.environ.get("JOBTOKEN_ARC_CHROOT")
     if forced:
         return forced == "1"
     version = Path("/etc/debian_version").read_text(encoding="ascii").strip()
-    if version.split(".")[0] == "12":
-        return False
-    return not Path("/usr/share/arc/arc-arex-start").exists() or ARC_CHROOT.exists()
+    return version.split(".")[0] != "12" and ARC_CHROOT.exists()
 
 
 def missing_prerequisites(root: Optional[Path]) -> List[str]:
@@ -360,13 +359,14 @@ logfile = {b}/log/infoprovider.log
         """Jobs of this CE still running as the pool account (a fork job is its own session)."""
         import psutil
 
-        session = str(self.base / "session")
-        for p in psutil.process_iter(["username", "cwd", "cmdline"]):
+        session = str(self.host(self.base / "session"))
+        uid = int(self.run(["id", "-u", POOL_USER]).stdout)
+        for p in psutil.process_iter(["uids", "cwd", "cmdline"]):
             try:
                 info = p.info
                 inside = (info.get("cwd") or "").startswith(session) or any(
-                    session in part or str(self.base) in part for part in info.get("cmdline") or ())
-                if info.get("username") == POOL_USER and inside:
+                    str(self.base) in part for part in info.get("cmdline") or ())
+                if info["uids"] and info["uids"].real == uid and inside:
                     p.kill()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
