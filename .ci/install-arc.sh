@@ -13,6 +13,7 @@
 set -euo pipefail
 
 ARC_CHROOT=${ARC_CHROOT:-/var/lib/jobtoken-ci/arc-bookworm}
+# procps and time: the fork back end runs ps and /usr/bin/time (a minbase chroot has neither)
 ARC_PACKAGES=(
     nordugrid-arc-arex
     nordugrid-arc-arcctl
@@ -20,6 +21,8 @@ ARC_PACKAGES=(
     nordugrid-arc-plugins-needed
     nordugrid-arc-plugins-arcrest
     openssl
+    procps
+    time
     python3-venv
     ca-certificates
 )
@@ -97,6 +100,11 @@ stop_units() {
     done
 }
 
+# mounted_under DIR: true when a mount point lies in DIR (never rm -rf through /dev or /sys)
+mounted_under() {
+    awk -v d="$1/" 'index($2 "/", d) == 1 { found = 1 } END { exit !found }' /proc/mounts
+}
+
 host_has_arc6() {
     local candidate
     candidate=$(apt-cache policy nordugrid-arc-arex 2>/dev/null | awk '/Candidate:/ {print $2}')
@@ -129,30 +137,41 @@ if [[ $use_chroot == 0 ]]; then
     exit 0
 fi
 
-# Debian 13 (or forced): ARC 6 in a Debian 12 chroot.
-if [[ ! -x $ARC_CHROOT/usr/bin/apt-get ]]; then
+# Debian 13 (or forced): ARC 6 in a Debian 12 chroot. It is built in $ARC_CHROOT.partial
+# and renamed only when complete: the arex postinst (arcctl test-ca) cannot be re-run over
+# its own half-made files, so a failed build starts again from scratch.
+if [[ ! -x $ARC_CHROOT/usr/sbin/arched ]]; then
     need=$(missing "" debootstrap)
     if [[ -n $need ]]; then apt_install "" debootstrap; fi
-    rm -rf "$ARC_CHROOT.partial"
+    partial=$ARC_CHROOT.partial
+    if mountpoint -q "$partial/proc"; then umount "$partial/proc"; fi
+    mounted_under "$partial" && die "something is still mounted under $partial"
+    rm -rf --one-file-system "$partial"
     mkdir -p "$(dirname "$ARC_CHROOT")"
-    if ! debootstrap --variant=minbase bookworm "$ARC_CHROOT.partial" \
+    if ! debootstrap --variant=minbase bookworm "$partial" \
         http://deb.debian.org/debian </dev/null >"$log" 2>&1; then
         tail -n 40 "$log" >&2
         die "debootstrap bookworm failed"
     fi
-    mv "$ARC_CHROOT.partial" "$ARC_CHROOT"
+    # name service as on the host: the arex postinst signs a host certificate for hostname -f
+    cp /etc/resolv.conf "$partial/etc/resolv.conf" 2>/dev/null || true
+    cp /etc/hosts "$partial/etc/hosts"
+    mount -t proc proc "$partial/proc"
+    mounted_proc=$partial/proc
+    apt_install "$partial" "${ARC_PACKAGES[@]}"
+    umount "$partial/proc"
+    mounted_proc=""
+    need=$(missing "$partial" "${ARC_PACKAGES[@]}")
+    [[ -z $need ]] || die "not installed in the chroot: $need"
+    mounted_under "$ARC_CHROOT" && die "something is still mounted under $ARC_CHROOT"
+    rm -rf --one-file-system "$ARC_CHROOT"
+    mv "$partial" "$ARC_CHROOT"
+    echo "install-arc: ARC 6 installed in the Debian 12 chroot $ARC_CHROOT"
 fi
-# name service as on the host: the arex postinst signs a host certificate for `hostname -f`
-cp /etc/resolv.conf "$ARC_CHROOT/etc/resolv.conf" 2>/dev/null || true
-cp /etc/hosts "$ARC_CHROOT/etc/hosts"
+# packages added to the list since the chroot was built (its arex postinst is done by now)
 need=$(missing "$ARC_CHROOT" "${ARC_PACKAGES[@]}")
 if [[ -n $need ]]; then
-    # postinst scripts may want /proc; nothing stays mounted afterwards
-    if ! mountpoint -q "$ARC_CHROOT/proc"; then
-        mount -t proc proc "$ARC_CHROOT/proc"
-        mounted_proc=$ARC_CHROOT/proc
-    fi
-    # shellcheck disable=SC2086
+    # shellcheck disable=SC2086  # a word list
     apt_install "$ARC_CHROOT" $need
     echo "install-arc: installed $need in $ARC_CHROOT"
 fi

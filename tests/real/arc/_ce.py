@@ -258,14 +258,16 @@ logfile = {b}/log/infoprovider.log
 [queue:fork]
 """
 
-    def build_jobtoken(self, wheel: Path) -> Path:
-        """A venv readable by the pool account, with jobtoken from ``wheel``; returns the
-        launcher the RTE's JOBTOKEN_BIN points at (docs/arc.md: /usr/bin/jobtoken)."""
+    def build_jobtoken(self, wheelhouse: Path) -> Path:
+        """A venv readable by the pool account, with jobtoken from ``wheelhouse`` (offline);
+        returns the launcher the RTE's JOBTOKEN_BIN points at (docs/arc.md: /usr/bin/jobtoken)."""
         venv = self.base / "venv"
-        shutil.copy(wheel, self.host(self.base / "tmp" / wheel.name))
+        wheels = self.base / "tmp" / "wheels"
+        shutil.copytree(wheelhouse, self.host(wheels))
         self.run(["python3", "-m", "venv", venv], timeout_s=300)
-        self.run([venv / "bin" / "python", "-m", "pip", "install", "--quiet",
-                  "--disable-pip-version-check", self.base / "tmp" / wheel.name], timeout_s=600)
+        self.run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-index",
+                  "--disable-pip-version-check", "--find-links", wheels, "jobtoken"],
+                 timeout_s=600)
         launcher = self.base / "bin" / "jobtoken"
         self.host(launcher).parent.mkdir(exist_ok=True)
         self.host(launcher).write_text(f'#!/bin/sh\nexec {venv}/bin/jobtoken "$@"\n',

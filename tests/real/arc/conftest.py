@@ -13,6 +13,7 @@ mytoken into argv or a message, or leave a daemon, mount or file behind.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import ssl
 import subprocess
@@ -77,11 +78,23 @@ class ArcSite:
                  lambda: True if not self.live_job_mytokens() else None, timeout_s, 1.0)
 
 
-def _wheel(into: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--disable-pip-version-check", "-w", str(into), str(REPO)],
-                   check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
-    return next(into.glob("jobtoken-*.whl"))
+def _wheelhouse(into: Path, ce: ArcCE) -> Path:
+    """jobtoken and its dependencies as wheels for the CE's python3, fetched with this
+    machine's pip (its index and CA settings): the CE, a chroot maybe, installs offline."""
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    run = dict(check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(into), str(REPO)], **run)
+    wheel = next(into.glob("jobtoken-*.whl"))
+    version = ce.run(["python3", "-c", "import sys; print('%d%d' % sys.version_info[:2])"]
+                     ).stdout.strip()
+    arch = platform.machine()
+    platforms = [f"manylinux_2_{minor}_{arch}" for minor in (17, 28, 34)]
+    subprocess.run([*pip, "download", "--dest", str(into), "--only-binary=:all:",
+                    "--python-version", version, "--implementation", "cp",
+                    *(arg for tag in ["manylinux2014_" + arch, *platforms]
+                      for arg in ("--platform", tag)),
+                    str(wheel)], **run)
+    return into
 
 
 def _site_config(ce: ArcCE, server_url: str, ca_file: Path) -> Path:
@@ -158,7 +171,7 @@ def arc_site() -> Iterator[ArcSite]:
         parent = server.issue_mytoken(capabilities=["AT", "create_mytoken", "tokeninfo"])
         config = _site_config(ce, server.url, ca_file)
         ce.configure()
-        launcher = ce.build_jobtoken(_wheel(build))
+        launcher = ce.build_jobtoken(_wheelhouse(build, ce))
         robot = _robot_mytoken(ce, parent)
         ce.enable_rte({"JOBTOKEN_PARENT_MT": str(robot), "JOBTOKEN_BIN": str(launcher),
                        "JOBTOKEN_SCOPE_TEMPLATE": f"storage.create:/{VO}/jobs/{{job_id}}",
