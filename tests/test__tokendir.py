@@ -76,3 +76,34 @@ def test_one_sidecar_per_directory(tmp_path: Path) -> None:
 def _lock_again(d: TokenDir) -> None:
     # flock locks belong to the open file description: a second open in this process conflicts
     acquire_lock(d)
+
+
+def test_remove_takes_every_file_jobtoken_makes_and_the_directory(tmp_path: Path) -> None:
+    """A file the list misses keeps the directory, and ARC stages it out (issue 10.3)."""
+    d = TokenDir.create(tmp_path / "job")
+    made = [d.mytoken, d.bearer_token, d.job_file, d.state_file, d.lock_file, d.log_file,
+            d.renew_lock, d.discovery_file, d.parent_copy, d.path / ".bt.1f2e.tmp"]
+    for path in made:
+        path.write_text("x")
+    assert {p.name for p in made[:-1]} == set(TokenDir.NAMES)
+    assert d.remove() == []
+    assert not d.path.exists()
+
+
+def test_remove_reports_what_it_left_and_never_follows_links(tmp_path: Path) -> None:
+    d = TokenDir.create(tmp_path / "job")
+    target = tmp_path / "elsewhere"
+    target.write_text("keep me")
+    os.symlink(target, d.mytoken)
+    (d.path / "payload-output").write_text("not ours")
+    problems = d.remove()
+    assert len(problems) == 1 and "payload-output" in problems[0], problems
+    assert target.read_text() == "keep me" and not os.path.lexists(d.mytoken)
+
+
+def test_remove_secrets_only_keeps_the_rest(tmp_path: Path) -> None:
+    d = TokenDir.create(tmp_path / "job")
+    for path in (d.mytoken, d.bearer_token, d.job_file):
+        path.write_text("x")
+    assert d.remove(secrets_only=True) == []
+    assert sorted(os.listdir(d.path)) == ["job.json"]

@@ -30,12 +30,18 @@ from ._config import Config
 from ._errors import ConfigError, JobtokenError, MytokenRejectedError
 from ._mytokenfile import MytokenSource, load_mytoken
 from ._scopes import invalid_scopes, scopes_within
-from ._submytoken import SubMytokenRequest, mint_sub_mytoken, revoke_quietly
+from ._submytoken import (
+    SubMytokenRequest,
+    mint_sub_mytoken,
+    revoke_children_named,
+    revoke_quietly,
+)
 from ._tokendir import JobSpec, TokenDir
 from ._tokenfile import remove_secret_file, write_secret_file
 from ._tokens import AccessToken, unverified_claims
 
-__all__ = ["JobInfo", "PreparedJob", "job_scopes", "prepare_job"]
+__all__ = ["JobInfo", "PreparedJob", "job_mytoken_name", "job_scopes", "prepare_job",
+           "revoke_job_mytokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +181,7 @@ def prepare_job(
     tokendir = TokenDir.create(directory)
     parent = load_mytoken(parent_source, env=environ, allow_other_owner=True)
     request = SubMytokenRequest(
-        name=f"jobtoken {job.job_id}",
+        name=job_mytoken_name(job.job_id),
         label=f"job {job.job_id}'s mytoken",
         capabilities=("AT",),
         scopes=scopes,
@@ -211,8 +217,8 @@ def prepare_job(
                 now=start,
                 verifier=build_verifier(config),
             )
-            write_secret_file(tokendir.bearer_token, token.raw)
             _check_budget(usages, token, walltime, settings)
+            write_secret_file(tokendir.bearer_token, token.raw)
         except JobtokenError:
             # nothing half-made may outlive a failed prepare: no live job mytoken anywhere
             revoke_quietly(client, minted.mytoken, request.label)
@@ -237,12 +243,12 @@ def _check_budget(
     if token.issued_at is None:
         return
     lifetime = token.expires_at - token.issued_at
-    needed = policy.usages_budget(walltime, lifetime, settings)
+    needed = policy.usages_budget(walltime, max(lifetime, 1.0), settings)
     if needed > usages:
         raise ConfigError(
             f"the job mytoken's usages_AT budget ({usages}) cannot last {walltime:.0f} s with "
             f"the issuer's {lifetime:.0f} s tokens (needs {needed}): set "
-            f"site.expected_at_lifetime_s to at most {lifetime:.0f}"
+            f"site.expected_at_lifetime_s = {max(1, int(lifetime))}"
         )
 
 
@@ -299,3 +305,31 @@ def _job_spec(
         remove_dir_at_end=False,
         mom_id=mom_id,
     )
+
+
+def job_mytoken_name(job_id: str) -> str:
+    """The name a job mytoken carries at the server (what ``revoke_job_mytokens`` finds)."""
+    return f"jobtoken {job_id}"[:100]
+
+
+def revoke_job_mytokens(config: Config, job_id: str, *, env: Optional[Mapping[str, str]] = None
+                        ) -> Tuple[str, ...]:
+    """Revoke every live job mytoken the site's parent minted for ``job_id``, by name.
+
+    For the CE's side of a job's end: it needs neither the session directory nor the job
+    mytoken, only the parent (with ``tokeninfo``), so it works after ``arckill`` or a lost
+    node. Returns the revoked mom_ids (none when the job already revoked its own).
+
+    Raises:
+        ConfigError: no parent mytoken; JobtokenError: the server could not list or revoke.
+    """
+    from ._actions import build_client, server_url_for
+
+    environ = os.environ if env is None else env
+    parent_path = config.site.parent_mytoken_file or config.token.mytoken_file
+    if not parent_path:
+        raise ConfigError("no parent mytoken: set site.parent_mytoken_file or --mytoken-file")
+    parent_source = MytokenSource(path=Path(parent_path))
+    parent = load_mytoken(parent_source, env=environ, allow_other_owner=True)
+    with build_client(config, server_url_for(config, parent)) as client:
+        return revoke_children_named(client, parent_source, parent, job_mytoken_name(job_id))

@@ -97,7 +97,7 @@ def _renewal_lock(
     Two concurrent uses of one rotating mytoken would kill its chain; two of a
     non-rotating one would waste a ``usages_AT``.
     """
-    path = tokendir.path / "renew.lock"
+    path = tokendir.renew_lock
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
@@ -192,7 +192,7 @@ _DISCOVERY_MAX_AGE_S = 6 * 3600.0
 
 
 def _load_discovery(tokendir: TokenDir, client: MytokenClient) -> bool:
-    path = tokendir.path / "discovery.json"
+    path = tokendir.discovery_file
     try:
         if SystemClock().now() - path.stat().st_mtime > _DISCOVERY_MAX_AGE_S:
             return False
@@ -206,14 +206,14 @@ def _save_discovery(tokendir: TokenDir, client: MytokenClient) -> None:
     from ._tokenfile import write_secret_file
 
     try:
-        write_secret_file(tokendir.path / "discovery.json", json.dumps(client.discovery().raw))
+        write_secret_file(tokendir.discovery_file, json.dumps(client.discovery().raw))
     except (JobtokenError, TypeError, ValueError):
         pass
 
 
 def _forget_discovery(tokendir: TokenDir) -> None:
     try:
-        os.unlink(tokendir.path / "discovery.json")
+        os.unlink(tokendir.discovery_file)
     except OSError:
         pass
 

@@ -261,9 +261,12 @@ class _PidWatch:
             return bool(readable)
         return not self._proc.is_running()
 
-    def wait(self, timeout_s: float, stop: threading.Event) -> None:
+    def wait(self, timeout_s: float, stop: threading.Event, wake_fd: Optional[int] = None) -> None:
+        """Until the pid ends, ``timeout_s`` passes, or ``wake_fd`` (a signal's pipe) is
+        readable: a signal alone does not end ``select`` (PEP 475 retries it)."""
         if self.fd is not None:
-            select.select([self.fd], [], [], max(0.0, timeout_s))
+            fds = [self.fd] if wake_fd is None else [self.fd, wake_fd]
+            select.select(fds, [], [], max(0.0, timeout_s))
         else:
             stop.wait(min(max(0.0, timeout_s), 2.0))
 
@@ -289,8 +292,17 @@ def run_sidecar(
             os.close(lock_fd)
         return 0
 
+    wake_r, wake_w = os.pipe()  # TERM must end the wait at once (stage 2 waits for us)
+    os.set_blocking(wake_w, False)
+    wake = [wake_w]  # -1 once closed: a late signal must not write to a reused fd
+
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
+        if wake[0] >= 0:
+            try:
+                os.write(wake[0], b"\0")
+            except OSError:
+                pass
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
@@ -314,10 +326,13 @@ def run_sidecar(
         while not stop.is_set() and not watch.gone():
             wake = sidecar.tick()
             delay = 60.0 if wake is None else wake - real_clock.now()
-            watch.wait(min(max(delay, 0.0), 60.0), stop)
+            watch.wait(min(max(delay, 0.0), 60.0), stop, wake_r)
     finally:
         sidecar.finish()
         os.close(lock_fd)
+        wake[0] = -1
+        os.close(wake_r)
+        os.close(wake_w)
     return int(ExitCode.CREDENTIAL_LOST) if sidecar.state.credential_lost else 0
 
 

@@ -389,16 +389,8 @@ class Sidecar:
 
 
 def _remove_tree(tokendir: TokenDir) -> None:
-    for name in ("bt", "mytoken", "job.json", "state.json", "sidecar.lock", "sidecar.log",
-                 "renew.lock", "discovery.json"):
-        try:
-            os.unlink(tokendir.path / name)
-        except OSError:
-            pass
-    try:
-        os.rmdir(tokendir.path)
-    except OSError as exc:
-        logger.warning("cannot remove token directory %s: %s", tokendir.path, exc.strerror)
+    for problem in tokendir.remove():
+        logger.warning("%s", problem)
 
 
 def signal_number(name: str) -> int:

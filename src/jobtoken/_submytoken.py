@@ -28,7 +28,13 @@ from ._mytokenfile import MytokenSource, save_rotated_mytoken
 if TYPE_CHECKING:
     from ._mytoken import MytokenClient, MytokenResponse
 
-__all__ = ["SubMytokenRequest", "check_minted", "mint_sub_mytoken", "revoke_quietly"]
+__all__ = [
+    "SubMytokenRequest",
+    "check_minted",
+    "mint_sub_mytoken",
+    "revoke_children_named",
+    "revoke_quietly",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -187,26 +193,48 @@ def _reap_lost(
     lives until its ``exp``, as the warning says.
     """
     try:
-        listing = client.subtokens(parent)
-        if listing.token_update is not None:
-            save_rotated_mytoken(parent_source, listing.token_update.mytoken)
-            parent = listing.token_update.mytoken
-        lost = [
-            e for e in listing.entries
-            if e.name == name and e.created is not None
-            and e.created >= start - _LOST_MYTOKEN_SKEW_S
-        ]
-        for entry in lost:
-            update = client.revoke(parent, recursive=True, mom_id=entry.mom_id)
-            if update is not None:
-                save_rotated_mytoken(parent_source, update.mytoken)
-                parent = update.mytoken
-            logger.info(
-                "revoked mytoken %r mom_id=%s minted by a request whose answer was lost",
-                name, entry.mom_id,
-            )
+        lost = revoke_children_named(
+            client, parent_source, parent, name, created_after=start - _LOST_MYTOKEN_SKEW_S
+        )
     except JobtokenError as exc:
         logger.warning(
             "cannot check for a mytoken %r minted by a request whose answer was lost (it "
             "stays valid until it expires): %s", name, exc.message,
         )
+        return
+    for mom_id in lost:
+        logger.info(
+            "revoked mytoken %r mom_id=%s minted by a request whose answer was lost",
+            name, mom_id,
+        )
+
+
+def revoke_children_named(
+    client: MytokenClient, parent_source: MytokenSource, parent: str, name: str,
+    *, created_after: Optional[float] = None,
+) -> Tuple[str, ...]:
+    """Revoke (recursively, by ``mom_id``) the parent's live children called ``name``
+    (created since ``created_after``, if given) and return their mom_ids.
+
+    Needs only the parent (with ``tokeninfo``), never the child: so a CE can revoke a
+    killed job's mytoken after its session directory is gone. A rotated parent is saved
+    back to its file before it is used again.
+
+    Raises:
+        JobtokenError: the listing or a revocation failed.
+    """
+    listing = client.subtokens(parent)
+    if listing.token_update is not None:
+        save_rotated_mytoken(parent_source, listing.token_update.mytoken)
+        parent = listing.token_update.mytoken
+    found = [
+        e for e in listing.entries
+        if e.name == name and (created_after is None
+                               or (e.created is not None and e.created >= created_after))
+    ]
+    for entry in found:
+        update = client.revoke(parent, recursive=True, mom_id=entry.mom_id)
+        if update is not None:
+            save_rotated_mytoken(parent_source, update.mytoken)
+            parent = update.mytoken
+    return tuple(e.mom_id for e in found)

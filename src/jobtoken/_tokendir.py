@@ -8,6 +8,12 @@ Layout (one directory per job, 0700)::
     state.json   non-secret status: exp, renewals, failures, next attempt
     sidecar.lock held (flock) by the one sidecar of this directory
     sidecar.log  the sidecar's log (never a token)
+    renew.lock   serialises renewals (sidecar and ``jobtoken ensure``)
+    discovery.json  the server's discovery document, cached for the renewal child
+    parent.mytoken  HTCondor's copy of the parent mytoken (integrations/condor.py)
+
+Every name lives here (``TokenDir.NAMES``) so that cleanup cannot miss one: a file left
+over keeps the directory, and ARC stages the session directory out with it.
 
 A directory rather than a single file, so it can be bind-mounted into containers:
 a bind-mounted file keeps its old inode after the atomic rename.
@@ -23,7 +29,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ._config import Config
 from ._errors import ConfigError, JobtokenError, TokenFileError
@@ -153,6 +159,11 @@ class RenewalState:
 class TokenDir:
     path: Path
 
+    #: every file jobtoken may create in a token directory; secrets first
+    SECRETS = ("mytoken", "bt", "parent.mytoken")
+    NAMES = SECRETS + ("job.json", "state.json", "sidecar.lock", "sidecar.log", "renew.lock",
+                       "discovery.json")
+
     @property
     def mytoken(self) -> Path:
         return self.path / "mytoken"
@@ -176,6 +187,54 @@ class TokenDir:
     @property
     def log_file(self) -> Path:
         return self.path / "sidecar.log"
+
+    @property
+    def renew_lock(self) -> Path:
+        return self.path / "renew.lock"
+
+    @property
+    def discovery_file(self) -> Path:
+        return self.path / "discovery.json"
+
+    @property
+    def parent_copy(self) -> Path:
+        return self.path / "parent.mytoken"
+
+    def remove(self, *, secrets_only: bool = False) -> List[str]:
+        """Delete the token files (all of them and the directory, or only the secrets).
+
+        Unlink never follows a link, so a link planted here is removed, not its target.
+        Files of a killed writer (``.<name>.<hex>.tmp``) go too.
+
+        Returns:
+            One line per thing that could not be removed (empty when all went), for the
+            caller's log: a leftover directory is staged out with an ARC session dir.
+        """
+        from ._tokenfile import remove_stale_temps
+
+        problems: List[str] = []
+        for name in self.SECRETS if secrets_only else self.NAMES:
+            try:
+                os.unlink(self.path / name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                problems.append(f"cannot remove {self.path / name}: {exc.strerror}")
+        remove_stale_temps(self.path)
+        if secrets_only:
+            return problems
+        try:
+            os.rmdir(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            try:
+                left = sorted(os.listdir(self.path))
+            except OSError:
+                left = []
+            problems.append(f"cannot remove {self.path}: {exc.strerror}"
+                            + (f" (left: {', '.join(left[:10])})" if left else ""))
+        return problems
 
     @classmethod
     def create(cls, path: os.PathLike[str] | str) -> TokenDir:

@@ -422,31 +422,38 @@ def _register_credmon(sub: Any, name: str) -> None:
 # --- jobtoken arc ... -------------------------------------------------------------------------
 
 
-def _cmd_arc_stage0(args: argparse.Namespace) -> int:
+def _arc_site_config(args: argparse.Namespace) -> Any:
+    """Site settings for the CE-side commands, with the RTE's robot mytoken file."""
     from dataclasses import replace
 
-    from .arc import stage0
-
-    _hook_logging()
-    cli = _cli()
     config = _site_config(args)
     if args.parent_mytoken_file:
         config = replace(
             config, site=replace(config.site, parent_mytoken_file=args.parent_mytoken_file)
         )
+    return config
+
+
+def _cmd_arc_stage0(args: argparse.Namespace) -> int:
+    from .arc import audit_lines_on_success, stage0
+
+    _hook_logging()
+    cli = _cli()
+    config = _arc_site_config(args)
     # joboption_* are shell variables of ARC's submit script, not exported: the RTE passes them
     grami = {
         "joboption_directory": args.session_dir,
         "joboption_gridid": args.job_id,
         "joboption_walltime": args.walltime or "",
     }
-    stage0(
-        config,
-        grami,
-        scope_templates=args.scope_template or (),
-        audiences=cli._split(args.job_audience) or (),
-        vo=args.vo,
-    )
+    with audit_lines_on_success():
+        stage0(
+            config,
+            grami,
+            scope_templates=args.scope_template or (),
+            audiences=cli._split(args.job_audience) or (),
+            vo=args.vo,
+        )
     return 0
 
 
@@ -462,6 +469,14 @@ def _cmd_arc_stage2(args: argparse.Namespace) -> int:
 
     _hook_logging()
     stage2(Path(args.dir), timeout_s=args.timeout)
+    return 0
+
+
+def _cmd_arc_end(args: argparse.Namespace) -> int:
+    from .arc import end
+
+    _hook_logging()
+    end(_arc_site_config(args), args.job_id)
     return 0
 
 
@@ -498,6 +513,14 @@ def _register_arc(sub: Any, name: str) -> None:
     h.add_argument("--dir", required=True, metavar="DIR")
     h.add_argument("--timeout", type=float, default=25.0, metavar="S")
     h.set_defaults(func=_cmd_arc_stage2)
+    h = asub.add_parser(
+        "end", help="CE (A-REX statecallout FINISHED): revoke a job mytoken left live"
+    )
+    cli._common(h)
+    cli._server_options(h)
+    h.add_argument("--job-id", required=True, metavar="ID", help="%%I of the statecallout")
+    h.add_argument("--parent-mytoken-file", metavar="FILE", help="the CE's robot/VO mytoken")
+    h.set_defaults(func=_cmd_arc_end)
 
 
 def register_commands() -> List[Tuple[str, Callable[[Any, str], None]]]:

@@ -63,7 +63,8 @@ def revoke_and_clean(
     jobtoken_argv: Optional[List[str]] = None,
     remove_dir: bool = False,
 ) -> bool:
-    """Revoke the job mytoken (if still there) and delete the token files.
+    """Revoke the job mytoken (if still there) and delete the token files: the secrets,
+    or with ``remove_dir`` every file and the directory (``TokenDir.remove``).
 
     Returns:
         True when the job mytoken is revoked or was already gone.
@@ -71,7 +72,7 @@ def revoke_and_clean(
     if not (directory / "job.json").is_file():
         return True
     revoked = True
-    if (directory / "mytoken").exists():
+    if TokenDir(directory).mytoken.exists():
         argv = (jobtoken_argv or [sys.executable, "-m", "jobtoken"]) + ["revoke", str(directory)]
         proc = subprocess.Popen(
             argv,
@@ -98,19 +99,6 @@ def revoke_and_clean(
             proc.communicate()
             revoked = False
             logger.warning("revocation timed out after_s=%.0f", timeout_s)
-    names = ["bt", "mytoken", "parent.mytoken"]
-    if remove_dir:
-        names += ["job.json", "state.json", "sidecar.lock", "sidecar.log", "renew.lock"]
-    for name in names:
-        try:
-            os.unlink(directory / name)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            logger.warning("cannot remove %s: %s", directory / name, exc.strerror)
-    if remove_dir:
-        try:
-            os.rmdir(directory)
-        except OSError as exc:
-            logger.warning("cannot remove %s: %s", directory, exc.strerror)
+    for problem in TokenDir(directory).remove(secrets_only=not remove_dir):
+        logger.warning("%s", problem)
     return revoked

@@ -8,6 +8,11 @@ the job script, where the session dir is ``$RUNTIME_JOB_DIR`` (possibly moved to
 scratch, so ``relocate`` fixes the absolute path recorded in ``job.json``); the RTE
 starts the sidecar in stage 1 and ``stage2`` stops it, revokes and cleans up.
 
+A job that never reaches stage 2 (``arckill``: A-REX deletes the session directory while a
+fork job may still run; a lost node) is covered on the CE: A-REX's ``statecallout`` for
+FINISHED runs ``end``, which revokes what is left of the job's mytoken by its name, with the
+CE's robot mytoken (no session directory needed).
+
 Must NOT: start processes that outlive the job (stage 2 stops the sidecar), or take
 settings from anything but the RTE parameters, the job's ``joboption_*`` values and the
 jobtoken configuration.
@@ -15,22 +20,60 @@ jobtoken configuration.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, List, Mapping, Optional, Sequence
 
 from .._config import Config
-from .._errors import ConfigError
-from .._prepare import JobInfo, PreparedJob, prepare_job
+from .._errors import ConfigError, JobtokenError
+from .._prepare import JobInfo, PreparedJob, prepare_job, revoke_job_mytokens
 from .._tokendir import TokenDir
 from ._cleanup import revoke_and_clean, stop_sidecar
 
-__all__ = ["TOKEN_DIR_NAME", "job_from_grami", "relocate", "stage0", "stage2"]
+__all__ = ["TOKEN_DIR_NAME", "audit_lines_on_success", "end", "job_from_grami", "relocate",
+           "stage0", "stage2"]
 
 logger = logging.getLogger(__name__)
 
 TOKEN_DIR_NAME = ".jobtoken"
+
+
+class _Held(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def audit_lines_on_success() -> Iterator[None]:
+    """Hold stage 0's log records; print them when it succeeds, only the warnings when not.
+
+    Stage 0's stderr is what a user reads with ``arccat -l``: after a failure it must be
+    the one error line (the CLI prints it), not the audit trail of a job that never was.
+    """
+    root = logging.getLogger("jobtoken")
+    held = _Held()
+    handlers, root.handlers = root.handlers, [held]
+    try:
+        yield
+    except BaseException:
+        root.handlers = handlers
+        _replay(handlers, [r for r in held.records if r.levelno >= logging.WARNING])
+        raise
+    root.handlers = handlers
+    _replay(handlers, held.records)
+
+
+def _replay(handlers: Sequence[logging.Handler], records: Sequence[logging.LogRecord]) -> None:
+    for record in records:
+        for handler in handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
 
 
 def job_from_grami(grami: Mapping[str, str], *, vo: Optional[str] = None) -> JobInfo:
@@ -80,7 +123,15 @@ def stage0(
             site = replace(site, allowed_audiences=tuple(audiences))
     config = replace(config, site=site, token=token)
     job = job_from_grami(grami, vo=vo)
-    prepared = prepare_job(config, job, directory=str(Path(session) / dir_name), env={})
+    directory = Path(session) / dir_name
+    try:
+        prepared = prepare_job(config, job, directory=str(directory), env={})
+    except JobtokenError:
+        # the job fails at submission; nothing of ours may be staged out with its session dir
+        if directory.is_dir():
+            for problem in TokenDir(directory).remove():
+                logger.warning("%s", problem)
+        raise
     logger.info("arc stage 0 done job=%s mom_id=%s", job.job_id, prepared.mom_id)
     return prepared
 
@@ -110,3 +161,19 @@ def stage2(directory: Path, *, timeout_s: float = 25.0) -> bool:
         return True
     stop_sidecar(TokenDir.existing(directory), timeout_s=min(20.0, timeout_s))
     return revoke_and_clean(directory, timeout_s=timeout_s, remove_dir=True)
+
+
+def end(config: Config, job_id: str) -> int:
+    """CE side, when A-REX has finished a job: revoke the job's mytoken if it is still live.
+
+    Returns:
+        How many live job mytokens were revoked (0 when stage 2 or the sidecar did it).
+
+    Raises:
+        ConfigError: no parent mytoken configured; JobtokenError: the server could not list
+        or revoke (A-REX logs the callout's failure).
+    """
+    revoked = revoke_job_mytokens(config, job_id, env={})
+    for mom_id in revoked:
+        logger.info("arc end: revoked job mytoken job=%s mom_id=%s", job_id, mom_id)
+    return len(revoked)
