@@ -9,15 +9,7 @@ version=$("$top/packaging/version.sh")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 tree="$work/jobtoken-$version"
-mkdir "$tree"
-# the files git tracks (plus uncommitted edits), else the whole tree without build leftovers
-if git -C "$top" rev-parse --git-dir >/dev/null 2>&1; then
-    (cd "$top" && git ls-files -z --cached --others --exclude-standard) |
-        (cd "$top" && xargs -0 cp --parents -P -t "$tree" 2>/dev/null || true)
-else
-    (cd "$top" && tar --exclude=.venv --exclude=.git --exclude=__pycache__ -cf - .) |
-        (cd "$tree" && tar -xf -)
-fi
+"$top/packaging/copy-tree.sh" "$tree"
 cp -r "$top/packaging/debian" "$tree/debian"
 cat >"$tree/debian/changelog" <<CHANGELOG
 jobtoken ($version) unstable; urgency=medium
