@@ -16,19 +16,16 @@ sitelib=${2:?SITELIB}
 version=${3:-$("$top/packaging/version.sh")}
 python=${PYTHON:-python3}
 
-libexec=/usr/libexec/jobtoken
-share=/usr/share/jobtoken
-
 d() { install -d -m 0755 "$dest$1"; }
-f() { install -m "$1" "$2" "$dest$3"; }
 
-# the Python package, without caches; its version as this build knows it
+# the Python package, without caches (and without _data, whose symlinks find skips: the
+# files it points to are installed in their system places below); the build's version
 d "$sitelib"
 (cd "$top/src" && find jobtoken -name __pycache__ -prune -o -type f ! -name '*.py[co]' -print) |
     while read -r file; do
         install -D -m 0644 "$top/src/$file" "$dest$sitelib/$file"
     done
-printf '"""The version of this build (written by packaging/install-tree.sh)."""\n\nversion = "%s"\n' \
+printf '"""The version of this build (written by packaging/install-tree.sh)."""\n\nfrom __future__ import annotations\n\nversion = "%s"\n' \
     "$version" >"$dest$sitelib/jobtoken/_version.py"
 info="$dest$sitelib/jobtoken-$version.dist-info"
 install -d -m 0755 "$info"
@@ -56,31 +53,12 @@ from jobtoken.cli import main
 sys.exit(main())
 CMD
 chmod 0755 "$dest/usr/bin/jobtoken"
-f 0755 "$top/wrappers/jobtoken-wrap" /usr/bin/jobtoken-wrap
 
-# HTCondor: scripts the hooks and knobs name, snippets to copy (never active by themselves)
-d "$libexec"
-for script in "$top"/condor/jobtoken-*; do
-    f 0755 "$script" "$libexec/$(basename "$script")"
-done
-d "$share/condor/config.d"
-for snippet in "$top"/condor/config.d/*.conf; do
-    f 0644 "$snippet" "$share/condor/config.d/$(basename "$snippet")"
-done
-d "$share/condor/examples"
-for example in "$top"/condor/examples/*; do
-    f 0644 "$example" "$share/condor/examples/$(basename "$example")"
-done
+# hooks, job wrapper, credmon, config.d snippets (never active by themselves), pilot
+# wrapper, ARC RTE, example config and logrotate: the layout `jobtoken install-files` has
+PYTHONPATH="$top/src" "$python" -m jobtoken install-files --prefix "$dest" >/dev/null
 
-# ARC: the runtime environment where arcctl finds system RTEs
-d /usr/share/arc/rte/ENV
-f 0644 "$top/wrappers/arc/ENV/JOBTOKEN" /usr/share/arc/rte/ENV/JOBTOKEN
-
-# configuration example (all commented out), logrotate, man page, completion
-d /etc/jobtoken
-f 0644 "$top/packaging/jobtoken.toml" /etc/jobtoken/jobtoken.toml
-d /etc/logrotate.d
-f 0644 "$top/packaging/jobtoken.logrotate" /etc/logrotate.d/jobtoken
+# man page and completion, generated from the parser
 d /usr/share/man/man1
 d /usr/share/bash-completion/completions
 PYTHONPATH="$top/src" "$python" "$top/packaging/gen_docs.py" man "$dest/usr/share/man/man1/jobtoken.1"

@@ -151,6 +151,9 @@ def test_the_deb_installs_works_and_purges(installed_deb: Path) -> None:
     completion = _run(["bash", "-c", "source /usr/share/bash-completion/completions/jobtoken"
                        " && complete -p jobtoken"])
     assert "_jobtoken" in completion.stdout, completion.stderr
+    # the package installs the data files itself and carries no second copy of them
+    files = _run(["/usr/bin/jobtoken", "install-files", "--prefix", "/nonexistent"])
+    assert files.returncode == 2 and "distribution package" in files.stderr, files
     assert Path("/usr/share/doc/jobtoken/copyright").is_file()
     assert Path("/usr/share/doc/jobtoken/changelog.gz").is_file()
     # byte-compiled by dh_python3 at install time and importable by the system python
@@ -165,3 +168,22 @@ def _subcommand_names() -> List[str]:
         if isinstance(action, argparse._SubParsersAction):
             return list(action.choices)
     raise AssertionError("no subcommands")
+
+
+def test_the_wheel_carries_the_files_install_files_installs(tmp_path: Path) -> None:
+    import sys
+    import zipfile
+
+    from jobtoken._installfiles import data_files
+
+    copy = tmp_path / "tree"
+    _run([str(PACKAGING / "copy-tree.sh"), str(copy)], check=True)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(copy)],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = tmp_path.glob("jobtoken-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    carried = {f"jobtoken/_data/{f.source}" for f in data_files()}
+    assert carried and carried <= names, sorted(carried - names)
+    assert not [n for n in names if n.startswith("jobtoken/_data/") and n not in carried]

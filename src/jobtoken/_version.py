@@ -5,4 +5,6 @@ builds write it here in their copy of the tree, so a checkout without tags or wi
 still has a version (this one).
 """
 
+from __future__ import annotations
+
 version = "0.1.0"
