@@ -27,6 +27,13 @@ APT = ["apt-get", "-o", "DPkg::Lock::Timeout=900", "-q", "-y"]
 LIBEXEC_SCRIPTS = sorted(p.name for p in (ROOT / "condor").glob("jobtoken-*"))
 SNIPPETS = sorted(p.name for p in (ROOT / "condor" / "config.d").glob("*.conf"))
 
+PACKAGE_PATHS = ("/usr/bin/jobtoken", "/usr/bin/jobtoken-wrap", "/usr/libexec/jobtoken",
+                 "/etc/jobtoken", "/usr/share/jobtoken", "/usr/share/arc/rte/ENV/JOBTOKEN",
+                 "/etc/logrotate.d/jobtoken")
+# shared with the HTCondor hooks, which create it when missing: the package owns it while
+# installed, and purge removes it only if it did not exist before and is empty
+AUDIT_DIR = "/var/log/jobtoken"
+
 pytestmark = pytest.mark.slow
 
 
@@ -97,6 +104,10 @@ def installed_deb(built: Dict[str, Path]) -> Iterator[Path]:
     _need(os.geteuid() == 0, "installing the .deb needs root")
     _need(_deb_status("jobtoken") == "not-installed",
           "a jobtoken package is installed already; not replacing it")
+    # dpkg would take over (and purge would delete) unowned files at the package's paths
+    present = [p for p in PACKAGE_PATHS if os.path.lexists(p)]
+    _need(not present, f"files at the package's paths already: {present}; not replacing them")
+    audit_dir_before = os.path.lexists(AUDIT_DIR)
     condor_before = sorted(os.listdir("/etc/condor/config.d")) \
         if os.path.isdir("/etc/condor/config.d") else None
     try:
@@ -111,9 +122,10 @@ def installed_deb(built: Dict[str, Path]) -> Iterator[Path]:
         purge = _run([*APT, "purge", "jobtoken"])
         assert purge.returncode == 0, purge.stdout[-3000:] + purge.stderr
     assert _deb_status("jobtoken") == "not-installed"
-    for path in ("/usr/bin/jobtoken", "/usr/libexec/jobtoken", "/etc/jobtoken",
-                 "/usr/share/jobtoken", "/usr/share/arc/rte/ENV/JOBTOKEN"):
+    for path in PACKAGE_PATHS:
         assert not os.path.lexists(path), f"{path} left after purge"
+    if not audit_dir_before:
+        assert not os.path.lexists(AUDIT_DIR), f"{AUDIT_DIR} left after purge"
 
 
 def test_the_deb_installs_works_and_purges(installed_deb: Path) -> None:
