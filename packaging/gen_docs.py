@@ -1,7 +1,8 @@
 """Write jobtoken's man page and bash completion from its argparse parser (build time).
 
 Generated, so that every subcommand and option the CLI has is documented and completed,
-and nothing the CLI lacks. Usage: gen_docs.py man OUT | gen_docs.py bash-completion OUT.
+and nothing the CLI lacks. Usage: gen_docs.py man OUT | bash-completion OUT |
+wrapper-man SCRIPT OUT (jobtoken-wrap(1) from the script's header comment).
 """
 
 from __future__ import annotations
@@ -94,6 +95,30 @@ def man_page() -> str:
     return "\n".join(out)
 
 
+def wrapper_man_page(script: str) -> str:
+    """jobtoken-wrap(1) from the header comment of the script, which is its documentation."""
+    with open(script, encoding="utf-8") as source:
+        lines = source.read().splitlines()[1:]
+    header = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        header.append(line[2:] if line.startswith("# ") else line[1:])
+    name, _, summary = header[0].partition(": ")
+    return "\n".join([
+        f'.TH {name.upper()} 1 "" "jobtoken {__version__}" "User Commands"',
+        ".SH NAME",
+        f"{_roff(name)} \\- {_roff(summary)}",
+        ".SH DESCRIPTION",
+        ".nf",
+        _roff("\n".join(header[1:]).strip("\n")),
+        ".fi",
+        ".SH SEE ALSO",
+        "jobtoken(1)",
+        "",
+    ])
+
+
 def bash_completion() -> str:
     parser = build_parser()
     subs = _subcommands(parser)
@@ -132,11 +157,15 @@ complete -F _jobtoken jobtoken
 
 def main(argv: List[str]) -> int:
     kinds = {"man": man_page, "bash-completion": bash_completion}
-    if len(argv) != 2 or argv[0] not in kinds:
-        sys.stderr.write("usage: gen_docs.py man|bash-completion OUT\n")
+    if len(argv) == 3 and argv[0] == "wrapper-man":
+        text = wrapper_man_page(argv[1])
+    elif len(argv) == 2 and argv[0] in kinds:
+        text = kinds[argv[0]]()
+    else:
+        sys.stderr.write("usage: gen_docs.py man|bash-completion OUT | wrapper-man SCRIPT OUT\n")
         return 2
-    with open(argv[1], "w", encoding="utf-8") as out:
-        out.write(kinds[argv[0]]())
+    with open(argv[-1], "w", encoding="utf-8") as out:
+        out.write(text)
     return 0
 
 

@@ -64,7 +64,10 @@ d /usr/share/bash-completion/completions
 PYTHONPATH="$top/src" "$python" "$top/packaging/gen_docs.py" man "$dest/usr/share/man/man1/jobtoken.1"
 PYTHONPATH="$top/src" "$python" "$top/packaging/gen_docs.py" bash-completion \
     "$dest/usr/share/bash-completion/completions/jobtoken"
-chmod 0644 "$dest/usr/share/man/man1/jobtoken.1" "$dest/usr/share/bash-completion/completions/jobtoken"
+PYTHONPATH="$top/src" "$python" "$top/packaging/gen_docs.py" wrapper-man "$top/wrappers/jobtoken-wrap" \
+    "$dest/usr/share/man/man1/jobtoken-wrap.1"
+chmod 0644 "$dest/usr/share/man/man1/jobtoken.1" "$dest/usr/share/man/man1/jobtoken-wrap.1" \
+    "$dest/usr/share/bash-completion/completions/jobtoken"
 
 # the audit directory of the HTCondor hooks: every job's user appends, nobody lists
 install -d -m 1733 "$dest/var/log/jobtoken"

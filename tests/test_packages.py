@@ -160,6 +160,8 @@ def test_the_deb_installs_works_and_purges(installed_deb: Path) -> None:
     with gzip.open("/usr/share/man/man1/jobtoken.1.gz", "rt") as man:
         page = man.read()
     assert all(f".B {name.replace('-', chr(92) + '-')}" in page for name in subcommands)
+    with gzip.open("/usr/share/man/man1/jobtoken-wrap.1.gz", "rt") as man:
+        assert "JOBTOKEN_WRAP_MODE" in man.read()
     completion = _run(["bash", "-c", "source /usr/share/bash-completion/completions/jobtoken"
                        " && complete -p jobtoken"])
     assert "_jobtoken" in completion.stdout, completion.stderr
