@@ -5,6 +5,6 @@
 # Idempotent and quiet (see apt-ensure.sh); runs as root without stdin.
 set -euo pipefail
 exec "$(dirname "$0")/apt-ensure.sh" install-packaging \
-    dpkg-dev debhelper dh-python python3-all python3-setuptools rpm rpmlint \
+    build-essential dpkg-dev debhelper dh-python python3-all rpm rpmlint \
     python3-httpx python3-jwt python3-cryptography python3-psutil \
     -- dpkg-buildpackage dh rpmbuild rpmlint
