@@ -22,8 +22,7 @@ from ._errors import (
     TokenFileError,
     UsageError,
 )
-
-__version__ = "0.1.0"
+from ._version import version as __version__
 
 __all__ = [
     "ConfigError",

@@ -700,3 +700,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 from .integrations import register_commands as _reg; _EXTRA_COMMANDS.extend(_reg())  # noqa: E402, E702, I001
+from ._installfiles import register as _files; _EXTRA_COMMANDS.append(("install-files", _files))  # noqa: E402, E702, I001
