@@ -129,6 +129,9 @@ def base_env(**extra: str) -> Dict[str, str]:
         if not k.startswith(("JOBTOKEN", "BEARER_TOKEN", "_CONDOR_", "MYTOKEN"))
     }
     env["JOBTOKEN_BIN"] = JOBTOKEN_BIN
+    # hooks run here outside a pool: no audit file on the host (/var/log/jobtoken); the
+    # audit log itself is tested on its own and in the real pool
+    env["_CONDOR_JOBTOKEN_AUDIT_LOG"] = "none"
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "/usr/bin:/bin")
     env.update(extra)
     return env
