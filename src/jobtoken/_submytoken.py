@@ -13,6 +13,10 @@ this order, and a copy of them drifts (the storer once accepted a widened audien
    what the server honours): what a server returns is checked, not trusted;
 4. revoke a minted token that failed the check (it must not stay live anywhere).
 
+A server that refuses the asked ``exp`` as beyond its maximum mytoken lifetime is asked
+once more without ``error_on_restrictions``: it then caps ``exp`` itself, and the check
+(3) still refuses anything else it changed.
+
 A lost answer (the request may have minted a token we never saw) can be searched for
 and revoked by name when the caller knows the name is unique (``started_at``).
 """
@@ -23,7 +27,12 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Set, Tuple
 
-from ._errors import JobtokenError, ProtocolError, ServerUnavailableError
+from ._errors import (
+    JobtokenError,
+    MytokenRejectedError,
+    ProtocolError,
+    ServerUnavailableError,
+)
 from ._mytokenfile import MytokenSource, save_rotated_mytoken
 
 if TYPE_CHECKING:
@@ -89,13 +98,19 @@ def mint_sub_mytoken(
     """
     name = request.name[:100]
     try:
-        minted = client.create_mytoken(
-            parent,
-            restrictions=[request.restriction()],
-            capabilities=list(request.capabilities),
-            name=name,
-            error_on_restrictions=True,
-        )
+        try:
+            minted = _create(client, parent, request, name, strict=True)
+        except MytokenRejectedError as exc:
+            if not _beyond_max_lifetime(exc):
+                raise
+            # The server's limit is not published: let it cap ``exp`` (the one change
+            # it makes without ``error_on_restrictions``); ``check_minted`` still refuses
+            # and revokes anything wider than asked.
+            minted = _create(client, parent, request, name, strict=False)
+            logger.warning(
+                "the server caps %s at its maximum mytoken lifetime (asked exp=%d); set "
+                "site.max_mytoken_lifetime_s to ask for no more", request.label, request.exp,
+            )
     except ServerUnavailableError as exc:
         if started_at is not None and answer_may_be_lost(exc):
             _reap_lost(client, parent_source, parent, name, started_at)
@@ -108,6 +123,28 @@ def mint_sub_mytoken(
         revoke_quietly(client, minted.mytoken, request.label)
         raise
     return minted
+
+
+# the real server's error_description (oidc-mytoken/server, mytokenHandler.go), 400
+# invalid_request, when a request with error_on_restrictions asks beyond the provider's
+# mytokens_max_lifetime
+MAX_LIFETIME_REFUSAL = "requested restrictions do not respect maximum mytoken lifetime"
+
+
+def _beyond_max_lifetime(exc: MytokenRejectedError) -> bool:
+    return exc.status == 400 and MAX_LIFETIME_REFUSAL in str(exc.error_description or "")
+
+
+def _create(
+    client: MytokenClient, parent: str, request: SubMytokenRequest, name: str, *, strict: bool
+) -> MytokenResponse:
+    return client.create_mytoken(
+        parent,
+        restrictions=[request.restriction()],
+        capabilities=list(request.capabilities),
+        name=name,
+        error_on_restrictions=strict,
+    )
 
 
 def check_minted(minted: Any, request: SubMytokenRequest) -> None:

@@ -21,6 +21,7 @@ from ._keys import SigningKey
 from ._responses import ApiError, Request, Response, bad_request, http_error, json_response
 from ._restrictions import (
     Restriction,
+    enforce_max_lifetime,
     has_capability,
     parse_restrictions,
     replace_this,
@@ -409,6 +410,9 @@ class MytokenApi:
             self._require_capability(parent, "create_mytoken")
             used = self._other_restriction(parent, req)
             self._check_issuer(parent, issuer)
+            wanted, capped = enforce_max_lifetime(wanted, self.config.max_mytoken_lifetime_s, now)
+            if capped and error_on_restrictions:
+                raise bad_request("requested restrictions do not respect maximum mytoken lifetime")
             restrictions, ok = tighten(parent.restrictions, wanted)
             if not ok and error_on_restrictions:
                 raise bad_request("requested restrictions are not subset of original restrictions")
