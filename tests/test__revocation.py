@@ -14,7 +14,8 @@ import pytest
 from jobtoken._errors import UsageError
 from jobtoken._revocation import read_pending
 from jobtoken._sidecar import Sidecar
-from jobtoken.devserver import DevServer, DevServerConfig
+from jobtoken.devserver import DevServer
+from tests.devserver_fixtures import running_devserver
 from tests.runhelpers import AUD, prepare
 
 pytestmark = pytest.mark.process
@@ -24,9 +25,8 @@ OP_SCOPES = ("storage.read:/", "storage.create:/")
 
 @pytest.fixture()
 def srv() -> Iterator[DevServer]:
-    with DevServer(DevServerConfig(at_lifetime_s=600, op_scopes=OP_SCOPES,
-                                   default_audience=AUD)) as server:
-        yield server
+    with running_devserver(at_lifetime_s=600, op_scopes=OP_SCOPES, default_audience=AUD) as s:
+        yield s
 
 
 def _live(srv: DevServer, mytoken: str) -> bool:
@@ -143,9 +143,8 @@ def test_a_mom_id_recorded_at_prepare_wins_over_a_tampered_job_json(
 
 @pytest.fixture()
 def srv30() -> Iterator[DevServer]:
-    with DevServer(DevServerConfig(at_lifetime_s=30, op_scopes=OP_SCOPES,
-                                   default_audience=AUD)) as server:
-        yield server
+    with running_devserver(at_lifetime_s=30, op_scopes=OP_SCOPES, default_audience=AUD) as s:
+        yield s
 
 
 def test_a_rate_limit_tripped_by_someone_else_neither_loses_the_credential_nor_revokes_falsely(
