@@ -182,3 +182,18 @@ def test_a_rate_limit_tripped_by_someone_else_neither_loses_the_credential_nor_r
     assert "credential lost" not in err
     assert "revocation failed, pending" in err and "job mytoken revoked" not in err
     assert read_pending(job.tokendir) is not None
+
+
+def test_revoking_again_through_the_parent_finds_nothing_to_revoke(
+    srv: DevServer, tmp_path: Path
+) -> None:
+    # the real server answers 403 for a mom_id that is no live child of the parent
+    from jobtoken._config import Config, ServerConfig
+    from jobtoken._run import revoke_job
+
+    job = prepare(srv, tmp_path, lifetime_s=600)
+    Sidecar(job.tokendir, job.spec).finish()  # revoked at the job's end, file gone
+    assert not job.tokendir.mytoken.exists()
+    cfg = Config(server=ServerConfig(url=srv.url, allow_http=True))
+    assert revoke_job(job.tokendir, config=cfg, parent_file=str(tmp_path / "parent.mt")) is False
+    assert 403 in [r.status for r in srv.requests("revoke")]

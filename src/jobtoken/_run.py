@@ -321,14 +321,15 @@ def run_sidecar(
     return int(ExitCode.CREDENTIAL_LOST) if sidecar.state.credential_lost else 0
 
 
-def _revoked_through_parent(config: Config, parent_file: str, mom_id: str) -> bool:
-    """Revoke by ``mom_id`` through the parent; False when the parent cannot be read
-    (a party without it falls back to the job's own file).
+def _revoked_through_parent(config: Config, parent_file: str, mom_id: str) -> Optional[bool]:
+    """Revoke by ``mom_id`` through the parent: True when done, False when the server
+    has no live ``mom_id`` below the parent, None when the parent cannot be read (a
+    party without it falls back to the job's own file).
 
     Raises:
         JobtokenError: the server refused or could not be reached.
     """
-    from ._errors import TokenFileError
+    from ._errors import MytokenRejectedError, TokenFileError
     from ._renewal import revoke_by_mom_id
 
     try:
@@ -336,6 +337,13 @@ def _revoked_through_parent(config: Config, parent_file: str, mom_id: str) -> bo
     except (ConfigError, TokenFileError) as exc:
         logger.warning("cannot revoke through the parent, revoking the job's file instead "
                        "(a copy the payload made may stay live): %s", exc.message)
+        return None
+    except MytokenRejectedError as exc:
+        if exc.status != 403:
+            raise
+        # the server knows no live mytoken mom_id below this parent: revoked already
+        # (by the sidecar), or not minted from it; what the file holds is still revoked
+        logger.info("no live job mytoken mom_id=%s below the parent: %s", mom_id, exc.message)
         return False
     return True
 
@@ -454,10 +462,13 @@ def revoke_job(
             "refusing to revoke it"
         )
     mom = mom_id or spec.mom_id
-    if parent_file and mom and _revoked_through_parent(config or Config(), parent_file, mom):
+    via_parent = _revoked_through_parent(config or Config(), parent_file, mom) if (
+        parent_file and mom) else None
+    if via_parent:
         logger.info("job mytoken revoked through its parent job=%s mom_id=%s", spec.job_id, mom)
         revoked = True
-    elif not tokendir.mytoken_of(spec).exists() and read_pending(tokendir) is not None:
+    elif via_parent is None and not tokendir.mytoken_of(spec).exists() and read_pending(
+            tokendir) is not None:
         raise ConfigError(
             f"the job mytoken of {tokendir.path} is gone but its revocation is pending: "
             "revoke it through the parent (--parent-mytoken-file or site.parent_mytoken_file)"

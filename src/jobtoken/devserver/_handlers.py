@@ -467,6 +467,8 @@ class MytokenApi:
                 token_jwt, token_type = self.store.resolve(token)
                 auth = self.store.authenticate(token_jwt, now)
                 target = self.store.by_mom_id(mom_id)
+                if target is not None and target.revoked:
+                    target = None  # the real server deletes revoked tokens: no parent of it
                 is_parent = target is not None and self.store.is_ancestor(auth, target)
                 if not is_parent and not has_capability(
                     auth.capabilities, "manage_mytokens:revoke"
