@@ -414,8 +414,11 @@ def test_renewals_per_hour_rejects_non_positive_lifetime():
         (EXP - 1000.0, EXP - 900.0, False, True, Escalation.NONE),
         (EXP - 500.0, EXP - 400.0, False, True, Escalation.WARN),
         (EXP - 600.0, EXP - 400.0, False, True, Escalation.WARN),  # boundary: warn at 600
-        (EXP - 500.0, EXP + 10.0, False, True, Escalation.CREDENTIAL_LOST),  # next try too late
-        (EXP - 500.0, None, False, True, Escalation.CREDENTIAL_LOST),
+        # issue 12 item 2: a retryable failure (429) with the token still valid is never
+        # a lost credential, even when the next try can only come after exp
+        (EXP - 500.0, EXP + 10.0, False, True, Escalation.WARN),  # next try too late
+        (EXP - 3000.0, EXP + 10.0, False, True, Escalation.WARN),
+        (EXP - 500.0, None, False, True, Escalation.WARN),
         (EXP, EXP + 5.0, False, True, Escalation.CREDENTIAL_LOST),
         (EXP - 3000.0, EXP - 2900.0, True, True, Escalation.CREDENTIAL_LOST),  # revoked
         (EXP + 100.0, None, False, False, Escalation.NONE),  # not failing
@@ -509,8 +512,11 @@ def test_escalation_steps_warn_once_then_lose_then_stop_at_expiry() -> None:
     assert _steps(900.0) == pol.EscalationSteps()  # failing, but time left
     assert _steps(950.0) == pol.EscalationSteps(warn=True)
     assert _steps(950.0, warned=True) == pol.EscalationSteps()
-    lost = _steps(995.0, warned=True, next_at=None)  # no attempt before exp
-    assert lost == pol.EscalationSteps(lose_credential=True)
+    # no attempt before exp: the token still works, so nothing is lost yet
+    assert _steps(995.0, warned=True, next_at=None) == pol.EscalationSteps()
+    assert _steps(1000.0, warned=True, next_at=None) == pol.EscalationSteps(
+        lose_credential=True, stop_payload=True
+    )
     assert _steps(1000.0, warned=True, credential_lost=True) == pol.EscalationSteps(
         stop_payload=True
     )

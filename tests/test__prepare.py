@@ -271,3 +271,49 @@ def test_a_slow_server_cannot_keep_prepare_alive_and_the_job_mytoken_is_revoked(
     assert len(srv.requests("revoke")) == 1
     assert _live_children(srv, parent) == []
     assert not (tmp_path / "j" / "mytoken").exists()
+
+
+def _minted_entry(srv: DevServer, job: Any) -> dict:
+    [entry] = srv.introspect(job.tokendir.mytoken.read_text())["token"]["restrictions"]
+    return entry
+
+
+def test_site_maxima_bound_a_job_that_asks_for_a_year(srv: DevServer, tmp_path: Path) -> None:
+    # issue 12 item 3: MaxWallTimeMins=5256000 gave a 365-day job mytoken, usages_AT 11.6 M
+    parent = parent_file(srv, tmp_path)
+    cfg = config(srv, parent, max_walltime_s=2 * 86400.0, max_usages_at=50,
+                 max_mytoken_lifetime_s=86400.0)
+    start = time.time()
+    job = prepare_job(cfg, JobInfo(job_id="1", walltime_s=365 * 86400.0),
+                      directory=str(tmp_path / "job"))
+    entry = _minted_entry(srv, job)
+    assert entry["usages_AT"] == 50
+    assert entry["exp"] <= time.time() + 86400 + 1
+    assert entry["exp"] >= start + 86400 - 1
+
+
+def test_a_server_maximum_lifetime_caps_the_job_mytoken_instead_of_failing(
+    tmp_path: Path, caplog: Any
+) -> None:
+    # the real server refuses with 400 "requested restrictions do not respect maximum
+    # mytoken lifetime" under error_on_restrictions: cap and go on, never fail the job
+    with DevServer(DevServerConfig(at_lifetime_s=1200, op_scopes=OP_SCOPES, default_audience=AUD,
+                                   max_mytoken_lifetime_s=7200)) as server:
+        parent = parent_file(server, tmp_path)
+        job = prepare_job(config(server, parent), JobInfo(job_id="1", walltime_s=86400),
+                          directory=str(tmp_path / "job"))
+        entry = _minted_entry(server, job)
+        assert entry["exp"] <= time.time() + 7200 + 1
+        assert entry["scope"] == "storage.create:/vo/jobs/1"
+        assert entry["audience"] == [AUD]
+        assert [r.status for r in server.requests("my")] == [400, 200]
+    assert "site.max_mytoken_lifetime_s" in caplog.text
+
+
+def test_a_site_maximum_lifetime_asks_the_server_nothing_it_refuses(tmp_path: Path) -> None:
+    with DevServer(DevServerConfig(at_lifetime_s=1200, op_scopes=OP_SCOPES, default_audience=AUD,
+                                   max_mytoken_lifetime_s=7200)) as server:
+        parent = parent_file(server, tmp_path)
+        prepare_job(config(server, parent, max_mytoken_lifetime_s=3600.0),
+                    JobInfo(job_id="1", walltime_s=86400), directory=str(tmp_path / "job"))
+        assert [r.status for r in server.requests("my")] == [200]

@@ -125,3 +125,80 @@ def test_a_refusal_leaves_nothing_to_revoke(srv: DevServer, tmp_path: Path) -> N
             mint_sub_mytoken(client, source.path.read_text(), source,
                              _request(scopes=("storage.create:/vo",)))
     assert srv.requests("revoke") == ()
+
+
+def _forged_mytoken(**claims: Any) -> str:
+    """A mytoken look-alike JWT whose claims are chosen by the test (unsigned use only)."""
+    import base64
+    import json
+
+    def part(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+
+    body = claims.pop("_raw", None) or json.dumps(claims)
+    return f"{part(json.dumps({'alg': 'ES512', 'typ': 'MT+JWT'}))}.{part(body)}.c2ln"
+
+
+def _swap_minted_token(mocker: Any, forged: str) -> None:
+    """The server describes a narrow token in JSON but hands out ``forged``."""
+    from jobtoken import _mytoken
+
+    real = _mytoken.MytokenClient.create_mytoken
+
+    def swap(self: Any, *args: Any, **kw: Any) -> Any:
+        return dataclasses.replace(real(self, *args, **kw), mytoken=forged)
+
+    mocker.patch.object(_mytoken.MytokenClient, "create_mytoken", swap)
+
+
+_NARROW = {"scope": "storage.create:/vo/jobs/1", "audience": [AUD], "exp": 1}
+
+
+@pytest.mark.parametrize(
+    ("claims", "why"),
+    [
+        # issue 12 item 13: AT + create_mytoken + tokeninfo, no restrictions, was accepted
+        (dict(capabilities=["AT", "create_mytoken", "tokeninfo"]), "capabilities"),
+        (dict(capabilities=["AT"]), "no restrictions"),
+        (dict(capabilities=["AT"], restrictions=[dict(_NARROW, scope="storage.create:/")]),
+         "scope"),
+        (dict(capabilities=["AT"], restrictions=[dict(_NARROW, usages_AT=10**7)]), "usages_AT"),
+        (dict(capabilities=["AT"], restrictions=[dict(_NARROW, exp=10**10)]), "later expiry"),
+        (dict(_raw='{"capabilities":["AT","create_mytoken"],"capabilities":["AT"],'
+                   '"restrictions":[]}'), "repeated"),
+    ],
+)
+def test_a_minted_mytoken_whose_own_claims_are_wider_is_refused_and_revoked(
+    srv: DevServer, tmp_path: Path, mocker: Any, claims: dict, why: str
+) -> None:
+    from jobtoken._actions import build_client
+
+    source = _parent(srv, tmp_path)
+    exp = int(time.time()) + 3600
+    for entry in claims.get("restrictions", ()):
+        entry["exp"] = entry["exp"] if entry["exp"] > 1 else exp
+    _swap_minted_token(mocker, _forged_mytoken(**claims))
+    revoke = mocker.spy(__import__("jobtoken._mytoken", fromlist=["x"]).MytokenClient, "revoke")
+    with build_client(job_config(srv, source.path, lifetime_s=1200), srv.url) as client:
+        with pytest.raises(ProtocolError, match=why):
+            mint_sub_mytoken(client, source.path.read_text(), source,
+                             _request(exp=exp, usages_at=5))
+    assert revoke.call_count == 1
+
+
+def test_a_minted_jwt_mytoken_as_narrow_as_asked_passes(srv: DevServer, tmp_path: Path) -> None:
+    from jobtoken._actions import build_client
+    from jobtoken._tokens import unverified_claims
+
+    source = _parent(srv, tmp_path)
+    with build_client(job_config(srv, source.path, lifetime_s=1200), srv.url) as client:
+        minted = mint_sub_mytoken(client, source.path.read_text(), source, _request(usages_at=5))
+    assert unverified_claims(minted.mytoken)["capabilities"] == ["AT"]
+
+
+def test_unverified_claims_refuse_a_repeated_key() -> None:
+    from jobtoken._tokens import unverified_claims
+
+    assert unverified_claims(_forged_mytoken(_raw='{"a":1,"a":2}')) is None
+    assert unverified_claims(_forged_mytoken(_raw='{"a":{"b":1,"b":2}}')) is None
+    assert unverified_claims(_forged_mytoken(a=1)) == {"a": 1}

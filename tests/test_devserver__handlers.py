@@ -577,3 +577,28 @@ def test_parallel_use_of_rotating_mytoken_lets_exactly_one_win(srv, client):
     for t in threads:
         t.join(timeout=10)
     assert sorted(statuses) == [200, 401, 401, 401]
+
+
+def test_maximum_mytoken_lifetime_is_enforced_as_the_real_server_does(clock: FakeClock) -> None:
+    # oidc-mytoken/server EnforceMaxLifetime: refused (400 invalid_request) under
+    # error_on_restrictions, else every entry's exp is capped (no entries: one with exp)
+    with running_devserver(clock=clock, op_scopes=OP_SCOPES, max_mytoken_lifetime_s=3600) as s:
+        parent = s.issue_mytoken(capabilities=["AT", "create_mytoken"])
+        now = int(clock.now())
+        with client_for(s) as c:
+            long = [{"scope": VO, "exp": now + 7200}]
+            refused = sub_mytoken_request(c, parent, restrictions=long, capabilities=["AT"],
+                                          error_on_restrictions=True)
+            assert refused.status_code == 400
+            assert refused.json() == {
+                "error": "invalid_request",
+                "error_description": "requested restrictions do not respect maximum mytoken "
+                                     "lifetime",
+            }
+            within = sub_mytoken_request(c, parent, capabilities=["AT"], error_on_restrictions=True,
+                                         restrictions=[{"scope": VO, "exp": now + 600}])
+            assert within.status_code == 200
+            capped = sub_mytoken_request(c, parent, restrictions=long, capabilities=["AT"])
+            assert capped.json()["restrictions"][0]["exp"] == now + 3600
+            bare = sub_mytoken_request(c, parent, capabilities=["AT"])
+            assert bare.json()["restrictions"] == [{"exp": now + 3600}]

@@ -26,6 +26,7 @@ LAYERS: Dict[str, int] = {
     "jobtoken._tokens": 2, "jobtoken._jwks": 2, "jobtoken._http": 2, "jobtoken._mytoken": 2,
     "jobtoken._tokenfile": 3, "jobtoken._discovery": 3, "jobtoken._mytokenfile": 3,
     "jobtoken._tokendir": 3, "jobtoken._metrics": 3, "jobtoken._installfiles": 3,
+    "jobtoken._revocation": 3,
     "jobtoken._exchange": 4, "jobtoken._actions": 4, "jobtoken._submytoken": 4,
     "jobtoken._prepare": 4, "jobtoken._renewal": 4, "jobtoken._sidecar": 4,
     "jobtoken._supervisor": 4, "jobtoken._run": 4,

@@ -68,6 +68,10 @@ class SiteConfig:
     max_walltime_s: float = 7 * 24 * 3600.0  # caps what a job's ad asks for
     walltime_slack_s: float = 1800.0
     expected_at_lifetime_s: float = 1200.0  # sizes the usages_AT budget; shorter = more
+    max_usages_at: Optional[int] = None  # caps the job mytoken's usages_AT budget
+    # the Mytoken server's maximum mytoken lifetime, if the site knows it (its discovery
+    # does not publish it): a job mytoken's exp is capped at now + this before minting
+    max_mytoken_lifetime_s: Optional[float] = None
     hosts: Tuple[str, ...] = ()
     token_dir_base: Optional[str] = None
 
@@ -151,6 +155,15 @@ def _number(value: Any) -> float:
     return number
 
 
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError("expected a whole number")
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError("expected a string")
@@ -163,6 +176,7 @@ _PARSERS: Dict[Any, Callable[[Any], Any]] = {
     (tuple, (str, Ellipsis)): _words,
     bool: _boolean,
     float: _number,
+    int: _count,
     str: _text,
 }
 

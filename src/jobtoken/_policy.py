@@ -45,6 +45,7 @@ __all__ = [
     "renewal_settings",
     "renewals_per_hour",
     "usages_budget",
+    "revocation_retry_delay",
     "wait_status_to_exit",
     "within_horizon",
 ]
@@ -136,6 +137,26 @@ def child_timeout_s(
     """
     limit = requests * request_timeout_s + CHILD_STARTUP_S + lock_wait_s
     return limit if cap_s is None else min(limit, cap_s)
+
+
+#: How long the sidecar may spend revoking the job mytoken at the job's end: batch
+#: systems give a stopping job a short kill grace (HTCondor: the starter's, ARC: the LRMS's).
+REVOKE_BUDGET_S = 25.0
+
+
+def revocation_retry_delay(
+    attempt: int, retry_after_s: Optional[float], left_s: float, *, first_s: float = 1.0
+) -> Optional[float]:
+    """How long to wait before revocation attempt ``attempt + 1``; None: give up now.
+
+    Doubling from ``first_s``, raised to the server's ``Retry-After``; None when the
+    wait would not leave ``left_s`` room for another attempt (the record of a pending
+    revocation then hands it to whoever can retry later).
+    """
+    delay = first_s * 2.0 ** max(0, min(attempt - 1, 16))
+    if retry_after_s is not None and retry_after_s > delay:
+        delay = retry_after_s
+    return delay if delay < left_s else None
 
 
 #: A job mytoken that would live shorter than this is not worth minting (the job
@@ -405,16 +426,20 @@ def escalation(
     * not ``failing``: nothing.
     * ``permanent`` (mytoken revoked, expired, out of usages): CREDENTIAL_LOST at
       once; no retry can succeed, so retrying would only load the server.
-    * token expired, or it expires before the next attempt can run (``None``: no
-      attempt planned): CREDENTIAL_LOST.
-    * less than ``warn_before_s`` left: WARN.
+    * token expired: CREDENTIAL_LOST.
+    * a retryable failure while the token still works is never a lost credential, even
+      when the next attempt comes after ``exp`` (a 429 whose Retry-After outlasts the
+      token): the payload still holds a valid token, and a rate limit that anyone on
+      the node can trip (issue 12) must not be able to fail someone else's job. When
+      the next attempt (``None``: none planned) comes after ``exp``, or less than
+      ``warn_before_s`` is left: WARN.
     """
     if not failing:
         return Escalation.NONE
     if permanent or now >= expires_at:
         return Escalation.CREDENTIAL_LOST
     if next_attempt_at is None or next_attempt_at >= expires_at:
-        return Escalation.CREDENTIAL_LOST
+        return Escalation.WARN
     if expires_at - now <= warn_before_s:
         return Escalation.WARN
     return Escalation.NONE

@@ -177,7 +177,8 @@ def prepare_job(
     job_end = start + walltime
     renewal = config.renewal
     settings = policy.renewal_settings(renewal.fraction, renewal.margin_s, renewal.max_backoff_s)
-    usages = policy.usages_budget(walltime, config.site.expected_at_lifetime_s, settings)
+    budget = policy.usages_budget(walltime, config.site.expected_at_lifetime_s, settings)
+    usages = min(budget, config.site.max_usages_at or budget)
     tokendir = TokenDir.create(directory)
     parent = load_mytoken(parent_source, env=environ, allow_other_owner=True)
     request = SubMytokenRequest(
@@ -187,7 +188,8 @@ def prepare_job(
         scopes=scopes,
         audiences=audiences,
         exp=_capped_at_parent_expiry(
-            int(job_end + config.site.walltime_slack_s), parent, start, job.job_id
+            _capped_at_site_lifetime(int(job_end + config.site.walltime_slack_s), config, start),
+            parent, start, job.job_id,
         ),
         usages_at=usages,
         hosts=tuple(config.site.hosts),
@@ -217,7 +219,7 @@ def prepare_job(
                 now=start,
                 verifier=build_verifier(config),
             )
-            _check_budget(usages, token, walltime, settings)
+            _check_budget(budget, token, walltime, settings)
             write_secret_file(tokendir.bearer_token, token.raw)
         except JobtokenError:
             # nothing half-made may outlive a failed prepare: no live job mytoken anywhere
@@ -256,6 +258,13 @@ def walltime_for(job: JobInfo, config: Config) -> float:
     """The wall time a job's tokens must cover: its own, else the site default, at most
     the site maximum (a job never sizes its chain beyond what the site allows)."""
     return min(job.walltime_s or config.site.default_walltime_s, config.site.max_walltime_s)
+
+
+def _capped_at_site_lifetime(exp: int, config: Config, now: float) -> int:
+    """The site's maximum mytoken lifetime bounds the job mytoken's ``exp`` (whatever the
+    job's wall time asks); a server that enforces a limit refuses longer requests."""
+    limit = config.site.max_mytoken_lifetime_s
+    return min(exp, int(now + limit)) if limit else exp
 
 
 def _capped_at_parent_expiry(exp: int, parent: str, now: float, job_id: str) -> int:

@@ -27,12 +27,12 @@ from ._policy import RENEWAL_LOCK_WAIT_S
 from ._tokendir import JobSpec, TokenDir
 
 if TYPE_CHECKING:  # imported lazily below: this module's import must stay cheap
-    from ._config import ServerConfig
+    from ._config import Config, ServerConfig
     from ._jwks import SignatureVerifier
     from ._mytoken import MytokenClient
     from ._tokens import AccessToken
 
-__all__ = ["renew", "revoke", "main"]
+__all__ = ["main", "renew", "revoke", "revoke_by_mom_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +236,32 @@ def revoke(tokendir: TokenDir) -> RenewalReport:
         client.revoke(mytoken, recursive=True)
     remove_secret_file(path)
     return RenewalReport(ok=True, revoked=True)
+
+
+def revoke_by_mom_id(config: Config, parent_path: str, mom_id: str) -> None:
+    """Revoke the job mytoken ``mom_id`` (and its children) through its parent.
+
+    The job's own mytoken file proves nothing at the job's end: a payload may have
+    copied it and put something else in its place, and revoking that something else
+    answers 204 all the same. The parent names the job mytoken by the ``mom_id`` the
+    server gave when minting it, so this revokes the real one (issue 12 item 14).
+    The server comes from the site's ``config`` (as in ``prepare``), never from
+    ``job.json``: the job can write that file, and the parent must not follow it.
+
+    Raises:
+        JobtokenError: the parent cannot be read, or the server refused or failed.
+    """
+    from pathlib import Path
+
+    from ._actions import build_client, server_url_for
+    from ._mytokenfile import MytokenSource, load_mytoken, save_rotated_mytoken
+
+    source = MytokenSource(path=Path(parent_path))
+    parent = load_mytoken(source, allow_other_owner=True)
+    with build_client(config, server_url_for(config, parent)) as client:
+        update = client.revoke(parent, recursive=True, mom_id=mom_id)
+    if update is not None:
+        save_rotated_mytoken(source, update.mytoken)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

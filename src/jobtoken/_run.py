@@ -336,6 +336,33 @@ def run_sidecar(
     return int(ExitCode.CREDENTIAL_LOST) if sidecar.state.credential_lost else 0
 
 
+def _revoked_through_parent(config: Config, parent_file: str, mom_id: str) -> Optional[bool]:
+    """Revoke by ``mom_id`` through the parent: True when done, False when the server
+    has no live ``mom_id`` below the parent, None when the parent cannot be read (a
+    party without it falls back to the job's own file).
+
+    Raises:
+        JobtokenError: the server refused or could not be reached.
+    """
+    from ._errors import MytokenRejectedError, TokenFileError
+    from ._renewal import revoke_by_mom_id
+
+    try:
+        revoke_by_mom_id(config, parent_file, mom_id)
+    except (ConfigError, TokenFileError) as exc:
+        logger.warning("cannot revoke through the parent, revoking the job's file instead "
+                       "(a copy the payload made may stay live): %s", exc.message)
+        return None
+    except MytokenRejectedError as exc:
+        if exc.status != 403:
+            raise
+        # the server knows no live mytoken mom_id below this parent: revoked already
+        # (by the sidecar), or not minted from it; what the file holds is still revoked
+        logger.info("no live job mytoken mom_id=%s below the parent: %s", mom_id, exc.message)
+        return False
+    return True
+
+
 # --- status and ensure ----------------------------------------------------------------------
 
 
@@ -386,6 +413,9 @@ def status(tokendir: TokenDir, *, now: Optional[float] = None) -> Dict[str, Any]
             credential_lost=state.credential_lost,
             finished=state.finished,
         )
+    from ._revocation import read_pending
+
+    data["revocation_pending"] = read_pending(tokendir) is not None
     return data
 
 
@@ -418,23 +448,55 @@ def ensure_token(
     return report
 
 
-def revoke_job(tokendir: TokenDir) -> bool:
+def revoke_job(
+    tokendir: TokenDir,
+    *,
+    config: Optional[Config] = None,
+    parent_file: Optional[str] = None,
+    mom_id: Optional[str] = None,
+) -> bool:
     """Revoke the directory's job mytoken at the server and delete the token files.
+
+    With the parent at hand (``parent_file``: the site's, as ``prepare`` used), the job
+    mytoken is revoked by its ``mom_id`` through the parent, so a payload that copied
+    it and replaced the file keeps no working copy; ``mom_id`` given here (recorded by
+    the integration at ``prepare``) wins over the one in ``job.json``, which the job can
+    write; the server is the site's (``config``), never ``job.json``'s. Without the
+    parent (or when it cannot be read), the file's mytoken is revoked. True only when the server
+    said the job mytoken is revoked; a ``revoke.pending`` record is cleared then.
 
     Raises:
         JobtokenError: the server could not be reached or refused; files stay.
     """
+    from ._revocation import clear_pending, read_pending
+
     spec = tokendir.read_spec()
     if not spec.mytoken_owned:
         raise ConfigError(
             f"{tokendir.path} holds no job mytoken of its own ({spec.mytoken_path} is not one); "
             "refusing to revoke it"
         )
-    report = run_renewal_child(
-        tokendir, "--revoke", timeout_s=policy.child_timeout_s(spec.timeout_s, requests=2)
-    )
-    report.raise_for_failure()
+    mom = mom_id or spec.mom_id
+    via_parent = _revoked_through_parent(config or Config(), parent_file, mom) if (
+        parent_file and mom) else None
+    if via_parent:
+        logger.info("job mytoken revoked through its parent job=%s mom_id=%s", spec.job_id, mom)
+        revoked = True
+    elif via_parent is None and not tokendir.mytoken_of(spec).exists() and read_pending(
+            tokendir) is not None:
+        raise ConfigError(
+            f"the job mytoken of {tokendir.path} is gone but its revocation is pending: "
+            "revoke it through the parent (--parent-mytoken-file or site.parent_mytoken_file)"
+        )
+    else:
+        report = run_renewal_child(
+            tokendir, "--revoke", timeout_s=policy.child_timeout_s(spec.timeout_s, requests=2)
+        )
+        report.raise_for_failure()
+        revoked = report.revoked
     from ._tokenfile import remove_secret_file
 
+    remove_secret_file(tokendir.mytoken_of(spec))
     remove_secret_file(tokendir.bearer_token)
-    return report.revoked
+    clear_pending(tokendir)
+    return revoked

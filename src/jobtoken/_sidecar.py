@@ -26,6 +26,7 @@ from . import _policy as policy
 from ._clock import Clock, SystemClock
 from ._errors import JobtokenError, RenewalReport, ServerUnavailableError
 from ._metrics import write_metrics
+from ._revocation import PendingRevocation, clear_pending, write_pending
 from ._tokendir import JobSpec, RenewalState, TokenDir
 from ._tokenfile import remove_secret_file, remove_stale_temps
 
@@ -34,6 +35,7 @@ __all__ = ["ChildHandle", "Sidecar", "run_renewal_child", "spawn_renewal"]
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.2  # how often a running child is checked; signals still wake the loop at once
+_REVOKE_ATTEMPT_S = 3.0  # room a retried revocation needs (child start-up and one request)
 _STAT_EVERY_S = 60.0  # idle wake-ups cost CPU on every job of a node; a minute is plenty
 
 
@@ -346,14 +348,7 @@ class Sidecar:
         spec = self.spec
         do_revoke = spec.revoke_at_end if revoke is None else revoke
         if spec.mytoken_owned and do_revoke:
-            # at the job's end the batch system's kill grace is short: cap the wait
-            report = run_renewal_child(self.tokendir, "--revoke", timeout_s=policy.child_timeout_s(
-                spec.timeout_s, requests=2, cap_s=25.0))
-            if report.ok:
-                logger.info("job mytoken revoked job=%s mom_id=%s", spec.job_id, spec.mom_id)
-            else:
-                logger.warning("cannot revoke the job mytoken job=%s: %s", spec.job_id,
-                               report.error)
+            self._revoke()
         # The job mytoken goes only with a successful revocation (the child deletes it):
         # kept, a JOB_EXIT hook or ``jobtoken revoke`` can still revoke it later.
         try:
@@ -369,6 +364,46 @@ class Sidecar:
             remove_metrics(spec.metrics_dir, spec.job_id)
         if spec.remove_dir_at_end:
             _remove_tree(self.tokendir)
+
+    def _revoke(self) -> None:
+        """Revoke the job mytoken, retrying within the kill grace; else record it pending.
+
+        "Revoked" is logged only when the server said so. A failure is retried with
+        backoff (honouring Retry-After) while ``REVOKE_BUDGET_S`` allows, then handed
+        on: the mytoken file stays and a ``revoke.pending`` record says so, for
+        ``jobtoken revoke``, the exit hook or stage 2 (see ``_revocation``).
+        """
+        spec = self.spec
+        deadline = self.clock.monotonic() + policy.REVOKE_BUDGET_S
+        never = threading.Event()
+        attempt = 0
+        while True:
+            attempt += 1
+            left = max(1.0, deadline - self.clock.monotonic())
+            report = run_renewal_child(self.tokendir, "--revoke", timeout_s=policy.child_timeout_s(
+                spec.timeout_s, requests=2, cap_s=left))
+            if report.ok:
+                clear_pending(self.tokendir)
+                if report.revoked:
+                    logger.info("job mytoken revoked job=%s mom_id=%s", spec.job_id, spec.mom_id)
+                return
+            delay = None if report.permanent else policy.revocation_retry_delay(
+                attempt, report.retry_after_s,
+                deadline - self.clock.monotonic() - _REVOKE_ATTEMPT_S)
+            if delay is None:
+                break
+            logger.warning("revocation failed, retrying in %.0fs job=%s: %s", delay,
+                           spec.job_id, report.error)
+            self.clock.wait(never, delay)
+        write_pending(self.tokendir, PendingRevocation(
+            job_id=spec.job_id, mom_id=spec.mom_id, since=self.clock.now(), attempts=attempt,
+            error=str(report.error)))
+        self.state.last_error = f"revocation failed, pending: {report.error}"
+        logger.error(
+            "revocation failed, pending (the job mytoken stays live until revoked by "
+            "'jobtoken revoke', the exit hook or stage 2) job=%s mom_id=%s attempts=%d: %s",
+            spec.job_id, spec.mom_id, attempt, report.error,
+        )
 
     def _finish_child(self, wait_s: float = 5.0) -> None:
         """Let a renewal in flight finish (its token may already be on disk), then stop it."""

@@ -8,9 +8,14 @@ this order, and a copy of them drifts (the storer once accepted a widened audien
    otherwise drop silently (leaving a *wider* token);
 2. save the parent's rotation (``token_update``) before anything else can fail: the old
    parent is dead the moment the server answered;
-3. check the answer against what was asked (capabilities, scopes, audiences, ``exp``):
-   what a server returns is checked, not trusted;
+3. check the answer against what was asked (capabilities, scopes, audiences, ``exp``,
+   usages), and, when the minted mytoken is a JWT, its own claims too (they are
+   what the server honours): what a server returns is checked, not trusted;
 4. revoke a minted token that failed the check (it must not stay live anywhere).
+
+A server that refuses the asked ``exp`` as beyond its maximum mytoken lifetime is asked
+once more without ``error_on_restrictions``: it then caps ``exp`` itself, and the check
+(3) still refuses anything else it changed.
 
 A lost answer (the request may have minted a token we never saw) can be searched for
 and revoked by name when the caller knows the name is unique (``started_at``).
@@ -22,7 +27,12 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Set, Tuple
 
-from ._errors import JobtokenError, ProtocolError, ServerUnavailableError
+from ._errors import (
+    JobtokenError,
+    MytokenRejectedError,
+    ProtocolError,
+    ServerUnavailableError,
+)
 from ._mytokenfile import MytokenSource, save_rotated_mytoken
 
 if TYPE_CHECKING:
@@ -94,13 +104,19 @@ def mint_sub_mytoken(
     """
     name = request.name[:100]
     try:
-        minted = client.create_mytoken(
-            parent,
-            restrictions=[request.restriction()],
-            capabilities=list(request.capabilities),
-            name=name,
-            error_on_restrictions=True,
-        )
+        try:
+            minted = _create(client, parent, request, name, strict=True)
+        except MytokenRejectedError as exc:
+            if not _beyond_max_lifetime(exc):
+                raise
+            # The server's limit is not published: let it cap ``exp`` (the one change
+            # it makes without ``error_on_restrictions``); ``check_minted`` still refuses
+            # and revokes anything wider than asked.
+            minted = _create(client, parent, request, name, strict=False)
+            logger.warning(
+                "the server caps %s at its maximum mytoken lifetime (asked exp=%d); set "
+                "site.max_mytoken_lifetime_s to ask for no more", request.label, request.exp,
+            )
     except ServerUnavailableError as exc:
         if started_at is not None and answer_may_be_lost(exc):
             _reap_lost(client, parent_source, parent, name, started_at)
@@ -113,6 +129,28 @@ def mint_sub_mytoken(
         revoke_quietly(client, minted.mytoken, request.label)
         raise
     return minted
+
+
+# the real server's error_description (oidc-mytoken/server, mytokenHandler.go), 400
+# invalid_request, when a request with error_on_restrictions asks beyond the provider's
+# mytokens_max_lifetime
+MAX_LIFETIME_REFUSAL = "requested restrictions do not respect maximum mytoken lifetime"
+
+
+def _beyond_max_lifetime(exc: MytokenRejectedError) -> bool:
+    return exc.status == 400 and MAX_LIFETIME_REFUSAL in str(exc.error_description or "")
+
+
+def _create(
+    client: MytokenClient, parent: str, request: SubMytokenRequest, name: str, *, strict: bool
+) -> MytokenResponse:
+    return client.create_mytoken(
+        parent,
+        restrictions=[request.restriction()],
+        capabilities=list(request.capabilities),
+        name=name,
+        error_on_restrictions=strict,
+    )
 
 
 def check_minted(minted: Any, request: SubMytokenRequest) -> None:
@@ -135,6 +173,40 @@ def check_minted(minted: Any, request: SubMytokenRequest) -> None:
         problem = _wider_than_asked(entry, request)
         if problem:
             raise ProtocolError(f"server {problem.format(what=what)}")
+    _check_own_claims(str(getattr(minted, "mytoken", "") or ""), request)
+
+
+def _check_own_claims(mytoken: str, request: SubMytokenRequest) -> None:
+    """Refuse a JWT mytoken whose own claims are not what was asked.
+
+    The JSON answer is the server's description; the token's claims are what the
+    server will honour when the token is used, so a server that describes a narrow
+    token and signs a wide one is caught here. A short (opaque) mytoken carries no
+    claims: the JSON answer is all there is to check.
+    """
+    if mytoken.count(".") != 2:
+        return
+    from ._tokens import unverified_claims
+
+    what = request.label
+    claims = unverified_claims(mytoken)
+    if claims is None:
+        raise ProtocolError(f"server minted {what} with unreadable (or repeated) claims")
+    caps = claims.get("capabilities")
+    if not isinstance(caps, list) or {str(c) for c in caps} != set(request.capabilities):
+        raise ProtocolError(
+            f"server minted {what} whose claims grant capabilities "
+            f"{sorted(str(c) for c in caps) if isinstance(caps, list) else 'unreadable'}, "
+            f"not {sorted(request.capabilities)}"
+        )
+    entries = claims.get("restrictions")
+    if not isinstance(entries, list) or not entries:
+        raise ProtocolError(f"server minted {what} whose claims carry no restrictions")
+    for entry in entries:
+        problem = _wider_than_asked(entry, request) if isinstance(entry, dict) else (
+            "minted {what} with an unreadable restriction claim")
+        if problem:
+            raise ProtocolError(f"server {problem.format(what=what)} (in the token's claims)")
 
 
 def _wider_than_asked(entry: Mapping[str, Any], request: SubMytokenRequest) -> Optional[str]:
@@ -146,9 +218,22 @@ def _wider_than_asked(entry: Mapping[str, Any], request: SubMytokenRequest) -> O
     if request.audiences and (not got_aud or not got_aud <= set(request.audiences)):
         return "widened {what}'s audience restriction"
     exp = entry.get("exp")
-    if not isinstance(exp, (int, float)) or not exp or float(exp) > request.exp + 1:
+    if not _number_within(exp, request.exp + 1):
         return "gave {what} a later expiry than asked"
+    for key, asked in (("usages_AT", request.usages_at), ("usages_other", request.usages_other)):
+        if asked is not None and not _number_within(entry.get(key), asked):
+            return "gave {what} more " + key + " than asked"
     return None
+
+
+def _number_within(value: Any, limit: float) -> bool:
+    """Whether a restriction number is present, positive and at most ``limit``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value:
+        return False
+    try:
+        return float(value) <= limit
+    except OverflowError:
+        return False
 
 
 def _audiences(entry: Mapping[str, Any]) -> Set[str]:

@@ -192,24 +192,39 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _strict_claims(text: str) -> dict[str, Any]:
-    """The payload decoded again, refusing duplicate keys at any depth.
+def _strict_payload(text: str) -> dict[str, Any]:
+    """A compact JWT's payload as a JSON object, refusing duplicate keys at any depth.
 
     JSON leaves duplicates to the parser: Python keeps the last, other libraries the
     first. A payload with ``"scope"`` twice means different things to us and to the
-    storage that reads it, so it is not a token we hand on.
+    storage (or Mytoken server) that reads it, so it is not a token we hand on.
+
+    Raises:
+        ValueError: unreadable, not an object, or a repeated key (``_DuplicateKey``).
     """
     segment = text.split(".")[1]
     try:
         data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
         claims = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey:
+        raise
+    except (ValueError, binascii.Error, RecursionError) as exc:
+        raise ValueError(type(exc).__name__) from None
+    if not isinstance(claims, dict):
+        raise ValueError("not a JSON object")
+    return claims
+
+
+def _strict_claims(text: str) -> dict[str, Any]:
+    """``_strict_payload`` for an access token, failing as a refused token."""
+    try:
+        return _strict_payload(text)
     except _DuplicateKey as exc:
         raise _fail(f"JWT claims repeat the key {exc.key[:64]!r}") from None
-    except (ValueError, binascii.Error, RecursionError) as exc:
-        raise _fail(f"unreadable JWT claims ({type(exc).__name__})") from None
-    if not isinstance(claims, dict):
-        raise _fail("JWT claims are not a JSON object")
-    return claims
+    except ValueError as exc:
+        if str(exc) == "not a JSON object":
+            raise _fail("JWT claims are not a JSON object") from None
+        raise _fail(f"unreadable JWT claims ({exc})") from None
 
 
 def decode_access_token(raw: str) -> AccessToken:
@@ -467,7 +482,9 @@ def unverified_jwt(text: str) -> Optional[tuple[dict[str, Any], dict[str, Any]]]
 
     Only for decisions a forged value cannot turn against us: which server a mytoken
     names (TLS still checks that server), when a parent expires (the server enforces it),
-    whether a file holds a mytoken or an access token. Never for trusting a token.
+    whether a file holds a mytoken or an access token, and to refuse a minted
+    mytoken whose own claims are wider than asked. Never for trusting a token. A
+    payload that repeats a key is no readable JWT (None), as in ``decode_access_token``.
     """
     if not isinstance(text, str) or text.count(".") != 2:
         return None
@@ -476,9 +493,10 @@ def unverified_jwt(text: str) -> Optional[tuple[dict[str, Any], dict[str, Any]]]
         claims = jwt.decode(text, options={"verify_signature": False, "verify_exp": False,
                                            "verify_nbf": False, "verify_iat": False,
                                            "verify_aud": False, "verify_iss": False})
-    except jwt.PyJWTError:
+        claims = _strict_payload(text)  # pyjwt keeps the last of duplicate keys
+    except (jwt.PyJWTError, ValueError, RecursionError):
         return None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
+    if not isinstance(header, dict):
         return None
     return header, claims
 

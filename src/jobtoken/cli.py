@@ -445,7 +445,10 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     from ._run import revoke_job
     from ._tokendir import TokenDir
 
-    revoked = revoke_job(TokenDir.existing(args.dir))
+    cfg = _config_from(args)
+    parent = args.parent_mytoken_file or cfg.site.parent_mytoken_file
+    revoked = revoke_job(TokenDir.existing(args.dir), config=cfg, parent_file=parent,
+                         mom_id=args.mom_id)
     sys.stdout.write(("job mytoken revoked" if revoked else "nothing to revoke") + "\n")
     return ExitCode.OK
 
@@ -623,6 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.add_argument("dir", metavar="DIR", help="the job's token directory")
+    p.add_argument("--parent-mytoken-file", metavar="FILE",
+                   help="revoke by mom_id through this parent (default site.parent_mytoken_file); "
+                   "a payload that replaced the job mytoken file keeps no working copy")
+    p.add_argument("--mom-id", metavar="ID",
+                   help="the job mytoken's mom_id as recorded at prepare (default: job.json's)")
     p.set_defaults(func=_cmd_revoke)
 
     for name, register in _EXTRA_COMMANDS:

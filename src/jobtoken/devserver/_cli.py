@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a scope the OP allows (repeatable; storage.* paths cover sub-paths)",
     )
     serve_p.add_argument("--rate-limit", type=_rate_limit, metavar="N/WINDOW")
+    serve_p.add_argument(
+        "--max-mytoken-lifetime", type=int, default=0, metavar="SECONDS",
+        help="the provider's maximum mytoken lifetime (0: none), enforced as the real server",
+    )
     serve_p.add_argument("--mytoken-out", metavar="FILE", help="write the parent mytoken (0600)")
     serve_p.add_argument("--parent-scope", action="append", default=[], metavar="SCOPE")
     serve_p.add_argument("--parent-audience", action="append", default=[], metavar="AUD")
@@ -124,6 +128,7 @@ def _config_from(args: argparse.Namespace) -> DevServerConfig:
         subject=args.subject,
         op_scopes=tuple(args.op_scope) if args.op_scope else DEFAULT_OP_SCOPES,
         rate_limit=args.rate_limit,
+        max_mytoken_lifetime_s=args.max_mytoken_lifetime,
         allow_remote=args.force_remote,
     )
     if args.audience:

@@ -64,6 +64,9 @@ class DevServerConfig:
     short_token_len: int = 64
     version: str = "0.10.2+jobtoken-devserver"
     extra_san: Tuple[str, ...] = field(default=())
+    #: the provider's ``mytokens_max_lifetime`` (s; 0: none): longer sub-mytokens are capped,
+    #: or refused with 400 when the request sets ``error_on_restrictions`` (as the real server)
+    max_mytoken_lifetime_s: int = 0
     #: RSA keys are shared per process to keep start-up fast; True forces new ones (e.g. to
     #: test that a token from another server's key is rejected).
     fresh_keys: bool = False
@@ -99,6 +102,10 @@ class DevServerConfig:
             )
         if self.at_lifetime_s < 1:
             raise ConfigError(f"devserver at_lifetime_s={self.at_lifetime_s} must be >= 1")
+        if self.max_mytoken_lifetime_s < 0:
+            raise ConfigError(
+                f"devserver max_mytoken_lifetime_s={self.max_mytoken_lifetime_s} must be >= 0"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"devserver port={self.port} out of range")
         if self.short_token_len < 32:

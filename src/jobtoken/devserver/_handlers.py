@@ -21,6 +21,7 @@ from ._keys import SigningKey
 from ._responses import ApiError, Request, Response, bad_request, http_error, json_response
 from ._restrictions import (
     Restriction,
+    enforce_max_lifetime,
     has_capability,
     parse_restrictions,
     replace_this,
@@ -409,6 +410,9 @@ class MytokenApi:
             self._require_capability(parent, "create_mytoken")
             used = self._other_restriction(parent, req)
             self._check_issuer(parent, issuer)
+            wanted, capped = enforce_max_lifetime(wanted, self.config.max_mytoken_lifetime_s, now)
+            if capped and error_on_restrictions:
+                raise bad_request("requested restrictions do not respect maximum mytoken lifetime")
             restrictions, ok = tighten(parent.restrictions, wanted)
             if not ok and error_on_restrictions:
                 raise bad_request("requested restrictions are not subset of original restrictions")
@@ -463,6 +467,8 @@ class MytokenApi:
                 token_jwt, token_type = self.store.resolve(token)
                 auth = self.store.authenticate(token_jwt, now)
                 target = self.store.by_mom_id(mom_id)
+                if target is not None and target.revoked:
+                    target = None  # the real server deletes revoked tokens: no parent of it
                 is_parent = target is not None and self.store.is_ancestor(auth, target)
                 if not is_parent and not has_capability(
                     auth.capabilities, "manage_mytokens:revoke"

@@ -21,6 +21,7 @@ __all__ = [
     "host_allowed",
     "hosts_subset",
     "parse_restrictions",
+    "enforce_max_lifetime",
     "restrictions_exp",
     "restrictions_nbf",
     "select_for_at",
@@ -135,6 +136,26 @@ def restrictions_exp(entries: Sequence[Restriction]) -> int:
     if not entries or any(e.exp == 0 for e in entries):
         return 0
     return max(e.exp for e in entries)
+
+
+def enforce_max_lifetime(
+    entries: Sequence[Restriction], max_lifetime_s: int, now: float
+) -> Tuple[Tuple[Restriction, ...], bool]:
+    """Cap every entry's ``exp`` at ``now + max_lifetime_s``; ``(entries, changed)``.
+
+    As the real server's ``EnforceMaxLifetime``: an entry without ``exp`` or a later
+    one gets the cap, and no entries at all become one entry holding only the cap.
+    ``max_lifetime_s`` 0: no limit.
+    """
+    if not max_lifetime_s:
+        return tuple(entries), False
+    cap = int(now) + int(max_lifetime_s)
+    if not entries:
+        return (Restriction(exp=cap),), True
+    out = tuple(
+        replace(e, exp=cap) if e.exp == 0 or e.exp > cap else e for e in entries
+    )
+    return out, out != tuple(entries)
 
 
 def restrictions_nbf(entries: Sequence[Restriction]) -> int:
