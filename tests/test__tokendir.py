@@ -82,7 +82,8 @@ def test_remove_takes_every_file_jobtoken_makes_and_the_directory(tmp_path: Path
     """A file the list misses keeps the directory, and ARC stages it out (issue 10.3)."""
     d = TokenDir.create(tmp_path / "job")
     made = [d.mytoken, d.bearer_token, d.job_file, d.state_file, d.lock_file, d.log_file,
-            d.renew_lock, d.discovery_file, d.parent_copy, d.path / ".bt.1f2e.tmp"]
+            d.renew_lock, d.discovery_file, d.parent_copy, d.pending_revocation,
+            d.path / ".bt.1f2e.tmp"]
     for path in made:
         path.write_text("x")
     assert {p.name for p in made[:-1]} == set(TokenDir.NAMES)

@@ -21,12 +21,9 @@ from typing import Optional
 from ._errors import JobtokenError
 from ._tokendir import TokenDir
 
-__all__ = ["PENDING_NAME", "PendingRevocation", "clear_pending", "read_pending", "write_pending"]
+__all__ = ["PendingRevocation", "clear_pending", "read_pending", "write_pending"]
 
 logger = logging.getLogger(__name__)
-
-PENDING_NAME = "revoke.pending"
-
 
 @dataclass(frozen=True)
 class PendingRevocation:
@@ -44,16 +41,16 @@ def write_pending(tokendir: TokenDir, record: PendingRevocation) -> None:
     from ._tokenfile import write_secret_file
 
     try:
-        write_secret_file(tokendir.path / PENDING_NAME, json.dumps(asdict(record)))
+        write_secret_file(tokendir.pending_revocation, json.dumps(asdict(record)))
     except JobtokenError as exc:
-        logger.warning("cannot write %s: %s", tokendir.path / PENDING_NAME, exc.message)
+        logger.warning("cannot write %s: %s", tokendir.pending_revocation, exc.message)
 
 
 def read_pending(tokendir: TokenDir) -> Optional[PendingRevocation]:
     """The record, if there is a readable one."""
     from ._tokenfile import read_secret_file
 
-    path = tokendir.path / PENDING_NAME
+    path = tokendir.pending_revocation
     if not path.exists():
         return None
     try:
@@ -74,6 +71,6 @@ def clear_pending(tokendir: TokenDir) -> None:
     from ._tokenfile import remove_secret_file
 
     try:
-        remove_secret_file(tokendir.path / PENDING_NAME)
+        remove_secret_file(tokendir.pending_revocation)
     except JobtokenError as exc:
-        logger.warning("cannot remove %s: %s", tokendir.path / PENDING_NAME, exc.message)
+        logger.warning("cannot remove %s: %s", tokendir.pending_revocation, exc.message)

@@ -162,7 +162,7 @@ class TokenDir:
     #: every file jobtoken may create in a token directory; secrets first
     SECRETS = ("mytoken", "bt", "parent.mytoken")
     NAMES = SECRETS + ("job.json", "state.json", "sidecar.lock", "sidecar.log", "renew.lock",
-                       "discovery.json")
+                       "discovery.json", "revoke.pending")
 
     @property
     def mytoken(self) -> Path:
@@ -199,6 +199,11 @@ class TokenDir:
     @property
     def parent_copy(self) -> Path:
         return self.path / "parent.mytoken"
+
+    @property
+    def pending_revocation(self) -> Path:
+        """The record of a job mytoken still live after the job ended (``_revocation``)."""
+        return self.path / "revoke.pending"
 
     def remove(self, *, secrets_only: bool = False) -> List[str]:
         """Delete the token files (all of them and the directory, or only the secrets).

@@ -14,7 +14,9 @@ def test_directory_without_job_file_is_left_alone(tmp_path: Path) -> None:
     assert (tmp_path / "bt").exists()
 
 
-def test_without_mytoken_nothing_is_revoked_but_files_go(tmp_path: Path) -> None:
+def test_without_the_mytoken_file_revocation_still_runs_and_files_go(tmp_path: Path) -> None:
+    """A payload that copied its job mytoken and deleted the file must not escape: the
+    revocation runs anyway (``jobtoken revoke`` goes through the site's parent by mom_id)."""
     d = tmp_path / "tok"
     TokenDir.create(d)
     for name in ("job.json", "bt", "state.json"):
@@ -23,7 +25,7 @@ def test_without_mytoken_nothing_is_revoked_but_files_go(tmp_path: Path) -> None
     assert revoke_and_clean(
         d, remove_dir=True, jobtoken_argv=["/bin/sh", "-c", f"touch {argv_marker}", "x"]
     )
-    assert not argv_marker.exists()  # the sidecar already revoked: no second call
+    assert argv_marker.exists()
     assert not d.exists()
 
 

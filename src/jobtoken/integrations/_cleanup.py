@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from .._errors import JobtokenError
 from .._tokendir import TokenDir
 
 __all__ = ["revoke_and_clean", "stop_sidecar"]
@@ -56,6 +57,46 @@ def stop_sidecar(tokendir: TokenDir, *, timeout_s: float = 20.0) -> bool:
     return False
 
 
+def _owns_a_job_mytoken(directory: Path) -> bool:
+    """Whether ``job.json`` says a job mytoken was minted for this job (``run`` with the
+    user's own mytoken mints none); an unreadable one counts as yes: better one needless
+    revocation attempt than a live job mytoken."""
+    try:
+        return TokenDir(directory).read_spec().mytoken_owned
+    except JobtokenError:
+        return True
+
+
+def _revoke(argv: List[str], timeout_s: float) -> bool:
+    """Run ``jobtoken revoke`` in its own process group, killed whole at ``timeout_s``;
+    True when it succeeded (revoked, or nothing left to revoke)."""
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        close_fds=True,
+    )
+    try:
+        _out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        logger.warning("revocation timed out after_s=%.0f", timeout_s)
+        return False
+    if proc.returncode != 0:
+        logger.warning(
+            "revocation failed rc=%d error=%s",
+            proc.returncode,
+            " ".join(err.decode("utf-8", "replace").split())[:200],
+        )
+    return proc.returncode == 0
+
+
 def revoke_and_clean(
     directory: Path,
     *,
@@ -63,7 +104,7 @@ def revoke_and_clean(
     jobtoken_argv: Optional[List[str]] = None,
     remove_dir: bool = False,
 ) -> bool:
-    """Revoke the job mytoken (if still there) and delete the token files: the secrets,
+    """Revoke the job mytoken and delete the token files: the secrets,
     or with ``remove_dir`` every file and the directory (``TokenDir.remove``).
 
     Returns:
@@ -72,33 +113,11 @@ def revoke_and_clean(
     if not (directory / "job.json").is_file():
         return True
     revoked = True
-    if TokenDir(directory).mytoken.exists():
+    if _owns_a_job_mytoken(directory):
+        # also without the mytoken file: a payload that copied its mytoken and deleted the
+        # file must still have it revoked, by mom_id through the site's parent if there is one
         argv = (jobtoken_argv or [sys.executable, "-m", "jobtoken"]) + ["revoke", str(directory)]
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            close_fds=True,
-        )
-        try:
-            _out, err = proc.communicate(timeout=timeout_s)
-            revoked = proc.returncode == 0
-            if not revoked:
-                logger.warning(
-                    "revocation failed rc=%d error=%s",
-                    proc.returncode,
-                    " ".join(err.decode("utf-8", "replace").split())[:200],
-                )
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.communicate()
-            revoked = False
-            logger.warning("revocation timed out after_s=%.0f", timeout_s)
+        revoked = _revoke(argv, timeout_s)
     for problem in TokenDir(directory).remove(secrets_only=not remove_dir):
         logger.warning("%s", problem)
     return revoked
