@@ -317,3 +317,78 @@ def test_a_site_maximum_lifetime_asks_the_server_nothing_it_refuses(tmp_path: Pa
         prepare_job(config(server, parent, max_mytoken_lifetime_s=3600.0),
                     JobInfo(job_id="1", walltime_s=86400), directory=str(tmp_path / "job"))
         assert [r.status for r in server.requests("my")] == [200]
+
+
+# --- issue 12 item 4: the VO and the path come from the site, never from the job ---
+
+SITE_TEMPLATE = ("storage.create:/{vo}/jobs/{job_id}",)
+
+
+def site_only(**site: Any) -> Config:
+    site.setdefault("scope_templates", SITE_TEMPLATE)
+    return Config(site=SiteConfig(**site))
+
+
+@pytest.mark.parametrize("claimed", ["atlas", "cms/store/user/victim", "..", "dteam/../atlas"])
+def test_the_job_cannot_choose_the_vo_by_default(claimed: str) -> None:
+    """A job ad's x509UserProxyVOName / AcctGroup is the submitter's word: ignored."""
+    cfg = site_only(vo="dteam")
+    assert job_scopes(JobInfo(job_id="7", vo=claimed), cfg) == ("storage.create:/dteam/jobs/7",)
+
+
+def test_without_site_vo_the_job_vo_is_not_used() -> None:
+    with pytest.raises(ConfigError, match="set site.vo"):
+        job_scopes(JobInfo(job_id="7", vo="atlas"), site_only())
+
+
+def test_a_site_that_lets_jobs_choose_allows_only_its_list() -> None:
+    cfg = site_only(vo="dteam", job_may_choose_vo=True, allowed_vos=("dteam", "ops"))
+    assert job_scopes(JobInfo(job_id="7", vo="ops"), cfg) == ("storage.create:/ops/jobs/7",)
+    assert job_scopes(JobInfo(job_id="7"), cfg) == ("storage.create:/dteam/jobs/7",)
+    for claimed in ("atlas", "cms/store/user/victim", "..", "ops/../atlas"):
+        with pytest.raises(MytokenRejectedError, match="not one the site allows"):
+            job_scopes(JobInfo(job_id="7", vo=claimed), cfg)
+    nolist = site_only(vo="dteam", job_may_choose_vo=True)
+    with pytest.raises(MytokenRejectedError, match="allowed_vos: none"):
+        job_scopes(JobInfo(job_id="7", vo="atlas"), nolist)
+
+
+def test_a_chosen_vo_still_has_to_be_within_allowed_scopes() -> None:
+    cfg = site_only(vo="dteam", job_may_choose_vo=True, allowed_vos=("ops",),
+                    allowed_scopes=("storage.create:/dteam/jobs",))
+    with pytest.raises(MytokenRejectedError, match="wider than the site allows"):
+        job_scopes(JobInfo(job_id="7", vo="ops"), cfg)
+
+
+@pytest.mark.parametrize("vo", ["cms/store/user/victim", "..", ".", "a b", "vo:x", ""])
+def test_a_site_vo_that_is_not_a_plain_name_is_a_config_error(vo: str) -> None:
+    with pytest.raises(ConfigError):
+        job_scopes(JobInfo(job_id="7"), site_only(vo=vo))
+
+
+@pytest.mark.parametrize("job_id, component", [
+    ("ce#12.0#17", "ce_12.0_17"), ("../../atlas", "_._.._atlas"), ("..", "_."),
+    ("a/b", "a_b"), (".hidden", "_hidden"),
+])
+def test_a_job_id_is_mapped_to_one_safe_component(job_id: str, component: str) -> None:
+    [scope] = job_scopes(JobInfo(job_id=job_id), site_only(vo="dteam"))
+    assert scope == f"storage.create:/dteam/jobs/{component}"
+
+
+def test_an_owner_unsafe_in_a_path_holds_the_job() -> None:
+    cfg = site_only(vo="dteam", scope_templates=("storage.create:/{vo}/user/{owner}",))
+    assert job_scopes(JobInfo(job_id="7", owner="alice"), cfg) == (
+        "storage.create:/dteam/user/alice",)
+    with pytest.raises(MytokenRejectedError, match="cannot be part of a scope path"):
+        job_scopes(JobInfo(job_id="7", owner="../victim"), cfg)
+
+
+def test_without_allowed_scopes_a_job_only_narrows_its_templates() -> None:
+    """Unset site.allowed_scopes: the templates are the limit (narrow yes, widen no)."""
+    cfg = site_only(vo="dteam")
+    narrow = JobInfo(job_id="7", scopes=("storage.create:/dteam/jobs/7/out",))
+    assert job_scopes(narrow, cfg) == ("storage.create:/dteam/jobs/7/out",)
+    for wider in ("storage.create:/dteam/jobs", "storage.create:/atlas/jobs/7",
+                  "storage.modify:/dteam/jobs/7", "storage.create:/dteam/jobs/8"):
+        with pytest.raises(MytokenRejectedError, match="wider than the site allows"):
+            job_scopes(JobInfo(job_id="7", scopes=(wider,)), cfg)

@@ -63,7 +63,9 @@ class SiteConfig:
     allowed_scopes: Tuple[str, ...] = ()
     allowed_audiences: Tuple[str, ...] = ()
     scope_templates: Tuple[str, ...] = ("storage.create:/{vo}/jobs/{job_id}",)
-    vo: Optional[str] = None
+    vo: Optional[str] = None  # the VO in scope templates; the job's own claim is ignored ...
+    job_may_choose_vo: bool = False  # ... unless this is set, and then only one of allowed_vos
+    allowed_vos: Tuple[str, ...] = ()
     default_walltime_s: float = 48 * 3600.0
     max_walltime_s: float = 7 * 24 * 3600.0  # caps what a job's ad asks for
     walltime_slack_s: float = 1800.0

@@ -46,6 +46,8 @@ __all__ = ["JobInfo", "PreparedJob", "job_mytoken_name", "job_scopes", "prepare_
 logger = logging.getLogger(__name__)
 
 _UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+_SAFE_PATH_VALUE = re.compile(r"[A-Za-z0-9._-]+")
+_TEMPLATE_FIELDS = ("job_id", "GlobalJobId", "owner", "Owner", "vo")
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class JobInfo:
     job_id: str
     walltime_s: Optional[float] = None
     owner: Optional[str] = None
-    vo: Optional[str] = None
+    vo: Optional[str] = None  # the VO the job names (job ad): used only if the site lets it
     scopes: Tuple[str, ...] = ()  # the job's own (narrower) wish; empty: site templates
     audiences: Tuple[str, ...] = ()
 
@@ -75,59 +77,122 @@ class PreparedJob:
         }
 
 
-def _template_values(job: JobInfo, config: Config) -> Dict[str, str]:
-    # storage paths are URL paths: '#' (in HTCondor's GlobalJobId) or '/' would break them
+def _is_path_value(value: str) -> bool:
+    """Whether ``value`` is safe as one path component of a scope.
+
+    A ``/`` or ``..`` would move the job into another directory (another VO's, another
+    user's), so values are held to a plain set of characters rather than cleaned.
+    """
+    return _SAFE_PATH_VALUE.fullmatch(value) is not None and value not in (".", "..")
+
+
+def _job_vo(job: JobInfo, config: Config) -> Optional[str]:
+    """The VO for the scope templates: the site's, never the job's unless the site says so.
+
+    The job's VO (``x509UserProxyVOName``, ``AcctGroup``) is set by the submitter, so it
+    may only pick another VO when ``site.job_may_choose_vo`` is on, and then only one of
+    ``site.allowed_vos``.
+
+    Raises:
+        ConfigError: ``site.vo`` is not a plain name; MytokenRejectedError: the job
+            names a VO the site does not let it choose, or one that is not a plain name.
+    """
+    site = config.site
+    if site.vo is not None and not _is_path_value(site.vo):
+        raise ConfigError(f"site.vo {site.vo!r} must be a plain name (letters, digits, . _ -)")
+    claimed = job.vo
+    if not claimed or claimed == site.vo:
+        return site.vo
+    if not site.job_may_choose_vo:
+        logger.debug("job %s names VO %r; site.vo is used", job.job_id, claimed)
+        return site.vo
+    if not _is_path_value(claimed) or claimed not in site.allowed_vos:
+        raise MytokenRejectedError(
+            f"job {job.job_id} names VO {claimed!r}, not one the site allows "
+            f"(site.allowed_vos: {' '.join(site.allowed_vos) or 'none'})"
+        )
+    return claimed
+
+
+def _template_values(job: JobInfo, config: Config) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """(usable values, refused values) for the scope templates.
+
+    The job id is the batch system's and only mapped (``#`` in HTCondor's GlobalJobId,
+    ``/``, a leading ``.``); owner and VO must already be plain names, else a template
+    that uses them fails.
+    """
     safe_id = _UNSAFE_PATH_CHARS.sub("_", job.job_id)
-    values = {
+    if safe_id.startswith("."):
+        safe_id = "_" + safe_id[1:]
+    raw = {
         "job_id": safe_id,
         "GlobalJobId": safe_id,
         "owner": job.owner or "",
         "Owner": job.owner or "",
-        "vo": job.vo or config.site.vo or "",
+        "vo": _job_vo(job, config) or "",
     }
-    return values
+    values = {k: v for k, v in raw.items() if v and _is_path_value(v)}
+    refused = {k: v for k, v in raw.items() if v and k not in values}
+    return values, refused
+
+
+def _filled_templates(job: JobInfo, config: Config) -> Tuple[str, ...]:
+    values, refused = _template_values(job, config)
+    filled = []
+    for template in config.site.scope_templates:
+        try:
+            text = template.format(**values)
+        except KeyError as exc:
+            name = exc.args[0] if exc.args else ""
+            if name in refused:
+                raise MytokenRejectedError(
+                    f"job {job.job_id}: {name} {refused[name]!r} cannot be part of a scope path"
+                ) from None
+            if name in _TEMPLATE_FIELDS:
+                hint = "; set site.vo" if name == "vo" else ""
+                raise ConfigError(
+                    f"scope template {template!r} left a value empty for job {job.job_id} "
+                    f"({name}{hint})"
+                ) from None
+            raise ConfigError(f"scope template {template!r}: unknown field {exc}") from None
+        except (IndexError, ValueError) as exc:
+            raise ConfigError(f"scope template {template!r}: unknown field {exc}") from None
+        if "//" in text or text.endswith(":") or "{" in text:
+            raise ConfigError(
+                f"scope template {template!r} left a value empty for job {job.job_id} "
+                "(set site.vo)"
+            )
+        filled.append(text)
+    return tuple(filled)
 
 
 def job_scopes(job: JobInfo, config: Config) -> Tuple[str, ...]:
     """The exact scope strings for this job: its wish, or the site's templates filled in.
 
+    A job may narrow, never widen: its wish must lie within ``site.allowed_scopes``, or,
+    when the site sets none, within what the templates give it.
+
     Raises:
         ConfigError: a template names an unknown field or leaves a value empty; a
-            scope is malformed; the job asks for more than the site allows.
+            scope is malformed. MytokenRejectedError: the job asks for more than the
+            site allows, names a VO it may not, or brings a value unsafe in a path.
     """
-    if job.scopes:
-        wanted = tuple(job.scopes)
-    else:
-        values = _template_values(job, config)
-        filled = []
-        for template in config.site.scope_templates:
-            try:
-                text = template.format(**values)
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ConfigError(f"scope template {template!r}: unknown field {exc}") from None
-            if "//" in text or text.endswith(":") or "{" in text:
-                raise ConfigError(
-                    f"scope template {template!r} left a value empty for job {job.job_id} "
-                    "(set site.vo or the job's VO)"
-                )
-            filled.append(text)
-        wanted = tuple(filled)
+    wanted = tuple(job.scopes) if job.scopes else _filled_templates(job, config)
     bad = invalid_scopes(wanted)
     if bad:
         raise ConfigError(f"malformed scope(s): {' '.join(bad)}")
     if not wanted:
         raise ConfigError("no scope for the job: configure site.scope_templates or ask for one")
     allowed = config.site.allowed_scopes
-    if allowed:
-        wider = scopes_within(wanted, allowed)
-        if wider:
-            raise MytokenRejectedError(
-                f"job {job.job_id} asks for {' '.join(wider)}, wider than the site allows "
-                f"({' '.join(allowed)})"
-            )
-    elif job.scopes:
-        raise ConfigError(
-            "the job asks for its own scopes but the site allows none (set site.allowed_scopes)"
+    if not allowed and not job.scopes:
+        return wanted  # only what the templates produce
+    if not allowed:
+        allowed = _filled_templates(job, config)
+    wider = scopes_within(wanted, allowed)
+    if wider:
+        raise MytokenRejectedError(
+            f"job {job.job_id} asks for {' '.join(wider)}, wider than the site allows "
+            f"({' '.join(allowed)})"
         )
     return wanted
 

@@ -405,12 +405,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     cfg = _apply(cfg, "site", {k: v for k, v in {
         "parent_mytoken_file": args.parent_mytoken_file,
         "expected_at_lifetime_s": args.expected_at_lifetime,
+        "vo": args.vo,  # the caller is the site or pilot: its VO is the site's
     }.items() if v is not None}, "command line")
     job = JobInfo(
         job_id=args.job_id or _default_job_id(),
         walltime_s=args.walltime,
         owner=args.owner,
-        vo=args.vo,
         scopes=tuple(_split(args.job_scope) or ()),
         audiences=tuple(_split(args.job_audience) or ()),
     )
@@ -608,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="access-token lifetime to size the job mytoken's usages_AT budget "
                    "(site.expected_at_lifetime_s, 1200)")
     p.add_argument("--owner", metavar="USER", help="the job's owner (scope templates)")
-    p.add_argument("--vo", metavar="VO", help="the job's VO (scope templates)")
+    p.add_argument("--vo", metavar="VO", help="the VO for the scope templates (site.vo)")
     p.add_argument("--job-scope", action="append", metavar="SCOPE",
                    help="narrower scope the job asks for (must be within site.allowed_scopes)")
     p.add_argument("--job-audience", action="append", metavar="AUD",

@@ -281,6 +281,28 @@ def test_stage0_fails_when_the_usages_budget_is_too_small(tmp_path: Path) -> Non
             assert client.subtokens(parent.read_text()).entries == ()
 
 
+@pytest.mark.parametrize("vo", ["cms/store/user/victim", "..", "dteam/../atlas"])
+def test_stage0_never_puts_a_path_in_the_vo(
+    srv: DevServer, parent_file: Path, tmp_path: Path, vo: str
+) -> None:
+    """Issue 12.4: the VO went into the scope path unchecked, so a VO value such as
+    ``cms/store/user/victim`` (no site.allowed_scopes) minted
+    ``storage.create:/cms/store/user/victim/arc/<job>``. Now stage 0 fails, mints nothing."""
+    session = tmp_path / "session" / GRIDID
+    session.mkdir(parents=True, mode=0o700)
+    params = params_file(
+        tmp_path / "params", JOBTOKEN_PARENT_MT=str(parent_file), JOBTOKEN_SERVER=srv.url,
+        JOBTOKEN_SCOPE_TEMPLATE="storage.create:/{vo}/arc/{job_id}", JOBTOKEN_AUDIENCE=AUDIENCE,
+        JOBTOKEN_VO=vo, JOBTOKEN_BIN=JOBTOKEN_BIN, JOBTOKEN_DEV_ALLOW_HTTP="Yes",
+    )
+    proc = run_stage0(params, session)
+    assert proc.returncode == 78, proc.stderr
+    assert "site.vo" in proc.stderr and "must be a plain name" in proc.stderr
+    assert not (session / ".jobtoken").exists()
+    with MytokenClient(srv.url, allow_http=True) as client:
+        assert client.subtokens(parent_file.read_text()).entries == ()
+
+
 def test_stage0_refuses_world_readable_robot_mytoken(
     arc_site: Dict[str, Path], parent_file: Path, tmp_path: Path
 ) -> None:

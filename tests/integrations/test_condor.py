@@ -249,6 +249,57 @@ def test_hook_holds_scope_wider_than_site_allows(
     assert not (scratch / ".jobtoken" / "mytoken").exists()
 
 
+@pytest.mark.parametrize("claim", [
+    {"AcctGroup": "group_atlas.prod"},
+    {"AcctGroup": "atlas"},
+    {"x509UserProxyVOName": "cms/store/user/victim"},
+    {"x509UserProxyVOName": "../atlas", "AcctGroup": "atlas"},
+])
+def test_hook_takes_the_vo_from_the_site_not_the_job_ad(
+    srv: DevServer, parent_file: Path, scratch: Path, tmp_path: Path, claim: Dict[str, str]
+) -> None:
+    """Issue 12: with allowed_scopes unset a job ad's AcctGroup / x509UserProxyVOName gave
+    it ``storage.create:/atlas/...`` or ``/cms/store/user/victim/...``; now the site's VO."""
+    config = toml_config(tmp_path / "site.toml", server=srv.url, parent=parent_file,
+                         extra_site={"allowed_scopes": []})
+    out, _ = run_hook(scratch, config, standard_ad(**claim))
+    assert out["HookStatusCode"] == 0, out.get("HookStatusMessage")
+    claims = jwt.decode((scratch / ".jobtoken" / "bt").read_text().strip(),
+                        options={"verify_signature": False})
+    assert claims["scope"] == f"storage.create:/dteam/jobs/{JOB_PATH_ID}"
+    info = srv.introspect((scratch / ".jobtoken" / "mytoken").read_text())
+    assert [r["scope"] for r in info["token"]["restrictions"]] == [claims["scope"]]
+
+
+@pytest.mark.parametrize("vo", ["atlas", "cms/store/user/victim"])
+def test_hook_holds_a_job_vo_the_site_does_not_allow(
+    srv: DevServer, parent_file: Path, scratch: Path, tmp_path: Path, vo: str
+) -> None:
+    config = toml_config(tmp_path / "site.toml", server=srv.url, parent=parent_file,
+                         extra_site={"allowed_scopes": [], "job_may_choose_vo": True,
+                                     "allowed_vos": ["dteam", "ops"]})
+    out, _ = run_hook(scratch, config, standard_ad(x509UserProxyVOName=vo))
+    assert out["HookStatusCode"] == 77
+    assert "not one the site allows" in out["HookStatusMessage"]
+    assert not (scratch / ".jobtoken" / "mytoken").exists()
+    out, _ = run_hook(scratch, config, standard_ad(AcctGroup="group_ops.prod"))
+    assert out["HookStatusCode"] == 0, out.get("HookStatusMessage")
+    claims = jwt.decode((scratch / ".jobtoken" / "bt").read_text().strip(),
+                        options={"verify_signature": False})
+    assert claims["scope"] == f"storage.create:/ops/jobs/{JOB_PATH_ID}"
+
+
+def test_hook_path_without_allowed_scopes_may_only_narrow(
+    srv: DevServer, parent_file: Path, scratch: Path, tmp_path: Path
+) -> None:
+    config = toml_config(tmp_path / "site.toml", server=srv.url, parent=parent_file,
+                         extra_site={"allowed_scopes": []})
+    out, _ = run_hook(scratch, config, standard_ad(JobtokenPath="/atlas/jobs/x"))
+    assert out["HookStatusCode"] == 77
+    assert "wider than the site allows" in out["HookStatusMessage"]
+    assert not (scratch / ".jobtoken" / "mytoken").exists()
+
+
 def test_hook_holds_when_parent_lacks_create_mytoken(
     srv: DevServer, scratch: Path, tmp_path: Path
 ) -> None:

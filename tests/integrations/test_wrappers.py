@@ -219,6 +219,22 @@ def test_pilot_wrapper_server_down_fails_before_payload(parent_file: Path, tmp_p
     assert not marker.exists()
 
 
+def test_pilot_wrapper_refuses_a_vo_that_is_a_path(
+    srv: DevServer, parent_file: Path, tmp_path: Path
+) -> None:
+    """Issue 12.4: ``JOBTOKEN_VO=cms/store/user/victim`` put that path into the payload's
+    scope; now it is a configuration error (78) before anything is minted or run."""
+    marker = tmp_path / "payload-ran"
+    env = pilot_env(srv.url, parent_file, tmp_path)
+    env["JOBTOKEN_VO"] = "cms/store/user/victim"
+    proc = subprocess.run(
+        [PILOT_WRAP, "/bin/touch", str(marker)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 78, proc.stderr
+    assert "site.vo" in proc.stderr
+    assert not marker.exists()
+
+
 def test_pilot_wrapper_usage(tmp_path: Path) -> None:
     proc = subprocess.run([PILOT_WRAP], env=base_env(), capture_output=True, text=True, timeout=10)
     assert proc.returncode == 2 and "usage" in proc.stderr

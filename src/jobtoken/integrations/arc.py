@@ -76,7 +76,7 @@ def _replay(handlers: Sequence[logging.Handler], records: Sequence[logging.LogRe
                 handler.handle(record)
 
 
-def job_from_grami(grami: Mapping[str, str], *, vo: Optional[str] = None) -> JobInfo:
+def job_from_grami(grami: Mapping[str, str]) -> JobInfo:
     """The job as ARC describes it to stage 0 (``joboption_walltime`` is in seconds).
 
     Raises:
@@ -93,7 +93,7 @@ def job_from_grami(grami: Mapping[str, str], *, vo: Optional[str] = None) -> Job
         except ValueError:
             raise ConfigError(f"joboption_walltime {raw!r} is not a number of seconds") from None
         walltime = walltime if walltime > 0 else None
-    return JobInfo(job_id=job_id, walltime_s=walltime, vo=vo)
+    return JobInfo(job_id=job_id, walltime_s=walltime)
 
 
 def stage0(
@@ -107,6 +107,9 @@ def stage0(
 ) -> PreparedJob:
     """Mint the job mytoken and first token into the session directory (CE front end).
 
+    ``vo`` is the RTE parameter ``JOBTOKEN_VO``, set by the CE admin: it is the site's VO
+    (``site.vo``), not a value the job chose.
+
     Raises:
         ConfigError: no session directory or job id; JobtokenError: as ``prepare_job``.
     """
@@ -116,13 +119,15 @@ def stage0(
     site = config.site
     if scope_templates:
         site = replace(site, scope_templates=tuple(scope_templates))
+    if vo:
+        site = replace(site, vo=vo)
     token = config.token
     if audiences:
         token = replace(token, audiences=tuple(audiences))
         if not site.allowed_audiences:
             site = replace(site, allowed_audiences=tuple(audiences))
     config = replace(config, site=site, token=token)
-    job = job_from_grami(grami, vo=vo)
+    job = job_from_grami(grami)
     directory = Path(session) / dir_name
     try:
         prepared = prepare_job(config, job, directory=str(directory), env={})
