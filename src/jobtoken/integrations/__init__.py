@@ -6,3 +6,5 @@ subcommands that call it live in ``jobtoken._batchcommands``; nothing here impor
 Must NOT: import htcondor (or anything heavy) at import time: ``jobtoken`` without the
 HTCondor bindings installed must keep working, and ``jobtoken run``'s process stays small.
 """
+
+from __future__ import annotations
