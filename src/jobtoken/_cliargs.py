@@ -76,21 +76,28 @@ def add_token_options(p: argparse.ArgumentParser) -> None:
 
 
 def split_values(values: Optional[List[str]]) -> Optional[List[str]]:
+    """Repeated options whose values may each hold several words; None: not given."""
     if not values:
         return None
     return [part for v in values for part in v.split() if part]
 
 
+def _server_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    """The ``[server]`` settings the options of ``add_server_options`` give (None: not given)."""
+    return {
+        "url": getattr(args, "server", None),
+        "ca_file": getattr(args, "ca_file", None),
+        "ca_dir": getattr(args, "ca_dir", None),
+        "allow_http": getattr(args, "allow_http", None),
+        "timeout_s": getattr(args, "timeout", None),
+        "deadline_s": getattr(args, "server_deadline", None),
+    }
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
+    """Settings from the config file, ``JOBTOKEN_*`` variables and the command line."""
     overrides: Dict[str, Dict[str, Any]] = {
-        "server": {
-            "url": getattr(args, "server", None),
-            "ca_file": getattr(args, "ca_file", None),
-            "ca_dir": getattr(args, "ca_dir", None),
-            "allow_http": getattr(args, "allow_http", None),
-            "timeout_s": getattr(args, "timeout", None),
-            "deadline_s": getattr(args, "server_deadline", None),
-        },
+        "server": _server_overrides(args),
         "token": {
             "scopes": split_values(getattr(args, "scope", None)),
             "audiences": split_values(getattr(args, "audience", None)),
@@ -107,7 +114,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides=overrides)
 
 
-
 def site_config_from_args(args: argparse.Namespace) -> Config:
     """Settings for code that runs with the *job's* environment (hooks, RTE stage 0).
 
@@ -115,15 +121,8 @@ def site_config_from_args(args: argparse.Namespace) -> Config:
     job that could set ``JOBTOKEN_SERVER`` would get the site's mytoken sent to its server.
     Only the command line (the hook's ``_ARGS`` knob) and the config file count.
     """
-    overrides = {
-        "server": {
-            "url": getattr(args, "server", None),
-            "ca_file": getattr(args, "ca_file", None),
-            "ca_dir": getattr(args, "ca_dir", None),
-            "allow_http": getattr(args, "allow_http", None),
-            "timeout_s": getattr(args, "timeout", None),
-            "deadline_s": getattr(args, "server_deadline", None),
-        },
+    overrides: Dict[str, Dict[str, Any]] = {
+        "server": _server_overrides(args),
         "token": {"audiences": split_values(getattr(args, "audience", None))},
     }
     return load_config(args.config, env={}, overrides=overrides)
