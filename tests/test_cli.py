@@ -287,12 +287,12 @@ def test_server_deadline_reaches_hooks_and_arc_stage0(tmp_path: Path, monkeypatc
     # issue 12 item 7: the overall deadline is a setting the batch-system adapters honour
     import argparse
 
-    from jobtoken import integrations
+    from jobtoken._cliargs import site_config_from_args
 
     monkeypatch.setenv("JOBTOKEN_CONFIG", str(tmp_path / "none.toml"))
     cfg_file = tmp_path / "site.toml"
     cfg_file.write_text("[server]\ndeadline_s = 30\n")
     args = argparse.Namespace(config=str(cfg_file), server_deadline=None)
-    assert integrations._site_config(args).server.deadline_s == 30
+    assert site_config_from_args(args).server.deadline_s == 30
     args = argparse.Namespace(config=str(cfg_file), server_deadline=7.0)
-    assert integrations._site_config(args).server.deadline_s == 7
+    assert site_config_from_args(args).server.deadline_s == 7

@@ -15,7 +15,15 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__
-from ._config import Config, load_config
+from ._batchcommands import register_commands as _batch_commands
+from ._cliargs import (
+    add_common_options,
+    add_server_options,
+    add_token_options,
+    config_from_args,
+    split_values,
+)
+from ._config import Config
 from ._errors import (
     ExitCode,
     JobtokenError,
@@ -23,6 +31,7 @@ from ._errors import (
     exit_code_for,
     printable_values,
 )
+from ._installfiles import register as _register_install_files
 from ._logs import PrintableFilter
 
 __all__ = ["main"]
@@ -48,90 +57,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    p.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
-    p.add_argument("--config", metavar="FILE", help="config file (default $JOBTOKEN_CONFIG)")
-
-
-def _server_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("server")
-    g.add_argument("--server", metavar="URL", help="Mytoken server URL ($JOBTOKEN_SERVER)")
-    g.add_argument("--ca-file", metavar="FILE", help="CA bundle to verify the server")
-    g.add_argument("--ca-dir", metavar="DIR", help="CA directory (default $X509_CERT_DIR)")
-    g.add_argument(
-        "--allow-http",
-        action="store_true",
-        default=None,
-        help="allow plain http, to a loopback address only (dev server)",
-    )
-    g.add_argument("--timeout", type=float, metavar="S", help="per-request timeout in seconds")
-    g.add_argument(
-        "--server-deadline",
-        type=float,
-        metavar="S",
-        help="overall limit for all server requests of this command "
-        "(default 120; 0: none; $JOBTOKEN_DEADLINE)",
-    )
-
-
-def _token_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("token")
-    src = g.add_mutually_exclusive_group()
-    src.add_argument("--mytoken-file", metavar="FILE", help="file holding the mytoken")
-    src.add_argument(
-        "--mytoken-env",
-        metavar="VAR",
-        help="environment variable holding the mytoken (run copies it to a private file and "
-        "wipes it from its own environment, /proc/PID/environ included; a file is still "
-        "safer: a variable may have been copied before jobtoken started)",
-    )
-    g.add_argument(
-        "--scope", action="append", metavar="SCOPE", help="requested scope (repeatable)"
-    )
-    g.add_argument(
-        "--audience", action="append", metavar="AUD", help="requested audience (repeatable)"
-    )
-    g.add_argument(
-        "--trusted-issuer",
-        action="append",
-        metavar="URL",
-        help="verify the token's signature against this issuer's JWKS (repeatable)",
-    )
-
-
-def _split(values: Optional[List[str]]) -> Optional[List[str]]:
-    if not values:
-        return None
-    return [part for v in values for part in v.split() if part]
-
-
-def _config_from(args: argparse.Namespace) -> Config:
-    overrides: Dict[str, Dict[str, Any]] = {
-        "server": {
-            "url": getattr(args, "server", None),
-            "ca_file": getattr(args, "ca_file", None),
-            "ca_dir": getattr(args, "ca_dir", None),
-            "allow_http": getattr(args, "allow_http", None),
-            "timeout_s": getattr(args, "timeout", None),
-            "deadline_s": getattr(args, "server_deadline", None),
-        },
-        "token": {
-            "scopes": _split(getattr(args, "scope", None)),
-            "audiences": _split(getattr(args, "audience", None)),
-            "mytoken_file": getattr(args, "mytoken_file", None),
-            "mytoken_env": getattr(args, "mytoken_env", None),
-            "trusted_issuers": _split(getattr(args, "trusted_issuer", None)),
-        },
-    }
-    # a mytoken source on the command line replaces whichever source the config named
-    if overrides["token"]["mytoken_file"]:
-        overrides["token"]["mytoken_env"] = ""
-    elif overrides["token"]["mytoken_env"]:
-        overrides["token"]["mytoken_file"] = ""
-    return load_config(args.config, overrides=overrides)
-
-
 def _emit(
     args: argparse.Namespace, data: Dict[str, Any], human: Callable[[Dict[str, Any]], str]
 ) -> None:
@@ -149,7 +74,7 @@ def _emit(
 def _cmd_token(args: argparse.Namespace) -> int:
     from ._actions import get_token
 
-    cfg = _config_from(args)
+    cfg = config_from_args(args)
     if args.min_valid is not None:
         from dataclasses import replace
 
@@ -194,7 +119,7 @@ def _job_config(args: argparse.Namespace) -> Config:
 
     from ._config import _apply
 
-    cfg = _config_from(args)
+    cfg = config_from_args(args)
     given = {k: v for k, v in _renewal_overrides(args).items() if v is not None}
     if given:
         cfg = _apply(cfg, "renewal", given, "command line")
@@ -411,8 +336,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         job_id=args.job_id or _default_job_id(),
         walltime_s=args.walltime,
         owner=args.owner,
-        scopes=tuple(_split(args.job_scope) or ()),
-        audiences=tuple(_split(args.job_audience) or ()),
+        scopes=tuple(split_values(args.job_scope) or ()),
+        audiences=tuple(split_values(args.job_audience) or ()),
     )
     prepared = prepare_job(cfg, job, directory=args.dir)
     env = prepared.environment()
@@ -445,7 +370,7 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     from ._run import revoke_job
     from ._tokendir import TokenDir
 
-    cfg = _config_from(args)
+    cfg = config_from_args(args)
     parent = args.parent_mytoken_file or cfg.site.parent_mytoken_file
     revoked = revoke_job(TokenDir.existing(args.dir), config=cfg, parent_file=parent,
                          mom_id=args.mom_id)
@@ -491,9 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(p)
-    _server_options(p)
-    _token_options(p)
+    add_common_options(p)
+    add_server_options(p)
+    add_token_options(p)
     p.add_argument(
         "--out",
         metavar="FILE",
@@ -515,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show the claims, scopes and remaining lifetime of an access token. "
         "Without FILE, the token WLCG bearer-token discovery finds.",
     )
-    _common(p)
+    add_common_options(p)
     p.add_argument("file", nargs="?", help="token file (default: WLCG discovery)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_inspect)
@@ -537,9 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(p)
-    _server_options(p)
-    _token_options(p)
+    add_common_options(p)
+    add_server_options(p)
+    add_token_options(p)
     _job_options(p)
     p.set_defaults(func=_cmd_run)
 
@@ -552,9 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(p)
-    _server_options(p)
-    _token_options(p)
+    add_common_options(p)
+    add_server_options(p)
+    add_token_options(p)
     _job_options(p)
     p.add_argument("--watch-pid", type=int, metavar="PID",
                    help="stop when this process ends (default: the parent)")
@@ -567,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Remaining lifetime, scopes, audience, renewals, failures and whether the "
         "sidecar runs, for a token directory (default $JOBTOKEN_DIR).",
     )
-    _common(p)
+    add_common_options(p)
     p.add_argument("dir", nargs="?", help="token directory (default $JOBTOKEN_DIR)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_status)
@@ -580,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(p)
+    add_common_options(p)
     p.add_argument("--dir", metavar="DIR", help="token directory (default $JOBTOKEN_DIR)")
     p.add_argument("--min-valid", type=float, required=True, metavar="S")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -596,9 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(p)
-    _server_options(p)
-    _token_options(p)
+    add_common_options(p)
+    add_server_options(p)
+    add_token_options(p)
     p.add_argument("--dir", required=True, metavar="DIR", help="the job's token directory")
     p.add_argument("--parent-mytoken-file", metavar="FILE",
                    help="the site's or VO's parent mytoken (site.parent_mytoken_file)")
@@ -624,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(p)
+    add_common_options(p)
     p.add_argument("dir", metavar="DIR", help="the job's token directory")
     p.add_argument("--parent-mytoken-file", metavar="FILE",
                    help="revoke by mom_id through this parent (default site.parent_mytoken_file); "
@@ -638,8 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands added by integration modules register here: (name, register(subparsers, name)).
-_EXTRA_COMMANDS: List[Any] = []
+# Subcommands defined in their own modules: (name, register(subparsers, name)).
+_EXTRA_COMMANDS: List[Any] = [*_batch_commands(), ("install-files", _register_install_files)]
 
 
 def _stderr_level(args: argparse.Namespace) -> int:
@@ -704,8 +629,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"jobtoken: internal error: {type(exc).__name__} (run with -vv for details)\n"
         )
         return ExitCode.ERROR
-
-
-
-from .integrations import register_commands as _reg; _EXTRA_COMMANDS.extend(_reg())  # noqa: E402, E702, I001
-from ._installfiles import register as _files; _EXTRA_COMMANDS.append(("install-files", _files))  # noqa: E402, E702, I001
