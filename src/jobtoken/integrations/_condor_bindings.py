@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-__all__ = ["bindings", "condor_param"]
+__all__ = ["bindings", "condor_param", "condor_param_as_set"]
 
 
 def bindings() -> Any:
@@ -24,13 +24,20 @@ def bindings() -> Any:
     return None
 
 
-def condor_param(name: str, default: Optional[str] = None, module: Any = None) -> Optional[str]:
-    """An HTCondor configuration value (unset or empty: ``default``; also without bindings)."""
+def condor_param_as_set(name: str, module: Any = None) -> Optional[str]:
+    """An HTCondor configuration value as the site set it, empty included (``KNOB =``
+    can mean "off"); None when unset, unreadable, or there are no bindings."""
     module = module if module is not None else bindings()
     if module is None:
-        return default
+        return None
     try:
         value = module.param.get(name)
     except Exception:  # the bindings raise their own types for a broken configuration
-        return default
-    return str(value) if value not in (None, "") else default
+        return None
+    return None if value is None else str(value)
+
+
+def condor_param(name: str, default: Optional[str] = None, module: Any = None) -> Optional[str]:
+    """An HTCondor configuration value (unset or empty: ``default``; also without bindings)."""
+    value = condor_param_as_set(name, module)
+    return value if value else default

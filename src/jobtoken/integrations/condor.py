@@ -65,6 +65,7 @@ from .._tokenfile import (
 )
 from .._tokens import unverified_claims
 from ._cleanup import revoke_and_clean
+from ._condor_bindings import condor_param_as_set
 from ._env import EnvironmentSyntaxError, format_environment_v2, job_environment
 
 __all__ = [
@@ -972,23 +973,9 @@ AUDIT_KNOB = "JOBTOKEN_AUDIT_LOG"
 DEFAULT_AUDIT_DIR = "/var/log/jobtoken"
 
 
-def _condor_param(name: str) -> Optional[str]:
-    """A knob of the HTCondor configuration this process runs under (the starter's, for
-    hooks), read with the bindings the site has; None when unset or no bindings."""
-    for module in ("htcondor2", "htcondor"):
-        try:
-            imported = __import__(module)
-        except ImportError:
-            continue
-        try:
-            value = imported.param.get(name)
-        except Exception:  # a config the bindings cannot read: use the default
-            return None
-        return None if value is None else str(value)
-    return None
-
-
-def audit_log_dir(param: Callable[[str], Optional[str]] = _condor_param) -> Optional[str]:
+def audit_log_dir(
+    param: Callable[[str], Optional[str]] = condor_param_as_set,
+) -> Optional[str]:
     """Where hooks append their audit lines: ``JOBTOKEN_AUDIT_LOG`` (HTCondor config),
     default /var/log/jobtoken; ``none`` or empty turns the file off."""
     value = param(AUDIT_KNOB)
