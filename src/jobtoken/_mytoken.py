@@ -52,6 +52,7 @@ from ._errors import (
 )
 from ._http import build_client, parse_retry_after, translate_http_error, url_problem
 from ._scopes import parse_scopes
+from ._tokens import unverified_claims
 
 __all__ = [
     "DISCOVERY_PATH",
@@ -233,15 +234,7 @@ def _load_json(response: httpx.Response) -> Any:
 
 def _rotation_of(mytoken: str) -> Mapping[str, Any]:
     """The ``rotation`` claim of a JWT mytoken (unverified; empty if none or not a JWT)."""
-    if mytoken.count(".") != 2:
-        return {}
-    import jwt
-
-    try:
-        claims = jwt.decode(mytoken, options={"verify_signature": False})
-    except (jwt.PyJWTError, RecursionError, ValueError):
-        return {}
-    rotation = claims.get("rotation") if isinstance(claims, dict) else None
+    rotation = (unverified_claims(mytoken) or {}).get("rotation")
     return rotation if isinstance(rotation, Mapping) else {}
 
 
