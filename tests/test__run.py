@@ -338,9 +338,12 @@ def test_status_and_ensure(tmp_path: Path) -> None:
         assert len(srv.requests("access")) == before  # valid long enough: no request
         r = run(jobtoken_argv("ensure", "--dir", d, "--min-valid", "1000"))
         assert r.returncode == 65 and "less than the 1000 s" in r.stderr  # 300 s tokens
-        # while a job runs: status sees the sidecar; ensure renews and the sidecar keeps up
+        # while a job runs: status sees the sidecar; ensure renews and the sidecar keeps up.
+        # The next tokens live 900 s: the current one (<= 300 s left) misses --min-valid 600
+        # and the renewed one meets it however slow the machine is.
+        srv.set_at_lifetime(900)
         script = (f"jobtoken status --json {d} > {tmp_path}/status.json; "
-                  f"jobtoken ensure --min-valid 299 --json > {tmp_path}/ensure.json")
+                  f"jobtoken ensure --min-valid 600 --json > {tmp_path}/ensure.json")
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
         r = run(jobtoken_argv("run", "--dir", d, "--", "sh", "-c", script), env=env)
         assert r.returncode == 0, r.stderr

@@ -85,6 +85,18 @@ def test_es256_access_tokens_and_short_lifetime() -> None:
         assert claims["exp"] - claims["iat"] == 3
 
 
+def test_at_lifetime_can_change_while_running() -> None:
+    with pytest.raises(UsageError):
+        DevServer().set_at_lifetime(60)
+    with running_devserver(at_lifetime_s=30) as srv, client_for(srv) as c:
+        mt = srv.issue_mytoken()
+        assert access_token_request(c, mt).json()["expires_in"] == 30
+        srv.set_at_lifetime(900)
+        assert access_token_request(c, mt).json()["expires_in"] == 900
+        with pytest.raises(UsageError):
+            srv.set_at_lifetime(0)
+
+
 def test_rate_limit_counts_every_request_per_ip() -> None:
     """Fact 11: per client IP, discovery included; 429 is plain text with Retry-After."""
     clock = FakeClock()

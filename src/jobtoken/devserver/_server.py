@@ -178,6 +178,7 @@ class DevServer:
         self._thread: Optional[threading.Thread] = None
         self._tls: Optional[TlsMaterial] = None
         self._api: Optional[MytokenApi] = None
+        self._issuer: Optional[AccessTokenIssuer] = None
         self.url = ""
         self.op_issuer = ""
         self.port = 0
@@ -330,6 +331,21 @@ class DevServer:
         except ApiError as exc:
             raise UsageError(f"devserver introspect: {exc.status} {exc.error}") from None
         return self._store.introspection(record, token_type)
+
+    def set_at_lifetime(self, seconds: int) -> None:
+        """Mint the access tokens of later requests with this lifetime.
+
+        Why: a test that needs "the next token lives longer than the current one" (ensure
+        must renew, and the renewed token must meet ``--min-valid``) can make that so
+        instead of hoping the machine is fast enough between two equal-length tokens.
+
+        Raises:
+            UsageError: not started, or ``seconds`` < 1.
+        """
+        self._require_api()
+        if seconds < 1 or self._issuer is None:
+            raise UsageError(f"devserver at_lifetime_s={seconds} must be >= 1")
+        self._issuer.lifetime_s = int(seconds)
 
     def revoke_all(self) -> int:
         """Revoke every mytoken issued so far; returns how many were still live."""
