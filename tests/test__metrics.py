@@ -255,3 +255,18 @@ def test_a_world_writable_directory_needs_the_sticky_bit(tmp_path: Path) -> None
     with pytest.raises(TokenFileError, match="sticky"):
         write_metrics(str(d), "job-a", MetricValues(renewals=1), now=0.0)
     assert list(d.iterdir()) == []
+
+
+def test_the_docs_and_alert_examples_name_only_metrics_that_exist() -> None:
+    """An alert rule on a misspelt or removed name never fires; the docs' rules must not."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    written = set(parse(render_metrics("x", MetricValues(expires_at=1.0, last_success_at=1.0))))
+    removed = {"jobtoken_token_expiry_seconds"}  # named only to say it is gone
+    for doc in (root / "README.md", root / "examples" / "monitoring" / "README.md"):
+        named = set(re.findall(r"\bjobtoken_[a-z_]+_(?:seconds|total|failures|lost)\b",
+                               doc.read_text()))
+        assert named, doc
+        assert named - removed <= written, (doc.name, named - removed - written)
+    assert "jobtoken_token_expiry_timestamp_seconds - time()" in (root / "README.md").read_text()
