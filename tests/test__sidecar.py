@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -235,6 +236,21 @@ def test_metrics_are_rewritten_between_events(tmp_path: Path) -> None:
     h.sidecar.tick()
     assert prom.stat().st_ino != first  # replaced (atomic rename), same content otherwise
     assert h.spawned == []  # no renewal was due
+
+
+def test_a_metrics_directory_that_went_away_is_logged_once(tmp_path: Path, caplog) -> None:
+    from jobtoken._metrics import REFRESH_S
+
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    h = Harness(tmp_path, metrics_dir=str(metrics))
+    h.sidecar.adopt(h.ok(lifetime=100 * REFRESH_S))
+    shutil.rmtree(metrics)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):
+            h.clock.advance(REFRESH_S)
+            h.sidecar.tick()
+    assert caplog.text.count("cannot write metrics") == 1
 
 
 def test_finish_removes_token_files_but_not_a_borrowed_mytoken(tmp_path: Path) -> None:

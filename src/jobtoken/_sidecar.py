@@ -129,6 +129,7 @@ class Sidecar:
         self._child_limit_s = policy.child_timeout_s(spec.timeout_s, requests=4)
         self._bt_mtime: Optional[int] = None
         self._metrics_at = float("-inf")  # when the metrics file was last written
+        self._metrics_error: Optional[str] = None
 
     # --- outcomes -----------------------------------------------------------------------
 
@@ -347,7 +348,11 @@ class Sidecar:
             write_metrics(self.spec.metrics_dir or "", self.spec.job_id,
                           MetricValues.of_state(self.state), now)
         except JobtokenError as exc:
-            logger.warning("cannot write metrics error=%s", exc.message)
+            if exc.message != self._metrics_error:  # once, not every refresh of a long job
+                logger.warning("cannot write metrics error=%s", exc.message)
+            self._metrics_error = exc.message
+        else:
+            self._metrics_error = None
 
     def set_payload_pid(self, pid: Optional[int]) -> None:
         self.state.payload_pid = pid
