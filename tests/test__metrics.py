@@ -201,32 +201,40 @@ def test_another_users_file_under_our_name_is_not_replaced(shared: Path) -> None
 
 
 @pytest.fixture()
-def reachable_shared() -> Iterator[Path]:
-    """A root-owned 1777 directory that other accounts can reach (pytest's tmp is 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="jobtoken-metrics-"))
-    d.chmod(0o1777)
+def reachable() -> Iterator[Path]:
+    """A place other accounts can reach (pytest's tmp, and maybe the checkout, are not):
+    ``textfile``, root-owned 1777 as README "Metrics" says, and ``lib``, a copy of jobtoken."""
+    base = Path(tempfile.mkdtemp(prefix="jobtoken-metrics-"))
     try:
-        yield d
+        base.chmod(0o755)
+        (base / "textfile").mkdir()
+        (base / "textfile").chmod(0o1777)
+        src = Path(__file__).resolve().parents[1] / "src" / "jobtoken"
+        shutil.copytree(src, base / "lib" / "jobtoken",
+                        ignore=shutil.ignore_patterns("__pycache__", "devserver", "_data"))
+        for path in (base / "lib").rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        (base / "lib").chmod(0o755)
+        yield base
     finally:
-        shutil.rmtree(d)
+        shutil.rmtree(base)
 
 
-def test_a_job_account_can_write_into_the_documented_directory(reachable_shared: Path) -> None:
+def test_a_job_account_can_write_into_the_documented_directory(reachable: Path) -> None:
     """README "Metrics": root-owned, 1777. Every job account (here: nobody) writes there."""
     if os.geteuid() != 0:
         pytest.skip("needs root to act as another account")
-    shared = reachable_shared
+    shared = reachable / "textfile"
     nobody = pwd.getpwnam("nobody")
     code = (
         "import sys; from jobtoken._metrics import MetricValues, write_metrics; "
         "write_metrics(sys.argv[1], 'job-n', MetricValues(renewals=1), now=0.0)"
     )
-    src = str(Path(__file__).resolve().parents[1] / "src")
     python = "/usr/bin/python3"  # the venv's interpreter may sit in root's home
     r = subprocess.run(
         [python, "-c", code, str(shared)], capture_output=True, text=True, timeout=60,
         user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": src}, cwd="/",
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(reachable / "lib")}, cwd="/",
     )
     assert r.returncode == 0, r.stderr
     written = metrics_path(str(shared), "job-n", uid=nobody.pw_uid)
