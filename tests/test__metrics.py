@@ -156,6 +156,9 @@ def test_stale_files_of_our_account_expire_on_the_next_write(tmp_path: Path) -> 
     for job, age in (("dead", STALE_AFTER_S + 60), ("quiet", STALE_AFTER_S - 60)):
         write_metrics(d, job, MetricValues(), now=now - age)
         os.utime(metrics_path(d, job), (now - age, now - age))
+    torn = tmp_path / f".{metrics_path(d, 'killed').name}.0123456789ab.tmp"  # killed writer
+    torn.write_text("jobtoken_renewals_total")
+    os.utime(torn, (0, 0))
     other = tmp_path / "node_cpu.prom"  # not ours to judge: another writer's file
     other.write_text("x 1\n")
     os.utime(other, (0, 0))

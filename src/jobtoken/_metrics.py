@@ -282,7 +282,8 @@ def record_oneshot(
 def expire_stale(
     directory: str, now: float, *, max_age_s: float = STALE_AFTER_S, keep: Optional[Path] = None
 ) -> List[str]:
-    """Remove this account's jobtoken files not rewritten for ``max_age_s``; their names.
+    """Remove this account's jobtoken files (and temp files of a writer killed mid-write)
+    not rewritten for ``max_age_s``; returns their names.
 
     In a sticky directory only the owner (and root) may remove a file, so each account
     cleans up after its own killed jobs; root's cron does the rest (README, Metrics).
@@ -295,7 +296,10 @@ def expire_stale(
     except OSError:
         return removed
     for entry in entries:
-        if not (entry.name.startswith(prefix) and entry.name.endswith(".prom")):
+        name = entry.name
+        ours = name.startswith(prefix) and name.endswith(".prom")
+        half_written = name.startswith("." + prefix) and name.endswith(".tmp")  # killed writer
+        if not (ours or half_written):
             continue
         if keep is not None and entry.name == keep.name:
             continue
