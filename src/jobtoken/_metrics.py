@@ -18,9 +18,11 @@ collector never reads half a file. Writers:
   from its own previous file (``record_oneshot``) and adds its outcome: the failure
   counter rises run after run and the last success is kept through failures.
 
-Every writer also deletes its own account's files nobody rewrote for ``STALE_AFTER_S``
-(jobs killed before their cleanup), so ``job_id`` series do not pile up; root's
-cleanup of accounts that never come back is in README "Metrics".
+The ``job_id`` label stays (a node runs many jobs of one account, and an alert must
+name the job); its series stay bounded because each file goes with its job, and every
+writer deletes its own account's files nobody rewrote for ``STALE_AFTER_S`` (jobs
+killed before their cleanup); root's cleanup of accounts that never come back is in
+README "Metrics".
 
 The directory is usually shared by every job user (mode 1777, README "Metrics"). The
 uid in the name keeps users' files apart; a file of ours that another user created
