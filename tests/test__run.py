@@ -356,6 +356,46 @@ def test_status_and_ensure(tmp_path: Path) -> None:
         assert r.returncode == 0 and "not running" in r.stdout
 
 
+def test_ensure_from_cron_counts_failures_and_keeps_the_last_success(tmp_path: Path) -> None:
+    """No sidecar between cron runs: each `ensure` adds its outcome to the job's metrics
+    (they used to be written by the sidecar only, so cron showed no failure at all)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from jobtoken._metrics import metrics_path
+
+    def samples() -> dict:
+        text = metrics_path(str(metrics), "job-1").read_text()
+        return {s.name: s.value for f in text_string_to_metric_families(text)
+                for s in f.samples}
+
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    with DevServer(DevServerConfig(at_lifetime_s=300, op_scopes=OP_SCOPES,
+                                   default_audience=AUD)) as srv:
+        job = prepare(srv, tmp_path, lifetime_s=300, metrics_dir=str(metrics))
+        d = str(job.tokendir.path)
+        r = run(jobtoken_argv("ensure", "--dir", d, "--min-valid", "60"))
+        assert r.returncode == 0, r.stderr
+        good = samples()
+        assert good["jobtoken_token_expiry_timestamp_seconds"] == job.token.expires_at
+        assert good["jobtoken_renewal_failures_total"] == 0
+        srv.faults.add("access", status=503)
+        for attempt in (1, 2):  # two cron runs during an outage
+            r = run(jobtoken_argv("ensure", "--dir", d, "--min-valid", "400"))
+            assert r.returncode == 75, r.stderr
+            now = samples()
+            assert now["jobtoken_renewal_failures_total"] == attempt
+            assert now["jobtoken_last_success_timestamp_seconds"] == \
+                good["jobtoken_last_success_timestamp_seconds"]
+            assert now["jobtoken_token_expiry_timestamp_seconds"] == job.token.expires_at
+        srv.faults.clear()
+        r = run(jobtoken_argv("revoke", d))
+        assert r.returncode == 0, r.stderr
+    # the job's end takes its series away; as root (job.json is the job's to write) the
+    # file is left to the writers' stale-file expiry instead
+    assert metrics_path(str(metrics), "job-1").exists() == (os.geteuid() == 0)
+
+
 def test_status_without_a_directory() -> None:
     r = run(jobtoken_argv("status"))
     assert r.returncode == 2 and "JOBTOKEN_DIR" in r.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -209,10 +210,47 @@ def test_metrics_are_written_and_removed(tmp_path: Path) -> None:
     h.sidecar.adopt(h.ok())
     [prom] = list(metrics.iterdir())
     text = prom.read_text()
-    assert 'jobtoken_token_expiry_seconds{job_id="job-7"} 3600.000' in text
+    expires_at = h.clock.now() + LIFETIME
+    assert f'jobtoken_token_expiry_timestamp_seconds{{job_id="job-7"}} {expires_at:.3f}' in text
     assert "jobtoken_credential_lost" in text
     h.sidecar.finish(revoke=False)
     assert list(metrics.iterdir()) == []
+
+
+def test_metrics_are_rewritten_between_events(tmp_path: Path) -> None:
+    """The file's mtime (node_textfile_mtime_seconds) shows the sidecar lives even when
+    nothing happens for a long token lifetime; and its own stale-file expiry never takes
+    a live job's file."""
+    from jobtoken._metrics import REFRESH_S, STALE_AFTER_S
+
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    h = Harness(tmp_path, metrics_dir=str(metrics))
+    h.sidecar.adopt(h.ok(lifetime=10 * STALE_AFTER_S))
+    [prom] = list(metrics.iterdir())
+    first = prom.stat().st_ino
+    start = h.clock.now()
+    wake = h.sidecar.tick()
+    assert wake is not None and wake <= start + REFRESH_S  # not at the next renewal only
+    h.clock.advance(REFRESH_S)
+    h.sidecar.tick()
+    assert prom.stat().st_ino != first  # replaced (atomic rename), same content otherwise
+    assert h.spawned == []  # no renewal was due
+
+
+def test_a_metrics_directory_that_went_away_is_logged_once(tmp_path: Path, caplog) -> None:
+    from jobtoken._metrics import REFRESH_S
+
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    h = Harness(tmp_path, metrics_dir=str(metrics))
+    h.sidecar.adopt(h.ok(lifetime=100 * REFRESH_S))
+    shutil.rmtree(metrics)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):
+            h.clock.advance(REFRESH_S)
+            h.sidecar.tick()
+    assert caplog.text.count("cannot write metrics") == 1
 
 
 def test_finish_removes_token_files_but_not_a_borrowed_mytoken(tmp_path: Path) -> None:

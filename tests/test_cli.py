@@ -59,6 +59,39 @@ def test_token_writes_a_checked_token(setup: Any, capsys: pytest.CaptureFixture)
     assert len(srv.requests("access")) == before
 
 
+def test_token_from_cron_counts_failures_and_keeps_the_last_success(
+    setup: Any, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from jobtoken._metrics import metrics_path
+
+    srv, _, out, args = setup
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    args = args + ["--metrics-dir", str(metrics)]
+
+    def samples() -> dict:
+        [prom] = list(metrics.iterdir())  # one file per token file, run after run
+        assert prom == metrics_path(str(metrics), str(out))  # job_id: the token file
+        return {s.name: s.value for f in text_string_to_metric_families(prom.read_text())
+                for s in f.samples}
+
+    assert call(args, capsys)[0] == 0
+    assert call(args + ["--min-valid", "60"], capsys)[0] == 0  # kept: a success, no renewal
+    good = samples()
+    assert good["jobtoken_renewals_total"] == 1 and good["jobtoken_renewal_failures_total"] == 0
+    srv.faults.add("access", status=503)
+    for attempt in (1, 2):
+        assert call(args, capsys)[0] == 75
+        now = samples()
+        assert now["jobtoken_renewal_failures_total"] == attempt
+        assert now["jobtoken_last_success_timestamp_seconds"] == \
+            good["jobtoken_last_success_timestamp_seconds"]
+        assert now["jobtoken_token_expiry_timestamp_seconds"] == \
+            good["jobtoken_token_expiry_timestamp_seconds"]
+
+
 def test_inspect_shows_claims_never_the_token(setup: Any, capsys) -> None:
     _, _, out, args = setup
     assert call(args, capsys)[0] == 0

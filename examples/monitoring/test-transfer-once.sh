@@ -16,7 +16,8 @@
 #
 # Settings: MONITOR_MIN_VALID (seconds, default 600: longer than a transfer may take), the
 # MONITOR_* settings of test-transfer.sh (MONITOR_COUNT and MONITOR_INTERVAL are forced to
-# one transfer), JOBTOKEN_BIN (default: jobtoken).
+# one transfer), JOBTOKEN_BIN (default: jobtoken), JOBTOKEN_METRICS_DIR (with way 2: where
+# `jobtoken token` keeps its own metrics; way 1 uses the token directory's metrics_dir).
 # Exit status: test-transfer.sh's (0 ok, 1 transfer failed, 2 bad settings), or jobtoken's
 # when no token could be had: 75/76 server trouble (the next run retries), 77 the mytoken
 # was rejected for good (revoked, expired, usage budget spent: make a new one), 78 config.
@@ -34,7 +35,8 @@ if [ -n "${JOBTOKEN_DIR:-}" ]; then
     "$bin" ensure -q --dir "$JOBTOKEN_DIR" --min-valid "$min_valid" || exit $?
     BEARER_TOKEN_FILE="$JOBTOKEN_DIR/bt"
 elif [ -n "${BEARER_TOKEN_FILE:-}" ]; then
-    "$bin" token -q --min-valid "$min_valid" --out "$BEARER_TOKEN_FILE" || exit $?
+    "$bin" token -q --min-valid "$min_valid" --out "$BEARER_TOKEN_FILE" \
+        ${JOBTOKEN_METRICS_DIR:+--metrics-dir "$JOBTOKEN_METRICS_DIR"} || exit $?
 else
     echo "test-transfer-once.sh: set JOBTOKEN_DIR (a prepared token directory) or" \
         "BEARER_TOKEN_FILE (where 'jobtoken token' keeps the token)" >&2

@@ -24,7 +24,8 @@
 #   MONITOR_SIZE      bytes per test file (default 4096)
 #   MONITOR_TIMEOUT   seconds one transfer may take (default 300)
 #   MONITOR_NAME      name used in file names and metric labels (default: short host name)
-#   MONITOR_METRICS   Prometheus textfile to rewrite after each transfer (optional)
+#   MONITOR_METRICS   Prometheus textfile to rewrite after each transfer (optional); its
+#                     counters and last success carry on from the file's previous values
 #   JOBTOKEN_BIN      the jobtoken executable (default: jobtoken)
 # Trust for the storage's TLS certificate: X509_CERT_DIR (xrdcp, gfal-copy, davix-put),
 # CURL_CA_BUNDLE or the system store (curl).
@@ -93,7 +94,23 @@ ok=0
 failed=0
 interrupted=0
 expired=0
+
+# The metrics' counters and last success carry on from this probe's previous file: under
+# cron each run is a new process with one transfer, and counting from 0 again would hide
+# every failure after the first and drop the last success to 0. Only a regular file of
+# ours is read back (never through a link); its values are parsed as numbers, nothing else.
+total_ok=0
+total_failed=0
 last_ok_at=0
+if [ -n "$metrics" ] && [ -f "$metrics" ] && [ ! -L "$metrics" ] && [ -O "$metrics" ]; then
+    read -r total_ok total_failed last_ok_at < <(awk -v name="$name" '
+        function sample(metric, labels) { return index($0, metric "{" labels "} ") == 1 }
+        sample("storage_test_transfers_total", "name=\"" name "\",result=\"ok\"") { o = $NF }
+        sample("storage_test_transfers_total", "name=\"" name "\",result=\"failed\"") { f = $NF }
+        sample("storage_test_last_success_timestamp_seconds", "name=\"" name "\"") { t = $NF }
+        END { printf "%d %d %d\n", o + 0, f + 0, t + 0 }' "$metrics") ||
+        total_ok=0 total_failed=0 last_ok_at=0
+fi
 
 stamp() { date -u +%Y-%m-%dT%H:%M:%SZ; }
 
@@ -110,8 +127,8 @@ write_metrics() {
     {
         echo "# HELP storage_test_transfers_total Test transfers made, by result."
         echo "# TYPE storage_test_transfers_total counter"
-        echo "storage_test_transfers_total{$label,result=\"ok\"} $ok"
-        echo "storage_test_transfers_total{$label,result=\"failed\"} $failed"
+        echo "storage_test_transfers_total{$label,result=\"ok\"} $total_ok"
+        echo "storage_test_transfers_total{$label,result=\"failed\"} $total_failed"
         echo "# HELP storage_test_last_success_timestamp_seconds End of the last good transfer."
         echo "# TYPE storage_test_last_success_timestamp_seconds gauge"
         echo "storage_test_last_success_timestamp_seconds{$label} $last_ok_at"
@@ -202,6 +219,7 @@ while [ "$stop" = 0 ]; do
     if [ "$rc" = 0 ]; then
         result=ok
         ok=$((ok + 1))
+        total_ok=$((total_ok + 1))
         last_ok_at=$((end_ns / 1000000000))
     elif [ "$stop" = 1 ]; then
         # the stop signal reached the client too (the whole process group gets it)
@@ -210,6 +228,7 @@ while [ "$stop" = 0 ]; do
     else
         result=failed
         failed=$((failed + 1))
+        total_failed=$((total_failed + 1))
         report_error
     fi
     [ "$state" != expired ] || expired=$((expired + 1))

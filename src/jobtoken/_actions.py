@@ -183,21 +183,42 @@ def _existing_if_fresh(path: Path, config: Config, now: float) -> Optional[Acces
 
 
 def get_token(
-    config: Config, *, out: Optional[str] = None, env: Optional[Mapping[str, str]] = None
+    config: Config,
+    *,
+    out: Optional[str] = None,
+    env: Optional[Mapping[str, str]] = None,
+    metrics_dir: Optional[str] = None,
 ) -> TokenResult:
     """Write a checked access token from the configured mytoken to ``out``.
 
     With ``token.min_valid_s`` > 0 an existing token at ``out`` that is valid that
     long (and within the requested scopes and audiences) is kept and no request is
-    made: cheap to call before every transfer.
+    made: cheap to call before every transfer. With ``metrics_dir`` (cron), the outcome
+    is added to the metrics of the token file (its path is the ``job_id`` label).
 
     Raises:
         ConfigError, MytokenError, TokenCheckError, TokenFileError.
     """
-    from ._exchange import TokenRequest, fetch_access_token
-
     environ = os.environ if env is None else env
     path = Path(out or environ.get("BEARER_TOKEN_FILE") or default_token_path(environ))
+    if not metrics_dir:
+        return _get_token(config, path, environ)
+    from ._metrics import record_oneshot
+
+    try:
+        result = _get_token(config, path, environ)
+    except JobtokenError:
+        record_oneshot(metrics_dir, str(path), ok=False, expires_at=None, renewed=False,
+                       now=SystemClock().now())
+        raise
+    record_oneshot(metrics_dir, str(path), ok=True, expires_at=result.token.expires_at,
+                   renewed=not result.reused, now=result.now)
+    return result
+
+
+def _get_token(config: Config, path: Path, environ: Mapping[str, str]) -> TokenResult:
+    from ._exchange import TokenRequest, fetch_access_token
+
     if not path.parent.is_dir():
         raise TokenFileError(f"cannot write {path}: directory {path.parent} does not exist")
     refuse_foreign_file(path)

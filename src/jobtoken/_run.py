@@ -425,7 +425,8 @@ def ensure_token(
     """Return at once when the token is valid ``min_valid_s`` longer, else renew now.
 
     Safe next to a running sidecar: renewals of one directory are serialised by its
-    renewal lock, and the sidecar notices the new token.
+    renewal lock, and the sidecar notices the new token. With no sidecar (cron), each
+    call adds its outcome to the job's metrics file, if the job has one.
 
     Raises:
         JobtokenError: renewal failed; TokenCheckError: the server's token is valid
@@ -438,6 +439,12 @@ def ensure_token(
             spec.timeout_s, requests=4, lock_wait_s=policy.RENEWAL_LOCK_WAIT_S
         ),
     )
+    if spec.metrics_dir and not sidecar_alive(tokendir):  # a live sidecar writes the file
+        from ._metrics import record_oneshot
+
+        record_oneshot(spec.metrics_dir, spec.job_id, ok=report.ok,
+                       expires_at=report.expires_at, renewed=report.ok and not report.reused,
+                       now=SystemClock().now())
     report.raise_for_failure()
     left = (report.expires_at or 0.0) - asked_at
     if left < min_valid_s:
@@ -499,4 +506,10 @@ def revoke_job(
     remove_secret_file(tokendir.mytoken_of(spec))
     remove_secret_file(tokendir.bearer_token)
     clear_pending(tokendir)
+    if spec.metrics_dir and os.geteuid() != 0:
+        # the end of a job kept alive by cron (``ensure``): its series go. Not as root:
+        # job.json is the job's to write, and root removes nothing where it points
+        from ._metrics import remove_metrics
+
+        remove_metrics(spec.metrics_dir, spec.job_id)
     return revoked

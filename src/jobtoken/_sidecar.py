@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Protocol
 from . import _policy as policy
 from ._clock import Clock, SystemClock
 from ._errors import JobtokenError, RenewalReport, ServerUnavailableError
-from ._metrics import write_metrics
+from ._metrics import REFRESH_S, MetricValues, remove_metrics, write_metrics
 from ._revocation import PendingRevocation, clear_pending, write_pending
 from ._tokendir import JobSpec, RenewalState, TokenDir
 from ._tokenfile import remove_secret_file, remove_stale_temps
@@ -128,6 +128,8 @@ class Sidecar:
         self._child_started = 0.0
         self._child_limit_s = policy.child_timeout_s(spec.timeout_s, requests=4)
         self._bt_mtime: Optional[int] = None
+        self._metrics_at = float("-inf")  # when the metrics file was last written
+        self._metrics_error: Optional[str] = None
 
     # --- outcomes -----------------------------------------------------------------------
 
@@ -249,6 +251,8 @@ class Sidecar:
             self._start_child(now)
             return now + _POLL_S
         self._escalate(now)
+        if self.spec.metrics_dir and now - self._metrics_at >= REFRESH_S:
+            self._write_metrics(now)  # no event for a while: the mtime still shows we live
         return self._next_wakeup(now)
 
     def _start_child(self, now: float, *args: str) -> None:
@@ -323,6 +327,8 @@ class Sidecar:
                     candidates.append(at)
         if self._bt_mtime is not None:
             candidates.append(now + _STAT_EVERY_S)  # notice a renewal by ``jobtoken ensure``
+        if self.spec.metrics_dir:
+            candidates.append(max(now, self._metrics_at + REFRESH_S))
         return min(candidates) if candidates else None
 
     # --- persistence and the end ------------------------------------------------------
@@ -331,12 +337,22 @@ class Sidecar:
         self.state.updated_at = now
         try:
             self.tokendir.write_state(self.state)
-            if self.spec.metrics_dir:
-                write_metrics(self.spec.metrics_dir, self.spec.job_id, self.state, now)
         except JobtokenError as exc:
             logger.warning("cannot write state error=%s", exc.message)
-        except OSError as exc:
-            logger.warning("cannot write metrics error=%s", exc.strerror)
+        if self.spec.metrics_dir:
+            self._write_metrics(now)
+
+    def _write_metrics(self, now: float) -> None:
+        self._metrics_at = now  # a failure is not retried before the next event or refresh
+        try:
+            write_metrics(self.spec.metrics_dir or "", self.spec.job_id,
+                          MetricValues.of_state(self.state), now)
+        except JobtokenError as exc:
+            if exc.message != self._metrics_error:  # once, not every refresh of a long job
+                logger.warning("cannot write metrics error=%s", exc.message)
+            self._metrics_error = exc.message
+        else:
+            self._metrics_error = None
 
     def set_payload_pid(self, pid: Optional[int]) -> None:
         self.state.payload_pid = pid
@@ -359,8 +375,6 @@ class Sidecar:
         self.state = replace(self.state, finished=True, next_attempt_at=None)
         self._save(self.clock.now())
         if spec.metrics_dir:
-            from ._metrics import remove_metrics
-
             remove_metrics(spec.metrics_dir, spec.job_id)
         if spec.remove_dir_at_end:
             _remove_tree(self.tokendir)

@@ -79,7 +79,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, token=replace(cfg.token, min_valid_s=args.min_valid))
-    result = get_token(cfg, out=args.out)
+    result = get_token(cfg, out=args.out, metrics_dir=args.metrics_dir)
     _emit(args, result.summary(), lambda _: result.human())
     return ExitCode.OK
 
@@ -431,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="keep the existing token in --out if it is valid for at least S seconds",
     )
+    p.add_argument("--metrics-dir", metavar="DIR",
+                   help="add this run's outcome to Prometheus textfile metrics here (cron)")
     p.add_argument("--json", action="store_true", help="print a JSON summary (never the token)")
     p.set_defaults(func=_cmd_token)
 

@@ -23,6 +23,7 @@ from typing import Dict, List, Set
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from jobtoken.devserver import DevServer, DevServerConfig
 from tests.robustness._support import AUD, OP_SCOPES, make_site, run_cli
@@ -187,6 +188,9 @@ def test_tokens_appear_only_in_the_token_files(
     assert "access token issued" in caplog.text  # the dev server's own records were seen
     assert json.loads(env_file.read_text())["BEARER_TOKEN_FILE"] == str(site.job_dir / "bt")
     assert sampler.metrics and "job-7" in "".join(sampler.metrics)
+    for text in sampler.metrics:  # every version the collector could have read parses
+        names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+        assert "jobtoken_token_expiry_timestamp_seconds" in names
     assert not (site.job_dir / "bt").exists() and not (site.job_dir / "mytoken").exists()
 
 
