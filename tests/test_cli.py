@@ -212,7 +212,9 @@ def test_usage_errors(capsys) -> None:
 
 def test_token_without_any_mytoken(capsys) -> None:
     code, _, err = call(["token", "--server", "https://mt.example.org"], capsys)
-    assert code == 78 and "no mytoken given" in err
+    # the config keys and the flags that set them
+    assert code == 78 and "no mytoken: set token.mytoken_file (--mytoken-file" in err
+    assert "token.mytoken_env (--mytoken-env" in err
 
 
 def test_help_everywhere(capsys) -> None:

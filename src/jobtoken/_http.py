@@ -90,7 +90,8 @@ def url_problem(url: str, *, allow_http: bool) -> Optional[str]:
         return None
     if parsed.scheme == "http":
         if not allow_http:
-            return "plain http is not allowed (use https, or allow http for loopback tests)"
+            return ("plain http is not allowed (use https; for a loopback test server: "
+                    "--allow-http, server.allow_http, $JOBTOKEN_ALLOW_HTTP)")
         if not is_loopback_host(parsed.host):
             return "plain http is allowed only to a loopback address (127.0.0.0/8, ::1, localhost)"
         return None

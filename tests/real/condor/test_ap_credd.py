@@ -37,7 +37,8 @@ AP_CONFIG = """
 # --- the access point: jobtoken's AP config as shipped, this pool's paths ---
 include : $(LOCAL_DIR)/config.d/50-jobtoken-ap.conf
 SEC_CREDENTIAL_DIRECTORY_OAUTH = $(LOCAL_DIR)/oauth_credentials
-JOBTOKEN_CREDMON_ARGS = --log-file $(LOG)/JobtokenCredmonLog --interval 3
+# the log: the shipped JOBTOKEN_CREDMON_LOG (credmon_log() reads it)
+JOBTOKEN_CREDMON_ARGS = --interval 3
 # the credd's default fixed port 9620 would keep a second pool on this machine from starting
 CREDD_ARGS =
 # the starter re-copies .use files this often (default 300 s; tokens here live 20 s)
