@@ -312,7 +312,8 @@ def test_mytoken_source_follows_the_config(tmp_path: Path) -> None:
     by_env = Config(token=TokenConfig(mytoken_env="MYTOKEN_JOB"))
     assert mytoken_source(by_file) == MytokenSource(path=tmp_path / "mt")
     assert mytoken_source(by_env) == MytokenSource(env_var="MYTOKEN_JOB")
-    with pytest.raises(ConfigError, match=r"token.mytoken_file \(--mytoken-file, .*token.mytoken_env \(--mytoken-env"):
+    named = r"token.mytoken_file \(--mytoken-file, .*token.mytoken_env \(--mytoken-env"
+    with pytest.raises(ConfigError, match=named):
         mytoken_source(Config())
 
 

@@ -19,6 +19,7 @@ Tree::
     ├── CredentialLostError            exit 69  the job's token expired and could not
     │                                           be renewed; jobtoken stopped the payload
     └── PayloadStartError              exit 126 (cannot execute) / 127 (not found)
+    (KeyboardInterrupt)                exit 130
 
 Codes 64-78 follow BSD ``sysexits.h`` so that they do not collide with the small
 codes payloads commonly use; ``retryable`` tells batch adapters whether a

@@ -30,6 +30,9 @@ LINE_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 class UtcFormatter(logging.Formatter):
     """``%(asctime)s`` as ISO 8601 UTC with ``Z``, whatever the host's time zone."""
 
+    def __init__(self, fmt: str = LINE_FORMAT) -> None:
+        super().__init__(fmt)
+
     def formatTime(self, record: logging.LogRecord, datefmt: Optional[str] = None) -> str:
         return utc_text(record.created)
 
@@ -72,6 +75,19 @@ class _WatchedNoFollowHandler(logging.handlers.WatchedFileHandler):
     def _open(self) -> Any:
         return open(self.baseFilename, self.mode, encoding=self.encoding,
                     opener=_open_no_follow)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # a (re)open that fails (a symlink planted after a rotation, a full disk) costs
+        # this line, reported through handleError, not the daemon that logs it
+        try:
+            self.reopenIfNeeded()
+            if self.stream is None:
+                self.stream = self._open()
+                self._statstream()
+        except OSError:
+            self.handleError(record)
+            return
+        logging.FileHandler.emit(self, record)
 
 
 def file_handler(path: str, *, json_lines: bool = False, fmt: str = LINE_FORMAT,
