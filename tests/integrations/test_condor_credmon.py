@@ -8,6 +8,7 @@ other credmons' files alone, and keep scanning for everyone when one credential 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
@@ -275,20 +276,39 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def credmon_daemon(
+    config: Path, cred_dir: Path, role: str, **env: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``jobtoken credmon`` as condor_master runs it; stopped with SIGTERM, which must exit 0.
+
+    Its log goes where ``JOBTOKEN_CREDMON_LOG`` says, here beside ``config`` unless given.
+    """
+    env.setdefault("_CONDOR_JOBTOKEN_CREDMON_LOG", str(config.parent / "JobtokenCredmonLog"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobtoken", "credmon", "--config", str(config)]
+        + ["--cred-dir", str(cred_dir), "--interval", "3600", "--role", role],
+        env=base_env(**env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 @pytest.mark.parametrize("role", ["primary", "guest"])
 def test_credmon_daemon_notices_a_new_top_and_stops_on_term(
     srv: DevServer, cred_dir: Path, tmp_path: Path, role: str
 ) -> None:
     """A primary is woken by the credd's SIGHUP; a guest (no pid file) notices by polling."""
     config = toml_config(tmp_path / "jobtoken.toml", server=srv.url)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobtoken", "credmon", "--config", str(config)]
-        + ["--cred-dir", str(cred_dir), "--interval", "3600", "--role", role],
-        env=base_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with credmon_daemon(config, cred_dir, role) as proc:
         if role == "primary":
             wait_for(lambda: (cred_dir / COMPLETE_MARKER).exists())
             assert int((cred_dir / PID_FILE).read_text()) == proc.pid
@@ -299,14 +319,6 @@ def test_credmon_daemon_notices_a_new_top_and_stops_on_term(
         decode_access_token((cred_dir / "bob" / "jobtoken.use").read_text())
         if role == "guest":
             assert not (cred_dir / PID_FILE).exists()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        assert proc.stderr is not None
-        proc.stderr.close()
 
 
 def test_credd_chain_storer_credmon_starter_hook(
@@ -458,26 +470,14 @@ def test_credmon_daemon_logs_through_the_htcondor_knob_and_survives_logrotate(
     log.parent.mkdir()
     config = toml_config(tmp_path / "jobtoken.toml", server=srv.url)
     started = time.time()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobtoken", "credmon", "--config", str(config)]
-        + ["--cred-dir", str(cred_dir), "--interval", "3600", "--role", "primary"],
-        env=base_env(_CONDOR_JOBTOKEN_CREDMON_LOG=str(log), TZ="Pacific/Kiritimati"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with credmon_daemon(config, cred_dir, "primary", _CONDOR_JOBTOKEN_CREDMON_LOG=str(log),
+                        TZ="Pacific/Kiritimati") as proc:
         wait_for(lambda: (cred_dir / COMPLETE_MARKER).exists())
         wait_for(lambda: "credmon starting" in log.read_text())
         os.rename(log, log.with_name("JobtokenCredmonLog.1"))
         put(cred_dir / "bob" / "jobtoken.top", top_json(user_mytoken(srv), srv.url))
         os.kill(proc.pid, signal.SIGHUP)
         wait_for(lambda: log.exists() and "cred=bob/jobtoken" in log.read_text())
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
     before = log.with_name("JobtokenCredmonLog.1").read_text()
     assert "role=primary" in before and "cred=bob" not in before
     for stamp in _utc_stamps(before) + _utc_stamps(log.read_text()):
