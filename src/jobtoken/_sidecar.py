@@ -442,7 +442,10 @@ def signal_number(name: str) -> int:
     try:
         return int(getattr(signal, text))
     except AttributeError:
+        from ._config import setting
         from ._errors import ConfigError
 
-        raise ConfigError(f"unknown signal name {name!r}") from None
+        raise ConfigError(
+            f"{setting('renewal.warn_signal')}: unknown signal name {name!r}"
+        ) from None
 

@@ -400,7 +400,10 @@ def token_minter(config: Config) -> Minter:
     def mint(now: float, cred: TopCredential) -> Any:
         url = config.server.url or cred.server_url
         if not url:
-            raise ConfigError("the credential names no Mytoken server and none is configured")
+            raise ConfigError(
+                "the credential names no Mytoken server and none is configured: set "
+                "server.url in JOBTOKEN_CONFIG (or --server in JOBTOKEN_CREDMON_ARGS)"
+            )
         if config.server.url and cred.server_url and cred.server_url != config.server.url:
             raise ConfigError(f"the credential's server {cred.server_url} is not the site's")
         request = TokenRequest(

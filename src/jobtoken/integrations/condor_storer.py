@@ -420,7 +420,8 @@ def run_storer(
         if not wait_for_use(bindings, request, timeout_s=wait_s):
             raise ConfigError(
                 f"no {request.name}.use from the access point's credmon after {wait_s:.0f} s "
-                "(is JOBTOKEN_CREDMON in DAEMON_LIST running? see its log)"
+                "(is JOBTOKEN_CREDMON in DAEMON_LIST running? see its log, "
+                "JOBTOKEN_CREDMON_LOG)"
             )
         stored.append(request.name)
     return stored
