@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import shutil
 import ssl
 import threading
@@ -248,6 +249,11 @@ def test_credd_path_jobs_get_access_tokens_only(ap_pool: Pool, devserver: DevSer
     # the primary credmon owns the credd's wake-up and the schedd's start-up marker
     creds = ap_pool.dir / "oauth_credentials"
     assert (creds / "CREDMON_COMPLETE").exists() and (creds / "pid").is_file()
+    # it logged where the shipped JOBTOKEN_CREDMON_LOG says, times in UTC (no --log-file)
+    logged = (ap_pool.dir / "log" / "JobtokenCredmonLog").read_text()
+    assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ INFO credmon starting .*role=primary",
+                     logged, re.M), logged
+    assert "access token written cred=" in logged
 
 
 def test_beside_htcondors_vault_credmon_both_deliver(
