@@ -117,7 +117,8 @@ def test_the_parser_follows_the_type_however_it_is_spelled(cls: type) -> None:
     text = " storage.read:/a  storage.create:/b "
     scopes = _coerce("token", "scopes", text, cls, "$JOBTOKEN_SCOPE")
     assert scopes == ("storage.read:/a", "storage.create:/b")
-    with pytest.raises(ConfigError, match=r"\$JOBTOKEN_SCOPE: token.scopes: expected a list"):
+    named = r"\$JOBTOKEN_SCOPE: token.scopes \(--scope, \$JOBTOKEN_SCOPE\): expected a list"
+    with pytest.raises(ConfigError, match=named):
         _coerce("token", "scopes", 5, cls, "$JOBTOKEN_SCOPE")
 
 

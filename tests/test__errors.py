@@ -31,6 +31,7 @@ from jobtoken._errors import (
         (e.PayloadStartError("x"), 126, False),
         (e.PayloadStartError("x", not_found=True), 127, False),
         (ValueError("bug"), 1, False),
+        (KeyboardInterrupt(), 130, False),
     ],
 )
 def test_exit_codes_and_retryability(error: BaseException, code: int, retryable: bool) -> None:
@@ -127,3 +128,18 @@ def test_raise_for_failure_keeps_the_class_and_the_exit_code() -> None:
         odd.raise_for_failure()
     assert type(info.value) is JobtokenError and info.value.exit_code == 75
     assert info.value.retryable
+
+
+def test_error_summary_is_what_json_mode_and_a_failed_child_report() -> None:
+    """The one shape of a failure crossing a boundary (``--json`` errors, renewal reports)."""
+    refused = e.MytokenRejectedError("revoked", status=401, error="invalid_token")
+    summary = e.error_summary(refused)
+    assert summary == {"ok": False, "error": "revoked", "error_type": "MytokenRejectedError",
+                       "retryable": False, "exit_code": 77, "status": 401,
+                       "oauth_error": "invalid_token", "retry_after_s": None}
+    report = RenewalReport.failure(refused)
+    assert (report.error, report.exit_code, report.status) == ("revoked", 77, 401)
+    # a bug's own text may hold anything: only its class name
+    bug = e.error_summary(ValueError("mytoken eyJ..."))
+    assert bug["error"] == "ValueError" and bug["exit_code"] == 1
+    assert e.error_summary(KeyboardInterrupt())["exit_code"] == 130

@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List
 import httpx
 import pytest
 
+from jobtoken._clock import utc_text
 from jobtoken._errors import (
     ConfigError,
     ProtocolError,
@@ -396,5 +397,5 @@ def test_audit_line_names_the_token_never_shows_it(srv: DevServer, client: Mytok
     assert f"jti={token.jti}" in line and token.jti
     assert f"sub={token.subject}" in line and token.subject
     assert f"scope={SCOPE}" in line
-    assert f"exp={int(token.expires_at)}" in line
+    assert f"exp={utc_text(token.expires_at)}" in line  # UTC, as every logged time
     assert leaks(caplog.text, token.raw, old, path.read_text()) == []

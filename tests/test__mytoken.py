@@ -423,6 +423,16 @@ def test_usage_restricted_without_description_gets_a_hint(server):
             client.get_access_token(MT, scopes=["storage.create:/vo/out/job42"])
 
 
+@pytest.mark.parametrize("description", [None, "token is expired by 12s", "token not valid"])
+def test_a_revoked_or_expired_mytoken_says_what_to_do(server, description):
+    """The server's own words, and the next step: this mytoken is not coming back."""
+    server.answers[ACCESS] = _json_error(401, "invalid_token", description)
+    with client_for(server) as client:
+        with pytest.raises(MytokenRejectedError, match="create a new mytoken") as raised:
+            client.get_access_token(MT, scopes=["storage.create:/vo/out/job42"])
+    assert description is None or description in raised.value.message
+
+
 def test_429_plain_text_with_retry_after_seconds(server, clock):
     server.answers[ACCESS] = httpx.Response(
         429, text="Too Many Requests", headers={"Retry-After": "30"}

@@ -245,7 +245,9 @@ def test_usage_errors(capsys) -> None:
 
 def test_token_without_any_mytoken(capsys) -> None:
     code, _, err = call(["token", "--server", "https://mt.example.org"], capsys)
-    assert code == 78 and "no mytoken given" in err
+    # the config keys and the flags that set them
+    assert code == 78 and "no mytoken: set token.mytoken_file (--mytoken-file" in err
+    assert "token.mytoken_env (--mytoken-env" in err
 
 
 def test_help_everywhere(capsys) -> None:
@@ -329,3 +331,97 @@ def test_server_deadline_reaches_hooks_and_arc_stage0(tmp_path: Path, monkeypatc
     assert site_config_from_args(args).server.deadline_s == 30
     args = argparse.Namespace(config=str(cfg_file), server_deadline=7.0)
     assert site_config_from_args(args).server.deadline_s == 7
+
+
+# --- issue 14 item 5: messages a user can act on ----------------------------------------------
+
+
+def test_json_mode_errors_are_one_json_object_on_stdout(tmp_path: Path, capsys) -> None:
+    """A script reading ``--json`` output gets JSON on failure too, with the exit code."""
+    code, out, err = call(["status", "--json", str(tmp_path / "gone")], capsys)
+    data = json.loads(out)  # one object, nothing else on stdout
+    assert code == 78 == data["exit_code"] and data["ok"] is False
+    assert data["error_type"] == "ConfigError" and "does not exist" in data["error"]
+    assert err == ""
+    # a usage error is JSON too, although parsing never finished
+    code, out, err = call(["status", "--json", "--no-such-flag"], capsys)
+    assert code == 2 == json.loads(out)["exit_code"] and err == ""
+
+
+def test_json_mode_server_refusal_says_what_the_server_said(setup: Any, capsys) -> None:
+    srv, _, _, args = setup
+    srv.faults.add("access", status=401, error="invalid_token")
+    code, out, _ = call(args + ["--json"], capsys)
+    data = json.loads(out)
+    assert code == 77 == data["exit_code"] and data["retryable"] is False
+    assert data["status"] == 401 and data["oauth_error"] == "invalid_token"
+    # ... and the next step: a revoked or expired mytoken is not coming back
+    assert "create a new mytoken" in data["error"]
+
+
+def test_json_mode_internal_error_is_json(monkeypatch, capsys) -> None:
+    def broken(args: Any) -> int:
+        raise RuntimeError("secret-looking detail")
+
+    monkeypatch.setattr(cli, "_cmd_status", broken)
+    code, out, _ = call(["status", "--json", "/nowhere"], capsys)
+    data = json.loads(out)
+    assert code == 1 == data["exit_code"] and data["error_type"] == "RuntimeError"
+    assert "internal error" in data["error"] and "secret-looking" not in out
+
+
+def test_quiet_prints_only_errors(setup: Any, capsys) -> None:
+    """``-q``: no confirmation chatter on stdout or stderr; the exit code says it worked."""
+    _, _, out, args = setup
+    assert call(args + ["-q"], capsys) == (0, "", "")
+    assert out.is_file()
+    code, stdout, _ = call(args, capsys)
+    assert code == 0 and "expires in" in stdout  # without -q, the confirmation
+    # errors still reach stderr under -q
+    code, stdout, err = call(args + ["-q", "--server", "https://"], capsys)
+    assert code == 78 and stdout == "" and err.startswith("jobtoken: error: ")
+
+
+def test_run_without_double_dash_says_how(tmp_path: Path, capsys) -> None:
+    marker = tmp_path / "ran"
+    code, _, err = call(["run", "touch", str(marker)], capsys)
+    assert code == 2 and not marker.exists()
+    assert "goes after '--': jobtoken run [OPTIONS] -- touch ..." in err
+    assert len(err.splitlines()) == 1
+    # an unknown option stays an unknown option
+    code, _, err = call(["run", "--no-such-flag", "--", "true"], capsys)
+    assert code == 2 and "unrecognized arguments: --no-such-flag" in err
+
+
+def _option_strings(parser: Any) -> set:
+    import argparse
+
+    found = set()
+    for action in parser._actions:
+        found.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _option_strings(sub)
+    return found
+
+
+def test_messages_name_flags_that_exist() -> None:
+    """Every flag a message names for a setting (``_config.setting``) is a real option."""
+    from jobtoken._config import _FLAGS
+
+    assert set(_FLAGS.values()) <= _option_strings(cli.build_parser())
+
+
+def test_missing_token_directory_says_how_to_make_one(tmp_path: Path, capsys) -> None:
+    code, _, err = call(["status", str(tmp_path / "gone")], capsys)
+    assert code == 78 and "--dir or $JOBTOKEN_DIR" in err and "jobtoken prepare" in err
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o700)
+    code, _, err = call(["ensure", "--dir", str(empty), "--min-valid", "1"], capsys)
+    assert code == 78 and "job.json" in err and "run 'jobtoken prepare' again" in err
+
+
+def test_plain_http_refusal_names_the_flag_and_key(setup: Any, capsys) -> None:
+    srv, _, _, args = setup
+    code, _, err = call([a for a in args if a != "--allow-http"], capsys)
+    assert code == 78 and "--allow-http" in err and "server.allow_http" in err

@@ -9,7 +9,8 @@
 # Two ways to hold the token:
 #   1. A prepared token directory ($JOBTOKEN_DIR), made once with `jobtoken prepare`:
 #      a job mytoken of its own, restricted to the probe's path, audience and lifetime.
-#      Each run calls `jobtoken ensure --dir "$JOBTOKEN_DIR" --min-valid S`.
+#      Each run calls `jobtoken ensure --dir "$JOBTOKEN_DIR" --min-valid S` (its line, "token
+#      valid for N s (renewed)", goes into the probe's log: no -q).
 #   2. No token directory: `jobtoken token --min-valid S --out "$BEARER_TOKEN_FILE"`, with
 #      the mytoken, scopes and audience from jobtoken.toml's [token] section (or
 #      JOBTOKEN_MYTOKEN_FILE, JOBTOKEN_SCOPE, JOBTOKEN_AUDIENCE).
@@ -32,10 +33,10 @@ min_valid=${MONITOR_MIN_VALID:-600}
 here=$(cd "$(dirname "$0")" && pwd) || exit 2
 
 if [ -n "${JOBTOKEN_DIR:-}" ]; then
-    "$bin" ensure -q --dir "$JOBTOKEN_DIR" --min-valid "$min_valid" || exit $?
+    "$bin" ensure --dir "$JOBTOKEN_DIR" --min-valid "$min_valid" || exit $?
     BEARER_TOKEN_FILE="$JOBTOKEN_DIR/bt"
 elif [ -n "${BEARER_TOKEN_FILE:-}" ]; then
-    "$bin" token -q --min-valid "$min_valid" --out "$BEARER_TOKEN_FILE" \
+    "$bin" token --min-valid "$min_valid" --out "$BEARER_TOKEN_FILE" \
         ${JOBTOKEN_METRICS_DIR:+--metrics-dir "$JOBTOKEN_METRICS_DIR"} || exit $?
 else
     echo "test-transfer-once.sh: set JOBTOKEN_DIR (a prepared token directory) or" \

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 
 from ._clock import SystemClock, utc_text
-from ._config import Config, ServerConfig
+from ._config import Config, ServerConfig, missing_setting
 from ._discovery import default_token_path, discover_bearer_token, refuse_foreign_file
 from ._errors import ConfigError, JobtokenError, TokenCheckError, TokenFileError, printable
 from ._mytokenfile import MytokenSource, check_mytoken_value, load_mytoken
@@ -99,7 +99,7 @@ def mytoken_source(config: Config) -> MytokenSource:
         return MytokenSource(path=Path(config.token.mytoken_file))
     if config.token.mytoken_env:
         return MytokenSource(env_var=config.token.mytoken_env)
-    raise ConfigError("no mytoken given: use --mytoken-file FILE or --mytoken-env VAR")
+    raise missing_setting("mytoken", "token.mytoken_file", "token.mytoken_env")
 
 
 def server_url_for(config: Config, mytoken: Optional[str]) -> str:
@@ -114,7 +114,7 @@ def server_url_for(config: Config, mytoken: Optional[str]) -> str:
     iss = claims.get("iss") if claims else None
     if isinstance(iss, str) and iss:
         return iss
-    raise ConfigError("no Mytoken server given: use --server URL or $JOBTOKEN_SERVER")
+    raise missing_setting("Mytoken server", "server.url")
 
 
 def build_client(config: Config, url: str) -> MytokenClient:

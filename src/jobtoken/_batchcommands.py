@@ -325,7 +325,11 @@ def _register_condor(sub: Any, name: str) -> None:
 
 
 def _cmd_credmon(args: argparse.Namespace) -> int:
+    from ._errors import ConfigError, JobtokenError
+    from ._logs import file_handler
     from .integrations.condor_credmon import (
+        LOG_KNOB,
+        credmon_log_path,
         credmon_settings,
         default_cred_dir,
         run_credmon,
@@ -335,28 +339,41 @@ def _cmd_credmon(args: argparse.Namespace) -> int:
 
     root = logging.getLogger("jobtoken")
     root.setLevel(min(root.level, logging.INFO))
-    if args.log_file:
-        handler = logging.FileHandler(args.log_file, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        from ._logs import PrintableFilter
-
-        handler.addFilter(PrintableFilter())
-        root.addHandler(handler)
-    _config_from_condor(args)
-    config = config_from_args(args)
-    site = credmon_settings()
-    cred_dir = Path(args.cred_dir) if args.cred_dir else default_cred_dir()
-    primary = site["primary"] if args.role == "auto" else args.role == "primary"
-    return run_credmon(
-        cred_dir,
-        mint=token_minter(config),
-        interval_s=args.interval,
-        once=args.once,
-        services=tuple(args.service or site["services"]),
-        primary=primary,
-        min_remaining_s=site["starter_refresh_s"] + args.interval + 60.0,
-        on_ready=tell_master_ready,
-    )
+    log_path = args.log_file or credmon_log_path()
+    handler = None
+    if log_path and log_path != "-":
+        try:
+            handler = file_handler(log_path)
+            root.addHandler(handler)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot open the credmon log {log_path}: {exc.strerror} "
+                f"(choose another with {LOG_KNOB} or --log-file)"
+            ) from None
+    try:
+        _config_from_condor(args)
+        config = config_from_args(args)
+        site = credmon_settings()
+        cred_dir = Path(args.cred_dir) if args.cred_dir else default_cred_dir()
+        primary = site["primary"] if args.role == "auto" else args.role == "primary"
+        services = tuple(args.service or site["services"])
+        logger.info("credmon starting cred_dir=%s role=%s services=%s", cred_dir,
+                    "primary" if primary else "guest", ",".join(services))
+        return run_credmon(
+            cred_dir,
+            mint=token_minter(config),
+            interval_s=args.interval,
+            once=args.once,
+            services=services,
+            primary=primary,
+            min_remaining_s=site["starter_refresh_s"] + args.interval + 60.0,
+            on_ready=tell_master_ready,
+        )
+    except JobtokenError as exc:  # condor_master records only the exit code: say why here
+        if handler is not None:  # (stderr gets the error line from cli.main)
+            handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0,
+                                             "credmon stopped: %s", (exc.message,), None))
+        raise
 
 
 def _register_credmon(sub: Any, name: str) -> None:
@@ -389,7 +406,9 @@ def _register_credmon(sub: Any, name: str) -> None:
         help="primary writes <cred dir>/pid and CREDMON_COMPLETE; guest leaves them to the "
         "site's CREDMON_OAUTH (auto: guest when DAEMON_LIST has CREDMON_OAUTH)",
     )
-    p.add_argument("--log-file", metavar="FILE", help="also log here")
+    p.add_argument("--log-file", metavar="FILE",
+                   help="log here (default: HTCondor's JOBTOKEN_CREDMON_LOG, else "
+                   "$(LOG)/JobtokenCredmonLog; -: stderr only)")
     p.set_defaults(
         func=_cmd_credmon, scope=None, audience=None, mytoken_file=None, mytoken_env=None
     )

@@ -25,7 +25,8 @@ __all__ = [
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    p.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
+    p.add_argument("-q", "--quiet", action="count", default=0,
+                   help="errors only: no warnings, no confirmations")
     p.add_argument("--config", metavar="FILE", help="config file (default $JOBTOKEN_CONFIG)")
 
 

@@ -30,6 +30,8 @@ __all__ = [
     "SiteConfig",
     "TokenConfig",
     "load_config",
+    "missing_setting",
+    "setting",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/jobtoken/jobtoken.toml")
@@ -130,6 +132,51 @@ _ENV: Dict[str, Tuple[str, str]] = {
 }
 
 
+# setting -> the command-line flag that sets it (the flags themselves are in _cliargs and cli;
+# tests/test__config.py checks each is one), so that a message names both
+_FLAGS: Dict[Tuple[str, str], str] = {
+    ("server", "url"): "--server",
+    ("server", "ca_file"): "--ca-file",
+    ("server", "ca_dir"): "--ca-dir",
+    ("server", "allow_http"): "--allow-http",
+    ("server", "timeout_s"): "--timeout",
+    ("server", "deadline_s"): "--server-deadline",
+    ("token", "scopes"): "--scope",
+    ("token", "audiences"): "--audience",
+    ("token", "mytoken_file"): "--mytoken-file",
+    ("token", "mytoken_env"): "--mytoken-env",
+    ("token", "trusted_issuers"): "--trusted-issuer",
+    ("token", "min_valid_s"): "--min-valid",
+    ("site", "parent_mytoken_file"): "--parent-mytoken-file",
+    ("site", "vo"): "--vo",
+    ("site", "token_dir_base"): "--token-dir-base",
+    ("site", "expected_at_lifetime_s"): "--expected-at-lifetime",
+    ("renewal", "on_failure"): "--on-failure",
+    ("renewal", "warn_signal"): "--warn-signal",
+    ("renewal", "warn_before_s"): "--warn-before",
+    ("renewal", "margin_s"): "--margin",
+    ("renewal", "metrics_dir"): "--metrics-dir",
+    ("renewal", "log_json"): "--log-json",
+}
+
+
+def setting(name: str) -> str:
+    """A setting as every message names it: ``server.url (--server, $JOBTOKEN_SERVER)``.
+
+    The config key, then the flag and variable that set it too, so the reader can fix
+    it where they set it (a hook's ``_ARGS`` knob, a job's environment, the site file).
+    """
+    section, _, key = name.partition(".")
+    ways = [_FLAGS[(section, key)]] if (section, key) in _FLAGS else []
+    ways += [f"${var}" for var, where in _ENV.items() if where == (section, key)]
+    return f"{name} ({', '.join(ways)})" if ways else name
+
+
+def missing_setting(what: str, *names: str) -> ConfigError:
+    """The error for a setting nobody gave: ``no WHAT: set A (--a, $A) or B (--b)``."""
+    return ConfigError(f"no {what}: set {' or '.join(setting(n) for n in names)}")
+
+
 def _words(value: Any) -> Tuple[str, ...]:
     if isinstance(value, str):
         return tuple(v for v in value.split() if v)
@@ -215,7 +262,7 @@ def _coerce(section: str, key: str, value: Any, cls: type, where: str) -> Any:
     try:
         return parser(value)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise ConfigError(f"{where}: {section}.{key}: {exc}") from None
+        raise ConfigError(f"{where}: {setting(f'{section}.{key}')}: {exc}") from None
 
 
 def _apply(config: Config, section: str, values: Mapping[str, Any], where: str) -> Config:
@@ -231,13 +278,15 @@ def _apply(config: Config, section: str, values: Mapping[str, Any], where: str) 
 
 def _validate(config: Config) -> Config:
     if config.renewal.on_failure not in ("keep", "stop"):
-        raise ConfigError("renewal.on_failure must be 'keep' or 'stop'")
+        raise ConfigError(f"{setting('renewal.on_failure')} must be 'keep' or 'stop'")
     if not 0.1 <= config.renewal.fraction <= 0.95:
         raise ConfigError("renewal.fraction must be between 0.1 and 0.95")
     if not 0 <= config.server.deadline_s < float("inf"):
-        raise ConfigError("server.deadline_s must be a number of seconds >= 0 (0: no limit)")
+        raise ConfigError(f"{setting('server.deadline_s')} must be a number of seconds >= 0 "
+                          "(0: no limit)")
     if config.token.mytoken_file and config.token.mytoken_env:
-        raise ConfigError("set token.mytoken_file or token.mytoken_env, not both")
+        raise ConfigError(f"set {setting('token.mytoken_file')} or "
+                          f"{setting('token.mytoken_env')}, not both")
     return config
 
 
@@ -251,7 +300,9 @@ def _read_toml(file_path: Path) -> Dict[str, Any]:
     try:
         return tomllib.loads(file_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"config file {file_path} does not exist") from None
+        raise ConfigError(
+            f"config file {file_path} does not exist (named by --config or $JOBTOKEN_CONFIG)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"config file {file_path}: {exc.strerror}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -19,6 +19,7 @@ Tree::
     ├── CredentialLostError            exit 69  the job's token expired and could not
     │                                           be renewed; jobtoken stopped the payload
     └── PayloadStartError              exit 126 (cannot execute) / 127 (not found)
+    (KeyboardInterrupt)                exit 130
 
 Codes 64-78 follow BSD ``sysexits.h`` so that they do not collide with the small
 codes payloads commonly use; ``retryable`` tells batch adapters whether a
@@ -48,6 +49,7 @@ __all__ = [
     "TokenCheckError",
     "TokenFileError",
     "UsageError",
+    "error_summary",
     "exit_code_for",
     "printable",
     "printable_values",
@@ -69,6 +71,7 @@ class ExitCode(enum.IntEnum):
     CONFIG = 78
     CANNOT_EXECUTE = 126
     NOT_FOUND = 127
+    INTERRUPTED = 130  # SIGINT (Ctrl-C), as a shell reports it
 
 
 def printable(text: str) -> str:
@@ -205,7 +208,36 @@ def exit_code_for(error: BaseException) -> int:
     """The documented exit code for an error; 1 for anything we did not foresee."""
     if isinstance(error, JobtokenError):
         return int(error.exit_code)
+    if isinstance(error, KeyboardInterrupt):
+        return int(ExitCode.INTERRUPTED)
     return int(ExitCode.ERROR)
+
+
+def error_summary(error: BaseException) -> Dict[str, Any]:
+    """What anyone may see of a failure, as JSON-ready data (never a secret).
+
+    The one shape for a failure crossing a boundary: the object ``--json`` commands
+    print instead of their result, and the report line of a failed renewal child
+    (``RenewalReport.failure``). ``error`` is the one-line message; for an exception we
+    did not foresee only its class name (its text may hold anything).
+    """
+    if isinstance(error, JobtokenError):
+        message = error.message
+    elif isinstance(error, KeyboardInterrupt):
+        message = "interrupted"
+    else:
+        message = type(error).__name__
+    data: Dict[str, Any] = {
+        "ok": False,
+        "error": message,
+        "error_type": type(error).__name__,
+        "retryable": bool(getattr(error, "retryable", False)),
+        "exit_code": exit_code_for(error),
+    }
+    if isinstance(error, MytokenError):
+        data.update(status=error.status, oauth_error=error.error,
+                    retry_after_s=error.retry_after_s)
+    return data
 
 
 @dataclass(frozen=True)
@@ -239,17 +271,7 @@ class RenewalReport:
     @classmethod
     def failure(cls, exc: BaseException) -> RenewalReport:
         """The report of a child that failed with ``exc`` (anything, not only ours)."""
-        mytoken = exc if isinstance(exc, MytokenError) else None
-        return cls(
-            ok=False,
-            error=exc.message if isinstance(exc, JobtokenError) else type(exc).__name__,
-            error_type=type(exc).__name__,
-            retryable=bool(getattr(exc, "retryable", False)),
-            exit_code=exit_code_for(exc),
-            status=mytoken.status if mytoken else None,
-            oauth_error=mytoken.error if mytoken else None,
-            retry_after_s=mytoken.retry_after_s if mytoken else None,
-        )
+        return cls._from_dict(error_summary(exc))
 
     @classmethod
     def from_child(cls, stdout: bytes, returncode: int) -> RenewalReport:

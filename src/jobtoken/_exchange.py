@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Mapping, Optional, Protocol, Tuple
 
+from ._clock import utc_text
 from ._mytoken import MytokenClient
 from ._mytokenfile import MytokenSource, load_mytoken, save_rotated_mytoken
 from ._tokens import AccessToken, check_access_token, decode_access_token
@@ -83,11 +84,11 @@ def fetch_access_token(
     if verifier is not None:
         verifier.verify(token)
     logger.info(
-        "access token obtained jti=%s sub=%s scope=%s aud=%s exp=%d",
+        "access token obtained jti=%s sub=%s scope=%s aud=%s exp=%s",
         token.jti,
         token.subject,
         " ".join(token.scopes),
         " ".join(token.audiences),
-        int(token.expires_at),
+        utc_text(token.expires_at),
     )
     return token

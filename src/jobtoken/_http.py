@@ -39,6 +39,7 @@ from typing import Mapping, Optional
 import httpx
 
 from . import __version__
+from ._config import setting
 from ._errors import ConfigError, JobtokenError, ProtocolError, ServerUnavailableError
 
 __all__ = [
@@ -90,7 +91,8 @@ def url_problem(url: str, *, allow_http: bool) -> Optional[str]:
         return None
     if parsed.scheme == "http":
         if not allow_http:
-            return "plain http is not allowed (use https, or allow http for loopback tests)"
+            return ("plain http is not allowed (use https; for a loopback test server "
+                    f"set {setting('server.allow_http')})")
         if not is_loopback_host(parsed.host):
             return "plain http is allowed only to a loopback address (127.0.0.0/8, ::1, localhost)"
         return None
@@ -110,7 +112,7 @@ def create_ssl_context(
     """
     env = os.environ if environ is None else environ
     if ca_file or ca_dir:
-        return _context_from(ca_file, ca_dir, origin="configured")
+        return _context_from(ca_file, ca_dir, origin="server.ca_file/ca_dir, --ca-file/--ca-dir")
     env_file = env.get("SSL_CERT_FILE") or None
     env_dir = env.get("SSL_CERT_DIR") or None
     if env_file or env_dir:
@@ -184,7 +186,10 @@ def build_client(
         or not math.isfinite(timeout_s)
         or timeout_s <= 0
     ):
-        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout_s!r}")
+        raise ConfigError(
+            f"{setting('server.timeout_s')} must be a positive number of seconds, "
+            f"got {timeout_s!r}"
+        )
     context = create_ssl_context(ca_file=ca_file, ca_dir=ca_dir)
     proxy = None if transport is not None else proxy_for(base_url)
     if proxy:

@@ -94,6 +94,8 @@ _DESCRIPTION_HINTS = (
     ),
 )
 _HINTS = {
+    "invalid_token": "the mytoken was revoked, has expired or is not this server's: create a "
+    "new mytoken (a job's: prepare the job again)",
     "usage_restricted": "no restriction of the mytoken allows this use (time, host, usage "
     "count, or scope/audience strings that do not match the restriction exactly)",
     "insufficient_capabilities": "the mytoken lacks the capability for this request",
@@ -845,12 +847,11 @@ class MytokenClient:
             said += f" {error}"
         if description:
             said += f": {description}"
-            hints = [hint for part, hint in _DESCRIPTION_HINTS if part in description]
-            if hints:
-                said += f" ({hints[0]})"
-        elif error in _HINTS:
-            said += f" ({_HINTS[error]})"
-        elif error is None:
+        hints = [hint for part, hint in _DESCRIPTION_HINTS if part in (description or "")]
+        hint = hints[0] if hints else _HINTS.get(error or "")
+        if hint:
+            said += f" ({hint})"
+        elif error is None and not description:
             snippet = self._plain_text(response, secrets)
             if snippet:
                 said += f" ({snippet})"

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
 from . import _policy as policy
-from ._clock import SystemClock
-from ._config import Config
+from ._clock import SystemClock, utc_text
+from ._config import Config, missing_setting, setting
 from ._errors import ConfigError, JobtokenError, MytokenRejectedError
 from ._mytokenfile import MytokenSource, load_mytoken
 from ._scopes import invalid_scopes, scopes_within
@@ -99,7 +99,9 @@ def _job_vo(job: JobInfo, config: Config) -> Optional[str]:
     """
     site = config.site
     if site.vo is not None and not _is_path_value(site.vo):
-        raise ConfigError(f"site.vo {site.vo!r} must be a plain name (letters, digits, . _ -)")
+        raise ConfigError(
+            f"{setting('site.vo')} {site.vo!r} must be a plain name (letters, digits, . _ -)"
+        )
     claimed = job.vo
     if not claimed or claimed == site.vo:
         return site.vo
@@ -149,7 +151,7 @@ def _filled_templates(job: JobInfo, config: Config) -> Tuple[str, ...]:
                     f"job {job.job_id}: {name} {refused[name]!r} cannot be part of a scope path"
                 ) from None
             if name in _TEMPLATE_FIELDS:
-                hint = "; set site.vo" if name == "vo" else ""
+                hint = f"; set {setting('site.vo')}" if name == "vo" else ""
                 raise ConfigError(
                     f"scope template {template!r} left a value empty for job {job.job_id} "
                     f"({name}{hint})"
@@ -160,7 +162,7 @@ def _filled_templates(job: JobInfo, config: Config) -> Tuple[str, ...]:
         if "//" in text or text.endswith(":") or "{" in text:
             raise ConfigError(
                 f"scope template {template!r} left a value empty for job {job.job_id} "
-                "(set site.vo)"
+                f"(set {setting('site.vo')})"
             )
         filled.append(text)
     return tuple(filled)
@@ -182,7 +184,8 @@ def job_scopes(job: JobInfo, config: Config) -> Tuple[str, ...]:
     if bad:
         raise ConfigError(f"malformed scope(s): {' '.join(bad)}")
     if not wanted:
-        raise ConfigError("no scope for the job: configure site.scope_templates or ask for one")
+        raise ConfigError("no scope for the job: set site.scope_templates, or ask for one "
+                          "(--job-scope)")
     allowed = config.site.allowed_scopes
     if not allowed and not job.scopes:
         return wanted  # only what the templates produce
@@ -207,7 +210,7 @@ def _job_audiences(job: JobInfo, config: Config) -> Tuple[str, ...]:
             )
         return tuple(job.audiences)
     if not allowed:
-        raise ConfigError("no audience: set site.allowed_audiences or token.audiences")
+        raise missing_setting("audience", "site.allowed_audiences", "token.audiences")
     return tuple(allowed)
 
 
@@ -234,7 +237,7 @@ def prepare_job(
     start = SystemClock().now() if now is None else now
     parent_path = config.site.parent_mytoken_file or config.token.mytoken_file
     if not parent_path:
-        raise ConfigError("no parent mytoken: set site.parent_mytoken_file or --mytoken-file")
+        raise missing_setting("parent mytoken", "site.parent_mytoken_file", "token.mytoken_file")
     parent_source = MytokenSource(path=Path(parent_path))
     scopes = job_scopes(job, config)
     audiences = _job_audiences(job, config)
@@ -268,12 +271,12 @@ def prepare_job(
                              tokendir)
             write_secret_file(tokendir.mytoken, minted.mytoken, newline=False)
             logger.info(
-                "job mytoken minted job=%s mom_id=%s scope=%s aud=%s exp=%d usages_AT=%d",
+                "job mytoken minted job=%s mom_id=%s scope=%s aud=%s exp=%s usages_AT=%d",
                 job.job_id,
                 minted.mom_id,
                 " ".join(scopes),
                 " ".join(audiences),
-                request.exp,
+                utc_text(request.exp),
                 usages,
             )
             tokendir.write_spec(spec)
@@ -315,7 +318,7 @@ def _check_budget(
         raise ConfigError(
             f"the job mytoken's usages_AT budget ({usages}) cannot last {walltime:.0f} s with "
             f"the issuer's {lifetime:.0f} s tokens (needs {needed}): set "
-            f"site.expected_at_lifetime_s = {max(1, int(lifetime))}"
+            f"{setting('site.expected_at_lifetime_s')} to {max(1, int(lifetime))}"
         )
 
 
@@ -351,8 +354,8 @@ def _capped_at_parent_expiry(exp: int, parent: str, now: float, job_id: str) -> 
             f"a mytoken for job {job_id}"
         )
     logger.warning(
-        "parent mytoken expires before job %s would end; job mytoken capped at exp=%d",
-        job_id, int(parent_exp),
+        "parent mytoken expires before job %s would end; job mytoken capped at exp=%s",
+        job_id, utc_text(parent_exp),
     )
     return int(parent_exp)
 
@@ -402,7 +405,7 @@ def revoke_job_mytokens(config: Config, job_id: str, *, env: Optional[Mapping[st
     environ = os.environ if env is None else env
     parent_path = config.site.parent_mytoken_file or config.token.mytoken_file
     if not parent_path:
-        raise ConfigError("no parent mytoken: set site.parent_mytoken_file or --mytoken-file")
+        raise missing_setting("parent mytoken", "site.parent_mytoken_file", "token.mytoken_file")
     parent_source = MytokenSource(path=Path(parent_path))
     parent = load_mytoken(parent_source, env=environ, allow_other_owner=True)
     with build_client(config, server_url_for(config, parent)) as client:

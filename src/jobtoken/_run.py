@@ -28,7 +28,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 from . import _policy as policy
 from ._clock import Clock, SystemClock
-from ._config import Config
+from ._config import Config, missing_setting
 from ._errors import ConfigError, ExitCode, JobtokenError, RenewalReport, TokenCheckError
 from ._sidecar import Sidecar, run_renewal_child, signal_number
 from ._supervisor import Supervisor, exit_like
@@ -137,7 +137,7 @@ def _job_mytoken_path(config: Config, tokendir: TokenDir, environ: Mapping[str, 
             raise ConfigError(f"mytoken variable ${token.mytoken_env} is not set")
         write_secret_file(tokendir.mytoken, value, newline=False)
         return str(tokendir.mytoken)
-    raise ConfigError("no mytoken given: use --mytoken-file FILE or --mytoken-env VAR")
+    raise missing_setting("mytoken", "token.mytoken_file", "token.mytoken_env")
 
 
 def payload_environment(

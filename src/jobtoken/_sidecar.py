@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import Callable, List, Optional, Protocol
 
 from . import _policy as policy
-from ._clock import Clock, SystemClock
+from ._clock import Clock, SystemClock, utc_text
 from ._errors import JobtokenError, RenewalReport, ServerUnavailableError
 from ._metrics import REFRESH_S, MetricValues, remove_metrics, write_metrics
 from ._revocation import PendingRevocation, clear_pending, write_pending
@@ -172,10 +172,10 @@ class Sidecar:
         st.next_attempt_at = self._plan_renewal(st.expires_at, st.issued_at, now)
         self._bt_mtime = self._mtime()
         logger.info(
-            "%s exp=%d next=%s jti=%s sub=%s scope=%s aud=%s job=%s",
+            "%s exp=%s next=%s jti=%s sub=%s scope=%s aud=%s job=%s",
             "renewed" if renewed else ("token kept" if report.reused else "token obtained"),
-            int(st.expires_at),
-            "none" if st.next_attempt_at is None else int(st.next_attempt_at),
+            utc_text(st.expires_at),
+            "none" if st.next_attempt_at is None else utc_text(st.next_attempt_at),
             st.jti,
             st.subject,
             " ".join(st.scopes),
@@ -291,8 +291,8 @@ class Sidecar:
         if steps.lose_credential:
             st.credential_lost = True
             logger.error(
-                "credential lost: token expires at %d (in %.0fs) and renewal %s job=%s: %s",
-                int(st.expires_at),
+                "credential lost: token expires at %s (in %.0fs) and renewal %s job=%s: %s",
+                utc_text(st.expires_at),
                 st.expires_at - now,
                 "was refused for good" if st.last_error_permanent else "keeps failing",
                 self.spec.job_id,
@@ -456,7 +456,10 @@ def signal_number(name: str) -> int:
     try:
         return int(getattr(signal, text))
     except AttributeError:
+        from ._config import setting
         from ._errors import ConfigError
 
-        raise ConfigError(f"unknown signal name {name!r}") from None
+        raise ConfigError(
+            f"{setting('renewal.warn_signal')}: unknown signal name {name!r}"
+        ) from None
 

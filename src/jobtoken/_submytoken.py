@@ -27,6 +27,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Set, Tuple
 
+from ._clock import utc_text
 from ._errors import (
     JobtokenError,
     MytokenRejectedError,
@@ -114,8 +115,9 @@ def mint_sub_mytoken(
             # and revokes anything wider than asked.
             minted = _create(client, parent, request, name, strict=False)
             logger.warning(
-                "the server caps %s at its maximum mytoken lifetime (asked exp=%d); set "
-                "site.max_mytoken_lifetime_s to ask for no more", request.label, request.exp,
+                "the server caps %s at its maximum mytoken lifetime (asked exp=%s); set "
+                "site.max_mytoken_lifetime_s to ask for no more", request.label,
+                utc_text(request.exp),
             )
     except ServerUnavailableError as exc:
         if started_at is not None and answer_may_be_lost(exc):

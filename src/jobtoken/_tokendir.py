@@ -249,7 +249,10 @@ class TokenDir:
     def existing(cls, path: os.PathLike[str] | str) -> TokenDir:
         p = Path(path)
         if not p.is_dir():
-            raise ConfigError(f"token directory {p} does not exist")
+            raise ConfigError(
+                f"token directory {p} does not exist (check --dir or $JOBTOKEN_DIR; "
+                "'jobtoken prepare --dir DIR' makes one)"
+            )
         return cls(ensure_private_dir(p, create=False))
 
     def mytoken_of(self, spec: JobSpec) -> Path:
@@ -265,7 +268,9 @@ class TokenDir:
         try:
             text = self.job_file.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"cannot read {self.job_file}: {exc.strerror}") from exc
+            raise ConfigError(
+                f"cannot read {self.job_file}: {exc.strerror} (run 'jobtoken prepare' again)"
+            ) from exc
         return JobSpec.from_json(text, str(self.job_file))
 
     def write_state(self, state: RenewalState) -> None:

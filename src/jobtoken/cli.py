@@ -28,11 +28,11 @@ from ._errors import (
     ExitCode,
     JobtokenError,
     UsageError,
-    exit_code_for,
+    error_summary,
     printable_values,
 )
 from ._installfiles import register as _register_install_files
-from ._logs import PrintableFilter
+from ._logs import JsonFormatter, PrintableFilter, file_handler
 
 __all__ = ["main"]
 
@@ -49,7 +49,9 @@ EXIT_CODES_HELP = """exit codes:
   77   mytoken rejected (revoked, expired, restricted, lacking a capability): permanent
   78   configuration error (config file, variables, mytoken file)
   126  payload cannot be executed; 127 payload not found
-  run: otherwise the payload's own exit status, or death by the same signal"""
+  130  interrupted (SIGINT)
+  run: otherwise the payload's own exit status, or death by the same signal
+with --json, a failure prints {"ok": false, "error": ..., "exit_code": ...} on stdout"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,13 +60,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _emit(
-    args: argparse.Namespace, data: Dict[str, Any], human: Callable[[Dict[str, Any]], str]
+    args: argparse.Namespace, data: Dict[str, Any], human: Callable[[Dict[str, Any]], str],
+    *, chatter: bool = False,
 ) -> None:
     """Print ``data`` as JSON (which escapes control characters itself) or as ``human``
-    text made from an escaped copy: token and server values never reach a terminal raw."""
+    text made from an escaped copy: token and server values never reach a terminal raw.
+
+    ``chatter``: the human text only confirms what was done (``token``, ``ensure``,
+    ``revoke``); ``-q`` leaves it out, the exit code says it. Data asked for (``status``,
+    ``inspect``, ``--json``) is printed whatever ``-q`` says.
+    """
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    else:
+    elif not (chatter and getattr(args, "quiet", 0)):
         sys.stdout.write(human(printable_values(data)) + "\n")
 
 
@@ -80,7 +88,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
         cfg = replace(cfg, token=replace(cfg.token, min_valid_s=args.min_valid))
     result = get_token(cfg, out=args.out, metrics_dir=args.metrics_dir)
-    _emit(args, result.summary(), lambda _: result.human())
+    _emit(args, result.summary(), lambda _: result.human(), chatter=True)
     return ExitCode.OK
 
 
@@ -183,35 +191,16 @@ def _log_to_dir(args: argparse.Namespace, tokendir: Any, spec: Any) -> None:
     root = logging.getLogger("jobtoken")
     if spec.log_json:
         for handler in root.handlers:
-            handler.setFormatter(_JsonFormatter())
+            handler.setFormatter(JsonFormatter())
     path = getattr(args, "log_file", None) or (
         None if spec.remove_dir_at_end else str(tokendir.log_file)
     )
     if path:
-        handler = logging.FileHandler(path, encoding="utf-8")
-        handler.setFormatter(
-            _JsonFormatter() if spec.log_json else logging.Formatter(
-                "%(asctime)s %(levelname)s %(message)s")
-        )
-        handler.setLevel(logging.INFO)
-        handler.addFilter(PrintableFilter())
-        root.addHandler(handler)
+        stderr_handlers = list(root.handlers)
+        root.addHandler(file_handler(path, json_lines=spec.log_json, level=logging.INFO))
         root.setLevel(min(root.level, logging.INFO))
-        for h in root.handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                h.setLevel(_stderr_level(args))
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "time": round(record.created, 3),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
-        )
+        for h in stderr_handlers:
+            h.setLevel(_stderr_level(args))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -317,7 +306,7 @@ def _cmd_ensure(args: argparse.Namespace) -> int:
     data = {"expires_at": report.expires_at, "remaining_s": int(left),
             "renewed": not report.reused}
     _emit(args, data, lambda _: f"token valid for {int(left)} s"
-          + (" (renewed)" if data["renewed"] else ""))
+          + (" (renewed)" if data["renewed"] else ""), chatter=True)
     return ExitCode.OK
 
 
@@ -374,7 +363,8 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     parent = args.parent_mytoken_file or cfg.site.parent_mytoken_file
     revoked = revoke_job(TokenDir.existing(args.dir), config=cfg, parent_file=parent,
                          mom_id=args.mom_id)
-    sys.stdout.write(("job mytoken revoked" if revoked else "nothing to revoke") + "\n")
+    _emit(args, {"revoked": revoked},
+          lambda _: "job mytoken revoked" if revoked else "nothing to revoke", chatter=True)
     return ExitCode.OK
 
 
@@ -569,13 +559,17 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: List[Any] = [*_batch_commands(), ("install-files", _register_install_files)]
 
 
+def _level(verbose: int, quiet: int) -> int:
+    """WARNING by default; each -v one level more, each -q one less (-q: errors only)."""
+    return int(max(logging.DEBUG, min(logging.CRITICAL, logging.WARNING - 10 * (verbose - quiet))))
+
+
 def _stderr_level(args: argparse.Namespace) -> int:
-    return int(max(logging.DEBUG, min(logging.CRITICAL,
-                                  logging.WARNING - 10 * (args.verbose - args.quiet))))
+    return _level(args.verbose, args.quiet)
 
 
 def _setup_logging(verbose: int, quiet: int) -> None:
-    level = max(logging.DEBUG, min(logging.CRITICAL, logging.WARNING - 10 * (verbose - quiet)))
+    level = _level(verbose, quiet)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("jobtoken: %(message)s"))
     handler.addFilter(PrintableFilter())
@@ -585,10 +579,45 @@ def _setup_logging(verbose: int, quiet: int) -> None:
     root.propagate = False
 
 
+def _report_error(exc: BaseException, *, as_json: bool) -> int:
+    """The one place a failed command tells its caller; returns the exit code.
+
+    Without ``--json``: one line on stderr. With ``--json``: one JSON object on one line
+    on **stdout**, where the result would have been, so a script reads one stream and
+    gets JSON either way (``ok`` false, ``error``, ``error_type``, ``retryable``,
+    ``exit_code``, and for a server's refusal ``status``, ``oauth_error``,
+    ``retry_after_s``); stderr keeps only log lines.
+    """
+    data = error_summary(exc)
+    if not isinstance(exc, (JobtokenError, KeyboardInterrupt)):
+        data["error"] = f"internal error: {data['error']} (run with -vv for details)"
+    if as_json:
+        sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
+    elif isinstance(exc, JobtokenError):
+        sys.stderr.write(f"jobtoken: error: {data['error']}\n")
+    else:
+        sys.stderr.write(f"jobtoken: {data['error']}\n")
+    return int(data["exit_code"])
+
+
+def _unrecognized(args: argparse.Namespace, extra: List[str]) -> UsageError:
+    """The usage error for arguments no option took; for ``run``, how to give a command."""
+    if getattr(args, "command", None) == "run" and not extra[0].startswith("-"):
+        rest = " ..." if len(extra) > 1 else ""
+        return UsageError(
+            f"the command to run goes after '--': jobtoken run [OPTIONS] -- {extra[0]}{rest}"
+        )
+    where = f"jobtoken {args.command}" if getattr(args, "command", None) else "jobtoken"
+    return UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{where} --help')")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``jobtoken`` command; returns the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     verbose = 0
+    # known before parsing, so that a usage error is JSON too; the payload's own --json
+    # (after --) is not ours
+    as_json = "--json" in args_list[: args_list.index("--") if "--" in args_list else None]
     try:
         if args_list[:1] == ["devserver"]:
             from .devserver._cli import main as devserver_main
@@ -602,7 +631,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "--" in args_list:
             cut = args_list.index("--")
             args_list, payload = args_list[:cut], args_list[cut + 1 :]
-        args = parser.parse_args(args_list)
+        args, extra = parser.parse_known_args(args_list)
+        if extra:
+            raise _unrecognized(args, extra)
+        as_json = bool(getattr(args, "json", False))
         args.payload = payload
         if payload and args.command != "run" and not getattr(args, "takes_payload", False):
             raise UsageError(f"'--' is only used with 'jobtoken run' (got {args.command})")
@@ -618,16 +650,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # payload of 'run' inherits the core limit, so 'run' leaves that alone
             protect_process(core_limit=args.command != "run")
         return int(args.func(args))
-    except JobtokenError as exc:
-        sys.stderr.write(f"jobtoken: error: {exc.message}\n")
-        return exit_code_for(exc)
-    except KeyboardInterrupt:
-        sys.stderr.write("jobtoken: interrupted\n")
-        return 130
+    except (JobtokenError, KeyboardInterrupt) as exc:
+        return _report_error(exc, as_json=as_json)
     except Exception as exc:  # a bug: one line, traceback only when asked for
         if verbose >= 2:
             raise
-        sys.stderr.write(
-            f"jobtoken: internal error: {type(exc).__name__} (run with -vv for details)\n"
-        )
-        return ExitCode.ERROR
+        return _report_error(exc, as_json=as_json)

@@ -8,15 +8,17 @@ other credmons' files alone, and keep scanning for everyone when one credential 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
@@ -28,6 +30,7 @@ from jobtoken.integrations.condor_credmon import (
     COMPLETE_MARKER,
     PID_FILE,
     check_cred_dir,
+    credmon_log_path,
     json_depth_within,
     read_top,
     refresh_reason,
@@ -273,20 +276,39 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def credmon_daemon(
+    config: Path, cred_dir: Path, role: str, **env: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``jobtoken credmon`` as condor_master runs it; stopped with SIGTERM, which must exit 0.
+
+    Its log goes where ``JOBTOKEN_CREDMON_LOG`` says, here beside ``config`` unless given.
+    """
+    env.setdefault("_CONDOR_JOBTOKEN_CREDMON_LOG", str(config.parent / "JobtokenCredmonLog"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobtoken", "credmon", "--config", str(config)]
+        + ["--cred-dir", str(cred_dir), "--interval", "3600", "--role", role],
+        env=base_env(**env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 @pytest.mark.parametrize("role", ["primary", "guest"])
 def test_credmon_daemon_notices_a_new_top_and_stops_on_term(
     srv: DevServer, cred_dir: Path, tmp_path: Path, role: str
 ) -> None:
     """A primary is woken by the credd's SIGHUP; a guest (no pid file) notices by polling."""
     config = toml_config(tmp_path / "jobtoken.toml", server=srv.url)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobtoken", "credmon", "--config", str(config)]
-        + ["--cred-dir", str(cred_dir), "--interval", "3600", "--role", role],
-        env=base_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with credmon_daemon(config, cred_dir, role) as proc:
         if role == "primary":
             wait_for(lambda: (cred_dir / COMPLETE_MARKER).exists())
             assert int((cred_dir / PID_FILE).read_text()) == proc.pid
@@ -297,14 +319,6 @@ def test_credmon_daemon_notices_a_new_top_and_stops_on_term(
         decode_access_token((cred_dir / "bob" / "jobtoken.use").read_text())
         if role == "guest":
             assert not (cred_dir / PID_FILE).exists()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        assert proc.stderr is not None
-        proc.stderr.close()
 
 
 def test_credd_chain_storer_credmon_starter_hook(
@@ -421,3 +435,66 @@ def test_tokens_shorter_than_the_refresh_chain_are_reported_once(
             )
     warned = [r.getMessage() for r in caplog.records if "SEC_CREDENTIAL_REFRESH" in r.getMessage()]
     assert len(warned) == 1 and "live 1200 s" in warned[0]
+
+
+# --- its log: HTCondor's knob, UTC times, logrotate (issue 14 item 5) -------------------------
+
+
+def test_credmon_log_knob_as_htcondors_credmons_read_theirs() -> None:
+    knobs = {"LOG": "/var/log/condor"}
+    assert credmon_log_path(knobs.get) == "/var/log/condor/JobtokenCredmonLog"
+    knobs["JOBTOKEN_CREDMON_LOG"] = "/srv/logs/credmon.log"
+    assert credmon_log_path(knobs.get) == "/srv/logs/credmon.log"
+    assert credmon_log_path({}.get) is None  # no HTCondor configuration: stderr only
+
+
+ISO_LINE = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (DEBUG|INFO|WARNING|ERROR) "
+
+
+def _utc_stamps(text: str) -> list:
+    import calendar
+    import re
+
+    lines = text.splitlines()
+    assert lines and all(re.match(ISO_LINE, line) for line in lines), text
+    return [calendar.timegm(time.strptime(line.split()[0], "%Y-%m-%dT%H:%M:%SZ"))
+            for line in lines]
+
+
+def test_credmon_daemon_logs_through_the_htcondor_knob_and_survives_logrotate(
+    srv: DevServer, cred_dir: Path, tmp_path: Path
+) -> None:
+    """The file JOBTOKEN_CREDMON_LOG names (read through the real bindings), UTC times on a
+    host in UTC+14, and lines after a logrotate-style rename land in the new file."""
+    log = tmp_path / "log" / "JobtokenCredmonLog"
+    log.parent.mkdir()
+    config = toml_config(tmp_path / "jobtoken.toml", server=srv.url)
+    started = time.time()
+    with credmon_daemon(config, cred_dir, "primary", _CONDOR_JOBTOKEN_CREDMON_LOG=str(log),
+                        TZ="Pacific/Kiritimati") as proc:
+        wait_for(lambda: (cred_dir / COMPLETE_MARKER).exists())
+        wait_for(lambda: "credmon starting" in log.read_text())
+        os.rename(log, log.with_name("JobtokenCredmonLog.1"))
+        put(cred_dir / "bob" / "jobtoken.top", top_json(user_mytoken(srv), srv.url))
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_for(lambda: log.exists() and "cred=bob/jobtoken" in log.read_text())
+    before = log.with_name("JobtokenCredmonLog.1").read_text()
+    assert "role=primary" in before and "cred=bob" not in before
+    for stamp in _utc_stamps(before) + _utc_stamps(log.read_text()):
+        assert started - 5 <= stamp <= time.time() + 5  # UTC, not UTC+14
+    assert re.search(r"exp=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", log.read_text())
+
+
+def test_credmon_says_in_its_log_why_it_stopped(cred_dir: Path, tmp_path: Path) -> None:
+    """condor_master records only the exit code: the reason must be in the log."""
+    log = tmp_path / "JobtokenCredmonLog"
+    os.chmod(cred_dir, 0o2775)  # open to others: refused
+    result = subprocess.run(
+        [sys.executable, "-m", "jobtoken", "credmon", "--cred-dir", str(cred_dir),
+         "--server", "https://mytoken.example.org", "--log-file", str(log), "--once"],
+        env=base_env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 78
+    assert re.search(ISO_LINE + r"credmon stopped: credential directory .* accessible by others",
+                     log.read_text(), re.M)
+    assert result.stderr.count("accessible by others") == 1  # once, from the CLI

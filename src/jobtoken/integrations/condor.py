@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from .. import _policy as policy
+from .._clock import utc_text
 from .._config import Config
 from .._errors import (
     ConfigError,
@@ -54,6 +55,7 @@ from .._errors import (
     exit_code_for,
     printable,
 )
+from .._logs import PrintableFilter, UtcFormatter
 from .._mytokenfile import check_mytoken_value
 from .._prepare import JobInfo, PreparedJob, prepare_job, walltime_for
 from .._tokendir import TokenDir
@@ -455,7 +457,7 @@ def _creds_access_token(
         return None
     if token.expires_at <= now:
         raise ServerUnavailableError(
-            f"the access token in {where} expired at {int(token.expires_at)}; the access "
+            f"the access token in {where} expired at {utc_text(token.expires_at)}; the access "
             "point's credmon has not renewed it"
         )
     current = {k: v for k, v in request.environment.items() if k != "BEARER_TOKEN"}
@@ -465,11 +467,11 @@ def _creds_access_token(
     except EnvironmentSyntaxError as exc:
         raise ConfigError(f"job {request.job.job_id}: {exc}") from None
     logger.info(
-        "prepare hook done job=%s token=%s jti=%s exp=%d",
+        "prepare hook done job=%s token=%s jti=%s exp=%s",
         request.job.job_id,
         where,
         token.jti,
-        int(token.expires_at),
+        utc_text(token.expires_at),
     )
     return HookResult(0, None, environment)
 
@@ -810,7 +812,7 @@ def submit_commands(
         raise ConfigError(f"mytoken path {mytoken_path} cannot go into transfer_input_files")
     lines = [
         f"# jobtoken: per-submission mytoken mom_id={mom_id or '-'} "
-        f"exp={int(expires_at) if expires_at else '-'} (no token in this text)",
+        f"exp={utc_text(expires_at) if expires_at else '-'} (no token in this text)",
         *_append_list("transfer_input_files", mytoken_path),
         *_append_list("encrypt_input_files", mytoken_path),
         "if !defined should_transfer_files",
@@ -1008,12 +1010,10 @@ def attach_audit_log(what: str, directory: Optional[str]) -> Optional[logging.Ha
         logger.warning("no audit log: cannot open %s: %s", path, exc.strerror)
         return None
     handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
-    formatter = logging.Formatter(
-        f"%(asctime)s jobtoken[%(process)d] {what} user={user} %(levelname)s %(message)s",
-        "%Y-%m-%dT%H:%M:%SZ",
-    )
-    formatter.converter = time.gmtime
-    handler.setFormatter(formatter)
+    handler.setFormatter(UtcFormatter(
+        f"%(asctime)s jobtoken[%(process)d] {what} user={user} %(levelname)s %(message)s"
+    ))
+    handler.addFilter(PrintableFilter())
     handler.setLevel(logging.INFO)
     logging.getLogger("jobtoken").addHandler(handler)
     return handler

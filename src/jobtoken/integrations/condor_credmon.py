@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .._clock import Clock, SystemClock
+from .._clock import Clock, SystemClock, utc_text
 from .._config import Config
 from .._errors import ConfigError, JobtokenError, TokenFileError
 from .._mytokenfile import MytokenSource, check_mytoken_value
@@ -55,6 +55,7 @@ __all__ = [
     "ScanReport",
     "TopCredential",
     "check_cred_dir",
+    "credmon_log_path",
     "json_depth_within",
     "read_top",
     "refresh_reason",
@@ -339,12 +340,12 @@ def scan_credentials(
                         label,
                     )
                 logger.info(
-                    "access token written cred=%s reason=%s mom_id=%s jti=%s exp=%d",
+                    "access token written cred=%s reason=%s mom_id=%s jti=%s exp=%s",
                     label,
                     reason,
                     cred.mom_id or "-",
                     token.jti,
-                    int(token.expires_at),
+                    utc_text(token.expires_at),
                 )
                 written.append(label)
             except Exception as exc:  # one user's credential must not stop the others
@@ -399,7 +400,10 @@ def token_minter(config: Config) -> Minter:
     def mint(now: float, cred: TopCredential) -> Any:
         url = config.server.url or cred.server_url
         if not url:
-            raise ConfigError("the credential names no Mytoken server and none is configured")
+            raise ConfigError(
+                "the credential names no Mytoken server and none is configured: set "
+                "server.url in JOBTOKEN_CONFIG (or --server in JOBTOKEN_CREDMON_ARGS)"
+            )
         if config.server.url and cred.server_url and cred.server_url != config.server.url:
             raise ConfigError(f"the credential's server {cred.server_url} is not the site's")
         request = TokenRequest(
@@ -564,6 +568,30 @@ def default_cred_dir() -> Path:
             "no credential directory: give --cred-dir or set SEC_CREDENTIAL_DIRECTORY_OAUTH"
         )
     return Path(value)
+
+
+LOG_KNOB = "JOBTOKEN_CREDMON_LOG"
+DEFAULT_LOG_NAME = "JobtokenCredmonLog"
+
+
+def credmon_log_path(
+    param: Callable[[str], Optional[str]] = condor_param,
+) -> Optional[str]:
+    """Where the credmon logs, found the way HTCondor's own credmons find theirs.
+
+    HTCondor's credmons (``credmon/utils``, 24.x and later) read their daemon's
+    ``<NAME>_LOG`` knob and default to ``$(LOG)/<CamelName>Log``: ``CREDMON_OAUTH_LOG``,
+    ``$(LOG)/CredmonOauthLog``. Ours is the daemon ``JOBTOKEN_CREDMON``, so
+    ``JOBTOKEN_CREDMON_LOG``, default ``$(LOG)/JobtokenCredmonLog``. The older
+    ``SEC_CREDENTIAL_MONITOR_LOG`` and ``SEC_CREDENTIAL_MONITOR_OAUTH_LOG`` name the site's
+    own credmon's file (Kerberos, OAuth): two daemons in one file is not read there.
+    None: no HTCondor configuration (log to stderr only).
+    """
+    value = param(LOG_KNOB)
+    if value:
+        return value
+    log_dir = param("LOG")
+    return str(Path(log_dir) / DEFAULT_LOG_NAME) if log_dir else None
 
 
 def credmon_settings() -> Dict[str, Any]:

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
-from .._clock import Clock, SystemClock
-from .._config import Config
+from .._clock import Clock, SystemClock, utc_text
+from .._config import Config, missing_setting, setting
 from .._errors import ConfigError, JobtokenError, UsageError
 from .._mytokenfile import MytokenSource, load_mytoken
 from ._condor_bindings import bindings, condor_param
@@ -125,7 +125,7 @@ def find_user_mytoken(config: Config, env: Mapping[str, str]) -> MytokenSource:
         if path.is_file():
             return MytokenSource(path=path)
     raise ConfigError(
-        "no mytoken: use --mytoken-file, $JOBTOKEN_MYTOKEN_FILE, or keep one in "
+        f"no mytoken: set {setting('token.mytoken_file')}, or keep one in "
         + " or ".join(str(p) for p in candidates)
     )
 
@@ -156,7 +156,7 @@ def mint_submission_mytoken(
     from .._submytoken import SubMytokenRequest, mint_sub_mytoken
 
     if not scopes:
-        raise ConfigError("no scope for the submission: give --scope (or token.scopes)")
+        raise missing_setting("scope for the submission", "token.scopes")
     start = time.time() if now is None else now
     parent = load_mytoken(source, env=env)
     url = server_url_for(config, parent)
@@ -173,11 +173,11 @@ def mint_submission_mytoken(
         # a shared name ("jobtoken submission"): a lost answer is not searched for by name
         minted = mint_sub_mytoken(client, parent, source, request)
     logger.info(
-        "submission mytoken minted mom_id=%s scope=%s aud=%s exp=%d server=%s",
+        "submission mytoken minted mom_id=%s scope=%s aud=%s exp=%s server=%s",
         minted.mom_id,
         " ".join(request.scopes),
         " ".join(audiences) or "-",
-        request.exp,
+        utc_text(request.exp),
         url,
     )
     return SubmissionToken(
@@ -420,7 +420,8 @@ def run_storer(
         if not wait_for_use(bindings, request, timeout_s=wait_s):
             raise ConfigError(
                 f"no {request.name}.use from the access point's credmon after {wait_s:.0f} s "
-                "(is JOBTOKEN_CREDMON in DAEMON_LIST running? see its log)"
+                "(is JOBTOKEN_CREDMON in DAEMON_LIST running? see its log, "
+                "JOBTOKEN_CREDMON_LOG)"
             )
         stored.append(request.name)
     return stored

@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import shutil
 import ssl
 import threading
@@ -37,7 +38,8 @@ AP_CONFIG = """
 # --- the access point: jobtoken's AP config as shipped, this pool's paths ---
 include : $(LOCAL_DIR)/config.d/50-jobtoken-ap.conf
 SEC_CREDENTIAL_DIRECTORY_OAUTH = $(LOCAL_DIR)/oauth_credentials
-JOBTOKEN_CREDMON_ARGS = --log-file $(LOG)/JobtokenCredmonLog --interval 3
+# the log: the shipped JOBTOKEN_CREDMON_LOG (credmon_log() reads it)
+JOBTOKEN_CREDMON_ARGS = --interval 3
 # the credd's default fixed port 9620 would keep a second pool on this machine from starting
 CREDD_ARGS =
 # the starter re-copies .use files this often (default 300 s; tokens here live 20 s)
@@ -247,6 +249,11 @@ def test_credd_path_jobs_get_access_tokens_only(ap_pool: Pool, devserver: DevSer
     # the primary credmon owns the credd's wake-up and the schedd's start-up marker
     creds = ap_pool.dir / "oauth_credentials"
     assert (creds / "CREDMON_COMPLETE").exists() and (creds / "pid").is_file()
+    # it logged where the shipped JOBTOKEN_CREDMON_LOG says, times in UTC (no --log-file)
+    logged = (ap_pool.dir / "log" / "JobtokenCredmonLog").read_text()
+    assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ INFO credmon starting .*role=primary",
+                     logged, re.M), logged
+    assert "access token written cred=" in logged
 
 
 def test_beside_htcondors_vault_credmon_both_deliver(
