@@ -16,22 +16,13 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 from jobtoken._tokenfile import write_secret_file
-
-
-def _need(condition: bool, reason: str) -> None:
-    if condition:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI prerequisite missing: {reason}")
-    pytest.skip(reason)
+from tests.runhelpers import need
 
 
 def test_a_bound_directory_sees_each_renewal_and_a_bound_file_keeps_the_first_token(tmp_path):
-    _need(os.geteuid() == 0, "bind mounts need root")
-    _need(bool(shutil.which("unshare") and shutil.which("mount")), "unshare and mount (util-linux)")
+    need(os.geteuid() == 0, "bind mounts need root")
+    need(bool(shutil.which("unshare") and shutil.which("mount")), "unshare and mount (util-linux)")
     tokendir = tmp_path / "jt"
     tokendir.mkdir(mode=0o700)
     write_secret_file(tokendir / "bt", "first-token")
@@ -55,7 +46,7 @@ def test_a_bound_directory_sees_each_renewal_and_a_bound_file_keeps_the_first_to
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
     )
     if "Operation not permitted" in result.stderr:
-        _need(False, f"no mount namespace here: {result.stderr.strip()}")
+        need(False, f"no mount namespace here: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
     seen_in_dir, seen_in_file = result.stdout.split()
     assert seen_in_dir == "second-token"  # the renewal reaches a bound directory
