@@ -191,3 +191,16 @@ def test_continued_lines_in_code_blocks_are_one_command(tmp_path):
 def test_names_that_only_contain_jobtoken_are_not_commands():
     line = "`jobtoken-wrap -- cmd`, `/etc/jobtoken/jobtoken.toml`, `jobtoken_*.deb`"
     assert list(_commands_in(line, "example", False)) == []
+
+
+def test_every_relative_link_in_the_admin_docs_leads_to_a_file():
+    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    broken = [
+        f"{path.name}: {target}"
+        for path in sorted(DOCS.glob("*.md"))
+        for target in link.findall(path.read_text(encoding="utf-8"))
+        if "://" not in target and not (path.parent / target).exists()
+    ]
+    readme = DOCS.parent.parent / "README.md"
+    assert "docs/admin/README.md" in readme.read_text(encoding="utf-8")
+    assert not broken, broken
