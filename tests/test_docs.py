@@ -26,7 +26,7 @@ from typing import Iterator, List, Optional
 
 import pytest
 
-from jobtoken._errors import UsageError
+from jobtoken._errors import ConfigError, UsageError
 from jobtoken.cli import build_parser
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "admin"
@@ -204,3 +204,56 @@ def test_every_relative_link_in_the_admin_docs_leads_to_a_file():
     readme = DOCS.parent.parent / "README.md"
     assert "docs/admin/README.md" in readme.read_text(encoding="utf-8")
     assert not broken, broken
+
+
+def _setting_tables(text: str) -> dict:
+    """``{section: {key, ...}}`` from configure.md's ``### [section]`` tables (first cells)."""
+    tables: dict = {}
+    section = None
+    for line in text.splitlines():
+        heading = re.match(r"### \[(\w+)\]", line)
+        if heading:
+            section = heading.group(1)
+            tables[section] = set()
+        elif line.startswith("#"):
+            section = None
+        elif section and line.startswith("| `"):
+            first_cell = line.split("|")[1]
+            tables[section].update(re.findall(r"`(\w+)`", first_cell))
+    return tables
+
+
+def test_configure_md_documents_every_setting_and_no_other():
+    from dataclasses import fields
+
+    from jobtoken._config import _ENV, _SECTIONS
+
+    text = (DOCS / "configure.md").read_text(encoding="utf-8")
+    documented = _setting_tables(text)
+    for section, cls in _SECTIONS.items():
+        if section in UPCOMING:
+            continue
+        assert documented.get(section) == {f.name for f in fields(cls)}, section
+    assert set(documented) <= set(_SECTIONS)
+    missing = [var for var in ("JOBTOKEN_CONFIG", *_ENV) if f"`{var}`" not in text]
+    assert not missing, missing
+
+
+def test_every_toml_example_in_the_admin_docs_is_a_valid_config(tmp_path):
+    from jobtoken._config import load_config
+
+    block = re.compile(r"^```toml\n(.*?)^```", re.S | re.M)
+    examples = [(path.name, body) for path in sorted(DOCS.glob("*.md"))
+                for body in block.findall(path.read_text(encoding="utf-8"))]
+    checked = 0
+    for name, body in examples:
+        if set(re.findall(r"^\[(\w+)\]", body, re.M)) & UPCOMING:
+            continue
+        config_file = tmp_path / "jobtoken.toml"
+        config_file.write_text(body, encoding="utf-8")
+        try:
+            load_config(str(config_file), env={})
+        except ConfigError as exc:  # an unknown key, a bad value
+            pytest.fail(f"{name}: {exc.message}")
+        checked += 1
+    assert checked >= 2
