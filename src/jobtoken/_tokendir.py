@@ -33,11 +33,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ._config import Config
 from ._errors import ConfigError, JobtokenError, TokenFileError
+from ._formats import known_part, stamp
 from ._tokenfile import ensure_private_dir, write_secret_file
 
 __all__ = ["JobSpec", "RenewalState", "TokenDir", "acquire_lock"]
-
-STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ class JobSpec:
     mom_id: Optional[str] = None
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(stamp("job.json", dataclasses.asdict(self)), sort_keys=True)
 
     @classmethod
     def from_config(cls, config: Config, **job: Any) -> JobSpec:
@@ -99,14 +98,16 @@ class JobSpec:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> JobSpec:
+        """Read a ``job.json`` of this or an older format, or a newer minor (``_formats``).
+
+        Raises:
+            ConfigError: not a job file, or one of a newer major format.
+        """
         try:
             data = json.loads(text)
             if not isinstance(data, dict):
                 raise ValueError("not an object")
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = set(data) - known
-            if unknown:
-                raise ValueError(f"unknown keys {sorted(unknown)}")
+            data = known_part("job.json", data, {f.name for f in dataclasses.fields(cls)}, where)
             for key in ("scopes", "audiences", "trusted_issuers"):
                 if key in data:
                     data[key] = tuple(data[key])
@@ -140,15 +141,20 @@ class RenewalState:
     payload_pid: Optional[int] = None
     finished: bool = False
     updated_at: Optional[float] = None
-    version: int = STATE_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(stamp("state.json", dataclasses.asdict(self)), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> RenewalState:
-        known = {f.name for f in dataclasses.fields(cls)}
-        clean = {k: v for k, v in data.items() if k in known}
+    def from_dict(cls, data: Dict[str, Any], where: str = "state.json") -> RenewalState:
+        """The state from a ``state.json`` of this, an older or a newer-minor format
+        (the files before formats said ``"version": 1``).
+
+        Raises:
+            ConfigError: a newer major format; TypeError: a value of the wrong kind.
+        """
+        clean = known_part("state.json", data, {f.name for f in dataclasses.fields(cls)},
+                           where, legacy_keys={"version"})
         for key in ("scopes", "audiences"):
             if key in clean:
                 clean[key] = tuple(clean[key])
@@ -272,6 +278,12 @@ class TokenDir:
         write_secret_file(self.state_file, state.to_json())
 
     def read_state(self) -> Optional[RenewalState]:
+        """The state, or None when there is none or it is unreadable (the sidecar
+        rewrites it).
+
+        Raises:
+            ConfigError: it is of a newer major format (``_formats``).
+        """
         try:
             data = json.loads(self.state_file.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -281,8 +293,8 @@ class TokenDir:
         if not isinstance(data, dict):
             return None
         try:
-            return RenewalState.from_dict(data)
-        except TypeError:
+            return RenewalState.from_dict(data, str(self.state_file))
+        except (TypeError, ValueError):
             return None
 
 
