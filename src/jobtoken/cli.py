@@ -84,12 +84,44 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+HEALTH_CODES_HELP = """exit codes (Nagios plugin codes, for monitoring):
+  0    OK: the token is valid (for at least --warn S)
+  1    WARNING: less than --warn S left
+  2    CRITICAL: expired, less than --crit S left, credential lost, or (status) no
+       renewer alive although the job's sidecar started and did not finish
+  3    UNKNOWN: (status) no token known yet
+  otherwise an error, with the codes of 'jobtoken --help' (e.g. 78 bad config, 74 file)"""
+
+
+def _add_health_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--warn", type=float, default=0.0, metavar="S",
+                   help="exit 1 (WARNING) when the token has less than S seconds left (0)")
+    p.add_argument("--crit", type=float, default=0.0, metavar="S",
+                   help="exit 2 (CRITICAL) when it has less than S seconds left (0: only "
+                   "when expired)")
+
+
+def _health_thresholds(args: argparse.Namespace) -> Any:
+    from ._policy import HealthThresholds
+
+    try:
+        return HealthThresholds(warn_s=args.warn, crit_s=args.crit)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _health_code(data: Dict[str, Any]) -> int:
+    from ._policy import Health
+
+    return int(Health[data["health"]])
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from ._actions import inspect_token
 
-    summary = inspect_token(args.file)
+    summary = inspect_token(args.file, _health_thresholds(args))
     _emit(args, summary, _human_inspect)
-    return ExitCode.OK
+    return _health_code(summary)
 
 
 def _human_inspect(s: Dict[str, Any]) -> str:
@@ -100,6 +132,7 @@ def _human_inspect(s: Dict[str, Any]) -> str:
             value = " ".join(value)
         lines.append(f"{key + ':':<10} {value if value is not None else '-'}")
     lines.append(f"{'exp:':<10} {s.get('exp_utc')} ({s.get('remaining_human')})")
+    lines.append(f"{'health:':<10} {s['health']} - {s['health_reason']}")
     return "\n".join(lines)
 
 
@@ -268,9 +301,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     directory = args.dir or os.environ.get("JOBTOKEN_DIR")
     if not directory:
         raise UsageError("which token directory? give DIR or set $JOBTOKEN_DIR")
-    data = status(TokenDir.existing(directory))
+    data = status(TokenDir.existing(directory), thresholds=_health_thresholds(args))
     _emit(args, data, _human_status)
-    return ExitCode.OK
+    return _health_code(data)
 
 
 def _human_status(d: Dict[str, Any]) -> str:
@@ -298,6 +331,7 @@ def _human_status(d: Dict[str, Any]) -> str:
         lines.append(f"last error:    {d['last_error']}")
     if d.get("credential_lost"):
         lines.append("CREDENTIAL LOST: the token will expire and renewal is failing")
+    lines.append(f"health:        {d['health']} - {d['health_reason']}")
     return "\n".join(lines)
 
 
@@ -439,10 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="show an access token's claims (never the token)",
         description="Show the claims, scopes and remaining lifetime of an access token. "
         "Without FILE, the token WLCG bearer-token discovery finds.",
+        epilog=HEALTH_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_options(p)
     p.add_argument("file", nargs="?", help="token file (default: WLCG discovery)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_health_options(p)
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser(
@@ -491,10 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="show a token directory's state (never the token)",
         description="Remaining lifetime, scopes, audience, renewals, failures and whether the "
         "sidecar runs, for a token directory (default $JOBTOKEN_DIR).",
+        epilog=HEALTH_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_options(p)
     p.add_argument("dir", nargs="?", help="token directory (default $JOBTOKEN_DIR)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_health_options(p)
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser(
