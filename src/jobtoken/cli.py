@@ -412,6 +412,32 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ._checkconfig import CheckOptions, as_json, as_text, overall, run_checks
+    from ._clock import SystemClock
+    from ._errors import ConfigError
+
+    config, problem = None, None
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        problem = exc
+    checks = run_checks(config, problem, CheckOptions(
+        parent_file=args.parent_mytoken_file, online=not args.offline,
+        arc_conf=Path(args.arc_conf)), now=SystemClock().now())
+    _emit(args, as_json(checks), lambda _: as_text(checks))
+    return int(overall(checks))
+
+
+CHECK_CONFIG_HELP = """exit codes (Nagios plugin codes):
+  0    every check OK (or skipped: no ARC, no HTCondor here)
+  1    a WARN: works, but needs attention (e.g. the parent mytoken expires before the
+       longest job would end, group-readable parent, RTE older than this jobtoken)
+  2    a FAIL: jobs will not get tokens (or a wrong command line)"""
+
+
 def _job_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("job")
     g.add_argument("--dir", metavar="DIR",
@@ -597,6 +623,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mom-id", metavar="ID",
                    help="the job mytoken's mom_id as recorded at prepare (default: job.json's)")
     p.set_defaults(func=_cmd_revoke)
+
+    p = sub.add_parser(
+        "check-config",
+        help="check this node's jobtoken setup: config, parent mytoken, server, hooks, RTE",
+        description="Validate the site config, the parent mytoken file (place, owner, mode, "
+        "capabilities, expiry against site.max_walltime_s), the Mytoken server (its discovery "
+        "document over verified TLS) and the installed HTCondor hooks and ARC RTE. One line "
+        "per check: OK|WARN|FAIL|SKIP what - next step. Never prints a secret and never sends "
+        "the parent mytoken anywhere.",
+        epilog=CHECK_CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_options(p)
+    add_server_options(p)
+    p.add_argument("--parent-mytoken-file", metavar="FILE",
+                   help="the parent mytoken to check (default site.parent_mytoken_file)")
+    p.add_argument("--offline", action="store_true", help="do not contact the server")
+    p.add_argument("--arc-conf", default="/etc/arc.conf", metavar="FILE",
+                   help="the ARC CE configuration naming the RTE directory (/etc/arc.conf)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_check_config)
 
     for name, register in _EXTRA_COMMANDS:
         register(sub, name)
