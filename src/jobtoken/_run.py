@@ -425,7 +425,7 @@ def status(
             credential_lost=state.credential_lost,
             finished=state.finished,
         )
-    token = _token_in(tokendir)
+    token = tokendir.current_token()
     if token is not None:
         data.update(expires_at=token.expires_at, scopes=list(token.scopes),
                     audiences=list(token.audiences), jti=token.jti)
@@ -442,20 +442,6 @@ def status(
     )
     data.update(health=verdict.name, health_reason=reason)
     return data
-
-
-def _token_in(tokendir: TokenDir) -> Any:
-    """The directory's access token as the payload sees it, or None (absent, unreadable,
-    not a token). Never checked against anything: ``status`` only shows it."""
-    from ._tokenfile import read_secret_file
-    from ._tokens import decode_access_token
-
-    if not tokendir.bearer_token.exists():
-        return None
-    try:
-        return decode_access_token(read_secret_file(tokendir.bearer_token))
-    except JobtokenError:
-        return None
 
 
 def ensure_token(

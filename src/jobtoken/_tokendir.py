@@ -29,12 +29,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ._config import Config
 from ._errors import ConfigError, JobtokenError, TokenFileError
 from ._formats import known_part, stamp
 from ._tokenfile import ensure_private_dir, write_secret_file
+
+if TYPE_CHECKING:  # imported when used: jwt stays out of the waiting sidecar
+    from ._tokens import AccessToken
 
 __all__ = ["JobSpec", "RenewalState", "TokenDir", "acquire_lock"]
 
@@ -273,6 +276,19 @@ class TokenDir:
         except OSError as exc:
             raise ConfigError(f"cannot read {self.job_file}: {exc.strerror}") from exc
         return JobSpec.from_json(text, str(self.job_file))
+
+    def current_token(self) -> Optional[AccessToken]:
+        """The access token in ``bt`` as the payload sees it, or None (absent, unreadable,
+        not a token). Decoded, never checked: the caller decides what it must satisfy."""
+        from ._tokenfile import read_secret_file
+        from ._tokens import decode_access_token
+
+        if not self.bearer_token.exists():
+            return None
+        try:
+            return decode_access_token(read_secret_file(self.bearer_token))
+        except JobtokenError:
+            return None
 
     def write_state(self, state: RenewalState) -> None:
         write_secret_file(self.state_file, state.to_json())
