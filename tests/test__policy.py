@@ -553,8 +553,14 @@ H = pol.HealthThresholds(warn_s=300, crit_s=60)
          "warning below 300 s"),
         (299.0, {}, pol.Health.WARNING, "warning below"),
         (300.0, {}, pol.Health.OK, "valid for 300 s"),
-        # no renewer, and none expected (just prepared, or the job ended): only the token counts
+        # no renewer, and none expected (just prepared): only the token counts
         (900.0, {"renewer_expected": False, "renewer_alive": False}, pol.Health.OK, "valid"),
+        # the job ended: its token's life no longer matters, a live job mytoken does
+        (-500.0, {"finished": True}, pol.Health.OK, "the job ended"),
+        (None, {"finished": True, "revocation_pending": True}, pol.Health.WARNING, "pending"),
+        (None, {"revocation_pending": True}, pol.Health.WARNING, "revocation is pending"),
+        (900.0, {"revocation_pending": True}, pol.Health.WARNING, "jobtoken revoke"),
+        (-1.0, {"revocation_pending": True}, pol.Health.CRITICAL, "expired"),
     ],
 )
 def test_token_health(remaining: object, facts: dict, verdict: pol.Health, reason: str) -> None:

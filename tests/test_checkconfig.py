@@ -175,6 +175,19 @@ def test_a_broken_config_fails_and_the_other_checks_still_run(
     assert "parent mytoken" in r.stdout  # checked with the defaults
 
 
+def test_paths_the_config_names_are_checked(tmp_path: Path, node: Dict[str, Any]) -> None:
+    metrics = tmp_path / "metrics"
+    metrics.mkdir(mode=0o755)
+    config = tmp_path / "jobtoken.toml"
+    config.write_text(f'[server]\nca_file = "{tmp_path}/nope.pem"\n'
+                      f'[renewal]\nmetrics_dir = "{metrics}"\n')
+    r = _check(node, "--config", str(config), "--offline")
+    assert r.returncode == 2
+    assert f"FAIL config: server.ca_file = {tmp_path}/nope.pem does not exist" in r.stdout
+    assert f"WARN config: renewal.metrics_dir {metrics} has uid" in r.stdout
+    assert "chmod 1777" in r.stdout
+
+
 def test_htcondor_hooks_are_checked_through_the_real_bindings(
         tmp_path: Path, node: Dict[str, Any]) -> None:
     if not any(importlib.util.find_spec(name) for name in ("htcondor2", "htcondor")):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from jobtoken._revocation import PendingRevocation, write_pending
 from jobtoken.devserver import DevServer, DevServerConfig
 from tests import jwtmint
 from tests.runhelpers import AUD, jobtoken_argv, prepare, run
@@ -64,6 +65,11 @@ def test_a_dead_renewer_is_critical_and_no_token_is_unknown(tmp_path: Path) -> N
     # ... the job ended cleanly: nobody needs to renew any more
     d.state_file.write_text(json.dumps({"job_id": "job-1", "finished": True}))
     assert run(jobtoken_argv("status", str(d.path))).returncode == 0
+    # ... but its job mytoken could not be revoked: a live credential nobody uses
+    write_pending(d, PendingRevocation("job-1", job.mom_id, 1.0, 3, "server unavailable"))
+    r = run(jobtoken_argv("status", str(d.path)))
+    assert r.returncode == 1 and "revocation is pending" in r.stdout
+    d.pending_revocation.unlink()
     # no token file and no state: nothing to judge
     d.bearer_token.unlink()
     d.state_file.unlink()

@@ -234,6 +234,7 @@ def run_checks(config: Optional[Config], config_error: Optional[JobtokenError],
                                 f"create {DEFAULT_CONFIG_PATH} (jobtoken install-files --print "
                                 "jobtoken.toml is an example)"))
         checks.extend(judge_config(config))
+        checks.extend(_check_paths(config))
     parent = options.parent_file or config.site.parent_mytoken_file
     claims = _check_parent(parent, config, now, checks)
     if options.online:
@@ -246,6 +247,27 @@ def run_checks(config: Optional[Config], config_error: Optional[JobtokenError],
         checks.append(_warn("install", f"{options.jobtoken_bin} is missing: the hooks and the "
                             "RTE run it", "install the jobtoken package, or point the hooks "
                             "and JOBTOKEN_BIN at the jobtoken command"))
+    return checks
+
+
+def _check_paths(config: Config) -> List[Check]:
+    """The files and directories the settings name exist as what they must be."""
+    checks: List[Check] = []
+    wanted = (("server.ca_file", config.server.ca_file, os.path.isfile),
+              ("server.ca_dir", config.server.ca_dir, os.path.isdir),
+              ("site.token_dir_base", config.site.token_dir_base, os.path.isdir),
+              ("renewal.metrics_dir", config.renewal.metrics_dir, os.path.isdir))
+    for key, value, exists in wanted:
+        if value and not exists(value):
+            checks.append(_fail("config", f"{key} = {value} does not exist",
+                                f"create it or fix {key}"))
+    metrics = config.renewal.metrics_dir
+    if metrics and os.path.isdir(metrics):
+        st = os.stat(metrics)
+        if st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o1777:
+            checks.append(_warn("config", f"renewal.metrics_dir {metrics} has uid {st.st_uid}, "
+                                f"mode {stat.S_IMODE(st.st_mode):04o}: every job account "
+                                "writes there", f"chown root {metrics}; chmod 1777 {metrics}"))
     return checks
 
 

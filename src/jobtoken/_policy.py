@@ -543,18 +543,25 @@ def token_health(
     renewer_expected: bool = False,
     renewer_alive: bool = False,
     credential_lost: bool = False,
+    finished: bool = False,
+    revocation_pending: bool = False,
 ) -> Tuple[Health, str]:
     """The verdict on a job's token and why, in the order an operator must act on it.
 
-    * no token known (``remaining_s`` None): UNKNOWN;
+    * the job ended (its sidecar finished): OK, or WARNING while its mytoken's revocation
+      is pending (a live job mytoken nobody uses); the token's own lifetime no longer matters;
+    * no token known (``remaining_s`` None): UNKNOWN (WARNING with a pending revocation);
     * expired, or the sidecar recorded the credential as lost: CRITICAL;
     * less than ``crit_s`` left: CRITICAL;
     * a renewer should be running (a sidecar started and did not finish) and none is:
       CRITICAL, as the token will run out with nobody to renew it;
-    * less than ``warn_s`` left: WARNING; else OK.
+    * a pending revocation, or less than ``warn_s`` left: WARNING; else OK.
     """
+    pending = (Health.WARNING, "the job mytoken's revocation is pending (jobtoken revoke DIR)")
+    if finished:
+        return pending if revocation_pending else (Health.OK, "the job ended")
     if remaining_s is None:
-        return Health.UNKNOWN, "no token known"
+        return pending if revocation_pending else (Health.UNKNOWN, "no token known")
     left = int(remaining_s)
     if remaining_s <= 0.0:
         return Health.CRITICAL, f"expired {-left} s ago"
@@ -565,6 +572,8 @@ def token_health(
             f"expires in {left} s (critical below {thresholds.crit_s:g} s)")
     if renewer_expected and not renewer_alive:
         return Health.CRITICAL, f"no renewer alive ({left} s left)"
+    if revocation_pending:
+        return pending
     if remaining_s < thresholds.warn_s:
         return Health.WARNING, (
             f"expires in {left} s (warning below {thresholds.warn_s:g} s)")

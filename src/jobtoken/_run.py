@@ -439,6 +439,8 @@ def status(
         renewer_expected=state is not None and not state.finished,
         renewer_alive=alive,
         credential_lost=bool(state is not None and state.credential_lost),
+        finished=bool(state is not None and state.finished),
+        revocation_pending=data["revocation_pending"],
     )
     data.update(health=verdict.name, health_reason=reason)
     return data

@@ -85,8 +85,8 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 
 HEALTH_CODES_HELP = """exit codes (Nagios plugin codes, for monitoring):
-  0    OK: the token is valid (for at least --warn S)
-  1    WARNING: less than --warn S left
+  0    OK: the token is valid (for at least --warn S); (status) or the job ended
+  1    WARNING: less than --warn S left; (status) the job mytoken's revocation is pending
   2    CRITICAL: expired, less than --crit S left, credential lost, or (status) no
        renewer alive although the job's sidecar started and did not finish
   3    UNKNOWN: (status) no token known yet
