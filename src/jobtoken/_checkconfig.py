@@ -297,6 +297,11 @@ def _check_parent(parent: Optional[str], config: Config, now: float,
     checks.extend(judged)
     if judged[0].health is Health.CRITICAL:
         return None
+    if not os.access(parent, os.R_OK):
+        checks.append(_warn(name, f"{parent} is not readable by uid {os.geteuid()}: its claims "
+                            "were not checked", "run check-config as root or as the account "
+                            "that runs prepare"))
+        return None
     try:
         mytoken = load_mytoken(MytokenSource(path=Path(parent)), allow_other_owner=True)
     except JobtokenError as exc:
