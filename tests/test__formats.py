@@ -113,3 +113,25 @@ def test_a_format_that_is_no_version_is_a_bad_file(tmp_path: Path) -> None:
     d.write_state(RenewalState(job_id="j"))
     _rewrite(d.state_file, format="banana")
     assert d.read_state() is None  # the sidecar rewrites an unreadable state
+
+
+def test_an_older_node_changing_job_json_keeps_what_a_newer_one_wrote(tmp_path: Path) -> None:
+    # ARC: the CE's newer prepare wrote job.json, the worker's older stage 1 relocates it
+    d = TokenDir.create(tmp_path / "job")
+    d.write_spec(spec())
+    _rewrite(d.job_file, format="1.9", from_the_future={"x": 1})
+    changed = d.update_spec(mytoken_path="/new/session/.jobtoken/mytoken")
+    data = json.loads(d.job_file.read_text())
+    assert data["format"] == "1.9" and data["from_the_future"] == {"x": 1}
+    assert data["mytoken_path"] == "/new/session/.jobtoken/mytoken"
+    assert d.read_spec() == changed and changed.mytoken_path == "/new/session/.jobtoken/mytoken"
+    # a file of the releases before formats becomes a file of this format
+    old = {k: v for k, v in json.loads(spec().to_json()).items() if k != "format"}
+    d.job_file.write_text(json.dumps(old))
+    d.update_spec(mytoken_path="mytoken")
+    major, minor = CURRENT["job.json"]
+    assert json.loads(d.job_file.read_text())["format"] == f"{major}.{minor}"
+    _rewrite(d.job_file, format="2.0")
+    with pytest.raises(ConfigError, match="format 2.0"):
+        d.update_spec(mytoken_path="x")
+    assert json.loads(d.job_file.read_text())["mytoken_path"] == "mytoken"  # untouched

@@ -27,7 +27,7 @@ from typing import AbstractSet, Any, Dict, Mapping, Set, Tuple
 
 from ._errors import ConfigError
 
-__all__ = ["CURRENT", "FORMAT_KEY", "known_part", "parse_version", "readable", "stamp"]
+__all__ = ["CURRENT", "FORMAT_KEY", "known_part", "merged", "parse_version", "readable", "stamp"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,3 +105,22 @@ def known_part(
         logger.debug("%s: ignoring keys this version does not know: %s (format %d.%d)",
                      where, ", ".join(unknown), *written)
     return {k: v for k, v in data.items() if k in known}
+
+
+def merged(name: str, original: Mapping[str, Any], known: Mapping[str, Any]) -> Dict[str, Any]:
+    """What to write back when changing a file another version may have written.
+
+    ``known`` (this version's keys, as it would write them) replaces the keys it names;
+    keys only a newer minor knows are kept, and so is that newer format: within one major
+    a key keeps its meaning, so the file stays a valid file of the newer format. Without
+    this, a worker node of an older version that touches ``job.json`` (ARC's relocation)
+    would silently drop what the CE's newer ``prepare`` wrote.
+    """
+    try:
+        written = parse_version(original.get(FORMAT_KEY, 1))
+    except ValueError:
+        written = (0, 0)
+    data = {**original, **stamp(name, dict(known))}
+    if written > CURRENT[name]:
+        data[FORMAT_KEY] = original[FORMAT_KEY]
+    return data

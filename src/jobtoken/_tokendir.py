@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ._config import Config
 from ._errors import ConfigError, JobtokenError, TokenFileError
-from ._formats import known_part, stamp
+from ._formats import known_part, merged, stamp
 from ._tokenfile import ensure_private_dir, write_secret_file
 
 if TYPE_CHECKING:  # imported when used: jwt stays out of the waiting sidecar
@@ -270,12 +270,31 @@ class TokenDir:
     def write_spec(self, spec: JobSpec) -> None:
         write_secret_file(self.job_file, spec.to_json())
 
-    def read_spec(self) -> JobSpec:
+    def update_spec(self, **changes: Any) -> JobSpec:
+        """Change fields of an existing ``job.json``, keeping what a newer version wrote
+        there (``_formats.merged``); returns the changed spec.
+
+        Raises:
+            ConfigError: no readable job file, one of a newer major, or a bad change.
+        """
+        text = self._read_job_text()
+        spec = JobSpec.from_json(text, str(self.job_file))
         try:
-            text = self.job_file.read_text(encoding="utf-8")
+            changed = dataclasses.replace(spec, **changes)
+        except TypeError as exc:
+            raise ConfigError(f"{self.job_file}: {exc}") from None
+        data = merged("job.json", json.loads(text), dataclasses.asdict(changed))
+        write_secret_file(self.job_file, json.dumps(data, sort_keys=True))
+        return changed
+
+    def read_spec(self) -> JobSpec:
+        return JobSpec.from_json(self._read_job_text(), str(self.job_file))
+
+    def _read_job_text(self) -> str:
+        try:
+            return self.job_file.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read {self.job_file}: {exc.strerror}") from exc
-        return JobSpec.from_json(text, str(self.job_file))
 
     def current_token(self) -> Optional[AccessToken]:
         """The access token in ``bt`` as the payload sees it, or None (absent, unreadable,
