@@ -39,9 +39,10 @@ def test_a_job_prepared_by_a_newer_minor_runs_renews_shows_and_revokes(tmp_path:
         # a prepared job: ensure renews, status shows, revoke revokes
         d = prepare(srv, tmp_path, lifetime_s=300).tokendir
         _from_the_future(d.job_file, "1.9")
-        d.state_file.write_text('{"job_id": "job-1", "renewals": 3}')
+        d.state_file.write_text('{"job_id": "job-1", "renewals": 3, "finished": true}')
         _from_the_future(d.state_file, "1.9")  # a newer sidecar's state, too
-        r = run(jobtoken_argv("ensure", "--dir", str(d.path), "--min-valid", "299", "--json"))
+        d.bearer_token.unlink()  # so ensure's renewal child must read job.json and renew
+        r = run(jobtoken_argv("ensure", "--dir", str(d.path), "--min-valid", "200", "--json"))
         assert r.returncode == 0 and json.loads(r.stdout)["renewed"] is True, r.stderr
         r = run(jobtoken_argv("status", "--json", str(d.path)))
         shown = json.loads(r.stdout)
