@@ -531,3 +531,58 @@ def test_a_permanent_refusal_loses_the_credential_but_lets_the_payload_work_on()
     # refused for good with half an hour left: record it now, warn later, stop only at exp
     assert _steps(100.0, permanent=True) == pol.EscalationSteps(lose_credential=True)
     assert _steps(950.0, permanent=True, credential_lost=True) == pol.EscalationSteps(warn=True)
+
+
+# --- monitoring verdict (status / inspect exit codes) ----------------------------------------
+
+H = pol.HealthThresholds(warn_s=300, crit_s=60)
+
+
+@pytest.mark.parametrize(
+    ("remaining", "facts", "verdict", "reason"),
+    [
+        (None, {}, pol.Health.UNKNOWN, "no token known"),
+        (-5.0, {"renewer_expected": True, "renewer_alive": True}, pol.Health.CRITICAL, "expired"),
+        (0.0, {}, pol.Health.CRITICAL, "expired"),
+        (900.0, {"credential_lost": True}, pol.Health.CRITICAL, "credential lost"),
+        (59.0, {"renewer_expected": True, "renewer_alive": True}, pol.Health.CRITICAL,
+         "critical below 60 s"),
+        (900.0, {"renewer_expected": True, "renewer_alive": False}, pol.Health.CRITICAL,
+         "no renewer alive"),
+        (299.0, {"renewer_expected": True, "renewer_alive": True}, pol.Health.WARNING,
+         "warning below 300 s"),
+        (299.0, {}, pol.Health.WARNING, "warning below"),
+        (300.0, {}, pol.Health.OK, "valid for 300 s"),
+        # no renewer, and none expected (just prepared): only the token counts
+        (900.0, {"renewer_expected": False, "renewer_alive": False}, pol.Health.OK, "valid"),
+        # the job ended: its token's life no longer matters, a live job mytoken does
+        (-500.0, {"finished": True}, pol.Health.OK, "the job ended"),
+        (None, {"finished": True, "revocation_pending": True}, pol.Health.WARNING, "pending"),
+        (None, {"revocation_pending": True}, pol.Health.WARNING, "revocation is pending"),
+        (900.0, {"revocation_pending": True}, pol.Health.WARNING, "jobtoken revoke"),
+        (-1.0, {"revocation_pending": True}, pol.Health.CRITICAL, "expired"),
+    ],
+)
+def test_token_health(remaining: object, facts: dict, verdict: pol.Health, reason: str) -> None:
+    got, why = pol.token_health(remaining, H, **facts)  # type: ignore[arg-type]
+    assert got is verdict and reason in why
+
+
+def test_health_defaults_flag_only_an_expired_token() -> None:
+    assert pol.token_health(1.0, pol.HealthThresholds())[0] is pol.Health.OK
+    assert pol.token_health(-1.0, pol.HealthThresholds())[0] is pol.Health.CRITICAL
+    assert [int(h) for h in pol.Health] == [0, 1, 2, 3]  # the Nagios plugin codes
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_health_thresholds_refuse_nonsense(bad: float) -> None:
+    with pytest.raises(ValueError, match="--warn"):
+        pol.HealthThresholds(warn_s=bad)
+    with pytest.raises(ValueError, match="--crit"):
+        pol.HealthThresholds(crit_s=bad)
+
+
+def test_worst_health_puts_a_known_fault_over_not_knowing() -> None:
+    W, C, U, OK = pol.Health.WARNING, pol.Health.CRITICAL, pol.Health.UNKNOWN, pol.Health.OK
+    assert pol.worst_health([OK, U]) is U and pol.worst_health([U, W]) is W
+    assert pol.worst_health([W, C, U]) is C and pol.worst_health([]) is OK

@@ -28,7 +28,7 @@ def test_spec_round_trip_and_relative_mytoken(tmp_path: Path) -> None:
     assert (d.job_file.stat().st_mode & 0o777) == 0o600
 
 
-@pytest.mark.parametrize("text", ["[]", "{", '{"job_id": "j"}', '{"job_id":"j","bogus":1}'])
+@pytest.mark.parametrize("text", ["[]", "{", '{"job_id": "j"}', '{"job_id":"j","format":"x"}'])
 def test_bad_job_file(tmp_path: Path, text: str) -> None:
     d = TokenDir.create(tmp_path / "job")
     d.job_file.write_text(text)

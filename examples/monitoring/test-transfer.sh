@@ -196,7 +196,9 @@ while [ "$stop" = 0 ]; do
     tok="$work/bt"
     jti=- exp=- left=- state=unknown
     if cp -- "$BEARER_TOKEN_FILE" "$tok" 2>/dev/null; then
-        facts=$("$bin" inspect --json "$tok" 2>/dev/null) || facts=
+        # inspect exits 0-3 with the token's health (2: expired), above 3 without facts
+        facts=$("$bin" inspect --json "$tok" 2>/dev/null)
+        [ $? -le 3 ] || facts=
         jti=$(json_value jti "$facts")
         exp=$(json_value exp "$facts")
         if [ -n "$exp" ]; then

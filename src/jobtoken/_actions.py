@@ -19,6 +19,7 @@ from ._config import Config, ServerConfig, missing_setting
 from ._discovery import default_token_path, discover_bearer_token, refuse_foreign_file
 from ._errors import ConfigError, JobtokenError, TokenCheckError, TokenFileError, printable
 from ._mytokenfile import MytokenSource, check_mytoken_value, load_mytoken
+from ._policy import HealthThresholds, token_health
 from ._tokenfile import read_secret_file, write_secret_file
 from ._tokens import (
     AccessToken,
@@ -272,8 +273,13 @@ def _restricts_scope(mytoken: str) -> bool:
     return all(isinstance(r, dict) and r.get("scope") for r in restrictions)
 
 
-def inspect_token(file: Optional[str] = None) -> Dict[str, Any]:
+def inspect_token(
+    file: Optional[str] = None, thresholds: Optional[HealthThresholds] = None
+) -> Dict[str, Any]:
     """Decode the token in ``file`` (or the one WLCG discovery finds) without verifying it.
+
+    ``health`` and ``health_reason`` are ``_policy.token_health``'s verdict on its
+    remaining lifetime under ``thresholds`` (default: only an expired token is CRITICAL).
 
     Raises:
         TokenFileError: no token found or unreadable; TokenCheckError: not a usable JWT.
@@ -295,6 +301,9 @@ def inspect_token(file: Optional[str] = None) -> Dict[str, Any]:
         if raw.count(".") == 2:
             raise TokenCheckError(f"{source} holds a mytoken, not an access token")
     token = decode_access_token(raw)
-    data = summarize(token, SystemClock().now())
+    now = SystemClock().now()
+    data = summarize(token, now)
     data["source"] = source
+    verdict, reason = token_health(token.remaining_s(now), thresholds or HealthThresholds())
+    data.update(health=verdict.name, health_reason=reason)
     return data

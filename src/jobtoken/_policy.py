@@ -22,13 +22,15 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Iterable, Optional, Tuple, Union
 
 __all__ = [
     "ASSUMED_LIFETIME_S",
     "CHILD_STARTUP_S",
     "Escalation",
     "EscalationSteps",
+    "Health",
+    "HealthThresholds",
     "MIN_JOB_MYTOKEN_S",
     "RENEWAL_LOCK_WAIT_S",
     "RenewalSettings",
@@ -43,6 +45,8 @@ __all__ = [
     "next_renewal_at",
     "parent_expires_too_soon",
     "renewal_settings",
+    "token_health",
+    "worst_health",
     "renewals_per_hour",
     "usages_budget",
     "revocation_retry_delay",
@@ -507,3 +511,77 @@ def exit_code_from_returncode(returncode: int) -> int:
     if returncode < 0:
         return (128 - returncode) % 256
     return returncode % 256
+
+
+class Health(enum.IntEnum):
+    """A monitoring verdict; the values are the Nagios plugin exit codes."""
+
+    OK = 0
+    WARNING = 1
+    CRITICAL = 2
+    UNKNOWN = 3
+
+
+@dataclass(frozen=True)
+class HealthThresholds:
+    """``status``/``inspect --warn S --crit S``: WARNING (CRITICAL) when a token has less
+    than ``warn_s`` (``crit_s``) seconds left. 0: only an expired token is CRITICAL."""
+
+    warn_s: float = 0.0
+    crit_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, value in (("warn", self.warn_s), ("crit", self.crit_s)):
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"--{name} must be a number of seconds >= 0, got {value}")
+
+
+def token_health(
+    remaining_s: Optional[float],
+    thresholds: HealthThresholds,
+    *,
+    renewer_expected: bool = False,
+    renewer_alive: bool = False,
+    credential_lost: bool = False,
+    finished: bool = False,
+    revocation_pending: bool = False,
+) -> Tuple[Health, str]:
+    """The verdict on a job's token and why, in the order an operator must act on it.
+
+    * the job ended (its sidecar finished): OK, or WARNING while its mytoken's revocation
+      is pending (a live job mytoken nobody uses); the token's own lifetime no longer matters;
+    * no token known (``remaining_s`` None): UNKNOWN (WARNING with a pending revocation);
+    * expired, or the sidecar recorded the credential as lost: CRITICAL;
+    * less than ``crit_s`` left: CRITICAL;
+    * a renewer should be running (a sidecar started and did not finish) and none is:
+      CRITICAL, as the token will run out with nobody to renew it;
+    * a pending revocation, or less than ``warn_s`` left: WARNING; else OK.
+    """
+    pending = (Health.WARNING, "the job mytoken's revocation is pending (jobtoken revoke DIR)")
+    if finished:
+        return pending if revocation_pending else (Health.OK, "the job ended")
+    if remaining_s is None:
+        return pending if revocation_pending else (Health.UNKNOWN, "no token known")
+    left = int(remaining_s)
+    if remaining_s <= 0.0:
+        return Health.CRITICAL, f"expired {-left} s ago"
+    if credential_lost:
+        return Health.CRITICAL, f"credential lost: renewal keeps failing ({left} s left)"
+    if remaining_s < thresholds.crit_s:
+        return Health.CRITICAL, (
+            f"expires in {left} s (critical below {thresholds.crit_s:g} s)")
+    if renewer_expected and not renewer_alive:
+        return Health.CRITICAL, f"no renewer alive ({left} s left)"
+    if revocation_pending:
+        return pending
+    if remaining_s < thresholds.warn_s:
+        return Health.WARNING, (
+            f"expires in {left} s (warning below {thresholds.warn_s:g} s)")
+    return Health.OK, f"valid for {left} s"
+
+
+def worst_health(verdicts: Iterable[Health]) -> Health:
+    """The verdict of several checks: CRITICAL over WARNING over UNKNOWN over OK (the
+    Nagios plugin convention: a known fault outranks not knowing)."""
+    order = (Health.OK, Health.UNKNOWN, Health.WARNING, Health.CRITICAL)
+    return max(verdicts, key=order.index, default=Health.OK)

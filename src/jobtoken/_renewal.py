@@ -63,18 +63,6 @@ def _verifier(spec: JobSpec) -> Optional[SignatureVerifier]:
     return verifier_for(_server(spec), spec.trusted_issuers)
 
 
-def _current(tokendir: TokenDir) -> Optional[AccessToken]:
-    from ._tokenfile import read_secret_file
-    from ._tokens import decode_access_token
-
-    if not tokendir.bearer_token.exists():
-        return None
-    try:
-        return decode_access_token(read_secret_file(tokendir.bearer_token))
-    except JobtokenError:
-        return None
-
-
 def _report(token: AccessToken, reused: bool) -> RenewalReport:
     return RenewalReport(
         ok=True,
@@ -141,7 +129,7 @@ def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) ->
 
     spec = tokendir.read_spec()
     now = SystemClock().now()
-    current = _current(tokendir)
+    current = tokendir.current_token()
     if current is not None and min_valid_s is not None and _good_for(
         current, spec, now, min_valid_s
     ):

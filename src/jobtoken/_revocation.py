@@ -18,7 +18,8 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from ._errors import JobtokenError
+from ._errors import ConfigError, JobtokenError
+from ._formats import known_part, stamp
 from ._tokendir import TokenDir
 
 __all__ = ["PendingRevocation", "clear_pending", "read_pending", "write_pending"]
@@ -41,13 +42,21 @@ def write_pending(tokendir: TokenDir, record: PendingRevocation) -> None:
     from ._tokenfile import write_secret_file
 
     try:
-        write_secret_file(tokendir.pending_revocation, json.dumps(asdict(record)))
+        write_secret_file(tokendir.pending_revocation,
+                          json.dumps(stamp("revoke.pending", asdict(record))))
     except JobtokenError as exc:
         logger.warning("cannot write %s: %s", tokendir.pending_revocation, exc.message)
 
 
 def read_pending(tokendir: TokenDir) -> Optional[PendingRevocation]:
-    """The record, if there is a readable one."""
+    """The record, if there is a readable one (of this, an older or a newer-minor format).
+
+    Raises:
+        ConfigError: a record of a newer major format: not knowing what it asks for,
+            this version must not act as if there were none.
+    """
+    from dataclasses import fields
+
     from ._tokenfile import read_secret_file
 
     path = tokendir.pending_revocation
@@ -55,6 +64,10 @@ def read_pending(tokendir: TokenDir) -> Optional[PendingRevocation]:
         return None
     try:
         data = json.loads(read_secret_file(path))
+        if not isinstance(data, dict):
+            return None
+        data = known_part("revoke.pending", data, {f.name for f in fields(PendingRevocation)},
+                          str(path))
         return PendingRevocation(
             job_id=str(data["job_id"]),
             mom_id=None if data.get("mom_id") is None else str(data["mom_id"]),
@@ -62,6 +75,8 @@ def read_pending(tokendir: TokenDir) -> Optional[PendingRevocation]:
             attempts=int(data["attempts"]),
             error=str(data["error"]),
         )
+    except ConfigError:
+        raise
     except (JobtokenError, ValueError, KeyError, TypeError):
         return None
 

@@ -381,11 +381,24 @@ def sidecar_alive(tokendir: TokenDir) -> bool:
     return False
 
 
-def status(tokendir: TokenDir, *, now: Optional[float] = None) -> Dict[str, Any]:
-    """A non-secret view of a token directory for ``jobtoken status``."""
+def status(
+    tokendir: TokenDir, *, now: Optional[float] = None,
+    thresholds: Optional[policy.HealthThresholds] = None,
+) -> Dict[str, Any]:
+    """A non-secret view of a token directory for ``jobtoken status``, with its verdict.
+
+    The token's expiry, scopes and audience come from the token file itself when it can
+    be read (straight after ``prepare`` no sidecar has written ``state.json`` yet), else
+    from the sidecar's state. ``health`` and ``health_reason`` are ``_policy.token_health``'s
+    verdict: a renewer is expected once a sidecar started and until it finished.
+
+    Raises:
+        ConfigError: no readable ``job.json``, or a file of a newer major format.
+    """
     t = SystemClock().now() if now is None else now
     spec = tokendir.read_spec()
     state = tokendir.read_state()
+    alive = sidecar_alive(tokendir)
     data: Dict[str, Any] = {
         "dir": str(tokendir.path),
         "job_id": spec.job_id,
@@ -394,13 +407,12 @@ def status(tokendir: TokenDir, *, now: Optional[float] = None) -> Dict[str, Any]
         "requested_audiences": list(spec.audiences),
         "token_file": str(tokendir.bearer_token),
         "token_present": tokendir.bearer_token.exists(),
-        "sidecar_alive": sidecar_alive(tokendir),
+        "sidecar_alive": alive,
         "job_end_at": spec.job_end_at,
     }
     if state is not None:
         data.update(
             expires_at=state.expires_at,
-            remaining_s=None if state.expires_at is None else round(state.expires_at - t, 1),
             scopes=list(state.scopes),
             audiences=list(state.audiences),
             jti=state.jti,
@@ -413,9 +425,24 @@ def status(tokendir: TokenDir, *, now: Optional[float] = None) -> Dict[str, Any]
             credential_lost=state.credential_lost,
             finished=state.finished,
         )
+    token = tokendir.current_token()
+    if token is not None:
+        data.update(expires_at=token.expires_at, scopes=list(token.scopes),
+                    audiences=list(token.audiences), jti=token.jti)
+    expires_at = data.get("expires_at")
+    data["remaining_s"] = None if expires_at is None else round(expires_at - t, 1)
     from ._revocation import read_pending
 
     data["revocation_pending"] = read_pending(tokendir) is not None
+    verdict, reason = policy.token_health(
+        data["remaining_s"], thresholds or policy.HealthThresholds(),
+        renewer_expected=state is not None and not state.finished,
+        renewer_alive=alive,
+        credential_lost=bool(state is not None and state.credential_lost),
+        finished=bool(state is not None and state.finished),
+        revocation_pending=data["revocation_pending"],
+    )
+    data.update(health=verdict.name, health_reason=reason)
     return data
 
 

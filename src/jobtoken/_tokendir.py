@@ -29,15 +29,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ._config import Config
 from ._errors import ConfigError, JobtokenError, TokenFileError
+from ._formats import known_part, merged, stamp
 from ._tokenfile import ensure_private_dir, write_secret_file
 
-__all__ = ["JobSpec", "RenewalState", "TokenDir", "acquire_lock"]
+if TYPE_CHECKING:  # imported when used: jwt stays out of the waiting sidecar
+    from ._tokens import AccessToken
 
-STATE_VERSION = 1
+__all__ = ["JobSpec", "RenewalState", "TokenDir", "acquire_lock"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class JobSpec:
     mom_id: Optional[str] = None
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(stamp("job.json", dataclasses.asdict(self)), sort_keys=True)
 
     @classmethod
     def from_config(cls, config: Config, **job: Any) -> JobSpec:
@@ -99,14 +101,16 @@ class JobSpec:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> JobSpec:
+        """Read a ``job.json`` of this or an older format, or a newer minor (``_formats``).
+
+        Raises:
+            ConfigError: not a job file, or one of a newer major format.
+        """
         try:
             data = json.loads(text)
             if not isinstance(data, dict):
                 raise ValueError("not an object")
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = set(data) - known
-            if unknown:
-                raise ValueError(f"unknown keys {sorted(unknown)}")
+            data = known_part("job.json", data, {f.name for f in dataclasses.fields(cls)}, where)
             for key in ("scopes", "audiences", "trusted_issuers"):
                 if key in data:
                     data[key] = tuple(data[key])
@@ -140,15 +144,20 @@ class RenewalState:
     payload_pid: Optional[int] = None
     finished: bool = False
     updated_at: Optional[float] = None
-    version: int = STATE_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(stamp("state.json", dataclasses.asdict(self)), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> RenewalState:
-        known = {f.name for f in dataclasses.fields(cls)}
-        clean = {k: v for k, v in data.items() if k in known}
+    def from_dict(cls, data: Dict[str, Any], where: str = "state.json") -> RenewalState:
+        """The state from a ``state.json`` of this, an older or a newer-minor format
+        (the files before formats said ``"version": 1``).
+
+        Raises:
+            ConfigError: a newer major format; TypeError: a value of the wrong kind.
+        """
+        clean = known_part("state.json", data, {f.name for f in dataclasses.fields(cls)},
+                           where, legacy_keys={"version"})
         for key in ("scopes", "audiences"):
             if key in clean:
                 clean[key] = tuple(clean[key])
@@ -264,19 +273,57 @@ class TokenDir:
     def write_spec(self, spec: JobSpec) -> None:
         write_secret_file(self.job_file, spec.to_json())
 
-    def read_spec(self) -> JobSpec:
+    def update_spec(self, **changes: Any) -> JobSpec:
+        """Change fields of an existing ``job.json``, keeping what a newer version wrote
+        there (``_formats.merged``); returns the changed spec.
+
+        Raises:
+            ConfigError: no readable job file, one of a newer major, or a bad change.
+        """
+        text = self._read_job_text()
+        spec = JobSpec.from_json(text, str(self.job_file))
         try:
-            text = self.job_file.read_text(encoding="utf-8")
+            changed = dataclasses.replace(spec, **changes)
+        except TypeError as exc:
+            raise ConfigError(f"{self.job_file}: {exc}") from None
+        data = merged("job.json", json.loads(text), dataclasses.asdict(changed))
+        write_secret_file(self.job_file, json.dumps(data, sort_keys=True))
+        return changed
+
+    def read_spec(self) -> JobSpec:
+        return JobSpec.from_json(self._read_job_text(), str(self.job_file))
+
+    def _read_job_text(self) -> str:
+        try:
+            return self.job_file.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(
                 f"cannot read {self.job_file}: {exc.strerror} (run 'jobtoken prepare' again)"
             ) from exc
-        return JobSpec.from_json(text, str(self.job_file))
+
+    def current_token(self) -> Optional[AccessToken]:
+        """The access token in ``bt`` as the payload sees it, or None (absent, unreadable,
+        not a token). Decoded, never checked: the caller decides what it must satisfy."""
+        from ._tokenfile import read_secret_file
+        from ._tokens import decode_access_token
+
+        if not self.bearer_token.exists():
+            return None
+        try:
+            return decode_access_token(read_secret_file(self.bearer_token))
+        except JobtokenError:
+            return None
 
     def write_state(self, state: RenewalState) -> None:
         write_secret_file(self.state_file, state.to_json())
 
     def read_state(self) -> Optional[RenewalState]:
+        """The state, or None when there is none or it is unreadable (the sidecar
+        rewrites it).
+
+        Raises:
+            ConfigError: it is of a newer major format (``_formats``).
+        """
         try:
             data = json.loads(self.state_file.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -286,8 +333,8 @@ class TokenDir:
         if not isinstance(data, dict):
             return None
         try:
-            return RenewalState.from_dict(data)
-        except TypeError:
+            return RenewalState.from_dict(data, str(self.state_file))
+        except (TypeError, ValueError):
             return None
 
 

@@ -92,12 +92,44 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+HEALTH_CODES_HELP = """exit codes (Nagios plugin codes, for monitoring):
+  0    OK: the token is valid (for at least --warn S); (status) or the job ended
+  1    WARNING: less than --warn S left; (status) the job mytoken's revocation is pending
+  2    CRITICAL: expired, less than --crit S left, credential lost, or (status) no
+       renewer alive although the job's sidecar started and did not finish
+  3    UNKNOWN: (status) no token known yet
+  otherwise an error, with the codes of 'jobtoken --help' (e.g. 78 bad config, 74 file)"""
+
+
+def _add_health_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--warn", type=float, default=0.0, metavar="S",
+                   help="exit 1 (WARNING) when the token has less than S seconds left (0)")
+    p.add_argument("--crit", type=float, default=0.0, metavar="S",
+                   help="exit 2 (CRITICAL) when it has less than S seconds left (0: only "
+                   "when expired)")
+
+
+def _health_thresholds(args: argparse.Namespace) -> Any:
+    from ._policy import HealthThresholds
+
+    try:
+        return HealthThresholds(warn_s=args.warn, crit_s=args.crit)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _health_code(data: Dict[str, Any]) -> int:
+    from ._policy import Health
+
+    return int(Health[data["health"]])
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from ._actions import inspect_token
 
-    summary = inspect_token(args.file)
+    summary = inspect_token(args.file, _health_thresholds(args))
     _emit(args, summary, _human_inspect)
-    return ExitCode.OK
+    return _health_code(summary)
 
 
 def _human_inspect(s: Dict[str, Any]) -> str:
@@ -108,6 +140,7 @@ def _human_inspect(s: Dict[str, Any]) -> str:
             value = " ".join(value)
         lines.append(f"{key + ':':<10} {value if value is not None else '-'}")
     lines.append(f"{'exp:':<10} {s.get('exp_utc')} ({s.get('remaining_human')})")
+    lines.append(f"{'health:':<10} {s['health']} - {s['health_reason']}")
     return "\n".join(lines)
 
 
@@ -257,9 +290,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     directory = args.dir or os.environ.get("JOBTOKEN_DIR")
     if not directory:
         raise UsageError("which token directory? give DIR or set $JOBTOKEN_DIR")
-    data = status(TokenDir.existing(directory))
+    data = status(TokenDir.existing(directory), thresholds=_health_thresholds(args))
     _emit(args, data, _human_status)
-    return ExitCode.OK
+    return _health_code(data)
 
 
 def _human_status(d: Dict[str, Any]) -> str:
@@ -287,6 +320,7 @@ def _human_status(d: Dict[str, Any]) -> str:
         lines.append(f"last error:    {d['last_error']}")
     if d.get("credential_lost"):
         lines.append("CREDENTIAL LOST: the token will expire and renewal is failing")
+    lines.append(f"health:        {d['health']} - {d['health_reason']}")
     return "\n".join(lines)
 
 
@@ -368,6 +402,32 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ._checkconfig import CheckOptions, as_json, as_text, overall, run_checks
+    from ._clock import SystemClock
+    from ._errors import ConfigError
+
+    config, problem = None, None
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        problem = exc
+    checks = run_checks(config, problem, CheckOptions(
+        parent_file=args.parent_mytoken_file, online=not args.offline,
+        arc_conf=Path(args.arc_conf)), now=SystemClock().now())
+    _emit(args, as_json(checks), lambda _: as_text(checks))
+    return int(overall(checks))
+
+
+CHECK_CONFIG_HELP = """exit codes (Nagios plugin codes):
+  0    every check OK (or skipped: no ARC, no HTCondor here)
+  1    a WARN: works, but needs attention (e.g. the parent mytoken expires before the
+       longest job would end, group-readable parent, RTE older than this jobtoken)
+  2    a FAIL: jobs will not get tokens (or a wrong command line)"""
+
+
 def _job_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("job")
     g.add_argument("--dir", metavar="DIR",
@@ -431,10 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="show an access token's claims (never the token)",
         description="Show the claims, scopes and remaining lifetime of an access token. "
         "Without FILE, the token WLCG bearer-token discovery finds.",
+        epilog=HEALTH_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_options(p)
     p.add_argument("file", nargs="?", help="token file (default: WLCG discovery)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_health_options(p)
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser(
@@ -483,10 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="show a token directory's state (never the token)",
         description="Remaining lifetime, scopes, audience, renewals, failures and whether the "
         "sidecar runs, for a token directory (default $JOBTOKEN_DIR).",
+        epilog=HEALTH_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_options(p)
     p.add_argument("dir", nargs="?", help="token directory (default $JOBTOKEN_DIR)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_health_options(p)
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser(
@@ -549,6 +615,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mom-id", metavar="ID",
                    help="the job mytoken's mom_id as recorded at prepare (default: job.json's)")
     p.set_defaults(func=_cmd_revoke)
+
+    p = sub.add_parser(
+        "check-config",
+        help="check this node's jobtoken setup: config, parent mytoken, server, hooks, RTE",
+        description="Validate the site config, the parent mytoken file (place, owner, mode, "
+        "capabilities, expiry against site.max_walltime_s), the Mytoken server (its discovery "
+        "document over verified TLS) and the installed HTCondor hooks and ARC RTE. One line "
+        "per check: OK|WARN|FAIL|SKIP what - next step. Never prints a secret and never sends "
+        "the parent mytoken anywhere.",
+        epilog=CHECK_CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_options(p)
+    add_server_options(p)
+    p.add_argument("--parent-mytoken-file", metavar="FILE",
+                   help="the parent mytoken to check (default site.parent_mytoken_file)")
+    p.add_argument("--offline", action="store_true", help="do not contact the server")
+    p.add_argument("--arc-conf", default="/etc/arc.conf", metavar="FILE",
+                   help="the ARC CE configuration naming the RTE directory (/etc/arc.conf)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_check_config)
 
     for name, register in _EXTRA_COMMANDS:
         register(sub, name)

@@ -151,7 +151,7 @@ def relocate(directory: Path) -> TokenDir:
     spec = tokendir.read_spec()
     here = str(tokendir.mytoken)
     if spec.mytoken_owned and spec.mytoken_path != here:
-        tokendir.write_spec(replace(spec, mytoken_path=here))
+        tokendir.update_spec(mytoken_path=here)  # keeps what a newer CE's prepare wrote
         logger.info("token directory moved from=%s to=%s", spec.mytoken_path, here)
     return tokendir
 
