@@ -148,8 +148,13 @@ workers = {workers}
                                   walltime_s=600, **extra))
 
     def job_dir(self, name: str, uid: int) -> Path:
-        path = self.base / "jobs" / name
-        path.mkdir(parents=True, mode=0o700)
+        """``jobs/NAME/tokens``: a token directory in the job's own scratch directory
+        (both the job's, 0700), as a batch system lays out a sandbox."""
+        scratch = self.base / "jobs" / name
+        scratch.mkdir(parents=True, mode=0o700, exist_ok=True)
+        os.chown(scratch, uid, uid)
+        path = scratch / "tokens"
+        path.mkdir(mode=0o700)
         os.chown(path, uid, uid)
         return path
 

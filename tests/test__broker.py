@@ -125,3 +125,117 @@ def test_a_payload_of_the_jobs_uid_can_read_no_mytoken(site: Site, uids: Any) ->
     finally:
         for anchor, _ in jobs:
             anchor.kill()
+
+
+def prepared_job(site: Site, job_id: str, uid: int) -> Any:
+    """A prepared job whose anchor runs as the job's uid (so it can ask the broker itself)."""
+    anchor, tokendir = started_job(site, job_id, uid, anchor_uid=uid)
+    reply = anchor.call("prepare", tokendir=str(tokendir))
+    assert reply["ok"], reply
+    return anchor, tokendir
+
+
+def test_a_job_cannot_get_a_token_for_another_job_by_lying(site: Site, uids: Any) -> None:
+    uid, other_uid = uids
+    a_anchor, a_dir = started_job(site, "job-a", uid)
+    b_anchor, b_dir = started_job(site, "job-b", uid)
+    outsider = started_job(site, "job-c", other_uid)[0]
+    stray = Anchor(site, uid)  # the job's uid, but not below any registered anchor
+    try:
+        assert client_reply(a_anchor.client(uid, "prepare", "--dir", str(a_dir)))["ok"]
+        before = a_dir.joinpath("bt").read_bytes()
+        # wrong ancestry: a process of the right uid that no job's anchor started
+        reply = stray.call("prepare", tokendir=str(b_dir))
+        assert (reply["ok"], reply["exit_code"]) == (False, 67), reply
+        # wrong uid: below job b's anchor, but running as another uid
+        reply = client_reply(b_anchor.client(other_uid, "prepare", "--dir", str(b_dir)))
+        assert "error" in reply and "belongs to no job" in reply["error"], reply
+        # another job's directory: job b (same uid) and job c (another uid) ask for a's
+        reply = client_reply(b_anchor.client(uid, "prepare", "--dir", str(a_dir)))
+        assert "belongs to another job" in reply["error"], reply
+        reply = client_reply(outsider.client(other_uid, "prepare", "--dir", str(a_dir)))
+        assert "not the job's uid" in reply["error"], reply
+        # ... or reach it through a link of its own
+        link = b_dir.parent / "link-to-a"
+        os.symlink(a_dir, link)
+        reply = client_reply(b_anchor.client(uid, "prepare", "--dir", str(link)))
+        assert "symlink" in reply["error"], reply
+        # a job cannot speak for jobs: register one, or release another
+        reply = client_reply(b_anchor.client(uid, "register", "--job-id", "job-a", "--uid",
+                                             str(uid), "--anchor-pid", str(b_anchor.pid)))
+        assert "may not register jobs" in reply["error"], reply
+        b_payload = client_reply(b_anchor.client(uid, "release", "--job-id", "job-a"))
+        assert "only root or the broker's uid" in b_payload["error"], b_payload
+        # job a still has its token and its one mytoken; nothing else was minted
+        assert a_dir.joinpath("bt").read_bytes() == before
+        assert len(site.children()) == 1 and not site.children()[0].revoked
+        assert sorted(os.listdir(b_dir)) == []
+    finally:
+        for anchor in (a_anchor, b_anchor, outsider, stray):
+            anchor.kill()
+
+
+def test_links_the_job_plants_are_replaced_never_written_through(site: Site, uids: Any
+                                                                  ) -> None:
+    uid = uids[0]
+    anchor, tokendir = prepared_job(site, "job-links", uid)
+    victim = site.base / "victim"
+    victim.write_text("precious\n")
+    victim.chmod(0o644)
+    bt = tokendir / "bt"
+    try:
+        # a symlink in place of the token file
+        bt.unlink()
+        os.symlink(victim, bt)
+        os.lchown(bt, uid, uid)
+        reply = anchor.call("ensure", min_valid_s=LIFETIME_S + 1)  # forces a renewal
+        assert reply["ok"], reply
+        assert victim.read_text() == "precious\n"
+        assert not bt.is_symlink() and os.stat(bt).st_uid == uid
+        # a hardlink to a root file in place of the token file (as if protected_hardlinks
+        # were off): the entry is replaced, the root file keeps its content and mode
+        bt.unlink()
+        os.link(victim, bt)
+        reply = anchor.call("ensure", min_valid_s=1)  # a valid token: only the file is restored
+        assert reply["ok"], reply
+        assert victim.read_text() == "precious\n" and os.stat(victim).st_nlink == 1
+        assert os.stat(victim).st_uid == 0 and stat.S_IMODE(os.stat(victim).st_mode) == 0o644
+        assert claims(bt)["exp"] == reply["expires_at"]
+        # the directory itself swapped for a link to a root-owned directory
+        rootdir = site.base / "rootdir"
+        rootdir.mkdir(mode=0o700)
+        os.rename(tokendir, tokendir.parent / "moved")
+        os.symlink(rootdir, tokendir)
+        reply = anchor.call("ensure", min_valid_s=LIFETIME_S + 1)
+        assert (reply["ok"], reply["exit_code"]) == (False, 74), reply
+        assert os.listdir(rootdir) == []
+        # ... or for another real directory of the job's: not the one bound at prepare
+        tokendir.unlink()
+        fresh = site.job_dir("job-links", uid)
+        assert fresh == tokendir
+        reply = anchor.call("ensure", min_valid_s=1)
+        assert (reply["ok"], reply["exit_code"]) == (False, 74), reply
+        assert "replaced" in reply["message"] and os.listdir(fresh) == []
+    finally:
+        anchor.kill()
+
+
+def test_a_dead_anchor_gets_its_job_mytoken_revoked_even_without_its_directory(
+        site: Site, uids: Any) -> None:
+    uid = uids[0]
+    anchor, tokendir = prepared_job(site, "job-dies", uid)
+    bystander, _ = prepared_job(site, "job-lives", uid)
+    try:
+        # the payload deletes its token directory, then everything is killed
+        result = anchor.spawn(["/bin/rm", "-rf", str(tokendir)], uid)
+        assert result["rc"] == 0 and not tokendir.exists(), result
+        dying, living = site.children()
+        anchor.kill()
+        wait_for(lambda: dying.revoked, 60, "the dead job's mytoken is revoked at the server")
+        wait_for(lambda: len(site.mytoken_files()) == 1, 30, "its state is removed")
+        assert not living.revoked
+        status = bystander.call("status")
+        assert status["ok"] and status["detail"]["phase"] == "active", status
+    finally:
+        anchor.kill()
+        bystander.kill()

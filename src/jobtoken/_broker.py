@@ -761,9 +761,10 @@ class Broker:
             self._write_job_token(job.tokendir, job.identity.uid, job.dir_identity, token.raw)
         except TokenFileError as exc:  # the job's loss; the broker's copy is renewed
             logger.warning("job %s: %s", job.job_id, exc.message)
-        return token
+            return token, exc
+        return token, None
 
-    def _renewed(self, job: _Job, token: Any, error: Optional[BaseException],
+    def _renewed(self, job: _Job, result: Any, error: Optional[BaseException],
                  conn: Optional[_Conn], min_valid_s: Optional[float]) -> None:
         if job.phase != ACTIVE:
             if conn is not None:
@@ -771,10 +772,12 @@ class Broker:
                     f"job {job.job_id} ended"), job.job_id))
             return
         if error is None:
+            token, unwritten = result
             logger.info("token renewed job=%s exp=%d", job.job_id, int(token.expires_at))
             self._record_token(job, token.expires_at, token.issued_at, token.jti, renewed=True)
             if conn is not None:
-                self._reply(conn, self._token_reply(job, renewed=True))
+                self._reply(conn, self._token_reply(job, renewed=True) if unwritten is None
+                            else reply_for_error(unwritten, job.job_id))
             return
         self._renewal_failed(job, error)
         if conn is not None:
@@ -831,8 +834,9 @@ class Broker:
             return
         left = (job.state.expires_at or 0.0) - time.time()
         if left >= min_valid and left > 0:
-            self._restore_job_token(job)
-            self._reply(conn, self._token_reply(job, renewed=False))
+            problem = self._restore_job_token(job)
+            self._reply(conn, self._token_reply(job, renewed=False) if problem is None
+                        else reply_for_error(problem, job.job_id))
             return
         if time.time() < self.paused_until:
             raise ServerUnavailableError(
@@ -847,14 +851,17 @@ class Broker:
         # _ensure replied or started a renewal that will; nothing more to say now
         raise _Answered()
 
-    def _restore_job_token(self, job: _Job) -> None:
-        """Rewrite the job's token file from the broker's copy (the job may have lost it)."""
+    def _restore_job_token(self, job: _Job) -> Optional[JobtokenError]:
+        """Make the job's token file hold the broker's copy again (the job may have lost
+        or replaced it); the error, if that failed."""
         try:
             raw = read_secret_file(job.store.bearer_token)
             assert job.tokendir is not None and job.dir_identity is not None
             self._write_job_token(job.tokendir, job.identity.uid, job.dir_identity, raw)
         except JobtokenError as exc:
             logger.warning("job %s: cannot restore its token file: %s", job.job_id, exc.message)
+            return exc
+        return None
 
     def _status(self, job: _Job) -> BrokerReply:
         st = job.state
