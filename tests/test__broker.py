@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import stat
 import time
 from pathlib import Path
@@ -11,35 +13,23 @@ from typing import Any, Iterator
 import jwt
 import pytest
 
-from jobtoken.devserver import DevServer, DevServerConfig
 from tests.brokerhelpers import (
     JOB_PYTHON,
     Anchor,
     Site,
-    base_dir,
     client_reply,
-    require_root,
+    running_site,
     spare_uids,
     wait_for,
 )
-from tests.runhelpers import AUD
 
-OP_SCOPES = ("storage.read:/", "storage.create:/")
 LIFETIME_S = 60.0  # long enough for a loaded machine; renewals are driven by ensure here
 
 
 @pytest.fixture()
 def site() -> Iterator[Site]:
-    require_root()
-    with DevServer(DevServerConfig(at_lifetime_s=int(LIFETIME_S), op_scopes=OP_SCOPES,
-                                   default_audience=AUD)) as srv:
-        for base in base_dir():
-            s = Site(srv, base, at_lifetime_s=LIFETIME_S, margin_s=10)
-            s.start()
-            try:
-                yield s
-            finally:
-                s.stop()
+    with running_site(at_lifetime_s=LIFETIME_S, margin_s=10) as s:
+        yield s
 
 
 @pytest.fixture()
@@ -74,9 +64,10 @@ def test_a_job_gets_a_token_file_it_owns_and_no_mytoken(site: Site, uids: Any) -
         assert (os.stat(mytoken).st_uid, stat.S_IMODE(os.stat(mytoken).st_mode)) == (0, 0o600)
         # ensure renews when asked for more than is left, and the file follows
         first = claims(bt)["jti"]
+        time.sleep(1.1)  # a token of a later second (the devserver's exp has 1 s steps)
         reply = client_reply(anchor.client(uid, "ensure", "--min-valid",
-                                           str(LIFETIME_S + 1)))
-        assert reply.get("ok") is False or reply["detail"]["renewed"], reply
+                                           str(LIFETIME_S - 1)))
+        assert reply["ok"] and reply["detail"]["renewed"], reply
         reply = client_reply(anchor.client(uid, "ensure", "--min-valid", "5"))
         assert reply["ok"] and reply["expires_at"] > time.time() + 5, reply
         assert claims(bt)["jti"] != first
@@ -239,3 +230,102 @@ def test_a_dead_anchor_gets_its_job_mytoken_revoked_even_without_its_directory(
     finally:
         anchor.kill()
         bystander.kill()
+
+
+def test_a_429_with_retry_after_pauses_the_whole_node_once(site: Site, uids: Any) -> None:
+    uid = uids[0]
+    jobs = [prepared_job(site, f"job-{n}", uid) for n in range(3)]
+    try:
+        site.srv.faults.add("access", status=429, retry_after_s=6, count=1)
+        asked_at = time.time()
+        reply = jobs[0][0].call("ensure", min_valid_s=LIFETIME_S + 1)
+        assert (reply["ok"], reply["exit_code"], reply["retryable"]) == (False, 75, True), reply
+        requests = len(site.srv.requests("access"))
+        # every other job of the node waits too, without asking the server
+        for anchor, _ in jobs[1:]:
+            reply = anchor.call("ensure", min_valid_s=LIFETIME_S + 1)
+            assert (reply["ok"], reply["exit_code"]) == (False, 75), reply
+            assert "Retry-After" in reply["message"], reply
+        assert len(site.srv.requests("access")) == requests
+        paused = site.client.status().detail["paused_until"]
+        assert asked_at + 6 <= paused <= time.time() + 6
+        # a token still valid long enough is served during the pause
+        assert jobs[1][0].call("ensure", min_valid_s=5)["ok"]
+        # and when the pause is over, renewals go on
+        wait_for(lambda: time.time() > paused, 30, "the pause ends")
+        for anchor, tokendir in jobs:
+            reply = anchor.call("ensure", min_valid_s=LIFETIME_S - 5)
+            # a token obtained after the pause (job 0's own retry may have been first)
+            assert reply["ok"] and reply["expires_at"] >= paused + LIFETIME_S - 2, reply
+            assert claims(tokendir / "bt")["exp"] == reply["expires_at"]
+        assert [r.status for r in site.srv.requests("access")].count(429) == 1
+    finally:
+        for anchor, _ in jobs:
+            anchor.kill()
+
+
+def _raw_exchange(socket_path: str, data: bytes, *, wait_s: float = 30.0) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(wait_s)
+        sock.connect(socket_path)
+        if data:
+            try:
+                sock.sendall(data)
+            except BrokenPipeError:
+                pass
+        received = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+def _one_error_line(received: bytes, code: int) -> str:
+    assert received.endswith(b"\n") and received.count(b"\n") == 1, received[:200]
+    reply = json.loads(received)
+    assert (reply["ok"], reply["exit_code"]) == (False, code), reply
+    return str(reply["message"])
+
+
+def test_hostile_input_gets_one_line_and_does_not_stall_the_loop(site: Site) -> None:
+    # huge: more than 64 KiB without a newline
+    message = _one_error_line(_raw_exchange(site.socket, b"x" * (200 * 1024)), 2)
+    assert "larger than 65536 bytes" in message
+    # garbage, a wrong version, an unknown op, a wrongly typed field
+    for data, words in ((b"\x00\xff\xfe not json\n", "not one line of JSON"),
+                        (b'{"v": 2, "op": "ping"}\n', "protocol version"),
+                        (b'{"v": 1, "op": "steal"}\n', "unknown op"),
+                        (b'{"v": 1, "op": "ensure", "min_valid_s": "x"}\n', "min_valid_s"),
+                        (b"[1, 2]\n", "not a JSON object")):
+        assert words in _one_error_line(_raw_exchange(site.socket, data), 2)
+    # slow clients: many connections that never finish a request ...
+    slow = []
+    for _ in range(50):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(site.socket)
+        sock.sendall(b'{"v": 1, "op": "pi')
+        slow.append(sock)
+    try:
+        # ... do not keep others from being served promptly
+        for _ in range(5):
+            began = time.monotonic()
+            assert site.client.ping().ok
+            assert time.monotonic() - began < 2.0
+        # ... and each gets one line when its time is up
+        slow[0].settimeout(30)
+        received = b""
+        while not received.endswith(b"\n"):
+            chunk = slow[0].recv(4096)
+            if not chunk:
+                break
+            received += chunk
+        assert "no complete request within" in _one_error_line(received, 2)
+    finally:
+        for sock in slow:
+            sock.close()
+    assert site.client.ping().ok
