@@ -329,3 +329,34 @@ def test_hostile_input_gets_one_line_and_does_not_stall_the_loop(site: Site) -> 
         for sock in slow:
             sock.close()
     assert site.client.ping().ok
+
+
+def test_a_prepare_cut_short_by_a_crash_is_revoked_and_may_be_done_again(site: Site, uids: Any
+                                                                          ) -> None:
+    from jobtoken._mytoken import MytokenClient
+
+    uid = uids[0]
+    anchor, tokendir = started_job(site, "job-cut", uid, anchor_uid=uid)
+    try:
+        site.stop()
+        # what a broker killed between "preparing" and saving the minted mytoken leaves:
+        # the phase on disk, and a live job mytoken at the server that nobody holds
+        [record] = site.state_dir.glob("jobs/job-cut-*/broker.json")
+        data = json.loads(record.read_text())
+        assert data["phase"] == "registered"
+        record.write_text(json.dumps(dict(data, phase="preparing", tokendir=str(tokendir))))
+        with MytokenClient(site.srv.url, allow_http=True) as client:
+            client.create_mytoken(site.parent.read_text().strip(), capabilities=["AT"],
+                                  restrictions=[{"scope": "storage.create:/vo/jobs/job-cut",
+                                                 "exp": int(time.time() + 3600)}],
+                                  name="jobtoken job-cut")
+        [orphan] = site.children()
+        site.start()
+        wait_for(lambda: orphan.revoked, 60, "the orphaned job mytoken is revoked")
+        wait_for(lambda: site.client.status("job-cut").detail["phase"] == "registered", 30,
+                 "the job is back to registered")
+        reply = anchor.call("prepare", tokendir=str(tokendir))
+        assert reply["ok"], reply
+        assert [c.revoked for c in site.children()] == [True, False]
+    finally:
+        anchor.kill()

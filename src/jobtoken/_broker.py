@@ -66,6 +66,7 @@ from ._errors import (
     MytokenError,
     MytokenRejectedError,
     ServerUnavailableError,
+    TokenCheckError,
     TokenFileError,
     UsageError,
 )
@@ -301,9 +302,13 @@ class Broker:
                     self._anchor_ended(obj)
             while True:
                 try:
-                    self._posted.get_nowait()()
+                    posted = self._posted.get_nowait()
                 except queue.Empty:
                     break
+                try:
+                    posted()
+                except Exception:  # a bug must not take every job's renewals down with it
+                    logger.exception("internal error in the broker loop")
             self._expire_conns()
             now = time.time()
             if now >= self._next_reconcile:
@@ -800,8 +805,10 @@ class Broker:
             self.paused_until = now + retry_after
             logger.warning("server asked to wait %.0f s (429): every renewal of the node "
                            "pauses until then", retry_after)
-        permanent = isinstance(error, JobtokenError) and not error.retryable and not isinstance(
-            error, (TokenFileError,)) and type(error).__name__ != "TokenCheckError"
+        # a refused token (the next may pass) or an unwritable file (a disk may drain) is
+        # retried although not ``retryable`` (RenewalReport.permanent's rule)
+        permanent = isinstance(error, JobtokenError) and not error.retryable \
+            and not isinstance(error, (TokenFileError, TokenCheckError))
         st.last_error_permanent = permanent
         logger.warning("renewal failed job=%s attempt=%d%s: %s", job.job_id,
                        st.consecutive_failures, " (permanent)" if permanent else "", message)
