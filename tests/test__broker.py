@@ -291,6 +291,32 @@ def _one_error_line(received: bytes, code: int) -> str:
     return str(reply["message"])
 
 
+CROWD = """
+import socket, sys
+socks = []
+for _ in range(70):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    s.sendall(b'{"v": 1, "op"')
+    socks.append(s)
+busy = 0
+for s in socks[64:]:
+    s.settimeout(3)
+    busy += b"too many connections" in s.recv(4096)
+print(busy)
+"""
+
+
+def test_one_uid_cannot_crowd_out_the_others(site: Site, uids: Any) -> None:
+    crowd = Anchor(site, uids[0])
+    try:
+        result = crowd.spawn([JOB_PYTHON, "-c", CROWD, site.socket], uids[0])
+        assert result["rc"] == 0 and result["out"].split() == ["6"], result
+        assert site.client.ping().ok
+    finally:
+        crowd.kill()
+
+
 def test_hostile_input_gets_one_line_and_does_not_stall_the_loop(site: Site) -> None:
     # huge: more than 64 KiB without a newline
     message = _one_error_line(_raw_exchange(site.socket, b"x" * (200 * 1024)), 2)
