@@ -23,6 +23,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from ._errors import ConfigError
 
 __all__ = [
+    "BrokerConfig",
+    "DEFAULT_BROKER_SOCKET",
     "DEFAULT_CONFIG_PATH",
     "Config",
     "RenewalConfig",
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/jobtoken/jobtoken.toml")
+DEFAULT_BROKER_SOCKET = "/run/jobtoken/broker.sock"
 
 
 @dataclass(frozen=True)
@@ -95,11 +98,23 @@ class RenewalConfig:
 
 
 @dataclass(frozen=True)
+class BrokerConfig:
+    """The node broker (docs/broker.md): where it listens, keeps its state, learns identities."""
+
+    socket: str = DEFAULT_BROKER_SOCKET
+    state_dir: str = "/var/lib/jobtoken/broker"
+    identity: str = "registered"  # the resolver: "registered" (built in) or "condor"
+    workers: int = 4  # threads for the HTTP calls (the event loop itself never blocks)
+    reconcile_s: float = 10.0  # how often every anchor is checked (also without pidfd)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
     token: TokenConfig = TokenConfig()
     site: SiteConfig = SiteConfig()
     renewal: RenewalConfig = RenewalConfig()
+    broker: BrokerConfig = BrokerConfig()
     source: Optional[str] = None  # the file it came from, for messages
 
 
@@ -108,6 +123,7 @@ _SECTIONS: Dict[str, type] = {
     "token": TokenConfig,
     "site": SiteConfig,
     "renewal": RenewalConfig,
+    "broker": BrokerConfig,
 }
 
 # variable -> (section, key); values are parsed like the TOML value of that key
@@ -129,6 +145,7 @@ _ENV: Dict[str, Tuple[str, str]] = {
     "JOBTOKEN_EXPECTED_AT_LIFETIME": ("site", "expected_at_lifetime_s"),
     "JOBTOKEN_ON_FAILURE": ("renewal", "on_failure"),
     "JOBTOKEN_METRICS_DIR": ("renewal", "metrics_dir"),
+    "JOBTOKEN_BROKER_SOCKET": ("broker", "socket"),
 }
 
 
@@ -284,6 +301,10 @@ def _validate(config: Config) -> Config:
     if not 0 <= config.server.deadline_s < float("inf"):
         raise ConfigError(f"{setting('server.deadline_s')} must be a number of seconds >= 0 "
                           "(0: no limit)")
+    if config.broker.identity not in ("registered", "condor"):
+        raise ConfigError(f"{setting('broker.identity')} must be 'registered' or 'condor'")
+    if not config.broker.reconcile_s > 0:
+        raise ConfigError(f"{setting('broker.reconcile_s')} must be a number of seconds > 0")
     if config.token.mytoken_file and config.token.mytoken_env:
         raise ConfigError(f"set {setting('token.mytoken_file')} or "
                           f"{setting('token.mytoken_env')}, not both")
