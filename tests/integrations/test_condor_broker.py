@@ -1,0 +1,239 @@
+"""The HTCondor identity rules of the node broker: a caller's starter, its slot, the slot ad.
+
+The process chains and slot ads here have the shapes a real 23.9 execute point shows
+(``tests/real/condor/test_broker.py`` checks them on a pool): a hook or payload is a
+child of ``condor_starter -f -a slot1_1 <shadow host>``, whose parent is ``condor_startd``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import classad2
+import pytest
+
+from jobtoken._errors import ConfigError
+from jobtoken.integrations.condor_broker import (
+    NotAJob,
+    ProcessInfo,
+    find_starter,
+    pick_slot_ad,
+    process_chain,
+    read_process,
+    slot_from_starter_argv,
+    slot_job_from_ad,
+    startd_address,
+)
+
+JOB_UID = 1000
+GLOBAL_JOB_ID = "ap.example.org#12.0#1700000000"
+
+
+def proc(pid: int, ppid: int, name: str, uid: int, argv: Tuple[str, ...] = (),
+         start: int = 0) -> ProcessInfo:
+    return ProcessInfo(pid=pid, ppid=ppid, start_ticks=start or pid, name=name, real_uid=uid,
+                       argv=argv or (name,))
+
+
+STARTER = proc(300, 200, "condor_starter", 0, ("condor_starter", "-f", "-a", "slot1_1",
+                                                  "127.0.0.1"))
+STARTD = proc(200, 100, "condor_startd", 0, ("condor_startd",))
+MASTER = proc(100, 1, "condor_master", 0, ("condor_master",))
+
+
+def chain_of(*mine: ProcessInfo) -> list:
+    return [*mine, STARTER, STARTD, MASTER]
+
+
+# --- the starter's command line ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, slot",
+    [
+        (("condor_starter", "-f", "-a", "slot1_1", "127.0.0.1"), "slot1_1"),  # the default
+        (("condor_starter", "-f", "-a", "slot3", "h"), "slot3"),  # a static slot
+        # STARTER_LOG_NAME_APPEND = JobId: -a names the job, -slot-name the slot
+        (("condor_starter", "-f", "-a", "12.0", "-slot-name", "slot2_4", "h"), "slot2_4"),
+        (("condor_starter", "-f", "-local-name", "slot_type_1", "-a", "slot1_2", "h"),
+         "slot1_2"),
+        (("condor_starter", "-f", "-a", "12", "h"), None),  # ClusterId, no -slot-name
+        (("condor_starter", "-f", "h"), None),
+        (("condor_starter", "-f", "-a"), None),
+    ],
+)
+def test_slot_comes_from_the_starters_command_line(argv: Tuple[str, ...], slot: Any) -> None:
+    assert slot_from_starter_argv(argv) == slot
+
+
+# --- ancestry -----------------------------------------------------------------------------
+
+
+def test_a_payload_deep_under_its_starter_is_found() -> None:
+    chain = chain_of(proc(500, 400, "python3", JOB_UID), proc(400, 301, "bash", JOB_UID),
+                     proc(301, 300, "sh", JOB_UID))
+    starter, slot = find_starter(chain, JOB_UID)
+    assert (starter.pid, slot) == (300, "slot1_1")
+
+
+def test_a_setuid_helper_between_payload_and_starter_does_not_hide_the_starter() -> None:
+    # ping/fusermount-like: effective uid 0, real uid the job's
+    chain = chain_of(proc(500, 400, "helper", JOB_UID), proc(400, 300, "sh", JOB_UID))
+    assert find_starter(chain, JOB_UID)[1] == "slot1_1"
+
+
+def test_a_fake_starter_of_the_jobs_own_uid_is_not_a_starter() -> None:
+    fake = proc(450, 300, "condor_starter", JOB_UID,
+                ("condor_starter", "-f", "-a", "slot9_9", "h"))
+    chain = chain_of(proc(500, 450, "python3", JOB_UID), fake)
+    # the fake is skipped as the job's own process; the real starter names slot1_1
+    assert find_starter(chain, JOB_UID)[1] == "slot1_1"
+
+
+def test_a_process_outside_any_job_is_refused() -> None:
+    chain = [proc(500, 400, "python3", JOB_UID), proc(400, 1, "sshd", 0)]
+    with pytest.raises(NotAJob, match="does not run under a condor_starter"):
+        find_starter(chain, JOB_UID)
+
+
+def test_another_users_process_in_between_is_refused() -> None:
+    chain = chain_of(proc(500, 400, "python3", JOB_UID), proc(400, 300, "sh", 1001))
+    with pytest.raises(NotAJob, match="first other owner"):
+        find_starter(chain, JOB_UID)
+
+
+def test_root_is_never_a_job() -> None:
+    with pytest.raises(NotAJob, match="root"):
+        find_starter(chain_of(proc(500, 300, "python3", 0)), 0)
+
+
+def test_a_starter_not_started_by_a_startd_is_refused() -> None:
+    chain = [proc(500, 300, "python3", JOB_UID), STARTER, proc(200, 1, "bash", 0)]
+    with pytest.raises(NotAJob, match="not started by a condor_startd"):
+        find_starter(chain, JOB_UID)
+
+
+def test_a_starter_without_a_slot_on_its_command_line_is_refused() -> None:
+    starter = proc(300, 200, "condor_starter", 0, ("condor_starter", "-f", "h"))
+    with pytest.raises(NotAJob, match="names no slot"):
+        find_starter([proc(500, 300, "sh", JOB_UID), starter, STARTD], JOB_UID)
+
+
+def test_the_walk_stops_at_a_parent_younger_than_its_child() -> None:
+    # the job's starter ended and its pid was reused by a later process: not an ancestor
+    table = {
+        500: proc(500, 300, "python3", JOB_UID, start=1000),
+        300: proc(300, 200, "condor_starter", 0, STARTER.argv, start=2000),
+        200: STARTD,
+    }
+    chain = process_chain(500, read=lambda pid: table[pid])
+    assert [p.pid for p in chain] == [500]
+    with pytest.raises(NotAJob):
+        find_starter(chain, JOB_UID)
+
+
+def test_read_process_reads_this_process() -> None:
+    me = read_process(os.getpid())
+    assert me.ppid == os.getppid()
+    assert me.real_uid == os.getuid()
+    assert me.argv and me.start_ticks > 0
+    chain = process_chain(os.getpid())
+    assert chain[0] == me and all(p.pid != 1 for p in chain)
+
+
+def test_read_process_of_a_gone_pid_is_not_a_job(tmp_path: Path) -> None:
+    with pytest.raises(NotAJob, match="gone"):
+        read_process(12345, proc=str(tmp_path))
+
+
+def test_read_process_copes_with_a_parenthesis_in_the_name(tmp_path: Path) -> None:
+    d = tmp_path / "77"
+    d.mkdir()
+    fields = " ".join(["S", "5"] + ["0"] * 17 + ["4242"] + ["0"] * 20)
+    (d / "stat").write_text(f"77 (evil) 1 2) {fields}\n")
+    (d / "status").write_text("Name:\tevil\nUid:\t1000\t0\t0\t0\n")
+    (d / "cmdline").write_bytes(b"evil\0x\0")
+    info = read_process(77, proc=str(tmp_path))
+    assert (info.name, info.ppid, info.start_ticks, info.real_uid, info.argv) == (
+        "evil) 1 2", 5, 4242, 1000, ("evil", "x"))
+
+
+# --- the slot ad --------------------------------------------------------------------------
+
+
+def slot_ad(**extra: Any) -> Any:
+    values: Dict[str, Any] = {
+        "Name": "slot1_1@ep.example.org",
+        "State": "Claimed",
+        "JobId": "12.0",
+        "GlobalJobId": GLOBAL_JOB_ID,
+        "RemoteOwner": "alice@example.org",
+        "RemoteUser": "alice@example.org",
+        "HookKeyword": "JOBTOKEN",
+    }
+    values.update(extra)
+    ad = classad2.ClassAd()
+    for key, value in values.items():
+        if value is not None:
+            ad[key] = value
+    return ad
+
+
+def test_the_slot_ad_gives_the_jobs_identity_and_wishes() -> None:
+    job = slot_job_from_ad(slot_ad(AllowedJobDuration=3600, AcctGroup="group_dteam.alice",
+                                   JobtokenPath="/dteam/user/alice",
+                                   JobtokenAudience="https://se.example.org"), "slot1_1")
+    assert job.job_id == GLOBAL_JOB_ID
+    assert job.owner == "alice"
+    assert job.walltime_s == 3600
+    assert job.vo == "dteam"
+    assert job.scopes == ("storage.create:/dteam/user/alice",)
+    assert job.audiences == ("https://se.example.org",)
+
+
+def test_the_shortest_enforced_walltime_wins_as_in_the_hook() -> None:
+    job = slot_job_from_ad(slot_ad(AllowedJobDuration=7200, AllowedExecuteDuration=3600,
+                                   MaxWallTimeMins=10), "slot1_1")
+    assert job.walltime_s == 3600
+
+
+def test_a_job_that_did_not_ask_is_not_served() -> None:
+    with pytest.raises(NotAJob, match="did not ask"):
+        slot_job_from_ad(slot_ad(HookKeyword=None), "slot1_1")
+    with pytest.raises(NotAJob, match="did not ask"):
+        slot_job_from_ad(slot_ad(HookKeyword="OTHER"), "slot1_1")
+
+
+def test_the_keyword_is_matched_as_htcondor_matches_knob_names() -> None:
+    assert slot_job_from_ad(slot_ad(HookKeyword="jobtoken"), "slot1_1").job_id == GLOBAL_JOB_ID
+
+
+def test_an_idle_slot_or_another_slots_ad_is_refused() -> None:
+    with pytest.raises(NotAJob, match="runs no job"):
+        slot_job_from_ad(slot_ad(State="Unclaimed"), "slot1_1")
+    with pytest.raises(NotAJob, match="not slot1_2's"):
+        slot_job_from_ad(slot_ad(), "slot1_2")
+
+
+def test_bad_wishes_are_a_config_error_as_in_the_hook() -> None:
+    with pytest.raises(ConfigError, match="JobtokenPath"):
+        slot_job_from_ad(slot_ad(JobtokenPath="relative/path"), "slot1_1")
+
+
+def test_pick_slot_ad_matches_the_slot_name_exactly() -> None:
+    ads = [slot_ad(Name="slot1@ep"), slot_ad(Name="slot1_10@ep"), slot_ad(Name="slot1_1@ep")]
+    assert pick_slot_ad(ads, "slot1_1")["Name"] == "slot1_1@ep"
+    with pytest.raises(NotAJob, match="no slot slot1_2"):
+        pick_slot_ad(ads, "slot1_2")
+
+
+def test_startd_address_comes_from_the_startds_own_file(tmp_path: Path) -> None:
+    path = tmp_path / ".startd_address"
+    path.write_text("<127.0.0.1:9618?addrs=127.0.0.1-9618>\n$CondorVersion: 23.9.6 $\n")
+    knobs = {"STARTD_ADDRESS_FILE": str(path)}
+    assert startd_address(knobs.get) == "<127.0.0.1:9618?addrs=127.0.0.1-9618>"
+    assert startd_address({"LOG": str(tmp_path)}.get).startswith("<127.0.0.1:9618")
+    with pytest.raises(ConfigError, match="cannot read"):
+        startd_address({"STARTD_ADDRESS_FILE": str(tmp_path / "none")}.get)
