@@ -57,7 +57,7 @@ def _drain_stdin() -> None:
 
 
 def _cmd_prepare_hook(args: argparse.Namespace) -> int:
-    from .integrations.condor import HookOptions, run_prepare_hook
+    from .integrations.condor import HookOptions, broker_socket, run_prepare_hook
 
     _hook_logging("prepare-hook")
     try:
@@ -75,6 +75,7 @@ def _cmd_prepare_hook(args: argparse.Namespace) -> int:
         creds_service=args.creds_service,
         require_walltime=args.require_walltime,
         deadline_s=args.deadline,
+        broker_socket=broker_socket(),
     )
     try:
         result = run_prepare_hook(config, sys.stdin.read(), env=os.environ, options=options)
@@ -91,11 +92,11 @@ def _cmd_prepare_hook(args: argparse.Namespace) -> int:
 
 
 def _cmd_exit_hook(args: argparse.Namespace) -> int:
-    from .integrations.condor import run_exit_hook
+    from .integrations.condor import broker_socket, run_exit_hook
 
     _hook_logging(f"exit-hook:{args.reason}")
     _drain_stdin()  # the job ad is not needed
-    run_exit_hook(os.environ, reason=args.reason, timeout_s=args.timeout)
+    run_exit_hook(os.environ, reason=args.reason, timeout_s=args.timeout, broker=broker_socket())
     return 0
 
 

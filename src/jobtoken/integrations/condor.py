@@ -121,6 +121,7 @@ class HookOptions:
     require_walltime: bool = False  # True: hold jobs without a wall time in the ad
     deadline_s: float = 120.0  # the whole hook, all network calls included
     dir_name: str = TOKEN_DIR_NAME
+    broker_socket: Optional[str] = None  # JOBTOKEN_BROKER_SOCKET: the node broker mints
 
 
 @dataclass(frozen=True)
@@ -429,6 +430,22 @@ def credential_files(services: Tuple[str, ...], service: str) -> Tuple[str, ...]
     )
 
 
+def _environment_with(request: JobRequest, add: Mapping[str, str]) -> str:
+    """The job's complete new ``Environment`` (the starter replaces it, it does not merge):
+    its own variables without ``BEARER_TOKEN`` (it would win over the file in WLCG
+    discovery and is never renewed), plus ``add``.
+
+    Raises:
+        ConfigError: a value the V2 syntax cannot carry.
+    """
+    current = {k: v for k, v in request.environment.items() if k != "BEARER_TOKEN"}
+    current.update(add)
+    try:
+        return format_environment_v2(current)
+    except EnvironmentSyntaxError as exc:
+        raise ConfigError(f"job {request.job.job_id}: {exc}") from None
+
+
 def _creds_access_token(
     request: JobRequest, where: str, path: Path, *, now: float
 ) -> Optional[HookResult]:
@@ -458,12 +475,7 @@ def _creds_access_token(
             f"the access token in {where} expired at {int(token.expires_at)}; the access "
             "point's credmon has not renewed it"
         )
-    current = {k: v for k, v in request.environment.items() if k != "BEARER_TOKEN"}
-    current["BEARER_TOKEN_FILE"] = str(path)
-    try:
-        environment = format_environment_v2(current)
-    except EnvironmentSyntaxError as exc:
-        raise ConfigError(f"job {request.job.job_id}: {exc}") from None
+    environment = _environment_with(request, {"BEARER_TOKEN_FILE": str(path)})
     logger.info(
         "prepare hook done job=%s token=%s jti=%s exp=%d",
         request.job.job_id,
@@ -591,6 +603,8 @@ def _prepare_hook(
         logger.warning("no $_CONDOR_SCRATCH_DIR; using the current directory %s", scratch)
     directory = scratch / options.dir_name
     supplied = _job_supplied_mytoken(request, env, scratch, options)
+    if supplied is None and options.broker_socket:
+        return _broker_prepare(request, directory, options)
     if supplied is not None and supplied[0].startswith("$_CONDOR_CREDS"):
         bearer = _creds_access_token(request, *supplied, now=time.time())
         if bearer is not None:
@@ -665,6 +679,61 @@ def _prepare_hook(
     return HookResult(0, message, environment, prepared)
 
 
+# --- the node broker (docs/htcondor.md, "Node broker") -------------------------------------
+
+BROKER_KNOB = "JOBTOKEN_BROKER_SOCKET"
+
+
+def broker_socket(param: Callable[[str], Optional[str]] = condor_param_as_set) -> Optional[str]:
+    """The node broker's socket when the site runs one (HTCondor config
+    ``JOBTOKEN_BROKER_SOCKET``, never the job's environment), else None."""
+    value = param(BROKER_KNOB)
+    return value.strip() or None if value else None
+
+
+def _broker_prepare(request: JobRequest, directory: Path, options: HookOptions) -> HookResult:
+    """Ask the node broker for the job's token: it mints and keeps the job mytoken itself,
+    reads who the job is from the startd (not from this ad), and writes only the access
+    token into ``directory``; no mytoken and no sidecar ever reach the sandbox.
+
+    Raises:
+        JobtokenError: the broker's refusal (its exit code) or ServerUnavailableError.
+    """
+    from .._brokerclient import BrokerClient
+
+    assert options.broker_socket
+    ensure_private_dir(directory)
+    reply = BrokerClient(options.broker_socket, options.deadline_s).prepare(str(directory))
+    environment = _environment_with(request, {
+        "BEARER_TOKEN_FILE": reply.bearer_token_file or str(directory / "bt"),
+        "JOBTOKEN_DIR": str(directory),
+        BROKER_KNOB: options.broker_socket,  # for `jobtoken broker ensure` in the payload
+    })
+    logger.info("prepare hook done job=%s broker=%s dir=%s exp=%s", reply.job_id or
+                request.job.job_id, options.broker_socket, directory,
+                int(reply.expires_at) if reply.expires_at else "-")
+    return HookResult(0, None, environment)
+
+
+def _broker_release(directory: Path, socket_path: str, timeout_s: float) -> bool:
+    """Tell the broker the job ended (it revokes the job mytoken), remove the token file.
+
+    The broker also notices on its own when the starter is gone, so a broker that cannot
+    be reached now still revokes; this only makes it prompt.
+    """
+    from .._brokerclient import BrokerClient
+
+    released = True
+    try:
+        BrokerClient(socket_path, timeout_s).release()
+    except JobtokenError as exc:
+        released = False
+        logger.warning("exit hook: the broker did not release the job: %s", exc.message)
+    remove_secret_file(directory / "bt")
+    logger.info("exit hook done broker=%s released=%s dir=%s", socket_path, released, directory)
+    return released
+
+
 # --- the exit hook ------------------------------------------------------------------------
 
 
@@ -676,8 +745,12 @@ def run_exit_hook(
     dir_name: str = TOKEN_DIR_NAME,
     jobtoken_argv: Optional[List[str]] = None,
     chirp_factory: Optional[Callable[[], Any]] = None,
+    broker: Optional[str] = None,
 ) -> bool:
     """Publish the last status, revoke the job mytoken, delete the token files; never raises.
+
+    With a node broker (``broker``, its socket) and no job mytoken in the sandbox, the
+    broker is told to release the job instead.
 
     Bounded by ``timeout_s`` (HTCondor waits ``JOB_EXIT_TIMEOUT``, 30 s, at most).
 
@@ -686,6 +759,8 @@ def run_exit_hook(
     """
     scratch = env.get("_CONDOR_SCRATCH_DIR") or os.getcwd()
     directory = Path(scratch) / dir_name
+    if broker and not (directory / "job.json").is_file():
+        return _broker_release(directory, broker, timeout_s)
     if not (directory / "job.json").is_file():
         logger.info("exit hook: no token directory reason=%s dir=%s", reason, directory)
         return True
@@ -912,6 +987,11 @@ def _token_from_creds(env: Mapping[str, str]) -> bool:
     return bool(creds and token and token.endswith(".use") and Path(token).parent == Path(creds))
 
 
+def _token_from_broker(env: Mapping[str, str], directory: Path) -> bool:
+    """Whether the prepare hook set the job up with the node broker (no sidecar needed)."""
+    return bool(env.get(BROKER_KNOB)) and env.get("BEARER_TOKEN_FILE") == str(directory / "bt")
+
+
 def run_job_wrapper(
     argv: List[str],
     env: Mapping[str, str],
@@ -934,9 +1014,12 @@ def run_job_wrapper(
         return int(ExitCode.USAGE)
     scratch = Path(env.get("_CONDOR_SCRATCH_DIR") or os.getcwd())
     directory = scratch / dir_name
-    if not (directory / "job.json").exists() and _token_from_creds(env):
+    if not (directory / "job.json").exists() and (
+        _token_from_creds(env) or _token_from_broker(env, directory)
+    ):
         # the credd path: the prepare hook pointed BEARER_TOKEN_FILE at $_CONDOR_CREDS,
-        # which HTCondor refreshes from the AP's credmon; no job mytoken, nothing to renew
+        # which HTCondor refreshes from the AP's credmon; the node broker's: the broker
+        # renews the token in the job's directory. No job mytoken here, nothing to renew.
         try:
             execute(argv[0], argv, dict(env))
         except OSError as exc:
