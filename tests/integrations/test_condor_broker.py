@@ -14,8 +14,10 @@ from typing import Any, Dict, Tuple
 import classad2
 import pytest
 
-from jobtoken._errors import ConfigError
+from jobtoken._brokeridentity import PeerCred, ProcessAnchor
+from jobtoken._errors import ConfigError, IdentityError
 from jobtoken.integrations.condor_broker import (
+    CondorJobs,
     NotAJob,
     ProcessInfo,
     find_starter,
@@ -237,3 +239,62 @@ def test_startd_address_comes_from_the_startds_own_file(tmp_path: Path) -> None:
     assert startd_address({"LOG": str(tmp_path)}.get).startswith("<127.0.0.1:9618")
     with pytest.raises(ConfigError, match="cannot read"):
         startd_address({"STARTD_ADDRESS_FILE": str(tmp_path / "none")}.get)
+
+
+# --- the resolver as the broker uses it ----------------------------------------------------
+
+
+def resolver_for(table: Dict[int, ProcessInfo], ads: list) -> CondorJobs:
+    return CondorJobs(query=lambda slot: ads, read=lambda pid: table[pid])
+
+
+PAYLOAD_TABLE = {p.pid: p for p in (proc(500, 400, "python3", JOB_UID),
+                                    proc(400, 300, "sh", JOB_UID), STARTER, STARTD, MASTER)}
+
+
+def test_the_resolver_gives_the_starter_as_the_jobs_anchor() -> None:
+    identity = resolver_for(PAYLOAD_TABLE, [slot_ad(AllowedJobDuration=600)]).resolve(
+        PeerCred(pid=500, uid=JOB_UID, gid=JOB_UID))
+    assert identity.job_id == GLOBAL_JOB_ID
+    assert identity.uid == JOB_UID and identity.owner == "alice"
+    assert identity.anchor == ProcessAnchor(300, STARTER.start_ticks)
+    assert identity.walltime_s == 600
+
+
+def test_the_resolver_refuses_with_identity_errors() -> None:
+    peer = PeerCred(pid=500, uid=JOB_UID, gid=JOB_UID)
+    with pytest.raises(IdentityError, match="did not ask"):
+        resolver_for(PAYLOAD_TABLE, [slot_ad(HookKeyword=None)]).resolve(peer)
+    with pytest.raises(IdentityError, match="no slot slot1_1"):
+        resolver_for(PAYLOAD_TABLE, [slot_ad(Name="slot1_2@ep")]).resolve(peer)
+    outside = {500: proc(500, 1, "python3", JOB_UID)}
+    with pytest.raises(IdentityError, match="does not run under a condor_starter"):
+        resolver_for(outside, [slot_ad()]).resolve(peer)
+
+
+def test_a_starter_that_ended_during_the_query_is_not_trusted() -> None:
+    table = dict(PAYLOAD_TABLE)
+    calls: list = []
+
+    def query(slot: str) -> list:
+        calls.append(slot)
+        table[300] = proc(300, 200, "condor_starter", 0, STARTER.argv, start=99999)
+        return [slot_ad()]
+
+    resolver = CondorJobs(query=query, read=lambda pid: table[pid])
+    with pytest.raises(IdentityError, match="ended"):
+        resolver.resolve(PeerCred(pid=500, uid=JOB_UID, gid=JOB_UID))
+    assert calls == ["slot1_1"]
+
+
+def test_the_broker_loads_this_resolver_by_name(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    from jobtoken import _broker
+    from jobtoken._config import BrokerConfig, Config
+
+    address = tmp_path / ".startd_address"
+    address.write_text("<127.0.0.1:9618>\n")
+    monkeypatch.setattr("jobtoken.integrations.condor_broker.condor_param",
+                        {"STARTD_ADDRESS_FILE": str(address)}.get)
+    resolver = _broker.make_resolver(Config(broker=BrokerConfig(identity="condor")))
+    assert isinstance(resolver, CondorJobs)

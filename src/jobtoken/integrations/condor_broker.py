@@ -32,16 +32,20 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
-from .._errors import ConfigError
+from .._brokeridentity import JobIdentity, PeerCred, ProcessAnchor
+from .._config import Config
+from .._errors import ConfigError, IdentityError
 from ._condor_bindings import bindings, condor_param
 from .condor import HOOK_KEYWORD, job_request_from_ad
 
 __all__ = [
     "STARTD_JOB_ATTRIBUTES",
+    "CondorJobs",
     "NotAJob",
     "ProcessInfo",
     "SlotJob",
     "find_starter",
+    "make_resolver",
     "process_chain",
     "read_process",
     "slot_from_starter_argv",
@@ -268,12 +272,13 @@ _PROJECTION = ("Name", "State", "JobId", "GlobalJobId", "RemoteOwner", "RemoteUs
                *STARTD_JOB_ATTRIBUTES)
 
 
-def startd_address(param: Callable[[str], Optional[str]] = condor_param) -> str:
+def startd_address(param: Optional[Callable[[str], Optional[str]]] = None) -> str:
     """The local startd's address, from the file it writes (``STARTD_ADDRESS_FILE``).
 
     Raises:
         ConfigError: no such file.
     """
+    param = param or condor_param
     path = param("STARTD_ADDRESS_FILE")
     if not path:
         log = param("LOG")
@@ -305,3 +310,64 @@ def query_startd_slots(slot: str) -> List[Any]:
         return list(collector.query(ad_types.Startd, "true", list(_PROJECTION)))
     except Exception as exc:  # the bindings raise their own types for a refused query
         raise NotAJob(f"the startd does not answer about {slot}: {exc}") from None
+
+
+# --- the resolver ---------------------------------------------------------------------------
+
+
+class CondorJobs:
+    """``broker.identity = "condor"``: a caller is the job its ``condor_starter`` runs.
+
+    Every request is resolved afresh (a few /proc reads and one query to the local
+    startd), so nothing a job did before, and nothing the broker remembered, can make it
+    another job.
+    """
+
+    def __init__(
+        self,
+        *,
+        query: Callable[[str], List[Any]] = query_startd_slots,
+        read: Callable[[int], ProcessInfo] = read_process,
+    ) -> None:
+        self._query = query
+        self._read = read
+
+    def resolve(self, peer: PeerCred) -> JobIdentity:
+        """The job ``peer`` belongs to.
+
+        Raises:
+            IdentityError: not a process of a job that asked for a token.
+            ConfigError: the job's wishes in its ad break the rules.
+        """
+        try:
+            chain = process_chain(peer.pid, read=self._read)
+            starter, slot = find_starter(chain, peer.uid)
+            job = slot_job_from_ad(pick_slot_ad(self._query(slot), slot), slot)
+            # the starter must still be the same process after the query: a job that
+            # ended meanwhile (and a slot that took the next one) is never mixed up
+            if self._read(starter.pid).start_ticks != starter.start_ticks:
+                raise NotAJob(f"condor_starter {starter.pid} ended")
+        except NotAJob as exc:
+            raise IdentityError(f"not an HTCondor job that asked for a token: {exc}") from None
+        return JobIdentity(
+            job_id=job.job_id,
+            uid=peer.uid,
+            owner=job.owner,
+            anchor=ProcessAnchor(starter.pid, starter.start_ticks),
+            walltime_s=job.walltime_s,
+            vo=job.vo,
+            scopes=job.scopes,
+            audiences=job.audiences,
+        )
+
+
+def make_resolver(config: Config) -> CondorJobs:
+    """The resolver ``_broker.make_resolver`` loads by name.
+
+    Raises:
+        ConfigError: no HTCondor bindings, or no local startd to ask.
+    """
+    if bindings() is None:
+        raise ConfigError("broker.identity = condor needs the HTCondor Python bindings")
+    startd_address()  # fail at start, not at the first job
+    return CondorJobs()
