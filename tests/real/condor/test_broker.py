@@ -245,6 +245,31 @@ def test_a_payload_that_kills_all_it_can_and_deletes_its_tokens_is_still_revoked
     assert broker_pids(bpool), "the broker survives its jobs"
 
 
+def test_a_job_whose_starter_dies_without_an_exit_hook_is_revoked_by_the_broker(
+    bpool: Pool, devserver: DevServer, robot: str
+) -> None:
+    """No exit hook, no release: the broker sees its anchor, the starter, end."""
+    before = child_ids(devserver, robot)
+    directory, cluster = submit(bpool, "broker-starter", "#!/bin/sh\nexec /usr/bin/python3 "
+                                "reader.py 600 0\n", ASK)
+    bpool.wait_job(cluster, lambda a: a["JobStatus"] == RUNNING, 120, "to run")
+    (first,) = wait_minted(bpool, devserver, robot, before)
+    starter = int(sandbox_of(bpool, cluster).name[len("dir_"):])
+    assert Path(f"/proc/{starter}/comm").read_text().strip() == "condor_starter"
+    exit_hooks = bpool.audit_log.read_text().count("exit-hook")
+    os.kill(starter, signal.SIGKILL)
+    killed_at = time.monotonic()
+    bpool.wait_for(lambda: devserver._store.by_mom_id(first.mom_id).revoked, 60,
+                   "the broker to revoke the job mytoken of the dead starter",
+                   detail=lambda: broker_log(bpool))
+    print(f"\njob mytoken revoked {time.monotonic() - killed_at:.1f} s after the starter died")
+    assert bpool.audit_log.read_text().count("exit-hook") == exit_hooks, \
+        "revoked by the broker itself, not by an exit hook"
+    bpool.condor(["condor_rm", str(cluster)])
+    bpool.wait_done(cluster, timeout=120)
+    wait_revoked(bpool, devserver, robot, before)  # and the rerun's, if the job ran again
+
+
 def test_the_broker_killed_mid_job_is_restarted_and_no_token_is_lost(
     bpool: Pool, devserver: DevServer, robot: str
 ) -> None:
