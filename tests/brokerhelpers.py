@@ -8,6 +8,7 @@ another uid through ``setuid`` (root is needed for that; CI runs as root).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -25,7 +26,7 @@ import pytest
 from jobtoken._brokerclient import BrokerClient
 from jobtoken._errors import JobtokenError
 from jobtoken._tokenfile import write_secret_file
-from jobtoken.devserver import DevServer
+from jobtoken.devserver import DevServer, DevServerConfig
 from tests.runhelpers import AUD, PARENT_CAPS, ROOT, readline_within
 
 JOB_PAYLOAD = ROOT / "tests" / "payloads" / "broker_job.py"
@@ -148,8 +149,13 @@ workers = {workers}
                                   walltime_s=600, **extra))
 
     def job_dir(self, name: str, uid: int) -> Path:
-        path = self.base / "jobs" / name
-        path.mkdir(parents=True, mode=0o700)
+        """``jobs/NAME/tokens``: a token directory in the job's own scratch directory
+        (both the job's, 0700), as a batch system lays out a sandbox."""
+        scratch = self.base / "jobs" / name
+        scratch.mkdir(parents=True, mode=0o700, exist_ok=True)
+        os.chown(scratch, uid, uid)
+        path = scratch / "tokens"
+        path.mkdir(mode=0o700)
         os.chown(path, uid, uid)
         return path
 
@@ -222,3 +228,25 @@ def base_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_site(*, at_lifetime_s: float, margin_s: float, workers: int = 4) -> Iterator[Site]:
+    """A dev server issuing ``at_lifetime_s`` tokens and a started broker for it.
+
+    At the end the broker's log must show no internal error (a bug the replies hid).
+    """
+    require_root()
+    with DevServer(DevServerConfig(at_lifetime_s=int(at_lifetime_s),
+                                   op_scopes=("storage.read:/", "storage.create:/"),
+                                   default_audience=AUD)) as srv:
+        for base in base_dir():
+            site = Site(srv, base, at_lifetime_s=at_lifetime_s, margin_s=margin_s,
+                        workers=workers)
+            site.start()
+            try:
+                yield site
+            finally:
+                site.stop()
+            log = site.log_text()
+            assert "internal error" not in log and "Traceback" not in log, log

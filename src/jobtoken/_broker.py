@@ -66,6 +66,7 @@ from ._errors import (
     MytokenError,
     MytokenRejectedError,
     ServerUnavailableError,
+    TokenCheckError,
     TokenFileError,
     UsageError,
 )
@@ -301,9 +302,13 @@ class Broker:
                     self._anchor_ended(obj)
             while True:
                 try:
-                    self._posted.get_nowait()()
+                    posted = self._posted.get_nowait()
                 except queue.Empty:
                     break
+                try:
+                    posted()
+                except Exception:  # a bug must not take every job's renewals down with it
+                    logger.exception("internal error in the broker loop")
             self._expire_conns()
             now = time.time()
             if now >= self._next_reconcile:
@@ -761,9 +766,10 @@ class Broker:
             self._write_job_token(job.tokendir, job.identity.uid, job.dir_identity, token.raw)
         except TokenFileError as exc:  # the job's loss; the broker's copy is renewed
             logger.warning("job %s: %s", job.job_id, exc.message)
-        return token
+            return token, exc
+        return token, None
 
-    def _renewed(self, job: _Job, token: Any, error: Optional[BaseException],
+    def _renewed(self, job: _Job, result: Any, error: Optional[BaseException],
                  conn: Optional[_Conn], min_valid_s: Optional[float]) -> None:
         if job.phase != ACTIVE:
             if conn is not None:
@@ -771,10 +777,12 @@ class Broker:
                     f"job {job.job_id} ended"), job.job_id))
             return
         if error is None:
+            token, unwritten = result
             logger.info("token renewed job=%s exp=%d", job.job_id, int(token.expires_at))
             self._record_token(job, token.expires_at, token.issued_at, token.jti, renewed=True)
             if conn is not None:
-                self._reply(conn, self._token_reply(job, renewed=True))
+                self._reply(conn, self._token_reply(job, renewed=True) if unwritten is None
+                            else reply_for_error(unwritten, job.job_id))
             return
         self._renewal_failed(job, error)
         if conn is not None:
@@ -797,8 +805,10 @@ class Broker:
             self.paused_until = now + retry_after
             logger.warning("server asked to wait %.0f s (429): every renewal of the node "
                            "pauses until then", retry_after)
-        permanent = isinstance(error, JobtokenError) and not error.retryable and not isinstance(
-            error, (TokenFileError,)) and type(error).__name__ != "TokenCheckError"
+        # a refused token (the next may pass) or an unwritable file (a disk may drain) is
+        # retried although not ``retryable`` (RenewalReport.permanent's rule)
+        permanent = isinstance(error, JobtokenError) and not error.retryable \
+            and not isinstance(error, (TokenFileError, TokenCheckError))
         st.last_error_permanent = permanent
         logger.warning("renewal failed job=%s attempt=%d%s: %s", job.job_id,
                        st.consecutive_failures, " (permanent)" if permanent else "", message)
@@ -831,8 +841,9 @@ class Broker:
             return
         left = (job.state.expires_at or 0.0) - time.time()
         if left >= min_valid and left > 0:
-            self._restore_job_token(job)
-            self._reply(conn, self._token_reply(job, renewed=False))
+            problem = self._restore_job_token(job)
+            self._reply(conn, self._token_reply(job, renewed=False) if problem is None
+                        else reply_for_error(problem, job.job_id))
             return
         if time.time() < self.paused_until:
             raise ServerUnavailableError(
@@ -847,14 +858,17 @@ class Broker:
         # _ensure replied or started a renewal that will; nothing more to say now
         raise _Answered()
 
-    def _restore_job_token(self, job: _Job) -> None:
-        """Rewrite the job's token file from the broker's copy (the job may have lost it)."""
+    def _restore_job_token(self, job: _Job) -> Optional[JobtokenError]:
+        """Make the job's token file hold the broker's copy again (the job may have lost
+        or replaced it); the error, if that failed."""
         try:
             raw = read_secret_file(job.store.bearer_token)
             assert job.tokendir is not None and job.dir_identity is not None
             self._write_job_token(job.tokendir, job.identity.uid, job.dir_identity, raw)
         except JobtokenError as exc:
             logger.warning("job %s: cannot restore its token file: %s", job.job_id, exc.message)
+            return exc
+        return None
 
     def _status(self, job: _Job) -> BrokerReply:
         st = job.state

@@ -345,6 +345,8 @@ class JobDirectory:
             data = (text + "\n").encode("ascii", errors="strict")
         except UnicodeEncodeError:
             raise TokenFileError(f"refusing to write {self.path}/{name}: not ASCII text") from None
+        if self._holds(name, data):
+            return
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         tmp: Optional[str] = None
         try:
@@ -379,6 +381,29 @@ class JobDirectory:
                     os.unlink(tmp, dir_fd=self.fd)
                 except OSError:
                     pass
+
+    def _holds(self, name: str, data: bytes) -> bool:
+        """Whether ``name`` is already our file with ``data`` (so it is not rewritten).
+
+        Opened ``O_NOFOLLOW|O_NONBLOCK`` (a planted FIFO cannot block us) and accepted only
+        as a regular 0600 file of the job's uid with one link: a planted hardlink is
+        rewritten (that is, replaced), never kept.
+        """
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self.fd)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != self.uid or st.st_nlink != 1 \
+                    or stat.S_IMODE(st.st_mode) != 0o600 or st.st_size != len(data):
+                return False
+            return os.read(fd, len(data) + 1) == data
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def remove(self, name: str) -> bool:
         """Unlink ``name`` here (never follows it); a missing one is fine."""
