@@ -103,7 +103,12 @@ def _cmd_exit_hook(args: argparse.Namespace) -> int:
 def _cmd_update_hook(args: argparse.Namespace) -> int:
     from ._errors import JobtokenError
     from ._tokendir import TokenDir
-    from .integrations.condor import TOKEN_DIR_NAME, publish_chirp
+    from .integrations.condor import (
+        TOKEN_DIR_NAME,
+        broker_socket,
+        publish_broker_chirp,
+        publish_chirp,
+    )
 
     _drain_stdin()
     scratch = os.environ.get("_CONDOR_SCRATCH_DIR") or os.getcwd()
@@ -113,6 +118,10 @@ def _cmd_update_hook(args: argparse.Namespace) -> int:
             publish_chirp(TokenDir.existing(directory))
         except JobtokenError as exc:
             logger.warning("update hook: %s", exc.message)
+    elif directory.is_dir():
+        socket_path = broker_socket()
+        if socket_path:
+            publish_broker_chirp(directory, socket_path)
     return 0
 
 

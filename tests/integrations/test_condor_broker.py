@@ -7,6 +7,7 @@ child of ``condor_starter -f -a slot1_1 <shadow host>``, whose parent is ``condo
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -298,3 +299,166 @@ def test_the_broker_loads_this_resolver_by_name(monkeypatch: pytest.MonkeyPatch,
                         {"STARTD_ADDRESS_FILE": str(address)}.get)
     resolver = _broker.make_resolver(Config(broker=BrokerConfig(identity="condor")))
     assert isinstance(resolver, CondorJobs)
+
+
+# --- the hooks' side (the broker is a stub socket here; the real one runs in the pool) -----
+
+
+class StubBroker:
+    """A Unix socket that answers each request line with the next canned reply."""
+
+    def __init__(self, path: Path, replies: list) -> None:
+        import socket
+        import threading
+
+        self.path = str(path)
+        self.requests: list = []
+        self._replies = list(replies)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(self.path)
+        self._sock.listen(4)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while self._replies:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                self.requests.append(json.loads(data))
+                conn.sendall(self._replies.pop(0).to_json().encode() + b"\n")
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Path:
+    path = tmp_path / "dir_4242"
+    path.mkdir()
+    return path
+
+
+def hook_ad(**extra: Any) -> str:
+    from .conftest import job_ad_text
+
+    return job_ad_text(GlobalJobId=GLOBAL_JOB_ID, Owner="alice", HookKeyword="JOBTOKEN",
+                       Environment="FOO=bar BEARER_TOKEN=stale", **extra)
+
+
+def test_the_prepare_hook_asks_the_broker_and_gives_the_job_only_the_token_file(
+    scratch: Path, tmp_path: Path
+) -> None:
+    from jobtoken._brokerproto import BrokerReply
+    from jobtoken._config import Config
+    from jobtoken.integrations._env import parse_environment_v2
+    from jobtoken.integrations.condor import HookOptions, run_prepare_hook
+
+    sock = tmp_path / "b.sock"
+    stub = StubBroker(sock, [BrokerReply(True, 0, "prepared", expires_at=2e9, job_id="j",
+                                         bearer_token_file=str(scratch / ".jobtoken/bt"))])
+    try:
+        result = run_prepare_hook(Config(), hook_ad(), env={"_CONDOR_SCRATCH_DIR": str(scratch)},
+                                  options=HookOptions(broker_socket=str(sock)))
+    finally:
+        stub.close()
+    assert result.status_code == 0, result.message
+    (request,) = stub.requests
+    assert request["op"] == "prepare" and request["tokendir"] == str(scratch / ".jobtoken")
+    assert not request.get("scopes") and not request.get("job"), "identity is the broker's"
+    env = dict(parse_environment_v2(result.environment or ""))
+    assert env == {"FOO": "bar", "BEARER_TOKEN_FILE": str(scratch / ".jobtoken/bt"),
+                   "JOBTOKEN_DIR": str(scratch / ".jobtoken"), "JOBTOKEN_BROKER_SOCKET": str(sock)}
+    info = os.stat(scratch / ".jobtoken")
+    assert (info.st_mode & 0o777, sorted(os.listdir(scratch / ".jobtoken"))) == (0o700, [])
+
+
+def test_an_unreachable_broker_requeues_the_job(scratch: Path, tmp_path: Path) -> None:
+    from jobtoken._config import Config
+    from jobtoken.integrations.condor import HookOptions, run_prepare_hook
+
+    result = run_prepare_hook(Config(), hook_ad(), env={"_CONDOR_SCRATCH_DIR": str(scratch)},
+                              options=HookOptions(broker_socket=str(tmp_path / "none.sock")))
+    assert result.status_code == 375, result.message
+    assert "broker" in (result.message or "")
+
+
+def test_a_broker_refusal_holds_the_job_with_its_code(scratch: Path, tmp_path: Path) -> None:
+    from jobtoken._brokerproto import BrokerReply
+    from jobtoken._config import Config
+    from jobtoken.integrations.condor import HookOptions, run_prepare_hook
+
+    sock = tmp_path / "b.sock"
+    stub = StubBroker(sock, [BrokerReply(False, 67, "not an HTCondor job that asked")])
+    try:
+        result = run_prepare_hook(Config(), hook_ad(), env={"_CONDOR_SCRATCH_DIR": str(scratch)},
+                                  options=HookOptions(broker_socket=str(sock)))
+    finally:
+        stub.close()
+    assert result.status_code == 67 and "not an HTCondor job" in (result.message or "")
+
+
+def test_the_exit_hook_publishes_status_releases_and_removes_the_token(
+    scratch: Path, tmp_path: Path
+) -> None:
+    from jobtoken._brokerproto import BrokerReply
+    from jobtoken.integrations.condor import run_exit_hook
+
+    (scratch / ".jobtoken").mkdir(mode=0o700)
+    (scratch / ".jobtoken" / "bt").write_text("token")
+    sock = tmp_path / "b.sock"
+    status = BrokerReply(True, 0, "active", expires_at=1.9e9,
+                         detail={"renewals": 4, "consecutive_failures": 0})
+    stub = StubBroker(sock, [status, BrokerReply(True, 0, "released")])
+    sent: Dict[str, str] = {}
+
+    class Chirp:
+        def __enter__(self) -> Any:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def set_job_attr_delayed(self, name: str, value: str) -> None:
+            sent[name] = value
+
+    try:
+        assert run_exit_hook({"_CONDOR_SCRATCH_DIR": str(scratch)}, broker=str(sock),
+                             chirp_factory=Chirp)
+    finally:
+        stub.close()
+    assert [r["op"] for r in stub.requests] == ["status", "release"]
+    assert sent == {"ChirpJobtokenRenewals": "4", "ChirpJobtokenFailures": "0",
+                    "ChirpJobtokenExpiry": "1900000000"}
+    assert not (scratch / ".jobtoken" / "bt").exists()
+
+
+def test_the_exit_hook_without_a_broker_still_removes_the_token(scratch: Path,
+                                                                tmp_path: Path) -> None:
+    from jobtoken.integrations.condor import run_exit_hook
+
+    (scratch / ".jobtoken").mkdir(mode=0o700)
+    (scratch / ".jobtoken" / "bt").write_text("token")
+    assert not run_exit_hook({"_CONDOR_SCRATCH_DIR": str(scratch)},
+                             broker=str(tmp_path / "none.sock"), timeout_s=2.0)
+    assert not (scratch / ".jobtoken" / "bt").exists()
+
+
+def test_the_job_wrapper_starts_no_sidecar_for_a_broker_job(scratch: Path) -> None:
+    from jobtoken.integrations.condor import run_job_wrapper
+
+    (scratch / ".jobtoken").mkdir(mode=0o700)
+    env = {"_CONDOR_SCRATCH_DIR": str(scratch), "JOBTOKEN_BROKER_SOCKET": "/run/x.sock",
+           "BEARER_TOKEN_FILE": str(scratch / ".jobtoken" / "bt")}
+    ran: list = []
+    run_job_wrapper(["/bin/job", "a"], env, execute=lambda *a: ran.append(a))
+    assert ran == [("/bin/job", ["/bin/job", "a"], env)]
+    assert os.listdir(scratch / ".jobtoken") == []

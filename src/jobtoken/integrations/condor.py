@@ -715,7 +715,8 @@ def _broker_prepare(request: JobRequest, directory: Path, options: HookOptions) 
     return HookResult(0, None, environment)
 
 
-def _broker_release(directory: Path, socket_path: str, timeout_s: float) -> bool:
+def _broker_release(directory: Path, socket_path: str, timeout_s: float,
+                    chirp_factory: Optional[Callable[[], Any]] = None) -> bool:
     """Tell the broker the job ended (it revokes the job mytoken), remove the token file.
 
     The broker also notices on its own when the starter is gone, so a broker that cannot
@@ -723,6 +724,8 @@ def _broker_release(directory: Path, socket_path: str, timeout_s: float) -> bool
     """
     from .._brokerclient import BrokerClient
 
+    publish_broker_chirp(directory, socket_path, timeout_s=min(5.0, timeout_s / 4),
+                         chirp_factory=chirp_factory)
     released = True
     try:
         BrokerClient(socket_path, timeout_s).release()
@@ -760,7 +763,7 @@ def run_exit_hook(
     scratch = env.get("_CONDOR_SCRATCH_DIR") or os.getcwd()
     directory = Path(scratch) / dir_name
     if broker and not (directory / "job.json").is_file():
-        return _broker_release(directory, broker, timeout_s)
+        return _broker_release(directory, broker, timeout_s, chirp_factory)
     if not (directory / "job.json").is_file():
         logger.info("exit hook: no token directory reason=%s dir=%s", reason, directory)
         return True
@@ -805,9 +808,9 @@ def chirp_client_class() -> Optional[Callable[[], Any]]:
 _NO_CHIRP_MARK = "chirp-unavailable"
 
 
-def _warn_no_chirp_once(tokendir: TokenDir) -> None:
+def _warn_no_chirp_once(directory: Path) -> None:
     """One warning per job (each hook run is a new process, so the mark is a file)."""
-    mark = tokendir.path / _NO_CHIRP_MARK
+    mark = directory / _NO_CHIRP_MARK
     if mark.exists():
         return
     logger.warning(
@@ -824,13 +827,50 @@ def publish_chirp(
     tokendir: TokenDir, *, chirp_factory: Optional[Callable[[], Any]] = None
 ) -> Dict[str, str]:
     """Send the state as delayed Chirp updates; best effort, returns what was sent."""
-    values = chirp_values(tokendir)
+    return send_chirp(chirp_values(tokendir), tokendir.path, chirp_factory=chirp_factory)
+
+
+def broker_chirp_values(reply: Any) -> Dict[str, str]:
+    """The ``Chirp*`` attributes for the node broker's ``status`` reply about this job."""
+    detail = reply.detail or {}
+    values = {}
+    for name, key in (("ChirpJobtokenRenewals", "renewals"),
+                      ("ChirpJobtokenFailures", "consecutive_failures")):
+        value = detail.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            values[name] = str(value)
+    if reply.expires_at:
+        values["ChirpJobtokenExpiry"] = str(int(reply.expires_at))
+    return values
+
+
+def publish_broker_chirp(
+    directory: Path, socket_path: str, *, timeout_s: float = 10.0,
+    chirp_factory: Optional[Callable[[], Any]] = None,
+) -> Dict[str, str]:
+    """Ask the node broker for this job's state and send it as Chirp updates; best effort."""
+    from .._brokerclient import BrokerClient
+
+    try:
+        reply = BrokerClient(socket_path, timeout_s).status()
+    except JobtokenError as exc:
+        logger.warning("no status from the broker for Chirp: %s", exc.message)
+        return {}
+    return send_chirp(broker_chirp_values(reply), directory, chirp_factory=chirp_factory)
+
+
+def send_chirp(
+    values: Mapping[str, str], directory: Path, *,
+    chirp_factory: Optional[Callable[[], Any]] = None,
+) -> Dict[str, str]:
+    """Send ``values`` as delayed Chirp updates; best effort, returns what was sent.
+    ``directory`` (the job's token directory) keeps the mark of a warning given once."""
     if not values:
         return {}
     if chirp_factory is None:
         chirp_factory = chirp_client_class()
         if chirp_factory is None:
-            _warn_no_chirp_once(tokendir)
+            _warn_no_chirp_once(directory)
             return {}
     try:
         with chirp_factory() as chirp:
@@ -843,7 +883,7 @@ def publish_chirp(
         logger.warning("chirp update failed: %s", _one_line(str(exc), 200))
         return {}
     logger.debug("chirp updated %s", " ".join(f"{k}={v}" for k, v in values.items()))
-    return values
+    return dict(values)
 
 
 # --- condor_submit: include command -----------------------------------------------------------
