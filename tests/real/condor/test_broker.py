@@ -342,6 +342,34 @@ def test_a_job_cannot_get_a_token_for_another_jobs_directory(
     wait_revoked(bpool, devserver, robot, before)
 
 
+def test_the_broker_never_follows_a_symlink_the_job_puts_in_place_of_its_directory(
+    bpool: Pool, devserver: DevServer, robot: str
+) -> None:
+    """The payload swaps ``.jobtoken`` for a link to a root-owned directory; the broker's
+    next renewal must write nothing there (it opens the path with O_NOFOLLOW, as root)."""
+    before = child_ids(devserver, robot)
+    target = bpool.dir / "etc"
+    listing = sorted(os.listdir(target))
+    swap = (
+        "#!/bin/sh\n"
+        "i=0; while [ ! -s .jobtoken/bt ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n"
+        f"mv .jobtoken .old && ln -s {bpool.etc} .jobtoken || exit 9\n"
+        f"sleep {2 * AT_LIFETIME_S}\n"
+    )
+    directory, cluster = submit(bpool, "broker-symlink", swap, ASK)
+    bpool.wait_job(cluster, lambda a: a["JobStatus"] == RUNNING, 120, "to run")
+    wait_minted(bpool, devserver, robot, before)
+    job_id = bpool.job_ad(cluster)["GlobalJobId"]  # type: ignore[index]
+    bpool.wait_for(lambda: f"job {job_id}: " in broker_log(bpool), 2 * AT_LIFETIME_S + 30,
+                   "the broker to refuse the swapped token directory",
+                   detail=lambda: broker_log(bpool))
+    assert sorted(os.listdir(target)) == listing, "nothing written through the link"
+    ad = bpool.wait_done(cluster, timeout=2 * AT_LIFETIME_S + 120)
+    assert (ad["JobStatus"], ad["ExitCode"]) == (COMPLETED, 0), (ad, stderr_of(directory))
+    assert sorted(os.listdir(target)) == listing
+    wait_revoked(bpool, devserver, robot, before)
+
+
 def test_a_job_that_does_not_ask_never_meets_the_broker(
     bpool: Pool, devserver: DevServer, robot: str
 ) -> None:
