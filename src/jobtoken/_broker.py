@@ -88,6 +88,8 @@ logger = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 5.0
 #: connections open at once; more are answered with an error and closed at once
 MAX_CONNECTIONS = 512
+#: ... and per uid (root and the broker's own excepted): one user cannot crowd out the rest
+MAX_CONNECTIONS_PER_UID = 64
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 TOKEN_NAME = "bt"
 BROKER_FILE = "broker.json"
@@ -416,7 +418,9 @@ class Broker:
                 sock.close()
                 continue
             conn = _Conn(sock=sock, peer=peer, deadline=time.monotonic() + REQUEST_TIMEOUT_S)
-            if len(self._conns) >= MAX_CONNECTIONS:
+            same_uid = sum(1 for c in self._conns.values() if c.peer.uid == peer.uid)
+            if len(self._conns) >= MAX_CONNECTIONS or (
+                    same_uid >= MAX_CONNECTIONS_PER_UID and not self._trusted(peer)):
                 self._conns[sock.fileno()] = conn
                 self._sel.register(sock, selectors.EVENT_READ, ("conn", conn))
                 self._reply(conn, BrokerReply(False, int(ExitCode.SERVER_UNAVAILABLE),
@@ -456,6 +460,8 @@ class Broker:
             request = BrokerRequest.from_json(line)
             self._dispatch(conn, request)
         except Exception as exc:
+            if not isinstance(exc, JobtokenError):
+                logger.exception("internal error answering uid %d", conn.peer.uid)
             self._reply(conn, reply_for_error(exc))
 
     def _expire_conns(self) -> None:

@@ -131,6 +131,12 @@ def _register_broker(sub: Any, name: str) -> None:
         "subcommands ask it over its Unix socket.")
     commands = broker.add_subparsers(dest="broker_command", metavar="COMMAND",
                                      parser_class=type(broker))
+
+    def usage(args: argparse.Namespace) -> int:
+        broker.print_help(sys.stderr)
+        return 2
+
+    broker.set_defaults(func=usage, verbose=0, quiet=0)
     p = commands.add_parser("serve", help="run the broker (root or a service account)")
     add_common_options(p)
     add_server_options(p)
