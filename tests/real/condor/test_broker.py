@@ -360,7 +360,8 @@ def test_the_broker_never_follows_a_symlink_the_job_puts_in_place_of_its_directo
     bpool.wait_job(cluster, lambda a: a["JobStatus"] == RUNNING, 120, "to run")
     wait_minted(bpool, devserver, robot, before)
     job_id = bpool.job_ad(cluster)["GlobalJobId"]  # type: ignore[index]
-    bpool.wait_for(lambda: f"job {job_id}: " in broker_log(bpool), 2 * AT_LIFETIME_S + 30,
+    refused = f"job {job_id}: cannot use token directory "
+    bpool.wait_for(lambda: refused in broker_log(bpool), 2 * AT_LIFETIME_S + 30,
                    "the broker to refuse the swapped token directory",
                    detail=lambda: broker_log(bpool))
     assert sorted(os.listdir(target)) == listing, "nothing written through the link"
