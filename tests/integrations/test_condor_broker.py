@@ -462,3 +462,14 @@ def test_the_job_wrapper_starts_no_sidecar_for_a_broker_job(scratch: Path) -> No
     run_job_wrapper(["/bin/job", "a"], env, execute=lambda *a: ran.append(a))
     assert ran == [("/bin/job", ["/bin/job", "a"], env)]
     assert os.listdir(scratch / ".jobtoken") == []
+
+
+def test_the_shipped_snippet_copies_every_attribute_the_resolver_reads() -> None:
+    from jobtoken.integrations.condor_broker import STARTD_JOB_ATTRIBUTES
+
+    from .conftest import CONDOR_DIR
+
+    lines = (CONDOR_DIR / "config.d" / "60-jobtoken-broker.conf").read_text().splitlines()
+    (line,) = [ln for ln in lines if ln.startswith("STARTD_JOB_ATTRS")]
+    assert line.split("=", 1)[1].split()[1:] == list(STARTD_JOB_ATTRIBUTES)
+    assert not any(a.lower().startswith("chirp") for a in STARTD_JOB_ATTRIBUTES)

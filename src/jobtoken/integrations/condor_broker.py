@@ -9,8 +9,9 @@ that runs it; that starter's command line names its slot (``-a slotN_M`` by defa
 address file, not the collector, which others may advertise to). The job cannot write
 that ad's identity: ``GlobalJobId``, ``JobId`` and ``RemoteOwner`` come from the claim,
 and the job attributes listed in ``STARTD_JOB_ATTRS`` are the startd's copy of the ad the
-schedd sent at activation (a job can change only ``Chirp*`` ones there, through
-``CHIRP_DELAYED_UPDATE_PREFIX``, so none of ours may match it). The anchor, whose end is
+schedd sent at activation, updated only by the starter's reports: its usage figures and
+the job's delayed Chirp attributes (``CHIRP_DELAYED_UPDATE_PREFIX``, default ``Chirp*``,
+which none of ours may match; 23.9 ``Claim::receiveJobClassAdUpdate``). The anchor, whose end is
 the job's end, is the starter process (pid and start time): it lives exactly as long as
 the job's sandbox ``$(EXECUTE)/dir_<starter pid>``.
 
@@ -27,7 +28,6 @@ scopes, wall time and VO rules are ``condor.job_request_from_ad``'s and ``_prepa
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
@@ -51,8 +51,6 @@ __all__ = [
     "slot_from_starter_argv",
     "slot_job_from_ad",
 ]
-
-logger = logging.getLogger(__name__)
 
 STARTER_NAME = "condor_starter"
 STARTD_NAME = "condor_startd"
