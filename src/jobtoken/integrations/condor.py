@@ -13,6 +13,10 @@ point turns one HTCondor contract into one library call:
   whole run; and it starts no process, because the starter kills the hook's family.
 * ``JOB_EXIT`` hook (``run_exit_hook``): revoke the job mytoken, delete the token files,
   within HTCondor's 30 s.
+* With a node broker (``JOBTOKEN_BROKER_SOCKET`` in the HTCondor config): the prepare hook
+  sends ``prepare`` for ``.jobtoken`` and the exit hook ``release``; the broker holds the
+  job mytoken and renews the token, so the sandbox gets neither a mytoken nor a sidecar
+  (who the job is, the broker learns from HTCondor: ``condor_broker``).
 * ``UPDATE_JOB_INFO`` hook / Chirp (``publish_chirp``): the sidecar's state as delayed
   ``Chirp*`` job attributes (no ``want_io_proxy`` needed). Best effort.
 * ``include command : jobtoken condor submit`` (``submit_commands``): submit-language
@@ -604,7 +608,7 @@ def _prepare_hook(
     directory = scratch / options.dir_name
     supplied = _job_supplied_mytoken(request, env, scratch, options)
     if supplied is None and options.broker_socket:
-        return _broker_prepare(request, directory, options)
+        return _broker_prepare(request, directory, options.broker_socket, options.deadline_s)
     if supplied is not None and supplied[0].startswith("$_CONDOR_CREDS"):
         bearer = _creds_access_token(request, *supplied, now=time.time())
         if bearer is not None:
@@ -691,7 +695,9 @@ def broker_socket(param: Callable[[str], Optional[str]] = condor_param_as_set) -
     return value.strip() or None if value else None
 
 
-def _broker_prepare(request: JobRequest, directory: Path, options: HookOptions) -> HookResult:
+def _broker_prepare(
+    request: JobRequest, directory: Path, socket_path: str, timeout_s: float
+) -> HookResult:
     """Ask the node broker for the job's token: it mints and keeps the job mytoken itself,
     reads who the job is from the startd (not from this ad), and writes only the access
     token into ``directory``; no mytoken and no sidecar ever reach the sandbox.
@@ -701,16 +707,15 @@ def _broker_prepare(request: JobRequest, directory: Path, options: HookOptions) 
     """
     from .._brokerclient import BrokerClient
 
-    assert options.broker_socket
     ensure_private_dir(directory)
-    reply = BrokerClient(options.broker_socket, options.deadline_s).prepare(str(directory))
+    reply = BrokerClient(socket_path, timeout_s).prepare(str(directory))
     environment = _environment_with(request, {
         "BEARER_TOKEN_FILE": reply.bearer_token_file or str(directory / "bt"),
         "JOBTOKEN_DIR": str(directory),
-        BROKER_KNOB: options.broker_socket,  # for `jobtoken broker ensure` in the payload
+        BROKER_KNOB: socket_path,  # for `jobtoken broker ensure` in the payload
     })
     logger.info("prepare hook done job=%s broker=%s dir=%s exp=%s", reply.job_id or
-                request.job.job_id, options.broker_socket, directory,
+                request.job.job_id, socket_path, directory,
                 int(reply.expires_at) if reply.expires_at else "-")
     return HookResult(0, None, environment)
 
