@@ -336,11 +336,12 @@ def test_hostile_input_gets_one_line_and_does_not_stall_the_loop(site: Site) -> 
         sock.sendall(b'{"v": 1, "op": "pi')
         slow.append(sock)
     try:
-        # ... do not keep others from being served promptly
+        # ... do not keep others from being served: well before a stalled loop could
+        # answer (it would wait out a slow client's 5 s), even on a loaded machine
         for _ in range(5):
             began = time.monotonic()
             assert site.client.ping().ok
-            assert time.monotonic() - began < 2.0
+            assert time.monotonic() - began < 4.0
         # ... and each gets one line when its time is up
         slow[0].settimeout(30)
         received = b""
