@@ -57,7 +57,7 @@ def _drain_stdin() -> None:
 
 
 def _cmd_prepare_hook(args: argparse.Namespace) -> int:
-    from .integrations.condor import HookOptions, run_prepare_hook
+    from .integrations.condor import HookOptions, broker_socket, run_prepare_hook
 
     _hook_logging("prepare-hook")
     try:
@@ -75,6 +75,7 @@ def _cmd_prepare_hook(args: argparse.Namespace) -> int:
         creds_service=args.creds_service,
         require_walltime=args.require_walltime,
         deadline_s=args.deadline,
+        broker_socket=broker_socket(),
     )
     try:
         result = run_prepare_hook(config, sys.stdin.read(), env=os.environ, options=options)
@@ -91,18 +92,23 @@ def _cmd_prepare_hook(args: argparse.Namespace) -> int:
 
 
 def _cmd_exit_hook(args: argparse.Namespace) -> int:
-    from .integrations.condor import run_exit_hook
+    from .integrations.condor import broker_socket, run_exit_hook
 
     _hook_logging(f"exit-hook:{args.reason}")
     _drain_stdin()  # the job ad is not needed
-    run_exit_hook(os.environ, reason=args.reason, timeout_s=args.timeout)
+    run_exit_hook(os.environ, reason=args.reason, timeout_s=args.timeout, broker=broker_socket())
     return 0
 
 
 def _cmd_update_hook(args: argparse.Namespace) -> int:
     from ._errors import JobtokenError
     from ._tokendir import TokenDir
-    from .integrations.condor import TOKEN_DIR_NAME, publish_chirp
+    from .integrations.condor import (
+        TOKEN_DIR_NAME,
+        broker_socket,
+        publish_broker_chirp,
+        publish_chirp,
+    )
 
     _drain_stdin()
     scratch = os.environ.get("_CONDOR_SCRATCH_DIR") or os.getcwd()
@@ -112,6 +118,10 @@ def _cmd_update_hook(args: argparse.Namespace) -> int:
             publish_chirp(TokenDir.existing(directory))
         except JobtokenError as exc:
             logger.warning("update hook: %s", exc.message)
+    elif directory.is_dir():
+        socket_path = broker_socket()
+        if socket_path:
+            publish_broker_chirp(directory, socket_path)
     return 0
 
 

@@ -13,6 +13,10 @@ point turns one HTCondor contract into one library call:
   whole run; and it starts no process, because the starter kills the hook's family.
 * ``JOB_EXIT`` hook (``run_exit_hook``): revoke the job mytoken, delete the token files,
   within HTCondor's 30 s.
+* With a node broker (``JOBTOKEN_BROKER_SOCKET`` in the HTCondor config): the prepare hook
+  sends ``prepare`` for ``.jobtoken`` and the exit hook ``release``; the broker holds the
+  job mytoken and renews the token, so the sandbox gets neither a mytoken nor a sidecar
+  (who the job is, the broker learns from HTCondor: ``condor_broker``).
 * ``UPDATE_JOB_INFO`` hook / Chirp (``publish_chirp``): the sidecar's state as delayed
   ``Chirp*`` job attributes (no ``want_io_proxy`` needed). Best effort.
 * ``include command : jobtoken condor submit`` (``submit_commands``): submit-language
@@ -123,6 +127,7 @@ class HookOptions:
     require_walltime: bool = False  # True: hold jobs without a wall time in the ad
     deadline_s: float = 120.0  # the whole hook, all network calls included
     dir_name: str = TOKEN_DIR_NAME
+    broker_socket: Optional[str] = None  # JOBTOKEN_BROKER_SOCKET: the node broker mints
 
 
 @dataclass(frozen=True)
@@ -431,6 +436,22 @@ def credential_files(services: Tuple[str, ...], service: str) -> Tuple[str, ...]
     )
 
 
+def _environment_with(request: JobRequest, add: Mapping[str, str]) -> str:
+    """The job's complete new ``Environment`` (the starter replaces it, it does not merge):
+    its own variables without ``BEARER_TOKEN`` (it would win over the file in WLCG
+    discovery and is never renewed), plus ``add``.
+
+    Raises:
+        ConfigError: a value the V2 syntax cannot carry.
+    """
+    current = {k: v for k, v in request.environment.items() if k != "BEARER_TOKEN"}
+    current.update(add)
+    try:
+        return format_environment_v2(current)
+    except EnvironmentSyntaxError as exc:
+        raise ConfigError(f"job {request.job.job_id}: {exc}") from None
+
+
 def _creds_access_token(
     request: JobRequest, where: str, path: Path, *, now: float
 ) -> Optional[HookResult]:
@@ -460,12 +481,7 @@ def _creds_access_token(
             f"the access token in {where} expired at {utc_text(token.expires_at)}; the access "
             "point's credmon has not renewed it"
         )
-    current = {k: v for k, v in request.environment.items() if k != "BEARER_TOKEN"}
-    current["BEARER_TOKEN_FILE"] = str(path)
-    try:
-        environment = format_environment_v2(current)
-    except EnvironmentSyntaxError as exc:
-        raise ConfigError(f"job {request.job.job_id}: {exc}") from None
+    environment = _environment_with(request, {"BEARER_TOKEN_FILE": str(path)})
     logger.info(
         "prepare hook done job=%s token=%s jti=%s exp=%s",
         request.job.job_id,
@@ -593,6 +609,8 @@ def _prepare_hook(
         logger.warning("no $_CONDOR_SCRATCH_DIR; using the current directory %s", scratch)
     directory = scratch / options.dir_name
     supplied = _job_supplied_mytoken(request, env, scratch, options)
+    if supplied is None and options.broker_socket:
+        return _broker_prepare(request, directory, options.broker_socket, options.deadline_s)
     if supplied is not None and supplied[0].startswith("$_CONDOR_CREDS"):
         bearer = _creds_access_token(request, *supplied, now=time.time())
         if bearer is not None:
@@ -667,6 +685,65 @@ def _prepare_hook(
     return HookResult(0, message, environment, prepared)
 
 
+# --- the node broker (docs/htcondor.md, "Node broker") -------------------------------------
+
+BROKER_KNOB = "JOBTOKEN_BROKER_SOCKET"
+
+
+def broker_socket(param: Callable[[str], Optional[str]] = condor_param_as_set) -> Optional[str]:
+    """The node broker's socket when the site runs one (HTCondor config
+    ``JOBTOKEN_BROKER_SOCKET``, never the job's environment), else None."""
+    value = param(BROKER_KNOB)
+    return value.strip() or None if value else None
+
+
+def _broker_prepare(
+    request: JobRequest, directory: Path, socket_path: str, timeout_s: float
+) -> HookResult:
+    """Ask the node broker for the job's token: it mints and keeps the job mytoken itself,
+    reads who the job is from the startd (not from this ad), and writes only the access
+    token into ``directory``; no mytoken and no sidecar ever reach the sandbox.
+
+    Raises:
+        JobtokenError: the broker's refusal (its exit code) or ServerUnavailableError.
+    """
+    from .._brokerclient import BrokerClient
+
+    ensure_private_dir(directory)
+    reply = BrokerClient(socket_path, timeout_s).prepare(str(directory))
+    environment = _environment_with(request, {
+        "BEARER_TOKEN_FILE": reply.bearer_token_file or str(directory / "bt"),
+        "JOBTOKEN_DIR": str(directory),
+        BROKER_KNOB: socket_path,  # for `jobtoken broker ensure` in the payload
+    })
+    logger.info("prepare hook done job=%s broker=%s dir=%s exp=%s", reply.job_id or
+                request.job.job_id, socket_path, directory,
+                int(reply.expires_at) if reply.expires_at else "-")
+    return HookResult(0, None, environment)
+
+
+def _broker_release(directory: Path, socket_path: str, timeout_s: float,
+                    chirp_factory: Optional[Callable[[], Any]] = None) -> bool:
+    """Tell the broker the job ended (it revokes the job mytoken), remove the token file.
+
+    The broker also notices on its own when the starter is gone, so a broker that cannot
+    be reached now still revokes; this only makes it prompt.
+    """
+    from .._brokerclient import BrokerClient
+
+    publish_broker_chirp(directory, socket_path, timeout_s=min(5.0, timeout_s / 4),
+                         chirp_factory=chirp_factory)
+    released = True
+    try:
+        BrokerClient(socket_path, timeout_s).release()
+    except JobtokenError as exc:
+        released = False
+        logger.warning("exit hook: the broker did not release the job: %s", exc.message)
+    remove_secret_file(directory / "bt")
+    logger.info("exit hook done broker=%s released=%s dir=%s", socket_path, released, directory)
+    return released
+
+
 # --- the exit hook ------------------------------------------------------------------------
 
 
@@ -678,8 +755,12 @@ def run_exit_hook(
     dir_name: str = TOKEN_DIR_NAME,
     jobtoken_argv: Optional[List[str]] = None,
     chirp_factory: Optional[Callable[[], Any]] = None,
+    broker: Optional[str] = None,
 ) -> bool:
     """Publish the last status, revoke the job mytoken, delete the token files; never raises.
+
+    With a node broker (``broker``, its socket) and no job mytoken in the sandbox, the
+    broker is told to release the job instead.
 
     Bounded by ``timeout_s`` (HTCondor waits ``JOB_EXIT_TIMEOUT``, 30 s, at most).
 
@@ -688,6 +769,8 @@ def run_exit_hook(
     """
     scratch = env.get("_CONDOR_SCRATCH_DIR") or os.getcwd()
     directory = Path(scratch) / dir_name
+    if broker and not (directory / "job.json").is_file():
+        return _broker_release(directory, broker, timeout_s, chirp_factory)
     if not (directory / "job.json").is_file():
         logger.info("exit hook: no token directory reason=%s dir=%s", reason, directory)
         return True
@@ -732,9 +815,9 @@ def chirp_client_class() -> Optional[Callable[[], Any]]:
 _NO_CHIRP_MARK = "chirp-unavailable"
 
 
-def _warn_no_chirp_once(tokendir: TokenDir) -> None:
+def _warn_no_chirp_once(directory: Path) -> None:
     """One warning per job (each hook run is a new process, so the mark is a file)."""
-    mark = tokendir.path / _NO_CHIRP_MARK
+    mark = directory / _NO_CHIRP_MARK
     if mark.exists():
         return
     logger.warning(
@@ -751,13 +834,50 @@ def publish_chirp(
     tokendir: TokenDir, *, chirp_factory: Optional[Callable[[], Any]] = None
 ) -> Dict[str, str]:
     """Send the state as delayed Chirp updates; best effort, returns what was sent."""
-    values = chirp_values(tokendir)
+    return send_chirp(chirp_values(tokendir), tokendir.path, chirp_factory=chirp_factory)
+
+
+def broker_chirp_values(reply: Any) -> Dict[str, str]:
+    """The ``Chirp*`` attributes for the node broker's ``status`` reply about this job."""
+    detail = reply.detail or {}
+    values = {}
+    for name, key in (("ChirpJobtokenRenewals", "renewals"),
+                      ("ChirpJobtokenFailures", "consecutive_failures")):
+        value = detail.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            values[name] = str(value)
+    if reply.expires_at:
+        values["ChirpJobtokenExpiry"] = str(int(reply.expires_at))
+    return values
+
+
+def publish_broker_chirp(
+    directory: Path, socket_path: str, *, timeout_s: float = 10.0,
+    chirp_factory: Optional[Callable[[], Any]] = None,
+) -> Dict[str, str]:
+    """Ask the node broker for this job's state and send it as Chirp updates; best effort."""
+    from .._brokerclient import BrokerClient
+
+    try:
+        reply = BrokerClient(socket_path, timeout_s).status()
+    except JobtokenError as exc:
+        logger.warning("no status from the broker for Chirp: %s", exc.message)
+        return {}
+    return send_chirp(broker_chirp_values(reply), directory, chirp_factory=chirp_factory)
+
+
+def send_chirp(
+    values: Mapping[str, str], directory: Path, *,
+    chirp_factory: Optional[Callable[[], Any]] = None,
+) -> Dict[str, str]:
+    """Send ``values`` as delayed Chirp updates; best effort, returns what was sent.
+    ``directory`` (the job's token directory) keeps the mark of a warning given once."""
     if not values:
         return {}
     if chirp_factory is None:
         chirp_factory = chirp_client_class()
         if chirp_factory is None:
-            _warn_no_chirp_once(tokendir)
+            _warn_no_chirp_once(directory)
             return {}
     try:
         with chirp_factory() as chirp:
@@ -770,7 +890,7 @@ def publish_chirp(
         logger.warning("chirp update failed: %s", _one_line(str(exc), 200))
         return {}
     logger.debug("chirp updated %s", " ".join(f"{k}={v}" for k, v in values.items()))
-    return values
+    return dict(values)
 
 
 # --- condor_submit: include command -----------------------------------------------------------
@@ -914,6 +1034,11 @@ def _token_from_creds(env: Mapping[str, str]) -> bool:
     return bool(creds and token and token.endswith(".use") and Path(token).parent == Path(creds))
 
 
+def _token_from_broker(env: Mapping[str, str], directory: Path) -> bool:
+    """Whether the prepare hook set the job up with the node broker (no sidecar needed)."""
+    return bool(env.get(BROKER_KNOB)) and env.get("BEARER_TOKEN_FILE") == str(directory / "bt")
+
+
 def run_job_wrapper(
     argv: List[str],
     env: Mapping[str, str],
@@ -936,9 +1061,12 @@ def run_job_wrapper(
         return int(ExitCode.USAGE)
     scratch = Path(env.get("_CONDOR_SCRATCH_DIR") or os.getcwd())
     directory = scratch / dir_name
-    if not (directory / "job.json").exists() and _token_from_creds(env):
+    if not (directory / "job.json").exists() and (
+        _token_from_creds(env) or _token_from_broker(env, directory)
+    ):
         # the credd path: the prepare hook pointed BEARER_TOKEN_FILE at $_CONDOR_CREDS,
-        # which HTCondor refreshes from the AP's credmon; no job mytoken, nothing to renew
+        # which HTCondor refreshes from the AP's credmon; the node broker's: the broker
+        # renews the token in the job's directory. No job mytoken here, nothing to renew.
         try:
             execute(argv[0], argv, dict(env))
         except OSError as exc:

@@ -332,12 +332,16 @@ JOBTOKEN_AUDIT_LOG = $(LOG)/jobtoken
 class Pool:
     """One running personal pool; ``start()``/``stop()`` or use it as a context manager."""
 
-    def __init__(self, env: PoolEnv, *, jobtoken_toml: str, extra_config: str = "") -> None:
+    def __init__(self, env: PoolEnv, *, jobtoken_toml: str, extra_config: str = "",
+                 before_master: Optional[Callable[[Pool], None]] = None) -> None:
         """``extra_config``: HTCondor config lines appended last (e.g. an access point's
-        credd and credmon for the credd-path tests)."""
+        credd and credmon for the credd-path tests); ``before_master``: called once
+        jobtoken is installed, before condor_master starts (e.g. the site files a daemon
+        in DAEMON_LIST reads when it starts)."""
         self.env = env
         self.jobtoken_toml_text = jobtoken_toml
         self.extra_config = extra_config
+        self.before_master = before_master
         base = env.host_path("/var/tmp")
         base.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="jobtoken-pool-", dir=base))
@@ -434,6 +438,8 @@ class Pool:
             f"{self.inner}/libexec", f"{self.etc}/jobtoken.toml") + self.extra_config)
         subprocess.run(["chmod", "-R", "go+rX", str(self.dir / "venv"), str(self.dir / "bin"),
                         str(self.dir / "etc"), str(self.dir / "config.d")], check=True)
+        if self.before_master is not None:
+            self.before_master(self)
         if self.mounts is not None:
             self.mounts.acquire()
         self._started = True

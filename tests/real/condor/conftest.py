@@ -70,13 +70,18 @@ def robot(devserver: DevServer) -> str:
                                    name="site robot")
 
 
-@pytest.fixture(scope="session")
-def pool(devserver: DevServer, robot: str) -> Iterator[Pool]:
+def require_pool() -> None:
+    """Skip (outside CI) or fail (CI) when no pool can start here, with the reason."""
     reason = missing_prerequisite()
     if reason:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"real HTCondor pool: {reason}", pytrace=False)
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pool(devserver: DevServer, robot: str) -> Iterator[Pool]:
+    require_pool()
     started = time.monotonic()
     the_pool = Pool(PoolEnv(pool_root()), jobtoken_toml="")
     with the_pool:
