@@ -33,7 +33,8 @@ LAYERS: Dict[str, int] = {
     "jobtoken._supervisor": 4, "jobtoken._run": 4, "jobtoken._broker": 4,
     "jobtoken.integrations": 5, "jobtoken.devserver": 5,  # and everything below them
     "jobtoken._checkconfig": 5,  # reads the HTCondor configuration through integrations
-    "jobtoken._cliargs": 6, "jobtoken._batchcommands": 6, "jobtoken._brokercommands": 6, "jobtoken.cli": 6,
+    "jobtoken._cliargs": 6, "jobtoken._batchcommands": 6, "jobtoken._brokercommands": 6,
+    "jobtoken.cli": 6,
     "jobtoken.__main__": 7,
 }
 
