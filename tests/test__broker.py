@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -407,3 +408,13 @@ def test_a_socket_directory_others_may_write_is_refused() -> None:
             assert result.returncode == 78, result.stderr
             assert result.stderr.count("\n") == 1 and "not writable by others" in result.stderr
             assert not Path(site.socket).exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
+def test_the_broker_stops_cleanly_on_each_stop_signal(signum: int) -> None:
+    """systemd sends SIGTERM, a terminal SIGINT, condor_master's fast shutdown SIGQUIT."""
+    with running_site(at_lifetime_s=LIFETIME_S, margin_s=10) as site:
+        assert site.proc is not None
+        site.proc.send_signal(signum)
+        assert site.proc.wait(timeout=60) == 0, site.log_text()
+        assert "broker stopped" in site.log_text()
