@@ -78,9 +78,12 @@ def jobtoken_argv(*args: str) -> List[str]:
     return [sys.executable, "-m", "jobtoken", *args]
 
 
-def checker(seconds: float, interval: float = 0.02) -> List[str]:
-    return [sys.executable, str(PAYLOADS / "check_token.py"), "--seconds", str(seconds),
+def checker(seconds: float, interval: float = 0.02, *, until_tokens: int = 0) -> List[str]:
+    """The token-reading payload for ``seconds``; with ``until_tokens``, until it has read
+    that many distinct tokens (``seconds`` then only bounds a run that never gets them)."""
+    argv = [sys.executable, str(PAYLOADS / "check_token.py"), "--seconds", str(seconds),
             "--interval", str(interval)]
+    return argv + (["--until-tokens", str(until_tokens)] if until_tokens else [])
 
 
 def run(args: Sequence[str], *, env: Optional[Dict[str, str]] = None, timeout: float = 120,

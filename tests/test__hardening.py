@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jobtoken.devserver import DevServer, DevServerConfig
-from tests.runhelpers import AUD, jobtoken_argv, run
+from tests.runhelpers import AUD, jobtoken_argv, readline_within, run
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
 
@@ -54,7 +54,13 @@ def _holder(cwd: Path, python: str = sys.executable, **popen) -> subprocess.Pope
     env = dict(os.environ, PYTHONPATH=SRC, HELD_MYTOKEN=SECRET)
     proc = subprocess.Popen([python, "-c", HOLDER], env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, cwd=str(cwd), **popen)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    try:  # a handshake with a timeout: a holder that never answers fails the test
+        line = readline_within(proc.stdout)
+        assert line.strip() == "ready", line
+    except AssertionError:
+        proc.kill()
+        proc.wait()
+        raise
     return proc
 
 

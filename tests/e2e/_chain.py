@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -355,6 +356,10 @@ class Job:
             except subprocess.TimeoutExpired:
                 self._kill_family()
                 out, err = self._proc.communicate(timeout=30)
+                # psutil reaped it: its returncode (0) would hide that the test killed it
+                err += f"\n[test] killed: no end within {timeout_s:.0f} s\n"
+                self._finished = Finished(-signal.SIGKILL, out, err)
+                return self._finished
             self._finished = Finished(self._proc.returncode, out, err)
         return self._finished
 

@@ -58,8 +58,18 @@ AT_LIFETIME_S = 45
 MARGIN_S = 15.0  # renew at least 15 s before exp (a third of the lifetime)
 RENEWAL_WAIT_S = 120  # a renewal is due after ~26-30 s; this only bounds a broken run
 MONITOR_COUNT = 36  # one transfer a second: spans a renewal (due 25.5-30 s after iat)
+# Each transfer also starts `jobtoken inspect` and a client: 5-8 s each at load 25 on 2
+# cores, so 36 of them may take minutes. This only bounds a run that hangs.
+MONITOR_FINISH_S = 600.0
 MONITOR_CLIENTS = {"xrdcp": "root", "curl": "https"}  # the others: chain tests above
-ONCE_MIN_VALID_S = 24  # fresh tokens have 44-45 s: 20 s for a slow first cron run
+# The cron runs of `jobtoken ensure`: each run's decision must follow from the token's
+# time left, whatever the machine's speed. Keep: a fresh 45 s token has more than
+# ONCE_KEEP_MIN_VALID_S left for 40 s. Renew: the second run starts once the token has
+# at most ONCE_RENEW_LEFT_S left, which only shrinks, and asks for more; the renewed
+# 45 s token meets that for 25 s.
+ONCE_KEEP_MIN_VALID_S = 5
+ONCE_RENEW_LEFT_S = 12
+ONCE_RENEW_MIN_VALID_S = 20
 TOKEN_MIN_VALID_S = 4  # `jobtoken token` runs: the second keeps the first one's token
 
 
@@ -106,11 +116,13 @@ class Launched:
     token_file: Path
 
 
-def _run_once(job: Job, env: dict[str, str], out: list[Finished]) -> bool:
+def _run_once(
+    job: Job, env: dict[str, str], out: list[Finished], **extra: str
+) -> bool:
     """One cron firing of test-transfer-once.sh; True when it succeeded."""
     proc = subprocess.run(
         [str(EXAMPLES / "test-transfer-once.sh")],
-        env=job.env(env),
+        env=job.env({**env, **extra}),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -122,17 +134,18 @@ def _run_once(job: Job, env: dict[str, str], out: list[Finished]) -> bool:
 
 
 def _cron_schedule(job: Job, env: dict[str, str], out: list[Finished]) -> None:
-    """Fire while the token is good for MIN_VALID more seconds, once it is not, then again.
+    """Fire while the token is good long enough, once it is not, then again.
 
-    The instants stay 2 s clear of the MIN_VALID boundary, so each run's decision (keep or
-    renew) is known in advance.
+    Each run's decision (keep or renew) is known in advance from the token's time left,
+    however long the runs themselves take (see ONCE_*).
     """
-    if not _run_once(job, env, out):
+    keep = {"MONITOR_MIN_VALID": str(ONCE_KEEP_MIN_VALID_S)}
+    if not _run_once(job, env, out, **keep):
         return
     token = decode_access_token(read_secret_file(job.bearer_token_file))
-    time.sleep(max(0.0, token.expires_at - (ONCE_MIN_VALID_S - 2) - time.time()))
-    if _run_once(job, env, out):
-        _run_once(job, env, out)
+    time.sleep(max(0.0, token.expires_at - ONCE_RENEW_LEFT_S - time.time()))
+    if _run_once(job, env, out, MONITOR_MIN_VALID=str(ONCE_RENEW_MIN_VALID_S)):
+        _run_once(job, env, out, **keep)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +214,6 @@ def launched(storage: Storage, tmp_path_factory: pytest.TempPathFactory) -> Iter
         env = {
             "JOBTOKEN_DIR": str(once_job.tokendir),
             "MONITOR_DEST": storage.https_dir(once_job.path),
-            "MONITOR_MIN_VALID": str(ONCE_MIN_VALID_S),
             "MONITOR_SIZE": "100",
             "MONITOR_NAME": "cron",
         }
@@ -299,7 +311,7 @@ def test_monitoring_example_under_jobtoken_run(
     client: str, launched: Launched, storage: Storage
 ) -> None:
     job = launched.monitors[client]
-    result = job.finish()
+    result = job.finish(MONITOR_FINISH_S)
     assert result.returncode == 0, result.tail()
     transfers = records(result.stdout, "transfer")
     assert [t["result"] for t in transfers] == ["ok"] * MONITOR_COUNT, result.tail()
@@ -386,9 +398,10 @@ def test_cron_one_shot_with_ensure_renews_only_when_needed(
     assert [r.returncode for r in results] == [0, 0, 0], results[-1].tail()
     transfers = [records(r.stdout, "transfer")[0] for r in results]
     assert all(t["result"] == "ok" and t["token_state"] == "valid" for t in transfers)
-    # each run started with a token good for MIN_VALID more seconds ("token valid for N s")
+    # each run started with a token good for its MIN_VALID more seconds ("token valid for N s")
     valid_for = [int(r.stdout.split("token valid for ", 1)[1].split()[0]) for r in results]
-    assert min(valid_for) >= ONCE_MIN_VALID_S, valid_for
+    asked = [ONCE_KEEP_MIN_VALID_S, ONCE_RENEW_MIN_VALID_S, ONCE_KEEP_MIN_VALID_S]
+    assert all(v >= m for v, m in zip(valid_for, asked)), valid_for
     # kept the prepared token while it was good long enough, renewed it once it was not,
     # then kept the renewed one: no sidecar, no request more than needed
     assert ["(renewed)" in r.stdout for r in results] == [False, True, False]
@@ -412,7 +425,7 @@ def test_cron_one_shot_with_jobtoken_token_and_no_token_dir(launched: Launched) 
 def test_chain_output_never_contains_a_token(launched: Launched) -> None:
     outputs = []
     for job in list(launched.chains.values()) + list(launched.monitors.values()):
-        result = job.finish()
+        result = job.finish(MONITOR_FINISH_S)
         outputs += [result.stdout, result.stderr, (job.tokendir / "sidecar.log").read_text()]
         outputs.append(json.dumps(job.state()))
     for cron in launched.crons:

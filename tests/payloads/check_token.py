@@ -2,7 +2,10 @@
 
 Counts reads that were missing, empty, torn (not a decodable JWT) or expired
 (``exp <= now``), prints one JSON summary line and exits 0 when every read was good,
-else 3. Runs for ``--seconds S``; prints ``ready`` after its first read.
+else 3. Runs for ``--seconds S``; prints ``ready`` after its first read. With
+``--until-tokens N`` it ends as soon as it has read the N-th distinct token, and
+``--seconds`` only bounds a run whose renewals never come: a test then waits for the
+renewals it needs, however slow the machine, instead of hoping they fit a fixed time.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jwt
 def main(argv: list[str]) -> int:
     seconds = float(argv[argv.index("--seconds") + 1])
     interval = float(argv[argv.index("--interval") + 1]) if "--interval" in argv else 0.02
+    until = int(argv[argv.index("--until-tokens") + 1]) if "--until-tokens" in argv else 0
     path = os.environ["BEARER_TOKEN_FILE"]
     counts = {"reads": 0, "missing": 0, "empty": 0, "torn": 0, "expired": 0}
     jtis: list[str] = []
@@ -50,6 +54,8 @@ def main(argv: list[str]) -> int:
             first = False
             sys.stdout.write("ready\n")
             sys.stdout.flush()
+        if until and len(jtis) >= until:
+            break
         time.sleep(interval)
     bad = counts["missing"] + counts["empty"] + counts["torn"] + counts["expired"]
     summary = dict(counts, tokens=len(jtis), min_left_s=round(min_left, 3), bad=bad,
