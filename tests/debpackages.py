@@ -1,7 +1,11 @@
 """jobtoken's Debian packages for the tests: built once per session from this checkout
-(``packaging/build-deb.sh``), and installed for real with apt into a Debian system, the host
+(``packaging/build-deb.sh``), and installed for real with dpkg into a Debian system, the host
 or a chroot, by the tests that run jobtoken as a site would (the real HTCondor pool, the real
-ARC CE, tests/test_packages.py).
+ARC CE; tests/test_packages.py installs with apt itself).
+
+dpkg, not apt-get: the dependencies are there already (.ci/install-*.sh installs them), dpkg
+refuses to configure the package if one is missing (then ``apt-get -f install`` fetches it,
+as a site admin would), and it takes half apt's time (no package cache to load).
 
 Several users may need the package in one system at once (the HTCondor pools of one run,
 two runs on a shared machine): ``SharedInstall`` counts them with holder files named after
@@ -125,14 +129,14 @@ class SharedInstall:
         try:
             shutil.copy(self.deb, inside / self.deb.name)
             target = "/" + str((inside / self.deb.name).relative_to(self.root))
-            # --reinstall: the same version string built from a changed tree is installed
-            # again; the dependencies come from the system's own archive (installed already
-            # by .ci/install-*.sh, so no download)
+            # dpkg -i installs again what is there (the same version string built from a
+            # changed tree included)
             self.ours.write_text(self.version)
-            result = run(self._in_root([*APT, "install", "--reinstall",
-                                        "--no-install-recommends", target]))
+            result = run(self._in_root(["dpkg", "-i", target]))
             if result.returncode != 0:
-                raise RuntimeError(f"apt-get install {self.deb.name} into {self.root} failed:\n"
+                result = run(self._in_root([*APT, "install", "-f", "--no-install-recommends"]))
+            if result.returncode != 0 or self.installed_version() != self.version:
+                raise RuntimeError(f"installing {self.deb.name} into {self.root} failed:\n"
                                    f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
         finally:
             shutil.rmtree(inside, ignore_errors=True)
@@ -142,9 +146,9 @@ class SharedInstall:
         try:
             (self.holders / self.token).unlink(missing_ok=True)
             if not self._live_holders() and self.ours.exists():
-                result = run(self._in_root([*APT, "purge", self.package]))
+                result = run(self._in_root(["dpkg", "--purge", self.package]))
                 if result.returncode != 0:
-                    raise RuntimeError(f"apt-get purge {self.package} in {self.root} failed:\n"
+                    raise RuntimeError(f"dpkg --purge {self.package} in {self.root} failed:\n"
                                        f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
                 self.ours.unlink()
         finally:
