@@ -127,16 +127,17 @@ def probe_rte(ce: ArcCE) -> bool:
 
 
 @pytest.fixture(scope="package")
-def arc_site(jobtoken_debs: Dict[str, Path]) -> Iterator[ArcSite]:
+def arc_site(request: pytest.FixtureRequest) -> Iterator[ArcSite]:
     if os.geteuid() != 0:
         _unavailable("root (A-REX maps jobs to a local account)")
     chroot = ARC_CHROOT if use_chroot() else None
     missing = missing_prerequisites(chroot)
     if missing:
         _unavailable(f"{', '.join(missing)} ({INSTALL_HINT})")
+    debs: Dict[str, Path] = request.getfixturevalue("jobtoken_debs")  # once checks passed
     base = make_base(chroot)
     ce = ArcCE(chroot=chroot, base=base)
-    package = SharedInstall(chroot or Path("/"), jobtoken_debs["jobtoken"])
+    package = SharedInstall(chroot or Path("/"), debs["jobtoken"])
     installed = False
     tls_dir = ce.host(base / "mytoken-tls")
     server = DevServer(DevServerConfig(

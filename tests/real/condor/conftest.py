@@ -82,11 +82,11 @@ def need_pool() -> None:
 
 
 @pytest.fixture(scope="package")
-def jobtoken_package(jobtoken_debs: Dict[str, Path]) -> Iterator[Path]:
+def jobtoken_package(request: pytest.FixtureRequest) -> Iterator[Path]:
     """jobtoken's .deb, installed into the pool environment once for every pool here (each
     pool holds it as well, so a pool started alone installs it itself)."""
-    need_pool()
-    deb = jobtoken_debs["jobtoken"]
+    need_pool()  # before building the package for nothing
+    deb = request.getfixturevalue("jobtoken_debs")["jobtoken"]
     package = SharedInstall(pool_root(), deb)
     package.acquire()
     try:
