@@ -13,7 +13,9 @@
 set -euo pipefail
 
 ARC_CHROOT=${ARC_CHROOT:-/var/lib/jobtoken-ci/arc-bookworm}
-# procps and time: the fork back end runs ps and /usr/bin/time (a minbase chroot has neither)
+# procps and time: the fork back end runs ps and /usr/bin/time (a minbase chroot has neither);
+# python3-*: what jobtoken's Debian package depends on, so that tests/real/arc installs it
+# there with apt and no download
 ARC_PACKAGES=(
     nordugrid-arc-arex
     nordugrid-arc-arcctl
@@ -23,8 +25,12 @@ ARC_PACKAGES=(
     openssl
     procps
     time
-    python3-venv
     ca-certificates
+    python3
+    python3-httpx
+    python3-jwt
+    python3-cryptography
+    python3-psutil
 )
 HOST_PACKAGES=(dash shellcheck)
 APT=(apt-get -q -y -o DPkg::Lock::Timeout=900 --no-install-recommends)

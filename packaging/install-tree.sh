@@ -8,10 +8,16 @@
 # Usage: install-tree.sh DESTDIR SITELIB [VERSION]
 #   SITELIB: the distribution's pure-Python directory, e.g. /usr/lib/python3/dist-packages
 #   VERSION: default packaging/version.sh
-# Environment: PYTHON (default python3), used to generate the man page and completion.
+# Environment: PYTHON (default python3), used to generate the man page and completion;
+# DEVSERVER_DESTDIR (default DESTDIR): where jobtoken.devserver goes. The dev server is its
+# own package (jobtoken-devserver): worker nodes never need it. The RPM splits it with
+# %files; a Debian build installs each binary package into its own directory.
+# SYSTEMD_UNITDIR (default /usr/lib/systemd/system; empty: not installed here, the Debian
+# build lets dh_installsystemd place it where its Debian release wants units).
 set -eu
 top=$(cd "$(dirname "$0")/.." && pwd)
 dest=${1:?DESTDIR}
+devdest=${DEVSERVER_DESTDIR:-$dest}
 sitelib=${2:?SITELIB}
 version=${3:-$("$top/packaging/version.sh")}
 python=${PYTHON:-python3}
@@ -23,7 +29,11 @@ d() { install -d -m 0755 "$dest$1"; }
 d "$sitelib"
 (cd "$top/src" && find jobtoken -name __pycache__ -prune -o -type f ! -name '*.py[co]' -print) |
     while read -r file; do
-        install -D -m 0644 "$top/src/$file" "$dest$sitelib/$file"
+        case $file in
+            jobtoken/devserver/*) into=$devdest ;;
+            *) into=$dest ;;
+        esac
+        install -D -m 0644 "$top/src/$file" "$into$sitelib/$file"
     done
 printf '"""The version of this build (written by packaging/install-tree.sh)."""\n\nfrom __future__ import annotations\n\nversion = "%s"\n' \
     "$version" >"$dest$sitelib/jobtoken/_version.py"
@@ -68,6 +78,13 @@ PYTHONPATH="$top/src" "$python" "$top/packaging/gen_docs.py" wrapper-man "$top/w
     "$dest/usr/share/man/man1/jobtoken-wrap.1"
 chmod 0644 "$dest/usr/share/man/man1/jobtoken.1" "$dest/usr/share/man/man1/jobtoken-wrap.1" \
     "$dest/usr/share/bash-completion/completions/jobtoken"
+
+# the node broker's unit, installed but not enabled (the packages' scripts never enable it)
+unitdir=${SYSTEMD_UNITDIR-/usr/lib/systemd/system}
+if [ -n "$unitdir" ]; then
+    install -D -m 0644 "$top/packaging/systemd/jobtoken-broker.service" \
+        "$dest$unitdir/jobtoken-broker.service"
+fi
 
 # the audit directory of the HTCondor hooks: every job's user appends, nobody lists
 install -d -m 1733 "$dest/var/log/jobtoken"

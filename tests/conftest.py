@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from typing import Iterator, List
+from pathlib import Path
+from typing import Dict, Iterator, List
 
 import pytest
 from hypothesis import settings
@@ -101,3 +102,20 @@ def restore_logging() -> Iterator[None]:
         logger.handlers[:] = handlers
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+@pytest.fixture(scope="session")
+def jobtoken_debs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
+    """jobtoken's Debian packages built from this checkout, once per session: the real
+    HTCondor and ARC tests and tests/test_packages.py install them ({name: .deb})."""
+    import shutil
+
+    from tests.debpackages import build_debs
+
+    for tool in ("dpkg-buildpackage", "dh"):
+        if shutil.which(tool) is None:
+            reason = f"building the Debian package needs {tool} (.ci/install-packaging.sh)"
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"CI prerequisite missing: {reason}", pytrace=False)
+            pytest.skip(reason)
+    return build_debs(tmp_path_factory.mktemp("debs"))

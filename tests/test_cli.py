@@ -262,6 +262,25 @@ def test_help_everywhere(capsys) -> None:
         assert "usage:" in capsys.readouterr().out
 
 
+def test_devserver_missing_names_its_package(tmp_path: Path) -> None:
+    """The worker-node package leaves the dev server out (jobtoken-devserver has it):
+    `jobtoken devserver` there says which package to install, in one line, exit 2."""
+    import shutil
+    import subprocess
+    import sys
+
+    source = Path(cli.__file__).parent
+    shutil.copytree(source, tmp_path / "jobtoken",
+                    ignore=shutil.ignore_patterns("devserver", "__pycache__"))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "jobtoken", "devserver", "--port", "0"],
+                          env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stdout) == (2, ""), done
+    assert done.stderr == ("jobtoken: error: the dev server is not installed here: install "
+                           "the jobtoken-devserver package\n")
+
+
 def test_signature_verified_against_trusted_issuer(setup: Any, capsys) -> None:
     srv, mt, out, args = setup
     code, _, err = call(args + ["--trusted-issuer", srv.op_issuer], capsys)

@@ -701,6 +701,20 @@ def _unrecognized(args: argparse.Namespace, extra: List[str]) -> UsageError:
     return UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{where} --help')")
 
 
+def _devserver_main() -> Callable[[List[str]], int]:
+    """The dev server's own command line. The system packages ship it apart
+    (``jobtoken-devserver``): a worker node has no use for a fake Mytoken server."""
+    try:
+        from .devserver._cli import main as devserver_main
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.devserver":
+            raise
+        raise UsageError(
+            "the dev server is not installed here: install the jobtoken-devserver package"
+        ) from None
+    return devserver_main
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``jobtoken`` command; returns the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -710,9 +724,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     as_json = "--json" in args_list[: args_list.index("--") if "--" in args_list else None]
     try:
         if args_list[:1] == ["devserver"]:
-            from .devserver._cli import main as devserver_main
-
-            return int(devserver_main(args_list[1:]))
+            return int(_devserver_main()(args_list[1:]))
         parser = build_parser()
         if not args_list:
             parser.print_help(sys.stderr)

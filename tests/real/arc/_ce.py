@@ -1,16 +1,18 @@
 """A real ARC 6 CE for the tests: A-REX with the fork LRMS and the REST interface on loopback.
 
 Set up as docs/arc.md tells a site admin (arc.conf, ``arcctl test-ca``, a mapped local
-account, the RTE copied into ``runtimedir`` and enabled with ``arcctl rte``), but inside one
-directory of its own (``/var/tmp/jobtoken-arc-*``) so that runs on one machine do not clash.
+account, jobtoken's Debian package installed with apt and its system RTE
+``/usr/share/arc/rte/ENV/JOBTOKEN`` enabled with ``arcctl rte``), but inside one directory of
+its own (``/var/tmp/jobtoken-arc-*``) so that runs on one machine do not clash.
 The two daemons are started the way the packages' units do it (``/usr/share/arc/arc-arex-start``
 and ``arc-arex-ws-start``, in the foreground, so their pids are ours); the WS start script is
 run from a copy whose TCP listener is bound to ``localhost`` (the packaged one listens on every
 address). On a Debian without ARC 6 (Debian 13 ships ARC 7) everything CE-side runs in the
 Debian 12 chroot that ``.ci/install-arc.sh`` builds.
 
-Must NOT: touch /etc/arc.conf or other system paths (except the one pool account), leave a
-daemon or a mount behind, or listen on a non-loopback address.
+Must NOT: touch /etc/arc.conf or other system paths (except the one pool account and the
+jobtoken package, purged again at the end), leave a daemon or a mount behind, or listen on a
+non-loopback address.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
-REPO = Path(__file__).resolve().parents[3]
-RTE_SOURCE = REPO / "wrappers" / "arc" / "ENV" / "JOBTOKEN"
+JOBTOKEN_BIN = "/usr/bin/jobtoken"  # where the package installs it (docs/packaging.md)
+SYSTEM_RTE = "/usr/share/arc/rte/ENV/JOBTOKEN"
 INSTALL_HINT = "run .ci/install-arc.sh as root (scripts/test does)"
 ARC_CHROOT = Path(os.environ.get("ARC_CHROOT", "/var/lib/jobtoken-ci/arc-bookworm"))
 POOL_USER = "jtarcpool"
@@ -97,7 +99,6 @@ class ArcCE:
     port: int = field(default_factory=free_port)
     daemons: Dict[str, subprocess.Popen] = field(default_factory=dict)
     mounts: List[Path] = field(default_factory=list)
-    venv_ready: bool = False
 
     # --- paths and commands ----------------------------------------------------------------
 
@@ -164,7 +165,6 @@ class ArcCE:
         self.host(self.conf).write_text(self._arc_conf(dn=""), encoding="utf-8")
         self._test_ca()
         self.host(self.conf).write_text(self._arc_conf(dn=self.user_dn), encoding="utf-8")
-        shutil.copy(RTE_SOURCE, self.host(self.base / "rte" / "ENV" / "JOBTOKEN"))
 
     def _mount_system(self) -> None:
         if not self.chroot:
@@ -237,7 +237,7 @@ helperlog = {b}/log/job.helper.errors
 tmpdir = {b}/tmp
 wakeupperiod = 5
 loglevel = 3
-statecallout = FINISHED timeout=60,onfailure=log {b}/bin/jobtoken arc end \
+statecallout = FINISHED timeout=60,onfailure=log {JOBTOKEN_BIN} arc end \
 --config {b}/etc/jobtoken.toml --parent-mytoken-file {b}/etc/robot.mytoken --job-id %I
 
 [arex/ws]
@@ -258,25 +258,12 @@ logfile = {b}/log/infoprovider.log
 [queue:fork]
 """
 
-    def build_jobtoken(self, wheelhouse: Path) -> Path:
-        """A venv readable by the pool account, with jobtoken from ``wheelhouse`` (offline);
-        returns the launcher the RTE's JOBTOKEN_BIN points at (docs/arc.md: /usr/bin/jobtoken)."""
-        venv = self.base / "venv"
-        wheels = self.base / "tmp" / "wheels"
-        shutil.copytree(wheelhouse, self.host(wheels))
-        self.run(["python3", "-m", "venv", venv], timeout_s=300)
-        self.run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-index",
-                  "--disable-pip-version-check", "--find-links", wheels, "jobtoken"],
-                 timeout_s=600)
-        launcher = self.base / "bin" / "jobtoken"
-        self.host(launcher).parent.mkdir(exist_ok=True)
-        self.host(launcher).write_text(f'#!/bin/sh\nexec {venv}/bin/jobtoken "$@"\n',
-                                       encoding="ascii")
-        os.chmod(self.host(launcher), 0o755)
-        return launcher
-
     def enable_rte(self, params: Dict[str, str]) -> None:
+        """Enable the package's system RTE (not a copy in ``runtimedir``) with its params."""
         arcctl = ["arcctl", "-c", self.conf, "rte"]
+        listed = self.run([*arcctl, "list", "--system", "--long"]).stdout
+        if SYSTEM_RTE not in listed:
+            raise CEError(f"arcctl does not list the package's {SYSTEM_RTE}: {listed.strip()}")
         self.run([*arcctl, "enable", "ENV/JOBTOKEN"])
         for name, value in params.items():
             self.run([*arcctl, "params-set", "ENV/JOBTOKEN", name, value])

@@ -1,10 +1,12 @@
-"""Session fixture: a real A-REX with ``ENV/JOBTOKEN`` enabled, and a Mytoken dev server over TLS.
+"""Package fixture: a real A-REX with ``ENV/JOBTOKEN`` enabled, and a Mytoken dev server over TLS.
 
-``arc_site`` configures and starts the CE (tests/real/arc/_ce.py), installs jobtoken into a
-venv the pool account can run (the RTE's ``JOBTOKEN_BIN`` points at its launcher), writes the
-site configuration and the robot mytoken, enables the RTE with ``arcctl`` and waits until
-``arcsub`` accepts it. Everything it started is stopped by pid at the end, even when a test
-failed, and its directory is removed.
+``arc_site`` configures and starts the CE (tests/real/arc/_ce.py), installs jobtoken's Debian
+package with apt where the CE runs (the host on Debian 12, the Debian 12 chroot elsewhere),
+writes the site configuration and the robot mytoken, enables the package's system RTE with
+``arcctl`` (its ``JOBTOKEN_BIN`` default, /usr/bin/jobtoken, is the package's command) and
+waits until ``arcsub`` accepts it. Everything it started is stopped by pid at the end, even
+when a test failed, its directory is removed and the package purged (package scope: before
+tests/test_packages.py installs the package on the host itself).
 
 Must NOT: skip under CI (a missing package is a failure naming .ci/install-arc.sh), put a
 mytoken into argv or a message, or leave a daemon, mount or file behind.
@@ -13,27 +15,24 @@ mytoken into argv or a message, or leave a daemon, mount or file behind.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import ssl
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List
+from typing import Dict, Iterator, List
 
 import httpx
 import pytest
 
 from jobtoken.devserver import DevServer, DevServerConfig
+from tests.debpackages import SharedInstall
 
 from ._ce import (
     ARC_CHROOT,
     INSTALL_HINT,
     POOL_USER,
-    REPO,
     ArcCE,
     CEError,
     make_base,
@@ -76,25 +75,6 @@ class ArcSite:
     def wait_no_live_job_mytoken(self, timeout_s: float = 60) -> None:
         wait_for("every job mytoken to be revoked",
                  lambda: True if not self.live_job_mytokens() else None, timeout_s, 1.0)
-
-
-def _wheelhouse(into: Path, ce: ArcCE) -> Path:
-    """jobtoken and its dependencies as wheels for the CE's python3, fetched with this
-    machine's pip (its index and CA settings): the CE, a chroot maybe, installs offline."""
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
-    run = dict(check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(into), str(REPO)], **run)
-    wheel = next(into.glob("jobtoken-*.whl"))
-    version = ce.run(["python3", "-c", "import sys; print('%d%d' % sys.version_info[:2])"]
-                     ).stdout.strip()
-    arch = platform.machine()
-    platforms = [f"manylinux_2_{minor}_{arch}" for minor in (17, 28, 34)]
-    subprocess.run([*pip, "download", "--dest", str(into), "--only-binary=:all:",
-                    "--python-version", version, "--implementation", "cp",
-                    *(arg for tag in ["manylinux2014_" + arch, *platforms]
-                      for arg in ("--platform", tag)),
-                    str(wheel)], **run)
-    return into
 
 
 def _site_config(ce: ArcCE, server_url: str, ca_file: Path) -> Path:
@@ -146,17 +126,19 @@ def probe_rte(ce: ArcCE) -> bool:
     return proc.returncode == 0 and "ENV/JOBTOKEN" in proc.stdout
 
 
-@pytest.fixture(scope="session")
-def arc_site() -> Iterator[ArcSite]:
+@pytest.fixture(scope="package")
+def arc_site(request: pytest.FixtureRequest) -> Iterator[ArcSite]:
     if os.geteuid() != 0:
         _unavailable("root (A-REX maps jobs to a local account)")
     chroot = ARC_CHROOT if use_chroot() else None
     missing = missing_prerequisites(chroot)
     if missing:
         _unavailable(f"{', '.join(missing)} ({INSTALL_HINT})")
+    debs: Dict[str, Path] = request.getfixturevalue("jobtoken_debs")  # once checks passed
     base = make_base(chroot)
     ce = ArcCE(chroot=chroot, base=base)
-    build = Path(tempfile.mkdtemp(prefix="jobtoken-arc-wheel-"))
+    package = SharedInstall(chroot or Path("/"), debs["jobtoken"])
+    installed = False
     tls_dir = ce.host(base / "mytoken-tls")
     server = DevServer(DevServerConfig(
         tls_dir=str(tls_dir), default_audience=AUDIENCE, at_lifetime_s=AT_LIFETIME_S,
@@ -171,9 +153,10 @@ def arc_site() -> Iterator[ArcSite]:
         parent = server.issue_mytoken(capabilities=["AT", "create_mytoken", "tokeninfo"])
         config = _site_config(ce, server.url, ca_file)
         ce.configure()
-        launcher = ce.build_jobtoken(_wheelhouse(build, ce))
+        package.acquire()  # after configure(): a chroot has /proc for the maintainer scripts
+        installed = True
         robot = _robot_mytoken(ce, parent)
-        ce.enable_rte({"JOBTOKEN_PARENT_MT": str(robot), "JOBTOKEN_BIN": str(launcher),
+        ce.enable_rte({"JOBTOKEN_PARENT_MT": str(robot),
                        "JOBTOKEN_SCOPE_TEMPLATE": f"storage.create:/{VO}/jobs/{{job_id}}",
                        "JOBTOKEN_AUDIENCE": AUDIENCE, "JOBTOKEN_VO": VO,
                        "JOBTOKEN_CONFIG": str(config)})
@@ -192,7 +175,8 @@ def arc_site() -> Iterator[ArcSite]:
             http.close()
         ce.stop()
         server.stop()
-        shutil.rmtree(build, ignore_errors=True)
+        if installed:
+            package.release()
         if os.environ.get("JOBTOKEN_ARC_KEEP") == "1":  # for debugging a CE run by hand
             print(f"kept {ce.host(base)}", file=sys.stderr)
         else:

@@ -15,7 +15,7 @@ from typing import Iterator, List
 
 import pytest
 
-from ._ce import CEError, wait_for
+from ._ce import JOBTOKEN_BIN, SYSTEM_RTE, CEError, wait_for
 from .conftest import AT_LIFETIME_S, ArcSite
 
 pytestmark = pytest.mark.slow
@@ -98,10 +98,11 @@ def test_stage1_failure_revokes_and_fails_the_job(site: ArcSite) -> None:
     job mytoken is revoked there and nothing live is staged out."""
     ce = site.ce
     broken = ce.base / "bin" / "jobtoken-no-sidecar"
+    ce.host(broken).parent.mkdir(exist_ok=True)
     ce.host(broken).write_text(
         "#!/bin/sh\n"
         'if [ "$1" = sidecar ]; then echo "jobtoken: error: sidecar broken here" >&2; exit 70; fi\n'
-        f'exec {ce.base}/bin/jobtoken "$@"\n', encoding="ascii")
+        f'exec {JOBTOKEN_BIN} "$@"\n', encoding="ascii")
     os.chmod(ce.host(broken), 0o755)
     ce.set_param("JOBTOKEN_BIN", str(broken))
     try:
@@ -111,7 +112,7 @@ def test_stage1_failure_revokes_and_fails_the_job(site: ArcSite) -> None:
         wait_for("stage 0 to have run", lambda: None if ce.state(job) in (
             "", "Accepted", "Preparing", "Submitting") else True, JOB_END_S, 2.0)
     finally:
-        ce.set_param("JOBTOKEN_BIN", str(ce.base / "bin" / "jobtoken"))
+        ce.set_param("JOBTOKEN_BIN", JOBTOKEN_BIN)  # the RTE's default: the package's
     state = ce.wait_final(job, JOB_END_S)
     log = ce.log(job)
     assert state == "Failed", log
@@ -165,3 +166,14 @@ def test_ce_listens_on_loopback_only(site: ArcSite) -> None:
         site.ce.assert_loopback_only()
     except CEError as exc:
         pytest.fail(str(exc))
+
+
+def test_the_ce_runs_the_installed_package(site: ArcSite) -> None:
+    """What these tests prove, they prove of the Debian package: the enabled RTE is the
+    package's system RTE and the command it runs is the package's."""
+    ce = site.ce
+    enabled = ce.run(["arcctl", "-c", ce.conf, "rte", "list", "--enabled", "--long"]).stdout
+    assert f"-> {SYSTEM_RTE}" in enabled, enabled
+    for path in (SYSTEM_RTE, JOBTOKEN_BIN):
+        owner = ce.run(["dpkg-query", "-S", path], check=False)
+        assert owner.stdout.startswith("jobtoken: "), (path, owner.stdout, owner.stderr)

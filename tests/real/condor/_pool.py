@@ -1,14 +1,17 @@
-"""A real HTCondor personal pool on loopback, with jobtoken installed as a site admin would.
+"""A real HTCondor personal pool on loopback, with jobtoken installed as a site admin would:
+the Debian package, installed with apt into the pool environment; the pool's configuration
+includes the package's config.d snippet and runs its hooks from /usr/libexec/jobtoken.
 
 Where HTCondor lives (the "pool environment"): on Debian 13 the host itself, on Debian 12
 the Debian 13 chroot that ``.ci/install-htcondor.sh`` made. Every command runs through one
 prefix (``PoolEnv.argv``: ``chroot ROOT`` or nothing, then ``env -i`` so that no host
 variable leaks in), so both hosts share one code path.
 
-Each pool has its own directory (LOCAL_DIR, config, jobtoken install) and its own collector
+Each pool has its own directory (LOCAL_DIR, config, site config) and its own collector
 port, so several pools (two engineers' test runs, CI on a shared machine) can run at once in
-the same chroot. The chroot's /proc, /sys and /dev mounts are shared between those pools
-and counted: the last pool to stop unmounts them, and nothing is deleted while they exist.
+the same chroot. The chroot's /proc, /sys and /dev mounts and the installed package are
+shared between those pools and counted: the last pool to stop purges the package and
+unmounts them, and nothing is deleted while they exist.
 
 The daemons are driven with the pool's own command-line tools (``condor_submit``,
 ``condor_q -json``...), never with the test's Python bindings: the PyPI htcondor wheel
@@ -32,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.debpackages import SharedInstall
+
 CHROOT_DEFAULT = "/var/lib/jobtoken-ci/trixie"
 STAMP = ".jobtoken-ci-complete"
 TEST_USER = "jobtoken-ci"  # made by .ci/install-htcondor.sh
@@ -321,7 +325,7 @@ MAX_JOB_RETIREMENT_TIME = 0
 SCHEDD_JOB_QUEUE_LOG_FLUSH_DELAY = 0
 SYSTEM_PERIODIC_REMOVE = False
 
-# jobtoken, installed as a site admin would (the shipped config file, this site's paths)
+# jobtoken, installed as a site admin would: the package's EP snippet, this site's config
 include : {jobtoken_conf}
 JOBTOKEN_LIBEXEC = {libexec}
 JOBTOKEN_CONFIG = {jobtoken_toml}
@@ -332,13 +336,16 @@ JOBTOKEN_AUDIT_LOG = $(LOG)/jobtoken
 class Pool:
     """One running personal pool; ``start()``/``stop()`` or use it as a context manager."""
 
-    def __init__(self, env: PoolEnv, *, jobtoken_toml: str, extra_config: str = "",
+    def __init__(self, env: PoolEnv, *, deb: Path, jobtoken_toml: str, extra_config: str = "",
                  before_master: Optional[Callable[[Pool], None]] = None) -> None:
-        """``extra_config``: HTCondor config lines appended last (e.g. an access point's
-        credd and credmon for the credd-path tests); ``before_master``: called once
+        """``deb``: jobtoken's Debian package, installed into the pool environment while the
+        pool runs; ``extra_config``: HTCondor config lines appended last (e.g. an access
+        point's credd and credmon for the credd-path tests); ``before_master``: called once
         jobtoken is installed, before condor_master starts (e.g. the site files a daemon
         in DAEMON_LIST reads when it starts)."""
         self.env = env
+        self.package = SharedInstall(env.root, deb)
+        self._installed = False
         self.jobtoken_toml_text = jobtoken_toml
         self.extra_config = extra_config
         self.before_master = before_master
@@ -362,9 +369,10 @@ class Pool:
     def etc(self) -> str:
         return f"{self.inner}/etc"
 
-    @property
-    def jobtoken_bin(self) -> str:
-        return f"{self.inner}/bin/jobtoken"
+    # where the package puts them (docs/packaging.md)
+    jobtoken_bin = "/usr/bin/jobtoken"
+    libexec = "/usr/libexec/jobtoken"
+    snippets = "/usr/share/jobtoken/condor/config.d"
 
     @property
     def audit_log(self) -> Path:
@@ -373,30 +381,8 @@ class Pool:
 
     # set-up ---------------------------------------------------------------------------------
 
-    def _install_jobtoken(self) -> None:
-        """jobtoken in a venv of the pool's own Python, the hooks in a root-owned libexec."""
-        venv = f"{self.inner}/venv"
-        self.env.run(["python3", "-m", "venv", "--without-pip", "--system-site-packages", venv])
-        site = next(self.host(venv).glob("lib/python3*/site-packages"))
-        shutil.copytree(REPO / "src" / "jobtoken", site / "jobtoken",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        launcher = self.host(self.jobtoken_bin)
-        launcher.parent.mkdir(parents=True, exist_ok=True)
-        launcher.write_text(
-            f"#!{venv}/bin/python3\nimport sys\nfrom jobtoken.cli import main\n"
-            "sys.exit(main())\n"
-        )
-        launcher.chmod(0o755)
-        libexec = self.dir / "libexec"
-        libexec.mkdir()
-        for script in sorted((REPO / "condor").glob("jobtoken-*")):
-            text = script.read_text().replace("/usr/bin/jobtoken", self.jobtoken_bin)
-            (libexec / script.name).write_text(text)
-            (libexec / script.name).chmod(0o755)
-        confd = self.dir / "config.d"
-        confd.mkdir()
-        for conf in sorted((REPO / "condor" / "config.d").glob("*.conf")):
-            shutil.copy(conf, confd)  # every shipped file; the pool config includes the EP's
+    def _site_files(self) -> None:
+        """The site's own files: its jobtoken.toml (the package's example stays untouched)."""
         etc = self.dir / "etc"
         etc.mkdir()
         (etc / "jobtoken.toml").write_text(self.jobtoken_toml_text)
@@ -432,17 +418,18 @@ class Pool:
         for name in ("passwords.d", "tokens.d"):
             (self.dir / name).mkdir(mode=0o700)
         self.host("/run/condor").mkdir(parents=True, exist_ok=True)
-        self._install_jobtoken()
+        self._site_files()
         (self.dir / "condor_config").write_text(_pool_config(
-            self.inner, self.port, f"{self.inner}/config.d/50-jobtoken.conf",
-            f"{self.inner}/libexec", f"{self.etc}/jobtoken.toml") + self.extra_config)
-        subprocess.run(["chmod", "-R", "go+rX", str(self.dir / "venv"), str(self.dir / "bin"),
-                        str(self.dir / "etc"), str(self.dir / "config.d")], check=True)
+            self.inner, self.port, f"{self.snippets}/50-jobtoken.conf", self.libexec,
+            f"{self.etc}/jobtoken.toml") + self.extra_config)
+        subprocess.run(["chmod", "-R", "go+rX", str(self.dir / "etc")], check=True)
         if self.before_master is not None:
             self.before_master(self)
         if self.mounts is not None:
             self.mounts.acquire()
         self._started = True
+        self.package.acquire()  # with /proc mounted for the maintainer scripts
+        self._installed = True
         out = open(self.dir / "master.out", "wb")
         try:
             self.master = subprocess.Popen(
@@ -505,8 +492,12 @@ class Pool:
                         raise RuntimeError(f"pool processes survive SIGKILL: {left}")
                 time.sleep(0.2)
         finally:
-            if self.mounts is not None and self._started:
-                self.mounts.release()
+            try:
+                if self._installed:
+                    self.package.release()
+            finally:
+                if self.mounts is not None and self._started:
+                    self.mounts.release()
             # the chroot's mounts (ours or another pool's) are never below this directory
             below = [p for p in _mount_points() if p.startswith(str(self.dir) + "/")]
             if below:

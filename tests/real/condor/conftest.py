@@ -1,5 +1,7 @@
-"""Session fixtures for the real HTCondor pool: a TLS dev server (the Mytoken server and the
-OP), the site's robot mytoken, and one personal pool that every test in this package shares.
+"""Fixtures for the real HTCondor pool: a TLS dev server (the Mytoken server and the OP), the
+site's robot mytoken, and one personal pool, with jobtoken's Debian package installed, that
+every test in this package shares (package scope: the package is purged again when the last
+test here is done, before tests/test_packages.py installs its own).
 
 Outside CI, a machine without the pool's prerequisites (root, ``.ci/install-htcondor.sh``)
 skips these tests with the reason; under ``CI=true`` the same reason fails them.
@@ -18,6 +20,7 @@ from typing import Any, Dict, Iterator, Optional
 import pytest
 
 from jobtoken.devserver import DevServer, DevServerConfig
+from tests.debpackages import SharedInstall
 
 from ._pool import Pool, PoolEnv, missing_prerequisite, pool_root
 
@@ -79,11 +82,25 @@ def require_pool() -> None:
         pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def pool(devserver: DevServer, robot: str) -> Iterator[Pool]:
+@pytest.fixture(scope="package")
+def jobtoken_package(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """jobtoken's .deb, installed into the pool environment once for every pool here (each
+    pool holds it as well, so a pool started alone installs it itself)."""
+    require_pool()  # before building the package for nothing
+    deb = request.getfixturevalue("jobtoken_debs")["jobtoken"]
+    package = SharedInstall(pool_root(), deb)
+    package.acquire()
+    try:
+        yield deb
+    finally:
+        package.release()
+
+
+@pytest.fixture(scope="package")
+def pool(devserver: DevServer, robot: str, jobtoken_package: Path) -> Iterator[Pool]:
     require_pool()
     started = time.monotonic()
-    the_pool = Pool(PoolEnv(pool_root()), jobtoken_toml="")
+    the_pool = Pool(PoolEnv(pool_root()), deb=jobtoken_package, jobtoken_toml="")
     with the_pool:
         pass_ca = the_pool.dir / "etc" / "ca.pem"
         shutil.copy(str(devserver.ca_file), pass_ca)

@@ -36,7 +36,7 @@ VAULT_PORT = 8200  # HTCondor's Vault credmon accepts no other port
 
 AP_CONFIG = """
 # --- the access point: jobtoken's AP config as shipped, this pool's paths ---
-include : $(LOCAL_DIR)/config.d/50-jobtoken-ap.conf
+include : /usr/share/jobtoken/condor/config.d/50-jobtoken-ap.conf
 SEC_CREDENTIAL_DIRECTORY_OAUTH = $(LOCAL_DIR)/oauth_credentials
 # the log: the shipped JOBTOKEN_CREDMON_LOG (credmon_log() reads it)
 JOBTOKEN_CREDMON_ARGS = --interval 3
@@ -64,9 +64,9 @@ exec /usr/bin/python3 reader.py "$@"
 """
 
 
-def start_ap_pool(devserver: DevServer, extra: str) -> Pool:
+def start_ap_pool(devserver: DevServer, deb: Path, extra: str) -> Pool:
     require_pool()
-    pool = Pool(PoolEnv(pool_root()), jobtoken_toml="", extra_config=AP_CONFIG + extra)
+    pool = Pool(PoolEnv(pool_root()), deb=deb, jobtoken_toml="", extra_config=AP_CONFIG + extra)
     pool.jobtoken_toml_text = site_toml(pool, devserver)  # the credmon reads it at start
     condor = pool.env.account("condor")
     creds = pool.dir / "oauth_credentials"
@@ -84,8 +84,8 @@ def start_ap_pool(devserver: DevServer, extra: str) -> Pool:
 
 
 @pytest.fixture(scope="module")
-def ap_pool(devserver: DevServer) -> Iterator[Pool]:
-    pool = start_ap_pool(devserver, "")
+def ap_pool(devserver: DevServer, jobtoken_package: Path) -> Iterator[Pool]:
+    pool = start_ap_pool(devserver, jobtoken_package, "")
     try:
         yield pool
     finally:
@@ -125,7 +125,8 @@ class StubVault:
 
 
 @pytest.fixture(scope="module")
-def vault_pool(devserver: DevServer) -> Iterator[Tuple[Pool, StubVault]]:
+def vault_pool(devserver: DevServer, jobtoken_package: Path
+               ) -> Iterator[Tuple[Pool, StubVault]]:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls = devserver._tls  # the dev server's certificate for 127.0.0.1
     context.load_cert_chain(tls.cert_file, tls.key_file)
@@ -134,7 +135,7 @@ def vault_pool(devserver: DevServer) -> Iterator[Tuple[Pool, StubVault]]:
     except OSError as exc:
         pytest.fail(f"cannot listen on 127.0.0.1:{VAULT_PORT} for the stub Vault: {exc}")
     with vault:
-        pool = start_ap_pool(devserver, VAULT_CONFIG)
+        pool = start_ap_pool(devserver, jobtoken_package, VAULT_CONFIG)
         try:
             yield pool, vault
         finally:

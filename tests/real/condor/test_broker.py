@@ -33,7 +33,7 @@ PAYLOADS = Path(__file__).parent / "payloads"
 ASK = '+HookKeyword = "JOBTOKEN"'
 BROKER_CONFIG = """
 # --- the node broker, installed as a site would; this pool's socket and state ---
-include : {inner}/config.d/60-jobtoken-broker.conf
+include : /usr/share/jobtoken/condor/config.d/60-jobtoken-broker.conf
 JOBTOKEN_BROKER_SOCKET = $(LOCAL_DIR)/broker/broker.sock
 JOBTOKEN_BROKER_STATE_DIR = $(LOCAL_DIR)/broker-state
 """
@@ -59,11 +59,12 @@ def _site_files(devserver: DevServer, robot: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def bpool(devserver: DevServer, robot: str) -> Iterator[Pool]:
+def bpool(devserver: DevServer, robot: str, jobtoken_package: Path) -> Iterator[Pool]:
     require_pool()
     started = time.monotonic()
-    pool = Pool(PoolEnv(pool_root()), jobtoken_toml="", before_master=_site_files(devserver, robot))
-    pool.extra_config = BROKER_CONFIG.format(inner=pool.inner)
+    pool = Pool(PoolEnv(pool_root()), deb=jobtoken_package, jobtoken_toml="",
+                before_master=_site_files(devserver, robot))
+    pool.extra_config = BROKER_CONFIG
     pool.jobtoken_toml_text = site_toml(pool, devserver, extra='\n[broker]\nidentity = "condor"\n')
     with pool:
         pool.wait_for(lambda: broker_cli(pool, "ping").returncode == 0, 60,

@@ -289,3 +289,19 @@ def test_include_command_path_sends_the_users_own_mytoken_with_the_job(
     (job_mytoken,) = store.children(submission.id)
     assert job_mytoken.revoked
     assert ad["HookKeyword"] == "JOBTOKEN"
+
+
+def test_the_pool_runs_the_installed_package(site: Pool, jobtoken_package: Path) -> None:
+    """What these tests prove, they prove of the Debian package: the pool's hooks and job
+    wrapper are the package's files, and the package is the one built from this tree."""
+    from tests.debpackages import deb_version
+
+    knobs = ("JOBTOKEN_HOOK_PREPARE_JOB", "JOBTOKEN_HOOK_UPDATE_JOB_INFO",
+             "JOBTOKEN_HOOK_JOB_EXIT", "USER_JOB_WRAPPER")
+    for knob in knobs:
+        path = site.condor(["condor_config_val", knob]).stdout.strip()
+        assert path.startswith("/usr/libexec/jobtoken/jobtoken-"), (knob, path)
+        owner = site.env.run(["dpkg-query", "-S", path], check=False)
+        assert owner.stdout.startswith("jobtoken: "), (path, owner)
+    version = site.env.run(["dpkg-query", "-W", "-f=${Version}", "jobtoken"]).stdout
+    assert version == deb_version(jobtoken_package)
