@@ -22,6 +22,7 @@ LAYERS: Dict[str, int] = {
     "jobtoken": 0, "jobtoken._errors": 0,  # the package re-exports only the error tree
     "jobtoken._version": 0,
     "jobtoken._clock": 1, "jobtoken._logs": 1, "jobtoken._hardening": 1,
+    "jobtoken._waiter": 1, "jobtoken._logsetup": 1,
     "jobtoken._policy": 1, "jobtoken._scopes": 1, "jobtoken._config": 1,
     "jobtoken._tokens": 2, "jobtoken._jwks": 2, "jobtoken._http": 2, "jobtoken._mytoken": 2,
     "jobtoken._tokenfile": 3, "jobtoken._discovery": 3, "jobtoken._mytokenfile": 3,
@@ -29,7 +30,7 @@ LAYERS: Dict[str, int] = {
     "jobtoken._revocation": 3,
     "jobtoken._exchange": 4, "jobtoken._actions": 4, "jobtoken._submytoken": 4,
     "jobtoken._prepare": 4, "jobtoken._renewal": 4, "jobtoken._sidecar": 4,
-    "jobtoken._supervisor": 4, "jobtoken._run": 4,
+    "jobtoken._supervisor": 4, "jobtoken._run": 4, "jobtoken._runstep": 4,
     "jobtoken.integrations": 5, "jobtoken.devserver": 5,  # and everything below them
     "jobtoken._cliargs": 6, "jobtoken._batchcommands": 6, "jobtoken.cli": 6,
     "jobtoken.__main__": 7,

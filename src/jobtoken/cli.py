@@ -32,7 +32,7 @@ from ._errors import (
     printable_values,
 )
 from ._installfiles import register as _register_install_files
-from ._logs import PrintableFilter
+from ._logsetup import log_to_file, setup_logging
 
 __all__ = ["main"]
 
@@ -180,38 +180,14 @@ def _job_setup(args: argparse.Namespace) -> Any:
 
 def _log_to_dir(args: argparse.Namespace, tokendir: Any, spec: Any) -> None:
     """Events go to the token directory's log (kept when the directory is), warnings to stderr."""
-    root = logging.getLogger("jobtoken")
-    if spec.log_json:
-        for handler in root.handlers:
-            handler.setFormatter(_JsonFormatter())
-    path = getattr(args, "log_file", None) or (
+    log_to_file(_log_path(args, tokendir, spec), log_json=spec.log_json, verbose=args.verbose,
+                quiet=args.quiet)
+
+
+def _log_path(args: argparse.Namespace, tokendir: Any, spec: Any) -> Optional[str]:
+    return getattr(args, "log_file", None) or (
         None if spec.remove_dir_at_end else str(tokendir.log_file)
     )
-    if path:
-        handler = logging.FileHandler(path, encoding="utf-8")
-        handler.setFormatter(
-            _JsonFormatter() if spec.log_json else logging.Formatter(
-                "%(asctime)s %(levelname)s %(message)s")
-        )
-        handler.setLevel(logging.INFO)
-        handler.addFilter(PrintableFilter())
-        root.addHandler(handler)
-        root.setLevel(min(root.level, logging.INFO))
-        for h in root.handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                h.setLevel(_stderr_level(args))
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "time": round(record.created, 3),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
-        )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -229,7 +205,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # in /proc/<our pid>/environ, which unsetenv alone does not change
         scrub_environ(cfg.token.mytoken_env)
     env = payload_environment(os.environ, tokendir, spec, cfg)
-    return run_job(tokendir, spec, args.payload, env=env)
+    slim = None
+    if getattr(args, "may_exec", False):  # the real command: wait as the small _waiter
+        from ._runstep import step_arguments
+
+        overrides = {k: v for k, v in _renewal_overrides(args).items() if v is not None}
+        slim = step_arguments(overrides=overrides, verbose=args.verbose, quiet=args.quiet,
+                              log_file=_log_path(args, tokendir, spec))
+    return run_job(tokendir, spec, args.payload, env=env, slim=slim)
 
 
 def _cmd_sidecar(args: argparse.Namespace) -> int:
@@ -567,20 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: List[Any] = [*_batch_commands(), ("install-files", _register_install_files)]
 
 
-def _stderr_level(args: argparse.Namespace) -> int:
-    return int(max(logging.DEBUG, min(logging.CRITICAL,
-                                  logging.WARNING - 10 * (args.verbose - args.quiet))))
-
-
 def _setup_logging(verbose: int, quiet: int) -> None:
-    level = max(logging.DEBUG, min(logging.CRITICAL, logging.WARNING - 10 * (verbose - quiet)))
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("jobtoken: %(message)s"))
-    handler.addFilter(PrintableFilter())
-    root = logging.getLogger("jobtoken")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    setup_logging(verbose, quiet)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -602,6 +573,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args_list, payload = args_list[:cut], args_list[cut + 1 :]
         args = parser.parse_args(args_list)
         args.payload = payload
+        args.may_exec = argv is None  # not a test calling main() in process
         if payload and args.command != "run" and not getattr(args, "takes_payload", False):
             raise UsageError(f"'--' is only used with 'jobtoken run' (got {args.command})")
         if not getattr(args, "func", None):
