@@ -296,7 +296,9 @@ def _exec_waiter(
             os.kill(proc.pid, signum)
     if tty_fd is not None:
         os.close(tty_fd)
+    first = _early_step(tokendir, sidecar, step_args)
     plan = encode_plan(
+        step=first,
         payload=proc.pid,
         dir=tokendir.path,
         bt=tokendir.bearer_token,
@@ -323,6 +325,29 @@ def _exec_waiter(
 
 #: Room above the renewal limit for a step's own start-up before the waiter kills it.
 _STEP_SLACK_S = 30.0
+
+
+def _early_step(tokendir: TokenDir, sidecar: Sidecar, step_args: Sequence[str]) -> Optional[str]:
+    """Start the first step now when it is due within the waiter's lead, so that its
+    start-up overlaps our ``exec`` (short tokens); the waiter adopts it ("PID,FD")."""
+    import subprocess
+    import sys
+
+    from ._waiter import LEAD_S
+
+    at = sidecar.next_wakeup(watch=False)
+    if at is None or at - SystemClock().now() > LEAD_S:
+        return None
+    argv = [sys.executable, "-m", "jobtoken._runstep", str(tokendir.path), *step_args,
+            "--at", repr(at)]
+    if sidecar.watched_mtime is not None:
+        argv += ["--watch", str(sidecar.watched_mtime)]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            close_fds=True)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_inheritable(fd, True)
+    return f"{proc.pid},{fd}"
 
 
 # --- the standalone sidecar ---------------------------------------------------------------

@@ -23,6 +23,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from dataclasses import replace
 from typing import Any, List, Optional, Tuple
 
@@ -105,11 +106,31 @@ def _sidecar(tokendir: TokenDir, args: argparse.Namespace, actions: dict[str, An
     return sidecar
 
 
+def _wait_until(at: Optional[float]) -> None:
+    """Sleep until the waiter's instant with the renewal's modules loaded; TERM (the
+    payload ended meanwhile) ends the step before it did anything."""
+    from . import _exchange, _mytoken  # noqa: F401  (loaded now, not at the instant)
+    from ._clock import SystemClock
+
+    def end(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, end)
+    try:
+        clock = SystemClock()
+        while at is not None and clock.now() < at:
+            time.sleep(min(at - clock.now(), 1.0))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _step(tokendir: TokenDir, args: argparse.Namespace) -> str:
     from ._waiter import encode_plan
 
     actions: dict[str, Any] = {"signal": None, "stop": 0}
     sidecar = _sidecar(tokendir, args, actions)
+    _wait_until(args.at)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # at work: the waiter gives us 5 s
     sidecar.tick()
     while sidecar.busy:
         sidecar.tick()
@@ -143,6 +164,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("-q", dest="quiet", type=int, default=0)
     parser.add_argument("--log-file")
     parser.add_argument("--watch")
+    parser.add_argument("--at", type=float)
     parser.add_argument("--stopped", action="store_true")
     parser.add_argument("--finish", action="store_true")
     parser.add_argument("--returncode", type=int, default=0)
@@ -150,6 +172,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--stop-requested", action="store_true")
     parser.add_argument("--killed", action="store_true")
     args = parser.parse_args(argv)
+    # the terminal's Ctrl-C reaches our whole group; the waiter passes it to the payload
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from ._hardening import protect_process
     from ._logsetup import log_to_file, setup_logging
 

@@ -38,6 +38,10 @@ __all__ = ["delivered_by_terminal", "foreground_pgrp", "main", "open_controlling
 
 _STAT_EVERY_S = 60.0  # as _sidecar: how often the token file is checked for outside renewals
 _FINISH_WAIT_S = 5.0  # a step in flight when the payload ends may be writing a token
+#: A step starts this much before its instant and waits there with its modules loaded:
+#: an interpreter's start-up takes seconds on a loaded node, and short tokens have no
+#: seconds to spare.
+LEAD_S = 3.0
 _TERMINAL_SIGNALS = (_signal.SIGINT, _signal.SIGQUIT)
 
 
@@ -89,7 +93,14 @@ def _float(value: str | None) -> float | None:
 class _Step:
     """One step child: its pid, its stdout pipe and what it said so far."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], adopt: str | None = None) -> None:
+        if adopt:  # "PID,FD": started by ``_run`` before the exec (see ``early_step``)
+            pid, fd = adopt.split(",")
+            self.pid, self.fd = int(pid), int(fd)
+            os.set_blocking(self.fd, False)
+            self.started = time.monotonic()
+            self.out = b""
+            return
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: stdout is the pipe, nothing else of ours stays open
@@ -156,7 +167,7 @@ class Waiter:
         self.kill_at = None
         self.stop_requested = False
         self.killed = False
-        self.step = None
+        self.step = _Step([], plan["step"]) if plan.get("step") else None
         self.next_stat = time.monotonic() + _STAT_EVERY_S
 
     def _record(self, signum: int, frame: object) -> None:
@@ -183,7 +194,8 @@ class Waiter:
             self._kill_if_due()
             self._collect_step()
             if self.step is None and self._step_due():
-                self.step = _Step(self._step_argv(()))
+                at = () if self.next_at is None else ("--at", repr(self.next_at))
+                self.step = _Step(self._step_argv(at))
             ready, _, _ = select.select(
                 [read_fd] + ([self.step.fd] if self.step else []), [], [], self._timeout_s()
             )
@@ -238,7 +250,7 @@ class Waiter:
             self._send(_signal.SIGKILL)
 
     def _step_due(self) -> bool:
-        if self.next_at is not None and time.time() >= self.next_at:
+        if self.next_at is not None and time.time() >= self.next_at - LEAD_S:
             return True
         if self.watch is not None and time.monotonic() >= self.next_stat:
             self.next_stat = time.monotonic() + _STAT_EVERY_S
@@ -255,7 +267,7 @@ class Waiter:
             return
         answer = step.poll()
         if answer is None:
-            if time.monotonic() - step.started <= self.step_limit:
+            if time.monotonic() - step.started <= LEAD_S + self.step_limit:
                 return
             step.kill()  # the step's own renewal limit failed to end it: retry later
             answer = {"next": str(time.time() + _STAT_EVERY_S), "watch": self.watch}
@@ -277,6 +289,10 @@ class Waiter:
         step = self.step
         if step is None:
             return
+        try:  # a step still waiting for its instant ends at once; one at work goes on
+            os.kill(step.pid, _signal.SIGTERM)
+        except ProcessLookupError:
+            pass
         deadline = time.monotonic() + _FINISH_WAIT_S
         while step.poll() is None:
             if time.monotonic() >= deadline:
@@ -290,9 +306,9 @@ class Waiter:
         mono = time.monotonic()
         timeouts = []
         if self.step is not None:
-            timeouts.append(self.step.started + self.step_limit - mono + 0.1)
+            timeouts.append(self.step.started + LEAD_S + self.step_limit - mono + 0.1)
         elif self.next_at is not None:
-            timeouts.append(self.next_at - now)
+            timeouts.append(self.next_at - LEAD_S - now)
         if self.watch is not None and self.step is None:
             timeouts.append(self.next_stat - mono)
         if self.kill_at is not None:
