@@ -11,6 +11,7 @@ import pytest
 from jobtoken._errors import TokenFileError
 from jobtoken._tokenfile import (
     ensure_private_dir,
+    open_job_directory,
     read_secret_file,
     remove_secret_file,
     remove_stale_temps,
@@ -214,3 +215,71 @@ def test_stale_temporary_files_are_removed(tmp_path: Path) -> None:
     (tmp_path / ".keep").write_text("not ours to judge")
     assert remove_stale_temps(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".keep", "bt"]
+
+
+# --- the node broker's writer: a dirfd reached without following links ---------------------
+
+
+def _job_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "scratch" / "tokens"
+    d.mkdir(parents=True, mode=0o700)
+    return d
+
+
+def test_job_directory_write_is_atomic_0600_and_owned_by_the_job(tmp_path: Path) -> None:
+    d = _job_dir(tmp_path)
+    with open_job_directory(str(d), os.geteuid()) as jd:
+        jd.write_secret("bt", "tok1")
+        first = os.stat(d / "bt").st_ino
+        jd.write_secret("bt", "tok1")  # identical: left alone
+        assert os.stat(d / "bt").st_ino == first
+        jd.write_secret("bt", "tok2")
+    st = os.stat(d / "bt")
+    assert (d / "bt").read_text() == "tok2\n" and stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == os.geteuid() and sorted(os.listdir(d)) == ["bt"]
+
+
+@pytest.mark.parametrize("planted", ["symlink", "hardlink", "fifo"])
+def test_job_directory_write_replaces_what_the_job_planted(tmp_path: Path, planted: str
+                                                           ) -> None:
+    d = _job_dir(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    if planted == "symlink":
+        os.symlink(victim, d / "bt")
+    elif planted == "hardlink":
+        os.link(victim, d / "bt")
+    else:
+        os.mkfifo(d / "bt", 0o600)
+    with open_job_directory(str(d), os.geteuid()) as jd:
+        jd.write_secret("bt", "tok")
+    assert victim.read_text() == "precious\n" and os.stat(victim).st_nlink == 1
+    assert stat.S_ISREG(os.lstat(d / "bt").st_mode) and (d / "bt").read_text() == "tok\n"
+
+
+def test_job_directory_refuses_links_on_the_way_and_unsafe_directories(tmp_path: Path) -> None:
+    d = _job_dir(tmp_path)
+    link = tmp_path / "link"
+    os.symlink(d.parent, link)
+    uid = os.geteuid()
+    for path, words in ((str(link / "tokens"), "symlink"), (str(tmp_path / "nope"),
+                                                             "No such file"),
+                        ("relative/dir", "not an absolute path"),
+                        (str(d) + "/../tokens", "'..'"),
+                        (str(d / "bt"), "No such file")):
+        with pytest.raises(TokenFileError, match=words):
+            open_job_directory(path, uid)
+    with pytest.raises(TokenFileError, match="not the job's uid"):
+        open_job_directory(str(d), uid + 1)
+    d.chmod(0o770)
+    with pytest.raises(TokenFileError, match="writable by group or others"):
+        open_job_directory(str(d), uid)
+    d.chmod(0o700)
+    with open_job_directory(str(d), uid) as jd:
+        for name in ("", "a/b", "..", "."):
+            with pytest.raises(TokenFileError, match="not a plain name"):
+                jd.write_secret(name, "tok")
+        with pytest.raises(TokenFileError, match="empty"):
+            jd.write_secret("bt", "  ")
+        assert jd.remove("bt") is False
+    assert os.listdir(d) == []

@@ -24,20 +24,23 @@ LAYERS: Dict[str, int] = {
     "jobtoken._clock": 1, "jobtoken._logs": 1, "jobtoken._hardening": 1,
     "jobtoken._waiter": 1, "jobtoken._logsetup": 1,
     "jobtoken._policy": 1, "jobtoken._scopes": 1, "jobtoken._config": 1,
+    "jobtoken._brokerproto": 1,
     "jobtoken._tokens": 2, "jobtoken._jwks": 2, "jobtoken._http": 2, "jobtoken._mytoken": 2,
     "jobtoken._tokenfile": 3, "jobtoken._discovery": 3, "jobtoken._mytokenfile": 3,
     "jobtoken._tokendir": 3, "jobtoken._metrics": 3, "jobtoken._installfiles": 3,
-    "jobtoken._revocation": 3,
+    "jobtoken._revocation": 3, "jobtoken._brokeridentity": 3, "jobtoken._brokerclient": 3,
     "jobtoken._exchange": 4, "jobtoken._actions": 4, "jobtoken._submytoken": 4,
     "jobtoken._prepare": 4, "jobtoken._renewal": 4, "jobtoken._sidecar": 4,
     "jobtoken._supervisor": 4, "jobtoken._run": 4, "jobtoken._runstep": 4,
+    "jobtoken._broker": 4,
     "jobtoken.integrations": 5, "jobtoken.devserver": 5,  # and everything below them
-    "jobtoken._cliargs": 6, "jobtoken._batchcommands": 6, "jobtoken.cli": 6,
+    "jobtoken._cliargs": 6, "jobtoken._batchcommands": 6, "jobtoken._brokercommands": 6,
+    "jobtoken.cli": 6,
     "jobtoken.__main__": 7,
 }
 
 # Pure modules: decisions and values only. No clock, file, process or network access.
-PURE = {"jobtoken._errors", "jobtoken._policy", "jobtoken._scopes"}
+PURE = {"jobtoken._errors", "jobtoken._policy", "jobtoken._scopes", "jobtoken._brokerproto"}
 PURE_MAY_IMPORT = {
     "__future__", "collections", "dataclasses", "enum", "functools", "hashlib", "itertools",
     "json", "math", "random", "re", "typing", "jobtoken._errors",
@@ -47,7 +50,8 @@ PURE_MAY_IMPORT = {
 # edge is gone (the test says so).
 KNOWN_EXCEPTIONS: Set[Tuple[str, str]] = set()
 
-LIGHT = ("jobtoken.cli", "jobtoken._run", "jobtoken._sidecar", "jobtoken._supervisor")
+LIGHT = ("jobtoken.cli", "jobtoken._run", "jobtoken._sidecar", "jobtoken._supervisor",
+         "jobtoken._brokerclient")
 HEAVY = ("httpx", "jwt", "cryptography")
 
 

@@ -23,6 +23,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from ._errors import ConfigError
 
 __all__ = [
+    "BrokerConfig",
+    "DEFAULT_BROKER_SOCKET",
     "DEFAULT_CONFIG_PATH",
     "Config",
     "RenewalConfig",
@@ -33,6 +35,7 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/jobtoken/jobtoken.toml")
+DEFAULT_BROKER_SOCKET = "/run/jobtoken/broker.sock"
 
 
 @dataclass(frozen=True)
@@ -93,11 +96,23 @@ class RenewalConfig:
 
 
 @dataclass(frozen=True)
+class BrokerConfig:
+    """The node broker (docs/broker.md): where it listens, keeps its state, learns identities."""
+
+    socket: str = DEFAULT_BROKER_SOCKET
+    state_dir: str = "/var/lib/jobtoken/broker"
+    identity: str = "registered"  # the resolver: "registered" (built in) or "condor"
+    workers: int = 4  # threads for the HTTP calls (the event loop itself never blocks)
+    reconcile_s: float = 10.0  # how often every anchor is checked (also without pidfd)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
     token: TokenConfig = TokenConfig()
     site: SiteConfig = SiteConfig()
     renewal: RenewalConfig = RenewalConfig()
+    broker: BrokerConfig = BrokerConfig()
     source: Optional[str] = None  # the file it came from, for messages
 
 
@@ -106,6 +121,7 @@ _SECTIONS: Dict[str, type] = {
     "token": TokenConfig,
     "site": SiteConfig,
     "renewal": RenewalConfig,
+    "broker": BrokerConfig,
 }
 
 # variable -> (section, key); values are parsed like the TOML value of that key
@@ -127,6 +143,7 @@ _ENV: Dict[str, Tuple[str, str]] = {
     "JOBTOKEN_EXPECTED_AT_LIFETIME": ("site", "expected_at_lifetime_s"),
     "JOBTOKEN_ON_FAILURE": ("renewal", "on_failure"),
     "JOBTOKEN_METRICS_DIR": ("renewal", "metrics_dir"),
+    "JOBTOKEN_BROKER_SOCKET": ("broker", "socket"),
 }
 
 
@@ -236,6 +253,10 @@ def _validate(config: Config) -> Config:
         raise ConfigError("renewal.fraction must be between 0.1 and 0.95")
     if not 0 <= config.server.deadline_s < float("inf"):
         raise ConfigError("server.deadline_s must be a number of seconds >= 0 (0: no limit)")
+    if config.broker.identity not in ("registered", "condor"):
+        raise ConfigError("broker.identity must be 'registered' or 'condor'")
+    if not config.broker.reconcile_s > 0:
+        raise ConfigError("broker.reconcile_s must be a number of seconds > 0")
     if config.token.mytoken_file and config.token.mytoken_env:
         raise ConfigError("set token.mytoken_file or token.mytoken_env, not both")
     return config

@@ -16,6 +16,8 @@ Tree::
     │       └── ProtocolError          exit 76  garbage or incomplete response body
     ├── TokenCheckError                exit 65  access token refused by our checks
     ├── TokenFileError                 exit 74  reading or writing a token file failed
+    ├── IdentityError                  exit 67  the node broker cannot tell which job the
+    │                                           caller is, or the caller may not do this
     ├── CredentialLostError            exit 69  the job's token expired and could not
     │                                           be renewed; jobtoken stopped the payload
     └── PayloadStartError              exit 126 (cannot execute) / 127 (not found)
@@ -38,6 +40,7 @@ __all__ = [
     "ConfigError",
     "CredentialLostError",
     "ExitCode",
+    "IdentityError",
     "JobtokenError",
     "MytokenError",
     "MytokenRejectedError",
@@ -61,6 +64,7 @@ class ExitCode(enum.IntEnum):
     ERROR = 1
     USAGE = 2
     TOKEN_CHECK = 65
+    IDENTITY = 67
     CREDENTIAL_LOST = 69
     SERVER_UNAVAILABLE = 75
     PROTOCOL = 76
@@ -182,6 +186,17 @@ class TokenFileError(JobtokenError):
     """A token or mytoken file could not be read or written safely."""
 
     exit_code = ExitCode.FILE
+
+
+class IdentityError(JobtokenError):
+    """The node broker cannot tell which job the caller is, or that job may not do this.
+
+    Raised from what the kernel says about the caller (``SO_PEERCRED``, ``/proc``) and
+    from what a trusted source registered, never from anything the caller claims.
+    Exit 67 (``EX_NOUSER``): "no such job here", which retrying will not mend.
+    """
+
+    exit_code = ExitCode.IDENTITY
 
 
 class CredentialLostError(JobtokenError):

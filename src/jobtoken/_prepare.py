@@ -17,12 +17,12 @@ is then the guard. A parent that cannot mint the string gets a clear error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional, Tuple
 
 from . import _policy as policy
 from ._clock import SystemClock
@@ -40,8 +40,11 @@ from ._tokendir import JobSpec, TokenDir
 from ._tokenfile import remove_secret_file, write_secret_file
 from ._tokens import AccessToken, unverified_claims
 
-__all__ = ["JobInfo", "PreparedJob", "job_mytoken_name", "job_scopes", "prepare_job",
-           "revoke_job_mytokens"]
+if TYPE_CHECKING:
+    from ._mytoken import MytokenClient
+
+__all__ = ["JobInfo", "PreparedJob", "job_mytoken_name", "job_scopes", "parent_source_of",
+           "prepare_job", "revoke_job_mytokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -218,8 +221,16 @@ def prepare_job(
     directory: str,
     now: Optional[float] = None,
     env: Optional[Mapping[str, str]] = None,
+    client: Optional[MytokenClient] = None,
+    write_token: Optional[Callable[[str], None]] = None,
 ) -> PreparedJob:
     """Mint the job mytoken, fetch and check its first token, write the token directory.
+
+    Args:
+        client: a kept client for the site's server (the node broker's); else one is
+            built for this call and closed.
+        write_token: where the first access token goes (the broker writes into the
+            job's own directory); default ``directory``'s ``bt``.
 
     Raises:
         ConfigError: bad settings or parent mytoken file; MytokenRejectedError: the
@@ -230,12 +241,8 @@ def prepare_job(
     from ._actions import build_client, build_verifier, server_url_for
     from ._exchange import TokenRequest, fetch_access_token
 
-    environ = os.environ if env is None else env
     start = SystemClock().now() if now is None else now
-    parent_path = config.site.parent_mytoken_file or config.token.mytoken_file
-    if not parent_path:
-        raise ConfigError("no parent mytoken: set site.parent_mytoken_file or --mytoken-file")
-    parent_source = MytokenSource(path=Path(parent_path))
+    parent_source = parent_source_of(config)
     scopes = job_scopes(job, config)
     audiences = _job_audiences(job, config)
     walltime = walltime_for(job, config)
@@ -245,7 +252,7 @@ def prepare_job(
     budget = policy.usages_budget(walltime, config.site.expected_at_lifetime_s, settings)
     usages = min(budget, config.site.max_usages_at or budget)
     tokendir = TokenDir.create(directory)
-    parent = load_mytoken(parent_source, env=environ, allow_other_owner=True)
+    parent = load_mytoken(parent_source, env=env, allow_other_owner=True)
     request = SubMytokenRequest(
         name=job_mytoken_name(job.job_id),
         label=f"job {job.job_id}'s mytoken",
@@ -259,8 +266,10 @@ def prepare_job(
         usages_at=usages,
         hosts=tuple(config.site.hosts),
     )
-    url = server_url_for(config, parent)
-    with build_client(config, url) as client:
+    url = client.server_url if client is not None else server_url_for(config, parent)
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(build_client(config, url))
         client.discovery()  # its failures are not a lost job mytoken
         minted = mint_sub_mytoken(client, parent, parent_source, request, started_at=start)
         try:
@@ -285,7 +294,10 @@ def prepare_job(
                 verifier=build_verifier(config),
             )
             _check_budget(budget, token, walltime, settings)
-            write_secret_file(tokendir.bearer_token, token.raw)
+            if write_token is None:
+                write_secret_file(tokendir.bearer_token, token.raw)
+            else:
+                write_token(token.raw)
         except JobtokenError:
             # nothing half-made may outlive a failed prepare: no live job mytoken anywhere
             revoke_quietly(client, minted.mytoken, request.label)
@@ -386,8 +398,20 @@ def job_mytoken_name(job_id: str) -> str:
     return f"jobtoken {job_id}"[:100]
 
 
-def revoke_job_mytokens(config: Config, job_id: str, *, env: Optional[Mapping[str, str]] = None
-                        ) -> Tuple[str, ...]:
+def parent_source_of(config: Config) -> MytokenSource:
+    """The site's parent mytoken file (``site.parent_mytoken_file``, else the token's).
+
+    Raises:
+        ConfigError: none configured.
+    """
+    parent_path = config.site.parent_mytoken_file or config.token.mytoken_file
+    if not parent_path:
+        raise ConfigError("no parent mytoken: set site.parent_mytoken_file or --mytoken-file")
+    return MytokenSource(path=Path(parent_path))
+
+
+def revoke_job_mytokens(config: Config, job_id: str, *, env: Optional[Mapping[str, str]] = None,
+                        client: Optional[MytokenClient] = None) -> Tuple[str, ...]:
     """Revoke every live job mytoken the site's parent minted for ``job_id``, by name.
 
     For the CE's side of a job's end: it needs neither the session directory nor the job
@@ -399,11 +423,9 @@ def revoke_job_mytokens(config: Config, job_id: str, *, env: Optional[Mapping[st
     """
     from ._actions import build_client, server_url_for
 
-    environ = os.environ if env is None else env
-    parent_path = config.site.parent_mytoken_file or config.token.mytoken_file
-    if not parent_path:
-        raise ConfigError("no parent mytoken: set site.parent_mytoken_file or --mytoken-file")
-    parent_source = MytokenSource(path=Path(parent_path))
-    parent = load_mytoken(parent_source, env=environ, allow_other_owner=True)
-    with build_client(config, server_url_for(config, parent)) as client:
+    parent_source = parent_source_of(config)
+    parent = load_mytoken(parent_source, env=env, allow_other_owner=True)
+    if client is not None:
         return revoke_children_named(client, parent_source, parent, job_mytoken_name(job_id))
+    with build_client(config, server_url_for(config, parent)) as kept:
+        return revoke_children_named(kept, parent_source, parent, job_mytoken_name(job_id))

@@ -238,7 +238,8 @@ def revoke(tokendir: TokenDir) -> RenewalReport:
     return RenewalReport(ok=True, revoked=True)
 
 
-def revoke_by_mom_id(config: Config, parent_path: str, mom_id: str) -> None:
+def revoke_by_mom_id(config: Config, parent_path: str, mom_id: str, *,
+                     client: Optional[MytokenClient] = None) -> None:
     """Revoke the job mytoken ``mom_id`` (and its children) through its parent.
 
     The job's own mytoken file proves nothing at the job's end: a payload may have
@@ -247,6 +248,9 @@ def revoke_by_mom_id(config: Config, parent_path: str, mom_id: str) -> None:
     server gave when minting it, so this revokes the real one (issue 12 item 14).
     The server comes from the site's ``config`` (as in ``prepare``), never from
     ``job.json``: the job can write that file, and the parent must not follow it.
+
+    ``client``: a kept client for the site's server (the node broker's); else one is
+    built for this call.
 
     Raises:
         JobtokenError: the parent cannot be read, or the server refused or failed.
@@ -258,8 +262,11 @@ def revoke_by_mom_id(config: Config, parent_path: str, mom_id: str) -> None:
 
     source = MytokenSource(path=Path(parent_path))
     parent = load_mytoken(source, allow_other_owner=True)
-    with build_client(config, server_url_for(config, parent)) as client:
+    if client is not None:
         update = client.revoke(parent, recursive=True, mom_id=mom_id)
+    else:
+        with build_client(config, server_url_for(config, parent)) as built:
+            update = built.revoke(parent, recursive=True, mom_id=mom_id)
     if update is not None:
         save_rotated_mytoken(source, update.mytoken)
 

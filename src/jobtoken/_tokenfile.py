@@ -19,13 +19,16 @@ import errno
 import logging
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from ._errors import TokenFileError
 
 __all__ = [
+    "JobDirectory",
     "ensure_private_dir",
+    "open_job_directory",
     "remove_stale_temps",
     "write_file_atomically",
     "read_secret_file",
@@ -287,3 +290,174 @@ def remove_stale_temps(directory: PathLike) -> int:
         except OSError:
             continue
     return removed
+
+
+# --- writing into a directory another user owns (the node broker) -------------------------
+
+
+@dataclass(frozen=True)
+class JobDirectory:
+    """A job's token directory, opened by a privileged process that must not be fooled.
+
+    ``fd`` is an ``O_DIRECTORY`` descriptor reached from ``/`` one component at a time
+    with ``O_NOFOLLOW``: no symlink anywhere on the path is followed, and every later
+    ``*at`` call works on this very directory, whatever the job renames or replaces
+    meanwhile. ``identity`` (device, inode) tells a replaced directory from the one
+    bound at ``prepare``. Close it with ``close()``.
+    """
+
+    path: str
+    fd: int
+    uid: int
+    gid: int
+    identity: Tuple[int, int]
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+    def __enter__(self) -> JobDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def write_secret(self, name: str, content: str) -> None:
+        """Atomically replace ``name`` in this directory with ``content`` (0600, job-owned).
+
+        Temp file ``openat(O_CREAT|O_EXCL|O_NOFOLLOW)``, write, ``fsync``, ``fchown`` to
+        the directory's owner, ``renameat`` over ``name``, ``fsync`` the directory. The
+        rename replaces the directory *entry*: a symlink or a hardlink the job planted
+        under ``name`` is replaced, never written through.
+
+        Raises:
+            TokenFileError: an unsafe name, empty or non-ASCII content, any OS error;
+                ``name`` is then untouched and no temporary file is left.
+        """
+        if not name or "/" in name or name in (".", ".."):
+            raise TokenFileError(f"refusing to write {name!r} in {self.path}: not a plain name")
+        text = content.strip()
+        if not text:
+            raise TokenFileError(f"refusing to write an empty secret to {self.path}/{name}")
+        try:
+            data = (text + "\n").encode("ascii", errors="strict")
+        except UnicodeEncodeError:
+            raise TokenFileError(f"refusing to write {self.path}/{name}: not ASCII text") from None
+        if self._holds(name, data):
+            return
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        tmp: Optional[str] = None
+        try:
+            for _ in range(100):
+                candidate = f".{name}.{os.urandom(6).hex()}.tmp"
+                try:
+                    fd = os.open(candidate, flags, 0o600, dir_fd=self.fd)
+                except FileExistsError:
+                    continue
+                tmp = candidate
+                break
+            else:
+                raise OSError(errno.EEXIST, "no free temporary name")
+            try:
+                os.fchmod(fd, 0o600)
+                if os.geteuid() != self.uid:
+                    os.fchown(fd, self.uid, self.gid)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            tmp = None
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise TokenFileError(f"cannot write {self.path}/{name}: {_describe(exc)}") from exc
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp, dir_fd=self.fd)
+                except OSError:
+                    pass
+
+    def _holds(self, name: str, data: bytes) -> bool:
+        """Whether ``name`` is already our file with ``data`` (so it is not rewritten).
+
+        Opened ``O_NOFOLLOW|O_NONBLOCK`` (a planted FIFO cannot block us) and accepted only
+        as a regular 0600 file of the job's uid with one link: a planted hardlink is
+        rewritten (that is, replaced), never kept.
+        """
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self.fd)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != self.uid or st.st_nlink != 1 \
+                    or stat.S_IMODE(st.st_mode) != 0o600 or st.st_size != len(data):
+                return False
+            return os.read(fd, len(data) + 1) == data
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def remove(self, name: str) -> bool:
+        """Unlink ``name`` here (never follows it); a missing one is fine."""
+        try:
+            os.unlink(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise TokenFileError(f"cannot remove {self.path}/{name}: {_describe(exc)}") from exc
+        return True
+
+
+def open_job_directory(path: str, uid: int) -> JobDirectory:
+    """Open a job's token directory for writing by a privileged process.
+
+    ``path`` must be absolute and is walked from ``/`` with ``O_DIRECTORY|O_NOFOLLOW``
+    at every component (a symlink anywhere fails the walk). The directory must be
+    owned by ``uid`` and not writable by group or others, so that nobody but the job
+    (and root) can swap what is in it.
+
+    Raises:
+        TokenFileError: a relative path, ``..``, a symlink or non-directory on the way,
+            another owner, a group/other-writable directory, any OS error.
+    """
+    if not path.startswith("/"):
+        raise TokenFileError(f"token directory {path!r} is not an absolute path")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise TokenFileError(f"token directory {path!r} contains '..'")
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open("/", flags)
+    except OSError as exc:  # pragma: no cover - / always opens
+        raise TokenFileError(f"cannot open /: {_describe(exc)}") from exc
+    try:
+        for part in parts:
+            try:
+                nxt = os.open(part, flags, dir_fd=fd)
+            except OSError as exc:
+                reason = ("a symlink or not a directory on the way"
+                          if exc.errno in (errno.ELOOP, errno.ENOTDIR) else _describe(exc))
+                raise TokenFileError(f"cannot use token directory {path}: {reason}") from exc
+            os.close(fd)
+            fd = nxt
+        st = os.fstat(fd)
+        if st.st_uid != uid:
+            raise TokenFileError(
+                f"token directory {path} is owned by uid {st.st_uid}, not the job's uid {uid}")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise TokenFileError(f"token directory {path} is writable by group or others")
+        opened = JobDirectory(path=path, fd=fd, uid=uid, gid=st.st_gid,
+                              identity=(st.st_dev, st.st_ino))
+        fd = -1
+        return opened
+    finally:
+        if fd >= 0:
+            os.close(fd)

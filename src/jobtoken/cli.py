@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__
 from ._batchcommands import register_commands as _batch_commands
+from ._brokercommands import register_commands as _broker_commands
 from ._cliargs import (
     add_common_options,
     add_server_options,
@@ -42,6 +43,7 @@ EXIT_CODES_HELP = """exit codes:
   0    success
   2    usage error (bad command line)
   65   access token refused by jobtoken's checks (expired, wider scope, wrong audience)
+  67   node broker: the caller is not a job it knows, or may not do this
   69   credentials lost: the token expired and renewal kept failing (run: payload stopped)
   74   a token file could not be read or written
   75   Mytoken server unavailable (5xx, 429, timeout, network): retrying later can help
@@ -547,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands defined in their own modules: (name, register(subparsers, name)).
-_EXTRA_COMMANDS: List[Any] = [*_batch_commands(), ("install-files", _register_install_files)]
+_EXTRA_COMMANDS: List[Any] = [*_batch_commands(), *_broker_commands(),
+                               ("install-files", _register_install_files)]
 
 
 def _setup_logging(verbose: int, quiet: int) -> None:
