@@ -45,7 +45,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import psutil
-from _bench import AUDIENCE, bench_env, dev_server, jobtoken_command, work_dir, write_json
+from _bench import (
+    AUDIENCE,
+    bench_env,
+    dev_server,
+    jobtoken_command,
+    sched_cpu_s,
+    work_dir,
+    write_json,
+)
 from _bench import write_private as _write_private
 
 from jobtoken import _policy as policy
@@ -87,22 +95,6 @@ def _children(pid: int) -> List[int]:
     return out
 
 
-def _sched_cpu_s(pid: int) -> Optional[float]:
-    """CPU time of all threads of ``pid`` in ns resolution (``/proc/PID/task/*/schedstat``).
-
-    ``cpu_times()`` counts in clock ticks (10 ms): one tick in a 60 s idle window
-    would read as 0.6 s per hour.
-    """
-    total = 0
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as fh:
-                total += int(fh.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return total / 1e9
-
-
 class Watcher:
     """Samples one ``jobtoken run`` process tree."""
 
@@ -127,7 +119,7 @@ class Watcher:
         try:
             with self.proc.oneshot():
                 cpu = self.proc.cpu_times()
-                sched = _sched_cpu_s(self.proc.pid)
+                sched = sched_cpu_s(self.proc.pid)
                 s.cpu_self = cpu.user + cpu.system if sched is None else sched
                 s.cpu_children = cpu.children_user + cpu.children_system
                 s.vol_ctx = self.proc.num_ctx_switches().voluntary

@@ -23,22 +23,20 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from _bench import AUDIENCE, bench_env, dev_server, jobtoken_command, work_dir, write_json
+from _bench import (
+    AUDIENCE,
+    bench_env,
+    dev_server,
+    jobtoken_command,
+    uss_bytes,
+    work_dir,
+    write_json,
+)
 from _bench import write_private as _write_private
 
 MIB = 1024.0 * 1024.0
 GOALS = {"waiting_uss_mib": 3.5}
 _BARE = "import time; time.sleep(60)"
-
-
-def uss_bytes(pid: int) -> int:
-    """Private (unshared) memory of ``pid``: what ending it would give back."""
-    total = 0
-    with open(f"/proc/{pid}/smaps_rollup") as fh:
-        for line in fh:
-            if line.startswith(("Private_Clean:", "Private_Dirty:")):
-                total += int(line.split()[1]) * 1024
-    return total
 
 
 def _sample_max(pid: int, seconds: float) -> int:
