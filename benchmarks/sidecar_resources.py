@@ -1,13 +1,14 @@
 """Memory, CPU and renewal requests of one ``jobtoken run`` job, measured on real processes.
 
 After a warm-up run that fills the bytecode cache (as installing the package does),
-process model measured: ``jobtoken run -- sleep N`` is one long-lived light process
-(supervisor + sidecar scheduler) plus one short-lived ``python -m jobtoken._renewal DIR``
-child per renewal. Three runs against a loopback dev server:
+process model measured: ``jobtoken run -- sleep N`` is one long-lived small process
+(``_waiter``, exec'd after the payload started) plus one short-lived step child per
+renewal (``python -m jobtoken._runstep DIR``, started a few seconds early; the renewal
+runs in it). Three runs against a loopback dev server:
 
 1. memory: short tokens; every ``--sample-ms`` (5 ms) the USS (``memory_full_info``) of
-   the run process and of any renewal child alive at that instant. Idle = the run
-   process while no renewal child is alive; peak = max of run + renewal child.
+   the run process and of any step child alive at that instant. Idle = the run
+   process while no step child is alive; peak = max of run + step child.
 2. idle CPU: a 1 h token, no renewal during the run; CPU of the run process per second
    (``/proc/PID/task/*/schedstat``, ns resolution; ``cpu_times()`` ticks are 10 ms) and
    its voluntary context switches (= wake-ups) per second.
@@ -62,12 +63,14 @@ from jobtoken._tokendir import TokenDir
 
 MIB = 1024.0 * 1024.0
 GOALS = {
-    "idle_uss_mib": 12.0,
+    "idle_uss_mib": 3.5,
     "peak_uss_mib": 40.0,
     "cpu_s_per_job_hour": 0.5,
     "renewals_over_rule": 1.05,
 }
-_RENEWAL_MARK = "jobtoken._renewal"
+#: The run process's short-lived children: a step (``_runstep``: the renewal runs in it)
+#: or, from the standalone sidecar, a renewal child.
+_RENEWAL_MARKS = ("jobtoken._runstep", "jobtoken._renewal")
 
 
 @dataclass
@@ -111,7 +114,7 @@ class Watcher:
                 cmd = psutil.Process(pid).cmdline()
             except psutil.Error:
                 return "gone"
-            self._kinds[pid] = "renewal" if _RENEWAL_MARK in cmd else "payload"
+            self._kinds[pid] = "renewal" if set(_RENEWAL_MARKS) & set(cmd) else "payload"
         return self._kinds[pid]
 
     def sample(self) -> None:
