@@ -122,6 +122,18 @@ def sched_cpu_s(pid: int) -> Optional[float]:
     return total / 1e9
 
 
+def children(pid: int) -> List[int]:
+    """Direct children of ``pid`` from /proc (cheap; psutil scans every process)."""
+    out: List[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out.extend(int(x) for x in fh.read().split())
+    except OSError:
+        pass
+    return out
+
+
 def tree_cpu_s(pid: int) -> float:
     """CPU of ``pid`` and of the children it has reaped (utime+stime+cutime+cstime of
     ``/proc/PID/stat``, clock ticks): a process that runs short-lived children."""
@@ -129,6 +141,30 @@ def tree_cpu_s(pid: int) -> float:
         fields = fh.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return sum(int(x) for x in fields[11:15]) / ticks
+
+
+def job_mytoken(srv: Any, path: Path, scope: str = "storage.create:/bench") -> Path:
+    """A job's own mytoken (AT only, ``scope`` for ``AUDIENCE``) in a 0600 file."""
+    return write_private(path, srv.issue_mytoken(
+        capabilities=["AT"], restrictions=[{"scope": scope, "audience": [AUDIENCE]}]))
+
+
+def run_argv(srv: Any, mytoken: Path, tokendir: Path, job_id: str, payload: Sequence[str],
+             scope: str = "storage.create:/bench") -> List[str]:
+    """``jobtoken run`` for one job against the dev server ``srv``."""
+    return jobtoken_command() + [
+        "run", "--server", srv.url, "--allow-http", "--mytoken-file", str(mytoken),
+        "--scope", scope, "--audience", AUDIENCE, "--dir", str(tokendir), "--job-id", job_id,
+        "--", *payload,
+    ]
+
+
+def emit(path: Optional[Path], data: Any) -> None:
+    """The benchmark's JSON: to ``path`` (``--json``), else to stdout."""
+    if path:
+        write_json(path, data)
+    else:
+        print(json.dumps(data, indent=1, sort_keys=True))
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -48,12 +48,15 @@ from typing import Any, Dict, List, Optional, Sequence
 from _bench import (
     AUDIENCE,
     bench_env,
+    children,
     dev_server,
+    emit,
+    job_mytoken,
     jobtoken_command,
+    run_argv,
     sched_cpu_s,
     tree_cpu_s,
     uss_bytes,
-    write_json,
     write_private,
 )
 
@@ -87,17 +90,6 @@ def _max_uss(pids: Sequence[int], seconds: float) -> List[int]:
         if time.monotonic() >= deadline:
             return best
         time.sleep(0.1)
-
-
-def _children(pid: int) -> List[int]:
-    out: List[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as fh:
-                out.extend(int(x) for x in fh.read().split())
-    except OSError:
-        pass
-    return out
 
 
 def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
@@ -282,11 +274,6 @@ def measure_broker(env: Dict[str, str], tmp: Path, counts: Sequence[int], lifeti
 # --- 2. jobtoken run per job --------------------------------------------------------------
 
 
-def _mytoken_file(srv: Any, path: Path) -> Path:
-    return write_private(path, srv.issue_mytoken(
-        capabilities=["AT"], restrictions=[{"scope": SCOPE, "audience": [AUDIENCE]}]))
-
-
 def measure_run(env: Dict[str, str], tmp: Path, jobs: int, lifetime_s: int, window_s: float,
                 sample_s: float) -> Dict[str, Any]:
     with dev_server(at_lifetime_s=lifetime_s) as srv:
@@ -297,11 +284,9 @@ def measure_run(env: Dict[str, str], tmp: Path, jobs: int, lifetime_s: int, wind
                 ready = tmp / f"run{i}.ready"
                 started = time.monotonic()
                 procs.append(subprocess.Popen(
-                    jobtoken_command() + [
-                        "run", "--server", srv.url, "--allow-http", "--mytoken-file",
-                        str(_mytoken_file(srv, tmp / f"run{i}.mt")), "--scope", SCOPE,
-                        "--audience", AUDIENCE, "--dir", str(d), "--job-id", f"bench.run{i}",
-                        "--", "sh", "-c", f'touch "{ready}"; exec sleep 100000'],
+                    run_argv(srv, job_mytoken(srv, tmp / f"run{i}.mt", SCOPE), d,
+                             f"bench.run{i}", ["sh", "-c", f'touch "{ready}"; exec sleep 100000'],
+                             SCOPE),
                     env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL))
                 dirs.append(d)
@@ -314,7 +299,7 @@ def measure_run(env: Dict[str, str], tmp: Path, jobs: int, lifetime_s: int, wind
             cpu0, ren0, t0 = sum(tree_cpu_s(p) for p in pids), _renewals(files), time.monotonic()
             time.sleep(window_s)
             # a step still running has not been reaped: its CPU would be missed
-            _wait(lambda: all(len(_children(p)) <= 1 for p in pids), 60, "steps done")
+            _wait(lambda: all(len(children(p)) <= 1 for p in pids), 60, "steps done")
             cpu1, ren1, t1 = sum(tree_cpu_s(p) for p in pids), _renewals(files), time.monotonic()
         finally:
             _stop(procs)
@@ -353,7 +338,7 @@ def measure_shell(env: Dict[str, str], tmp: Path, jobs: int, lifetime_s: int, wi
             for i in range(jobs):
                 d = tmp / f"sh{i}"
                 d.mkdir(mode=0o700)
-                mytoken = _mytoken_file(srv, tmp / f"sh{i}.mt").read_text()
+                mytoken = job_mytoken(srv, tmp / f"sh{i}.mt", SCOPE).read_text()
                 request = write_private(tmp / f"sh{i}.req", json.dumps({
                     "grant_type": "mytoken", "mytoken": mytoken, "scope": SCOPE,
                     "audience": AUDIENCE}))
@@ -369,7 +354,7 @@ def measure_shell(env: Dict[str, str], tmp: Path, jobs: int, lifetime_s: int, wi
             time.sleep(1.0)
             # the loop is bash plus its sleep child between renewals
             uss = _max_uss(pids, sample_s)
-            sleeps = [c for p in pids for c in _children(p)]
+            sleeps = [c for p in pids for c in children(p)]
             sleep_uss = _max_uss(sleeps, 0.0) if sleeps else [0]
             cpu0, t0 = sum(tree_cpu_s(p) for p in pids), time.monotonic()
             n0 = len(srv.requests("access"))
@@ -439,10 +424,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         },
         "goals": GOALS,
     }
-    if args.json:
-        write_json(args.json, result)
-    else:
-        print(json.dumps(result, indent=1, sort_keys=True))
+    emit(args.json, result)
     print(
         f"broker: {at_max['uss_per_job_mib']} MiB/job at {at_max['jobs']} jobs (base "
         f"{broker['base_uss_mib']} MiB), {broker['cpu_ms_per_renewal']} ms CPU/renewal, "

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import subprocess
 import sys
@@ -47,15 +46,15 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import psutil
 from _bench import (
-    AUDIENCE,
     bench_env,
+    children,
     dev_server,
-    jobtoken_command,
+    emit,
+    job_mytoken,
+    run_argv,
     sched_cpu_s,
     work_dir,
-    write_json,
 )
-from _bench import write_private as _write_private
 
 from jobtoken import _policy as policy
 from jobtoken._sidecar import Sidecar
@@ -84,18 +83,6 @@ class Sample:
     renewal_children: int = 0
     payload_alive: bool = False
     state: Dict[str, Any] = field(default_factory=dict)
-
-
-def _children(pid: int) -> List[int]:
-    """Direct children of ``pid`` from /proc (cheap; psutil scans every process)."""
-    out: List[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as fh:
-                out.extend(int(x) for x in fh.read().split())
-    except OSError:
-        pass
-    return out
 
 
 class Watcher:
@@ -130,7 +117,7 @@ class Watcher:
                     s.run_uss = self.proc.memory_full_info().uss
         except psutil.Error:
             return
-        for child in _children(self.proc.pid):
+        for child in children(self.proc.pid):
             kind = self._kind(child)
             if kind == "payload":
                 s.payload_alive = True
@@ -172,33 +159,9 @@ def run_job(
     """One ``jobtoken run -- sleep payload_s`` against a fresh dev server, sampled."""
     with dev_server(at_lifetime_s=lifetime_s) as srv:
         env = bench_env(tmp / "pycache")
-        mt = _write_private(
-            tmp / f"{name}-mytoken",
-            srv.issue_mytoken(
-                capabilities=["AT"],
-                restrictions=[{"scope": "storage.create:/bench", "audience": [AUDIENCE]}],
-            ),
-        )
         tokendir = tmp / f"{name}-dir"
-        argv = jobtoken_command() + [
-            "run",
-            "--server",
-            srv.url,
-            "--allow-http",
-            "--mytoken-file",
-            str(mt),
-            "--scope",
-            "storage.create:/bench",
-            "--audience",
-            AUDIENCE,
-            "--dir",
-            str(tokendir),
-            "--job-id",
-            f"bench.{name}",
-            "--",
-            "sleep",
-            f"{payload_s:g}",
-        ]
+        argv = run_argv(srv, job_mytoken(srv, tmp / f"{name}-mytoken"), tokendir,
+                        f"bench.{name}", ["sleep", f"{payload_s:g}"])
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.time()
         proc = subprocess.Popen(
@@ -407,10 +370,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         },
         "goals": GOALS,
     }
-    if args.json:
-        write_json(args.json, result)
-    else:
-        print(json.dumps(result, indent=1, sort_keys=True))
+    emit(args.json, result)
     print(
         f"sidecar: idle USS {memory['idle_uss_mib']} MiB, peak {memory['peak_uss_mib']} MiB; "
         f"CPU/job-hour {cpu_job_hour:.3f} s (idle {per_hour_idle:.3f}, "

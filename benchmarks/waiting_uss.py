@@ -16,7 +16,6 @@ Usage: ``python benchmarks/waiting_uss.py [--quick] [--json F]``
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -24,15 +23,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from _bench import (
-    AUDIENCE,
     bench_env,
     dev_server,
-    jobtoken_command,
+    emit,
+    job_mytoken,
+    run_argv,
     uss_bytes,
     work_dir,
-    write_json,
 )
-from _bench import write_private as _write_private
 
 MIB = 1024.0 * 1024.0
 GOALS = {"waiting_uss_mib": 3.5}
@@ -65,20 +63,9 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> No
 def run_once(srv: Any, tmp: Path, name: str, sample_s: float) -> Dict[str, Any]:
     """One ``jobtoken run`` measured once its payload runs."""
     env = bench_env(tmp / "pycache")
-    mt = _write_private(
-        tmp / f"{name}-mytoken",
-        srv.issue_mytoken(
-            capabilities=["AT"],
-            restrictions=[{"scope": "storage.create:/bench", "audience": [AUDIENCE]}],
-        ),
-    )
     ready = tmp / f"{name}-ready"
-    argv = jobtoken_command() + [
-        "run", "--server", srv.url, "--allow-http", "--mytoken-file", str(mt),
-        "--scope", "storage.create:/bench", "--audience", AUDIENCE,
-        "--dir", str(tmp / f"{name}-dir"), "--job-id", f"bench.{name}",
-        "--", "sh", "-c", f'touch "{ready}"; exec sleep 300',
-    ]
+    argv = run_argv(srv, job_mytoken(srv, tmp / f"{name}-mytoken"), tmp / f"{name}-dir",
+                    f"bench.{name}", ["sh", "-c", f'touch "{ready}"; exec sleep 300'])
     proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -130,10 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "over_bare_mib": round(waiting - bare["venv_python"], 3),
         "goals": GOALS,
     }
-    if args.json:
-        write_json(args.json, result)
-    else:
-        print(json.dumps(result, indent=1, sort_keys=True))
+    emit(args.json, result)
     print(
         f"waiting jobtoken run: USS {waiting:.2f} MiB (goal <= {GOALS['waiting_uss_mib']}); "
         f"bare python -c 'import time; time.sleep(60)': {bare['venv_python']:.2f} MiB"
