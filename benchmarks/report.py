@@ -80,7 +80,7 @@ def rows(
     mem, goals = sidecar["memory"], sidecar["goals"]
     out.append(
         (
-            "idle USS of the `jobtoken run` process (MiB)",
+            "idle USS of the `jobtoken run` process between renewals (MiB)",
             f"{mem['idle_uss_mib']:.1f}",
             f"<= {goals['idle_uss_mib']:g}",
             _met(mem["idle_uss_mib"] <= goals["idle_uss_mib"]),
@@ -88,7 +88,7 @@ def rows(
     )
     out.append(
         (
-            "peak USS during a renewal, run process + renewal child (MiB)",
+            "peak USS during a renewal, run process + step child (MiB)",
             f"{mem['peak_uss_mib']:.1f}",
             f"<= {goals['peak_uss_mib']:g}",
             _met(mem["peak_uss_mib"] <= goals["peak_uss_mib"]),
