@@ -100,6 +100,7 @@ class _Step:
             os.set_blocking(self.fd, False)
             self.started = time.monotonic()
             self.out = b""
+            self.eof = False
             return
         read_fd, write_fd = os.pipe()
         pid = os.fork()
@@ -118,12 +119,14 @@ class _Step:
         self.fd = read_fd
         self.started = time.monotonic()
         self.out = b""
+        self.eof = False  # then only its exit (SIGCHLD) is waited for, not the pipe
 
     def read(self) -> None:
         try:
             while True:
                 chunk = os.read(self.fd, 4096)
                 if not chunk:
+                    self.eof = True
                     return
                 self.out += chunk[: 1 << 16]
         except BlockingIOError:
@@ -197,7 +200,8 @@ class Waiter:
                 at = () if self.next_at is None else ("--at", repr(self.next_at))
                 self.step = _Step(self._step_argv(at))
             ready, _, _ = select.select(
-                [read_fd] + ([self.step.fd] if self.step else []), [], [], self._timeout_s()
+                [read_fd] + ([self.step.fd] if self.step and not self.step.eof else []), [], [],
+                self._timeout_s(),
             )
             if read_fd in ready:
                 try:
@@ -298,7 +302,7 @@ class Waiter:
             if time.monotonic() >= deadline:
                 step.kill()
                 break
-            select.select([step.fd], [], [], 0.05)
+            select.select([] if step.eof else [step.fd], [], [], 0.05)
         self.step = None
 
     def _timeout_s(self) -> float | None:
