@@ -70,6 +70,7 @@ GOALS = {
 #: The run process's short-lived children: a step (``_runstep``: the renewal runs in it)
 #: or, from the standalone sidecar, a renewal child.
 _RENEWAL_MARKS = ("jobtoken._runstep", "jobtoken._renewal")
+_WAITER_MARK = "_waiter"
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Sample:
     renewal_uss: int = 0
     renewal_children: int = 0
     payload_alive: bool = False
+    waiting: bool = False  # the run process has become the waiter (after its exec)
     state: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,6 +96,7 @@ class Watcher:
         self.memory = memory
         self._kinds: Dict[int, str] = {}
         self.samples: List[Sample] = []
+        self._waiting = False
 
     def _kind(self, pid: int) -> str:
         if pid not in self._kinds:
@@ -101,11 +104,23 @@ class Watcher:
                 cmd = psutil.Process(pid).cmdline()
             except psutil.Error:
                 return "gone"
+            if any(_WAITER_MARK in part for part in cmd):
+                return "starting"  # forked by the waiter, not yet exec'd: ask again
             self._kinds[pid] = "renewal" if set(_RENEWAL_MARKS) & set(cmd) else "payload"
         return self._kinds[pid]
 
+    def _is_waiting(self) -> bool:
+        """Whether the run process has ``exec``'d its waiter (set-up and first token done)."""
+        if not self._waiting:
+            try:
+                with open(f"/proc/{self.proc.pid}/cmdline", "rb") as fh:
+                    self._waiting = _WAITER_MARK.encode() in fh.read()
+            except OSError:
+                pass
+        return self._waiting
+
     def sample(self) -> None:
-        s = Sample(t=time.time())
+        s = Sample(t=time.time(), waiting=self._is_waiting())
         try:
             with self.proc.oneshot():
                 cpu = self.proc.cpu_times()
@@ -193,14 +208,15 @@ def run_job(
 
 
 def _payload_window(samples: List[Sample]) -> Tuple[Sample, Sample]:
-    alive = [s for s in samples if s.payload_alive]
+    # from the exec into the waiter on: before it, the set-up's interpreter is measured
+    alive = [s for s in samples if s.payload_alive and s.waiting]
     if len(alive) < 2:
         raise RuntimeError("too few samples while the payload ran; raise the payload time")
     return alive[0], alive[-1]
 
 
 def memory_figures(res: RunResult) -> Dict[str, Any]:
-    alive = [s for s in res.samples if s.payload_alive and s.run_uss]
+    alive = [s for s in res.samples if s.payload_alive and s.waiting and s.run_uss]
     idle = [s.run_uss for s in alive if s.renewal_children == 0]
     peak = max(alive, key=lambda s: s.run_uss + s.renewal_uss)
     renewal_only = [s.renewal_uss for s in alive if s.renewal_children]
