@@ -6,7 +6,10 @@ USS (``/proc/PID/smaps_rollup``: Private_Clean + Private_Dirty, as psutil's ``us
 sampled for a few seconds and the largest value kept. The baselines run the same way:
 ``python3 -c 'import time; time.sleep(60)'`` with the interpreter jobtoken runs on and,
 when there, ``/usr/bin/python3``. A warm-up run fills the bytecode cache first
-(``bench_env``), as installing the package does.
+(``bench_env``), as installing the package does. USS counts the interpreter's code pages
+as private while no other process maps the same binary (``/usr/bin/python3`` alone: about
+5.9 MiB; next to another of its processes: 2.7): compare processes of one binary, run while
+this script (same interpreter) runs.
 
 Must NOT: print a token, or write outside its temp dir and ``--json``.
 
