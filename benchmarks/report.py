@@ -115,7 +115,7 @@ def rows(
     )
     out.append(
         (
-            "CPU seconds per renewal (child + scheduler)",
+            "CPU seconds per renewal (step child + waiter)",
             f"{renewal['cpu_per_renewal_s']:.3f}",
             "-",
             "n/a",
