@@ -217,7 +217,9 @@ def _payload_window(samples: List[Sample]) -> Tuple[Sample, Sample]:
 
 def memory_figures(res: RunResult) -> Dict[str, Any]:
     alive = [s for s in res.samples if s.payload_alive and s.waiting and s.run_uss]
-    idle = [s.run_uss for s in alive if s.renewal_children == 0]
+    # --quick: 2 s tokens leave no moment without a step (it starts 3 s early); the run
+    # process's own USS does not include a child's, so take every sample then
+    idle = [s.run_uss for s in alive if s.renewal_children == 0] or [s.run_uss for s in alive]
     peak = max(alive, key=lambda s: s.run_uss + s.renewal_uss)
     renewal_only = [s.renewal_uss for s in alive if s.renewal_children]
     return {

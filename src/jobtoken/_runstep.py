@@ -19,16 +19,15 @@ Usage (by ``_waiter`` only): ``python -m jobtoken._runstep DIR [options]``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
 import time
-from dataclasses import replace
+from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 from ._errors import RenewalReport, ServerUnavailableError
-from ._tokendir import TokenDir
+from ._tokendir import JobSpec, TokenDir
 
 __all__ = ["main", "step_arguments"]
 
@@ -36,10 +35,12 @@ logger = logging.getLogger("jobtoken._run")
 
 
 def step_arguments(
-    *, overrides: dict[str, Any], verbose: int, quiet: int, log_file: Optional[str]
+    *, spec: JobSpec, verbose: int, quiet: int, log_file: Optional[str]
 ) -> List[str]:
-    """What ``run`` passes to every step: the settings that are not in ``job.json``."""
-    args = ["--overrides", json.dumps(overrides, sort_keys=True), f"-v{verbose}", f"-q{quiet}"]
+    """What ``run`` passes to every step: the job's settings as ``run`` holds them (its
+    command line wins over ``job.json``, and the directory may vanish under a job, as it
+    could under the in-process sidecar), and how it logs."""
+    args = ["--spec", spec.to_json(), f"-v{verbose}", f"-q{quiet}"]
     if log_file:
         args += ["--log-file", log_file]
     return args
@@ -55,6 +56,7 @@ class _InProcessRenewal:
     def __init__(self, tokendir: TokenDir, limit_s: float, args: Tuple[str, ...]) -> None:
         from ._renewal import renew
 
+        # as the renewal child does first: a vanished directory fails with that message
         min_valid = float(args[args.index("--min-valid") + 1]) if "--min-valid" in args else None
 
         def overran(signum: int, frame: object) -> None:
@@ -63,7 +65,7 @@ class _InProcessRenewal:
         previous = signal.signal(signal.SIGALRM, overran)
         signal.setitimer(signal.ITIMER_REAL, max(limit_s, 0.001))
         try:
-            self.report = renew(tokendir, min_valid_s=min_valid)
+            self.report = renew(TokenDir.existing(tokendir.path), min_valid_s=min_valid)
         except _Overran:
             self.report = RenewalReport.failure(ServerUnavailableError(
                 f"renewal took longer than {limit_s:.0f} s; killed"
@@ -85,10 +87,7 @@ def _sidecar(tokendir: TokenDir, args: argparse.Namespace, actions: dict[str, An
     from . import _policy as policy
     from ._sidecar import Sidecar
 
-    spec = tokendir.read_spec()
-    overrides = json.loads(args.overrides or "{}")
-    if overrides:
-        spec = replace(spec, **overrides)
+    spec = JobSpec.from_json(args.spec, "the run's command line")
     limit = policy.child_timeout_s(spec.timeout_s, requests=4)
 
     def send(sig: int) -> None:
@@ -159,7 +158,7 @@ def _finish(tokendir: TokenDir, args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="jobtoken-runstep")
     parser.add_argument("dir")
-    parser.add_argument("--overrides")
+    parser.add_argument("--spec", required=True)
     parser.add_argument("-v", dest="verbose", type=int, default=0)
     parser.add_argument("-q", dest="quiet", type=int, default=0)
     parser.add_argument("--log-file")
@@ -180,10 +179,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     # a step holds the job mytoken in memory; the finish starts nothing that needs a core
     protect_process(core_limit=not args.finish)
     setup_logging(args.verbose, args.quiet)
-    tokendir = TokenDir.existing(args.dir)
-    log_json = bool(json.loads(args.overrides or "{}").get("log_json")) or (
-        tokendir.read_spec().log_json)
-    log_to_file(args.log_file, log_json=log_json, verbose=args.verbose, quiet=args.quiet)
+    tokendir = TokenDir(Path(args.dir))
+    try:
+        log_to_file(args.log_file, log_json=JobSpec.from_json(args.spec, "--spec").log_json,
+                    verbose=args.verbose, quiet=args.quiet)
+    except OSError:  # the job's directory went away: stderr still has every event
+        pass
     if args.finish:
         return _finish(tokendir, args)
     sys.stdout.write(_step(tokendir, args) + "\n")

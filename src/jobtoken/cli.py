@@ -211,8 +211,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "may_exec", False):  # the real command: wait as the small _waiter
         from ._runstep import step_arguments
 
-        overrides = {k: v for k, v in _renewal_overrides(args).items() if v is not None}
-        slim = step_arguments(overrides=overrides, verbose=args.verbose, quiet=args.quiet,
+        slim = step_arguments(spec=spec, verbose=args.verbose, quiet=args.quiet,
                               log_file=_log_path(args, tokendir, spec))
     return run_job(tokendir, spec, args.payload, env=env, slim=slim)
 
