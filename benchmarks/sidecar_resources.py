@@ -217,9 +217,9 @@ def _payload_window(samples: List[Sample]) -> Tuple[Sample, Sample]:
 
 def memory_figures(res: RunResult) -> Dict[str, Any]:
     alive = [s for s in res.samples if s.payload_alive and s.waiting and s.run_uss]
-    # --quick: 2 s tokens leave no moment without a step (it starts 3 s early); the run
-    # process's own USS does not include a child's, so take every sample then
-    idle = [s.run_uss for s in alive if s.renewal_children == 0] or [s.run_uss for s in alive]
+    # the run process's own USS (a step child's is not in it), whether or not a step runs:
+    # with short tokens a step (started 3 s early) may always be there
+    idle = [s.run_uss for s in alive]
     peak = max(alive, key=lambda s: s.run_uss + s.renewal_uss)
     renewal_only = [s.renewal_uss for s in alive if s.renewal_children]
     return {

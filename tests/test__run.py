@@ -338,6 +338,11 @@ def test_status_and_ensure(tmp_path: Path) -> None:
         assert len(srv.requests("access")) == before  # valid long enough: no request
         r = run(jobtoken_argv("ensure", "--dir", d, "--min-valid", "1000"))
         assert r.returncode == 65 and "less than the 1000 s" in r.stderr  # 300 s tokens
+        # that renewed the token; the payload's "--min-valid 299" must find it older than
+        # the second a whole-second exp can hide (run reaches its payload in under 1 s)
+        renewed_at = srv.requests("access")[-1].time
+        while time.time() < renewed_at + 2.0:
+            time.sleep(0.05)
         # while a job runs: status sees the sidecar; ensure renews and the sidecar keeps up
         script = (f"jobtoken status --json {d} > {tmp_path}/status.json; "
                   f"jobtoken ensure --min-valid 299 --json > {tmp_path}/ensure.json")
