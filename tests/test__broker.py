@@ -6,6 +6,8 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -13,11 +15,14 @@ from typing import Any, Iterator
 import jwt
 import pytest
 
+from jobtoken.devserver import DevServer, DevServerConfig
 from tests.brokerhelpers import (
     JOB_PYTHON,
     Anchor,
     Site,
+    base_dir,
     client_reply,
+    require_root,
     running_site,
     spare_uids,
     wait_for,
@@ -386,3 +391,19 @@ def test_a_prepare_cut_short_by_a_crash_is_revoked_and_may_be_done_again(site: S
         assert [c.revoked for c in site.children()] == [True, False]
     finally:
         anchor.kill()
+
+
+def test_a_socket_directory_others_may_write_is_refused() -> None:
+    require_root()
+    with DevServer(DevServerConfig()) as srv:
+        for base in base_dir():
+            site = Site(srv, base, at_lifetime_s=LIFETIME_S, margin_s=10)
+            (base / "run").mkdir()
+            (base / "run").chmod(0o1777)  # like /tmp: anyone could plant a socket there
+            result = subprocess.run(
+                [sys.executable, "-m", "jobtoken", "broker", "serve", "--config",
+                 str(site.config)], capture_output=True, text=True, timeout=120,
+                stdin=subprocess.DEVNULL)
+            assert result.returncode == 78, result.stderr
+            assert result.stderr.count("\n") == 1 and "not writable by others" in result.stderr
+            assert not Path(site.socket).exists()

@@ -60,6 +60,7 @@ from ._brokerproto import (
 )
 from ._config import Config
 from ._errors import (
+    ConfigError,
     ExitCode,
     IdentityError,
     JobtokenError,
@@ -204,6 +205,7 @@ class Broker:
         from ._mytokenfile import load_mytoken
         from ._prepare import parent_source_of
 
+        self._check_socket_dir()
         ensure_private_dir(self.state_dir)
         ensure_private_dir(self.state_dir / "jobs")
         self._lock_fd = os.open(self.state_dir / "broker.lock",
@@ -225,11 +227,23 @@ class Broker:
         logger.info("broker listening socket=%s state_dir=%s jobs=%d", self.socket_path,
                     self.state_dir, len(self.jobs))
 
-    def _listen(self) -> None:
-        path = Path(self.socket_path)
-        parent = path.parent
+    def _check_socket_dir(self) -> None:
+        """Make (0755) or check the socket's directory before anything else starts.
+
+        Raises:
+            ConfigError: someone else may write there, and so could put their own socket
+                in the broker's place (clients would believe its answers).
+        """
+        parent = Path(self.socket_path).parent
         if not parent.exists():
             parent.mkdir(mode=0o755, parents=True)
+        st = os.stat(parent)
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_uid not in (0, os.geteuid()):
+            raise ConfigError(f"socket directory {parent} must be the broker's (or root's) "
+                              "and not writable by others (0755)")
+
+    def _listen(self) -> None:
+        path = Path(self.socket_path)
         try:
             st = os.lstat(path)
             if stat.S_ISSOCK(st.st_mode):
