@@ -95,6 +95,78 @@ def spread(values: Sequence[float]) -> Dict[str, float]:
     }
 
 
+def uss_bytes(pid: int) -> int:
+    """Private (unshared) memory of ``pid`` (``smaps_rollup``: Private_Clean +
+    Private_Dirty, as psutil's ``uss``): what ending the process would give back."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        for line in fh:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def sched_cpu_s(pid: int) -> Optional[float]:
+    """CPU time of all threads of ``pid`` in ns resolution (``/proc/PID/task/*/schedstat``).
+
+    ``cpu_times()`` counts in clock ticks (10 ms): one tick in a 60 s idle window
+    would read as 0.6 s per hour.
+    """
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as fh:
+                total += int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
+
+
+def children(pid: int) -> List[int]:
+    """Direct children of ``pid`` from /proc (cheap; psutil scans every process)."""
+    out: List[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out.extend(int(x) for x in fh.read().split())
+    except OSError:
+        pass
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU of ``pid`` and of the children it has reaped (utime+stime+cutime+cstime of
+    ``/proc/PID/stat``, clock ticks): a process that runs short-lived children."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum(int(x) for x in fields[11:15]) / ticks
+
+
+def job_mytoken(srv: Any, path: Path, scope: str = "storage.create:/bench") -> Path:
+    """A job's own mytoken (AT only, ``scope`` for ``AUDIENCE``) in a 0600 file."""
+    return write_private(path, srv.issue_mytoken(
+        capabilities=["AT"], restrictions=[{"scope": scope, "audience": [AUDIENCE]}]))
+
+
+def run_argv(srv: Any, mytoken: Path, tokendir: Path, job_id: str, payload: Sequence[str],
+             scope: str = "storage.create:/bench") -> List[str]:
+    """``jobtoken run`` for one job against the dev server ``srv``."""
+    return jobtoken_command() + [
+        "run", "--server", srv.url, "--allow-http", "--mytoken-file", str(mytoken),
+        "--scope", scope, "--audience", AUDIENCE, "--dir", str(tokendir), "--job-id", job_id,
+        "--", *payload,
+    ]
+
+
+def emit(path: Optional[Path], data: Any) -> None:
+    """The benchmark's JSON: to ``path`` (``--json``), else to stdout."""
+    if path:
+        write_json(path, data)
+    else:
+        print(json.dumps(data, indent=1, sort_keys=True))
+
+
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")

@@ -28,9 +28,27 @@ def _met(ok: Optional[bool]) -> str:
     return "n/a" if ok is None else ("yes" if ok else "**no**")
 
 
-def rows(startup: Dict[str, Any], sidecar: Dict[str, Any], fleet: Dict[str, Any]) -> List[Row]:
+def rows(
+    startup: Dict[str, Any],
+    sidecar: Dict[str, Any],
+    fleet: Dict[str, Any],
+    waiting: Optional[Dict[str, Any]] = None,
+    broker: Optional[Dict[str, Any]] = None,
+) -> List[Row]:
     """The figures table; every row with its goal (or ``-`` for context figures)."""
     out: List[Row] = []
+    if waiting is not None:
+        bare = waiting["bare_interpreter_uss_mib"]["venv_python"]
+        goal = waiting["goals"]["waiting_uss_mib"]
+        out.append((
+            "USS of a waiting `jobtoken run` / of `python3 -c 'import time; time.sleep(60)'` "
+            "(MiB)",
+            f"{waiting['waiting_uss_mib']:.2f} / {bare:.2f}",
+            f"<= {goal:g}",
+            _met(waiting["waiting_uss_mib"] <= goal),
+        ))
+    if broker is not None:
+        out += _broker_rows(broker)
     s = startup["seconds"]
     base = s["baseline_import_httpx_jwt"]["median"]
     goal = startup["goal_ratio"]
@@ -62,7 +80,7 @@ def rows(startup: Dict[str, Any], sidecar: Dict[str, Any], fleet: Dict[str, Any]
     mem, goals = sidecar["memory"], sidecar["goals"]
     out.append(
         (
-            "idle USS of the `jobtoken run` process (MiB)",
+            "idle USS of the `jobtoken run` process between renewals (MiB)",
             f"{mem['idle_uss_mib']:.1f}",
             f"<= {goals['idle_uss_mib']:g}",
             _met(mem["idle_uss_mib"] <= goals["idle_uss_mib"]),
@@ -70,7 +88,7 @@ def rows(startup: Dict[str, Any], sidecar: Dict[str, Any], fleet: Dict[str, Any]
     )
     out.append(
         (
-            "peak USS during a renewal, run process + renewal child (MiB)",
+            "peak USS during a renewal, run process + step child (MiB)",
             f"{mem['peak_uss_mib']:.1f}",
             f"<= {goals['peak_uss_mib']:g}",
             _met(mem["peak_uss_mib"] <= goals["peak_uss_mib"]),
@@ -97,7 +115,7 @@ def rows(startup: Dict[str, Any], sidecar: Dict[str, Any], fleet: Dict[str, Any]
     )
     out.append(
         (
-            "CPU seconds per renewal (child + scheduler)",
+            "CPU seconds per renewal (step child + waiter)",
             f"{renewal['cpu_per_renewal_s']:.3f}",
             "-",
             "n/a",
@@ -171,6 +189,53 @@ def rows(startup: Dict[str, Any], sidecar: Dict[str, Any], fleet: Dict[str, Any]
     return out
 
 
+def _broker_rows(data: Dict[str, Any]) -> List[Row]:
+    """The node broker next to ``jobtoken run`` and a bash+curl loop (``broker.py``)."""
+    b, run, shell, goals = data["broker"], data["run"], data["shell_loop"], data["goals"]
+    at = b["by_jobs"][-1]
+    steps = ", ".join(f"{c['jobs']}: {c['uss_per_job_mib']:.3f}" for c in b["by_jobs"])
+    out: List[Row] = [
+        (
+            f"broker: USS growth per job at {at['jobs']} jobs (MiB; by jobs {steps}); "
+            f"with the base {b['base_uss_mib']:.1f} MiB shared",
+            f"{at['uss_per_job_mib']:.3f}; {at['uss_with_base_per_job_mib']:.3f}",
+            f"<= {goals['broker_uss_per_job_mib_at_64']:g}",
+            _met(at["uss_with_base_per_job_mib"] <= goals["broker_uss_per_job_mib_at_64"])
+            if at["jobs"] >= 64 else "n/a",
+        ),
+        (
+            "per-job USS: broker / `jobtoken run` / bash+curl loop (MiB)",
+            f"{at['uss_per_job_mib']:.3f} / {run['uss_per_job_mib']:.2f} / "
+            f"{shell['uss_per_job_mib']:.3f}",
+            "-",
+            "n/a",
+        ),
+    ]
+    cpu = b["cpu_ms_per_renewal"]
+    out.append((
+        f"broker: CPU per renewal ({b['renewals_in_window']} renewals of {at['jobs']} jobs, "
+        f"{data['token_lifetime_s']} s tokens)",
+        "-" if cpu is None else f"{cpu:.1f} ms",
+        f"<= {goals['broker_cpu_ms_per_renewal']:g} ms",
+        "n/a" if cpu is None else _met(cpu <= goals["broker_cpu_ms_per_renewal"]),
+    ))
+    out.append((
+        "CPU per renewal: broker / `jobtoken run` / bash+curl loop (ms)",
+        " / ".join("-" if v is None else f"{v:.0f}" if v >= 10 else f"{v:.1f}" for v in (
+            cpu, run["cpu_ms_per_renewal"], shell["cpu_ms_per_renewal"])),
+        "-",
+        "n/a",
+    ))
+    out.append((
+        "start-up to first token: broker start / register+prepare / `jobtoken run` / bash+curl",
+        f"{b['start_to_ping_s']:.2f} s / {b['register_prepare_to_token_s']:.2f} s / "
+        f"{run['launch_to_payload_s']:.2f} s / {shell['launch_to_token_s']:.2f} s",
+        "-",
+        "n/a",
+    ))
+    return out
+
+
 def table(data: List[Row]) -> str:
     lines = ["| figure | value | goal | met |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in data]
@@ -197,17 +262,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--fleet", type=Path, default=ROOT / "docs" / "fleet.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.json")
     parser.add_argument("--md", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--waiting", type=Path, help="waiting_uss.py's JSON")
+    parser.add_argument("--broker", type=Path, help="broker.py's JSON")
     args = parser.parse_args(argv)
     startup = json.loads(args.startup.read_text())
     sidecar = json.loads(args.sidecar.read_text())
     fleet = json.loads(args.fleet.read_text())
-    data = rows(startup, sidecar, fleet)
+    waiting = json.loads(args.waiting.read_text()) if args.waiting else None
+    broker = json.loads(args.broker.read_text()) if args.broker else None
+    data = rows(startup, sidecar, fleet, waiting, broker)
     combined = {
         "figures": [{"figure": a, "value": b, "goal": c, "met": d} for a, b, c, d in data],
         "startup": startup,
         "sidecar": sidecar,
         "fleet": {k: v for k, v in fleet.items() if k != "series"},
     }
+    if waiting is not None:
+        combined["waiting"] = waiting
+    if broker is not None:
+        combined["broker"] = broker
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(combined, indent=1, sort_keys=True) + "\n")
     rendered = table(data)

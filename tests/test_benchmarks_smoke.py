@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
-_TIMEOUT_S = 90.0
+_TIMEOUT_S = 240.0  # broker.py --quick waits two token lifetimes on a loaded machine
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,9 @@ def quick_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--json",
             str(out / "sidecar.json"),
         ],
+        "waiting": [str(BENCH / "waiting_uss.py"), "--quick", "--json", str(out / "waiting.json")],
+        # tiny: jobs 1 and 2 on one broker, one `run` job and one shell loop, 6 s windows
+        "broker": [str(BENCH / "broker.py"), "--quick", "--json", str(out / "broker.json")],
         "fleet": [
             str(BENCH / "fleet.py"),
             "--quick",
@@ -98,6 +101,27 @@ def test_sidecar_reports_memory_cpu_and_requests(quick_outputs: Path) -> None:
     assert 1.5 < data["per_job_hour_1h_tokens"]["renewals_per_hour_worst_jitter"] < 1.8
 
 
+def test_waiting_uss_reports_the_run_process_and_a_bare_interpreter(quick_outputs: Path) -> None:
+    data = _load(quick_outputs / "waiting.json")
+    assert data["waiting_process"] == "jobtoken._waiter"  # measured after the exec
+    assert 1 < data["bare_interpreter_uss_mib"]["venv_python"]
+    assert 1 < data["waiting_uss_mib"] < 50
+
+
+def test_broker_reports_per_job_memory_cpu_and_startup_side_by_side(quick_outputs: Path) -> None:
+    data = _load(quick_outputs / "broker.json")
+    broker = data["broker"]
+    assert [c["jobs"] for c in broker["by_jobs"]] == [1, 2]
+    assert broker["base_uss_mib"] > 1 and all(c["uss_mib"] > 1 for c in broker["by_jobs"])
+    assert broker["start_to_ping_s"] > 0 and broker["register_prepare_to_token_s"] > 0
+    assert set(broker["http_statuses"]) <= {200, 204}
+    for side in ("run", "shell_loop"):
+        assert data[side]["uss_per_job_mib"] > 0
+    # the counts depend on the machine's load in --quick mode; the shape does not
+    assert set(data["cpu_ms_per_renewal"]) == {"broker", "run", "shell_loop"}
+    assert set(data["per_job_uss_mib"]) >= {"broker_at_2", "run", "shell_loop"}
+
+
 def test_fleet_writes_json_and_png(quick_outputs: Path) -> None:
     data = _load(quick_outputs / "fleet.json")
     main = data["main"]
@@ -127,6 +151,10 @@ def test_report_fills_the_markdown_between_markers(quick_outputs: Path, tmp_path
             str(quick_outputs / "sidecar.json"),
             "--fleet",
             str(quick_outputs / "fleet.json"),
+            "--waiting",
+            str(quick_outputs / "waiting.json"),
+            "--broker",
+            str(quick_outputs / "broker.json"),
             "--out",
             str(tmp_path / "b.json"),
             "--md",
@@ -140,6 +168,7 @@ def test_report_fills_the_markdown_between_markers(quick_outputs: Path, tmp_path
     assert "old table" not in text and text.endswith("text after\n")
     assert "| figure | value | goal | met |" in text
     assert proc.stdout.decode() in text
+    assert "USS of a waiting `jobtoken run`" in text and "broker: CPU per renewal" in text
     figures = _load(tmp_path / "b.json")["figures"]
     assert {f["met"] for f in figures} <= {"yes", "**no**", "n/a"}
     with pytest.raises(ValueError):

@@ -22,6 +22,7 @@ LAYERS: Dict[str, int] = {
     "jobtoken": 0, "jobtoken._errors": 0,  # the package re-exports only the error tree
     "jobtoken._version": 0,
     "jobtoken._clock": 1, "jobtoken._logs": 1, "jobtoken._hardening": 1,
+    "jobtoken._waiter": 1, "jobtoken._logsetup": 1,
     "jobtoken._policy": 1, "jobtoken._scopes": 1, "jobtoken._config": 1,
     "jobtoken._formats": 1, "jobtoken._brokerproto": 1,
     "jobtoken._tokens": 2, "jobtoken._jwks": 2, "jobtoken._http": 2, "jobtoken._mytoken": 2,
@@ -30,7 +31,8 @@ LAYERS: Dict[str, int] = {
     "jobtoken._revocation": 3, "jobtoken._brokeridentity": 3, "jobtoken._brokerclient": 3,
     "jobtoken._exchange": 4, "jobtoken._actions": 4, "jobtoken._submytoken": 4,
     "jobtoken._prepare": 4, "jobtoken._renewal": 4, "jobtoken._sidecar": 4,
-    "jobtoken._supervisor": 4, "jobtoken._run": 4, "jobtoken._broker": 4,
+    "jobtoken._supervisor": 4, "jobtoken._run": 4, "jobtoken._runstep": 4,
+    "jobtoken._broker": 4,
     "jobtoken.integrations": 5, "jobtoken.devserver": 5,  # and everything below them
     "jobtoken._checkconfig": 5,  # reads the HTCondor configuration through integrations
     "jobtoken._cliargs": 6, "jobtoken._batchcommands": 6, "jobtoken._brokercommands": 6,

@@ -31,7 +31,7 @@ from ._clock import Clock, SystemClock
 from ._config import Config, missing_setting
 from ._errors import ConfigError, ExitCode, JobtokenError, RenewalReport, TokenCheckError
 from ._sidecar import Sidecar, run_renewal_child, signal_number
-from ._supervisor import Supervisor, exit_like
+from ._supervisor import PayloadResult, Supervisor, exit_like
 from ._tokendir import JobSpec, TokenDir, acquire_lock
 from ._tokenfile import write_secret_file
 
@@ -39,6 +39,7 @@ __all__ = [
     "JobOptions",
     "ensure_token",
     "first_token",
+    "job_exit",
     "payload_environment",
     "revoke_job",
     "run_job",
@@ -182,16 +183,24 @@ def run_job(
     *,
     env: Mapping[str, str],
     clock: Optional[Clock] = None,
+    slim: Optional[Sequence[str]] = None,
 ) -> int:
     """Run the payload with a fresh token for its whole life; return its exit status.
 
     Dies by the payload's signal when the payload died by one (``exit_like``).
+
+    With ``slim`` (the arguments every step gets, ``_runstep.step_arguments``), this
+    process waits as ``_waiter`` after the payload started: it ``exec``s it and never
+    returns (the real ``jobtoken run``). Without, it supervises in this interpreter
+    (tests that call the command in process).
 
     Raises:
         JobtokenError: before the payload started (another sidecar holds the
             directory, no first token, payload not found or not executable).
     """
     lock_fd = acquire_lock(tokendir)
+    if slim is not None:
+        _exec_waiter(tokendir, spec, argv, env=env, lock_fd=lock_fd, step_args=slim)
     holder: Dict[str, Supervisor] = {}
 
     def send(sig: int) -> None:
@@ -224,13 +233,121 @@ def run_job(
     finally:
         sidecar.finish()
         os.close(lock_fd)
-    if sidecar.stopped_payload:
+    return job_exit(result, stopped_payload=sidecar.stopped_payload)
+
+
+def job_exit(result: PayloadResult, *, stopped_payload: bool) -> int:
+    """How ``run`` ends: 69 when jobtoken stopped the payload (credential lost), else
+    like the payload (``exit_like``)."""
+    if stopped_payload:
         logger.error(
             "payload stopped because its credential was lost; exit status %d",
             ExitCode.CREDENTIAL_LOST,
         )
         return int(ExitCode.CREDENTIAL_LOST)
     return exit_like(result)
+
+
+def _exec_waiter(
+    tokendir: TokenDir,
+    spec: JobSpec,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    lock_fd: int,
+    step_args: Sequence[str],
+) -> None:
+    """First token, start the payload, then become the small waiting process (``_waiter``).
+
+    The forwarded signals are caught from before the payload starts (so that none is
+    lost or kills us), then blocked across ``exec``: a blocked signal stays pending and
+    the waiter takes it once its handlers are in place.
+
+    Raises:
+        JobtokenError: no first token, or the payload cannot start (then cleaned up).
+    """
+    import sys
+
+    from ._supervisor import DEFAULT_FORWARD_SIGNALS, start_payload
+    from ._waiter import delivered_by_terminal, encode_plan, foreground_pgrp, open_controlling_tty
+
+    sidecar = Sidecar(tokendir, spec)
+    caught: list[int] = []
+    previous: Dict[int, Any] = {}
+    try:
+        sidecar.adopt(first_token(tokendir, spec))
+        for signum in DEFAULT_FORWARD_SIGNALS:
+            if signal.getsignal(signum) != signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, lambda n, f: caught.append(n))
+        proc = start_payload(argv, env=env)
+    except BaseException:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        try:
+            sidecar.finish()
+        finally:
+            os.close(lock_fd)
+        raise
+    sidecar.set_payload_pid(proc.pid)
+    signal.pthread_sigmask(signal.SIG_BLOCK, DEFAULT_FORWARD_SIGNALS)
+    tty_fd = open_controlling_tty()
+    for signum in caught:
+        if not delivered_by_terminal(signum, foreground_pgrp(tty_fd), os.getpgrp()):
+            os.kill(proc.pid, signum)
+    if tty_fd is not None:
+        os.close(tty_fd)
+    first = _early_step(tokendir, sidecar, step_args)
+    plan = encode_plan(
+        step=first,
+        payload=proc.pid,
+        dir=tokendir.path,
+        bt=tokendir.bearer_token,
+        grace=spec.stop_grace_s,
+        limit=policy.child_timeout_s(spec.timeout_s, requests=4) + _STEP_SLACK_S,
+        next=sidecar.next_wakeup(watch=False),
+        watch=sidecar.watched_mtime,
+        forward=",".join(str(int(s)) for s in DEFAULT_FORWARD_SIGNALS),
+    )
+    os.set_inheritable(lock_fd, True)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    # Isolated (-I: no PYTHON* variables, no user site), no site (-S), and not through
+    # the package (its __init__ loads the error tree and logging): the module alone,
+    # from its cached bytecode; compiling it from source would keep ~1 MiB of heap.
+    code = (
+        "import _signal, os, select, sys, time; "
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "import _waiter; _waiter.main(sys.argv[1:])"
+    )
+    os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", code, plan, *step_args])
+
+
+#: Room above the renewal limit for a step's own start-up before the waiter kills it.
+_STEP_SLACK_S = 30.0
+
+
+def _early_step(tokendir: TokenDir, sidecar: Sidecar, step_args: Sequence[str]) -> Optional[str]:
+    """Start the first step now when it is due within the waiter's lead, so that its
+    start-up overlaps our ``exec`` (short tokens); the waiter adopts it ("PID,FD")."""
+    import subprocess
+    import sys
+
+    from ._waiter import LEAD_S
+
+    at = sidecar.next_wakeup(watch=False)
+    if at is None or at - SystemClock().now() > LEAD_S:
+        return None
+    argv = [sys.executable, "-m", "jobtoken._runstep", str(tokendir.path), *step_args,
+            "--at", repr(at)]
+    if sidecar.watched_mtime is not None:
+        argv += ["--watch", str(sidecar.watched_mtime)]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            close_fds=True)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_inheritable(fd, True)
+    return f"{proc.pid},{fd}"
 
 
 # --- the standalone sidecar ---------------------------------------------------------------

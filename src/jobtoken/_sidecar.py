@@ -131,6 +131,31 @@ class Sidecar:
         self._metrics_at = float("-inf")  # when the metrics file was last written
         self._metrics_error: Optional[str] = None
 
+    def resume(
+        self, state: Optional[RenewalState], *, watched_mtime: Optional[int], stopped: bool
+    ) -> None:
+        """Continue where an earlier process of this job left off (``_runstep``): its
+        ``state.json``, the token file's mtime it knew, whether it stopped the payload."""
+        if state is not None:
+            self.state = state
+        self._bt_mtime = watched_mtime
+        self.stopped_payload = stopped
+
+    @property
+    def busy(self) -> bool:
+        """A renewal child is in flight (``tick`` again to collect it)."""
+        return self._child is not None
+
+    @property
+    def watched_mtime(self) -> Optional[int]:
+        """The token file's mtime after our last renewal; a change means someone else renewed."""
+        return self._bt_mtime
+
+    def next_wakeup(self, *, watch: bool = True) -> Optional[float]:
+        """When ``tick`` has work next; without ``watch``, leave out the periodic look
+        at the token file (the caller watches its mtime itself)."""
+        return self._next_wakeup(self.clock.now(), watch=watch)
+
     # --- outcomes -----------------------------------------------------------------------
 
     def adopt(self, report: RenewalReport) -> None:
@@ -316,7 +341,7 @@ class Sidecar:
         if name and self._send_signal is not None:
             self._send_signal(signal_number(name))
 
-    def _next_wakeup(self, now: float) -> Optional[float]:
+    def _next_wakeup(self, now: float, *, watch: bool = True) -> Optional[float]:
         st = self.state
         candidates: List[float] = []
         if st.next_attempt_at is not None:
@@ -325,7 +350,7 @@ class Sidecar:
             for at in (st.expires_at - self.spec.warn_before_s, st.expires_at):
                 if at > now:
                     candidates.append(at)
-        if self._bt_mtime is not None:
+        if watch and self._bt_mtime is not None:
             candidates.append(now + _STAT_EVERY_S)  # notice a renewal by ``jobtoken ensure``
         if self.spec.metrics_dir:
             candidates.append(max(now, self._metrics_at + REFRESH_S))

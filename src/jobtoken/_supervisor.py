@@ -52,6 +52,9 @@ from typing import Callable, Deque, Dict, Iterable, Mapping, Optional, Sequence,
 from ._clock import Clock, SystemClock
 from ._errors import JobtokenError, PayloadStartError, UsageError
 from ._policy import exit_code_from_returncode, wait_status_to_exit
+from ._waiter import delivered_by_terminal as _delivered_by_terminal
+from ._waiter import foreground_pgrp as _foreground_pgrp
+from ._waiter import open_controlling_tty as _open_controlling_tty
 
 __all__ = [
     "DEFAULT_FORWARD_SIGNALS",
@@ -60,6 +63,7 @@ __all__ = [
     "Tick",
     "exit_like",
     "run_payload",
+    "start_payload",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,9 +78,6 @@ DEFAULT_FORWARD_SIGNALS: Tuple[int, ...] = (
     signal.SIGUSR2,
     signal.SIGALRM,
 )
-
-#: Signals a terminal sends to its whole foreground process group.
-_TERMINAL_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT})
 
 #: Signals whose default action dumps core; ``exit_like`` must not leave a core of its own.
 _CORE_SIGNALS = frozenset(
@@ -140,33 +141,6 @@ class PayloadResult:
     def exit_code(self) -> int:
         """The shell's view: the exit status, or ``128 + N`` (what a wrapper exits with)."""
         return exit_code_from_returncode(self.returncode)
-
-
-def _delivered_by_terminal(signum: int, foreground_pgrp: Optional[int], own_pgrp: int) -> bool:
-    """Whether the tty already sent ``signum`` to the payload (it shares our group).
-
-    True for the terminal's INT/QUIT while our group is in the foreground. A ``kill``
-    of our pid alone from elsewhere at that moment is then not forwarded: the price of
-    not doubling every Ctrl-C.
-    """
-    return signum in _TERMINAL_SIGNALS and foreground_pgrp == own_pgrp
-
-
-def _open_controlling_tty() -> Optional[int]:
-    """A descriptor on our controlling terminal, or ``None`` in a batch job."""
-    try:
-        return os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        return None
-
-
-def _foreground_pgrp(tty_fd: Optional[int]) -> Optional[int]:
-    if tty_fd is None:
-        return None
-    try:
-        return os.tcgetpgrp(tty_fd)
-    except OSError:
-        return None
 
 
 class Supervisor:
@@ -324,23 +298,8 @@ class Supervisor:
                 pass  # the pipe is full: the loop is going to wake anyway
 
     def _start(self) -> subprocess.Popen[bytes]:
-        argv0 = self._argv[0]
-        try:
-            proc = subprocess.Popen(self._argv, env=self._env, cwd=self._cwd, close_fds=True)
-        except FileNotFoundError as exc:
-            if self._cwd is not None and exc.filename == self._cwd:
-                raise PayloadStartError(
-                    f"cannot start payload {argv0!r}: working directory {self._cwd!r}: "
-                    f"{exc.strerror}"
-                ) from exc
-            raise PayloadStartError(
-                f"cannot start payload {argv0!r}: command not found", not_found=True
-            ) from exc
-        except OSError as exc:
-            reason = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
-            raise PayloadStartError(f"cannot execute payload {argv0!r}: {reason}") from exc
+        proc = start_payload(self._argv, env=self._env, cwd=self._cwd)
         self._proc = proc
-        logger.info("payload started pid=%d argv0=%s", proc.pid, argv0)
         return proc
 
     def _loop(
@@ -431,6 +390,32 @@ class Supervisor:
             logger.debug("payload already gone pid=%d signal=%s", proc.pid, _signame(signum))
             return False
         return proc.returncode is None
+
+
+def start_payload(
+    argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None
+) -> subprocess.Popen[bytes]:
+    """Start the payload (``argv[0]`` searched in ``PATH``); no fd of ours leaks into it.
+
+    Raises:
+        PayloadStartError: it cannot be executed (126) or found (127).
+    """
+    argv0 = argv[0]
+    try:
+        proc = subprocess.Popen(list(argv), env=env, cwd=cwd, close_fds=True)
+    except FileNotFoundError as exc:
+        if cwd is not None and exc.filename == cwd:
+            raise PayloadStartError(
+                f"cannot start payload {argv0!r}: working directory {cwd!r}: {exc.strerror}"
+            ) from exc
+        raise PayloadStartError(
+            f"cannot start payload {argv0!r}: command not found", not_found=True
+        ) from exc
+    except OSError as exc:
+        reason = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+        raise PayloadStartError(f"cannot execute payload {argv0!r}: {reason}") from exc
+    logger.info("payload started pid=%d argv0=%s", proc.pid, argv0)
+    return proc
 
 
 def run_payload(

@@ -33,7 +33,7 @@ from ._errors import (
     printable_values,
 )
 from ._installfiles import register as _register_install_files
-from ._logs import JsonFormatter, PrintableFilter, file_handler
+from ._logsetup import log_to_file, setup_logging
 
 __all__ = ["main"]
 
@@ -223,19 +223,14 @@ def _job_setup(args: argparse.Namespace) -> Any:
 
 def _log_to_dir(args: argparse.Namespace, tokendir: Any, spec: Any) -> None:
     """Events go to the token directory's log (kept when the directory is), warnings to stderr."""
-    root = logging.getLogger("jobtoken")
-    if spec.log_json:
-        for handler in root.handlers:
-            handler.setFormatter(JsonFormatter())
-    path = getattr(args, "log_file", None) or (
+    log_to_file(_log_path(args, tokendir, spec), log_json=spec.log_json, verbose=args.verbose,
+                quiet=args.quiet)
+
+
+def _log_path(args: argparse.Namespace, tokendir: Any, spec: Any) -> Optional[str]:
+    return getattr(args, "log_file", None) or (
         None if spec.remove_dir_at_end else str(tokendir.log_file)
     )
-    if path:
-        stderr_handlers = list(root.handlers)
-        root.addHandler(file_handler(path, json_lines=spec.log_json, level=logging.INFO))
-        root.setLevel(min(root.level, logging.INFO))
-        for h in stderr_handlers:
-            h.setLevel(_stderr_level(args))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -253,7 +248,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # in /proc/<our pid>/environ, which unsetenv alone does not change
         scrub_environ(cfg.token.mytoken_env)
     env = payload_environment(os.environ, tokendir, spec, cfg)
-    return run_job(tokendir, spec, args.payload, env=env)
+    slim = None
+    if getattr(args, "may_exec", False):  # the real command: wait as the small _waiter
+        from ._runstep import step_arguments
+
+        slim = step_arguments(spec=spec, verbose=args.verbose, quiet=args.quiet,
+                              log_file=_log_path(args, tokendir, spec))
+    return run_job(tokendir, spec, args.payload, env=env, slim=slim)
 
 
 def _cmd_sidecar(args: argparse.Namespace) -> int:
@@ -649,24 +650,8 @@ _EXTRA_COMMANDS: List[Any] = [*_batch_commands(), *_broker_commands(),
                                ("install-files", _register_install_files)]
 
 
-def _level(verbose: int, quiet: int) -> int:
-    """WARNING by default; each -v one level more, each -q one less (-q: errors only)."""
-    return int(max(logging.DEBUG, min(logging.CRITICAL, logging.WARNING - 10 * (verbose - quiet))))
-
-
-def _stderr_level(args: argparse.Namespace) -> int:
-    return _level(args.verbose, args.quiet)
-
-
 def _setup_logging(verbose: int, quiet: int) -> None:
-    level = _level(verbose, quiet)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("jobtoken: %(message)s"))
-    handler.addFilter(PrintableFilter())
-    root = logging.getLogger("jobtoken")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    setup_logging(verbose, quiet)
 
 
 def _report_error(exc: BaseException, *, as_json: bool) -> int:
@@ -738,6 +723,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise _unrecognized(args, extra)
         as_json = bool(getattr(args, "json", False))
         args.payload = payload
+        args.may_exec = argv is None  # not a test calling main() in process
         if payload and args.command != "run" and not getattr(args, "takes_payload", False):
             raise UsageError(f"'--' is only used with 'jobtoken run' (got {args.command})")
         if not getattr(args, "func", None):
