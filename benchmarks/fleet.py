@@ -47,7 +47,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from jobtoken import _policy as policy
 from jobtoken._sidecar import Sidecar
-from jobtoken._tokendir import JobSpec, TokenDir
+from jobtoken._tokendir import JobRecord, TokenDir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ class FleetConfig:
     child_latency_s: float = 0.5
     steady_start: bool = False  # phases spread over one renewal interval, no start burst
     seed: int = 5
-    max_backoff_s: float = 300.0  # config ``renewal.max_backoff_s`` (a JobSpec field)
+    max_backoff_s: float = 300.0  # config ``renewal.max_backoff_s`` (a JobRecord field)
     jitter_fraction: Optional[float] = None  # what-if only: not configurable today
 
 
@@ -100,12 +100,12 @@ def sidecar_rule(
 ) -> Tuple[policy.RenewalSettings, float]:
     """The settings and jitter a production sidecar uses for ``job_id``.
 
-    Built by the real ``Sidecar`` constructor from a ``JobSpec`` with default values
+    Built by the real ``Sidecar`` constructor from a ``JobRecord`` with default values
     (except ``max_backoff_s``), so the simulation follows whatever the sidecar derives
     from a job spec. ``jitter_fraction`` is a what-if knob (the sidecar uses the
     ``RenewalSettings`` default); the jitter is then re-derived the sidecar's way.
     """
-    spec = JobSpec(
+    spec = JobRecord(
         job_id=job_id,
         server_url="https://mytoken.example.org",
         mytoken_path="/-",

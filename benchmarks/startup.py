@@ -55,7 +55,7 @@ import httpx, jwt
 t1 = time.perf_counter()
 import httpcore
 t1b = time.perf_counter()
-import jobtoken.cli, jobtoken._prepare, jobtoken._actions, jobtoken._exchange
+import jobtoken.cli, jobtoken._prepare, jobtoken._oneshot, jobtoken._exchange
 t2 = time.perf_counter()
 import ssl
 ssl.create_default_context()

@@ -13,7 +13,7 @@ from typing import IO, Any, Dict, List, Optional, Sequence
 import pytest
 
 from jobtoken._config import Config, RenewalConfig, ServerConfig, SiteConfig
-from jobtoken._prepare import JobInfo, PreparedJob, prepare_job
+from jobtoken._prepare import JobFacts, PreparedJob, prepare_job
 from jobtoken._tokenfile import write_secret_file
 
 AUD = "https://se.example.org"
@@ -70,7 +70,7 @@ def prepare(srv: Any, tmp_path: Path, *, lifetime_s: float, job_id: str = "job-1
     parent = tmp_path / "parent.mt"
     write_secret_file(parent, srv.issue_mytoken(capabilities=list(PARENT_CAPS)), newline=False)
     cfg = job_config(srv, parent, lifetime_s=lifetime_s, **kw)
-    return prepare_job(cfg, JobInfo(job_id=job_id, walltime_s=walltime_s),
+    return prepare_job(cfg, JobFacts(job_id=job_id, walltime_s=walltime_s),
                        directory=str(tmp_path / "job"))
 
 

@@ -11,11 +11,11 @@ import pytest
 from jobtoken._errors import ConfigError
 from jobtoken._formats import CURRENT, parse_version, readable
 from jobtoken._revocation import PendingRevocation, read_pending, write_pending
-from jobtoken._tokendir import JobSpec, RenewalState, TokenDir
+from jobtoken._tokendir import JobRecord, RenewalState, TokenDir
 
 
-def spec() -> JobSpec:
-    return JobSpec(job_id="j", server_url="https://mt", mytoken_path="mytoken",
+def spec() -> JobRecord:
+    return JobRecord(job_id="j", server_url="https://mt", mytoken_path="mytoken",
                    scopes=("storage.create:/a",))
 
 

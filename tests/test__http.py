@@ -16,8 +16,8 @@ from cryptography.x509.oid import NameOID
 from jobtoken._errors import ConfigError, ProtocolError, ServerUnavailableError
 from jobtoken._http import (
     DEFAULT_USER_AGENT,
-    build_client,
     create_ssl_context,
+    http_client,
     is_loopback_host,
     parse_retry_after,
     proxy_for,
@@ -86,24 +86,24 @@ def test_url_problem_http_only_on_loopback(url, allow_http, ok):
     assert (url_problem(url, allow_http=allow_http) is None) is ok
 
 
-def test_build_client_refuses_http_to_remote_host():
+def test_http_client_refuses_http_to_remote_host():
     with pytest.raises(ConfigError, match="loopback") as info:
-        build_client("http://mytoken.example.org", timeout_s=5, allow_http=True)
+        http_client("http://mytoken.example.org", timeout_s=5, allow_http=True)
     assert "http://mytoken.example.org" in str(info.value)
 
 
-def test_build_client_refuses_http_unless_allowed():
+def test_http_client_refuses_http_unless_allowed():
     with pytest.raises(ConfigError, match="plain http is not allowed"):
-        build_client("http://127.0.0.1:1", timeout_s=5)
+        http_client("http://127.0.0.1:1", timeout_s=5)
 
 
 @pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), True, "5"])
-def test_build_client_refuses_bad_timeouts(timeout):
+def test_http_client_refuses_bad_timeouts(timeout):
     with pytest.raises(ConfigError, match="timeout"):
-        build_client("https://mytoken.example.org", timeout_s=timeout)
+        http_client("https://mytoken.example.org", timeout_s=timeout)
 
 
-def test_build_client_settings():
+def test_http_client_settings():
     seen = {}
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -111,7 +111,7 @@ def test_build_client_settings():
         seen["timeout"] = request.extensions["timeout"]
         return httpx.Response(302, headers={"Location": "https://evil.example.org/"})
 
-    with build_client(
+    with http_client(
         "https://mytoken.example.org", timeout_s=7, transport=httpx.MockTransport(handler)
     ) as client:
         assert client.follow_redirects is False
@@ -123,8 +123,8 @@ def test_build_client_settings():
     assert seen["timeout"] == {"connect": 7.0, "read": 7.0, "write": 7.0, "pool": 7.0}
 
 
-def test_build_client_custom_user_agent():
-    with build_client(
+def test_http_client_custom_user_agent():
+    with http_client(
         "https://mytoken.example.org",
         timeout_s=1,
         user_agent="pilot/1.0",
@@ -219,7 +219,7 @@ def test_garbage_ca_file_is_config_error(tmp_path):
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate\n")
     with pytest.raises(ConfigError, match="cannot load CA"):
-        build_client("https://mytoken.example.org", timeout_s=1, ca_file=str(bad))
+        http_client("https://mytoken.example.org", timeout_s=1, ca_file=str(bad))
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -256,14 +256,14 @@ def tls_server(tmp_path):
 
 def test_tls_with_configured_ca_succeeds(tls_server):
     url, cert = tls_server
-    with build_client(url, timeout_s=5, ca_file=str(cert)) as client:
+    with http_client(url, timeout_s=5, ca_file=str(cert)) as client:
         assert client.get("/").json() == {"ok": True}
 
 
 def test_tls_verification_failure_is_a_non_retryable_config_error(tls_server, tmp_path):
     url, _ = tls_server
     other, _ = _make_cert(tmp_path, "other")
-    with build_client(url, timeout_s=5, ca_file=str(other)) as client:
+    with http_client(url, timeout_s=5, ca_file=str(other)) as client:
         with pytest.raises(httpx.ConnectError) as info:
             client.get("/")
     error = translate_http_error(info.value, url=url, action="discovery")
@@ -297,12 +297,12 @@ def test_no_proxy_without_variables():
 def test_socks_proxy_is_a_config_error(monkeypatch):
     monkeypatch.setenv("https_proxy", "socks5://proxy.site:1080")
     with pytest.raises(ConfigError, match="https_proxy"):
-        build_client("https://mytoken.example.org", timeout_s=1)
+        http_client("https://mytoken.example.org", timeout_s=1)
 
 
-def test_build_client_with_proxy_constructs(monkeypatch):
+def test_http_client_with_proxy_constructs(monkeypatch):
     monkeypatch.setenv("https_proxy", "http://proxy.site:3128")
-    build_client("https://mytoken.example.org", timeout_s=1).close()
+    http_client("https://mytoken.example.org", timeout_s=1).close()
 
 
 # --- Retry-After and error translation ---------------------------------------------------

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from jobtoken._errors import ProtocolError, ServerUnavailableError, TokenCheckError
-from jobtoken._http import build_client
+from jobtoken._http import http_client
 from jobtoken._jwks import SignatureVerifier, discovery_urls
 from jobtoken._tokens import decode_access_token
 from tests.fakes import FakeClock
@@ -83,7 +83,7 @@ def clock():
 
 def verifier_for(op, clock, **kwargs):
     def factory(url):
-        return build_client(url, timeout_s=5, transport=httpx.MockTransport(op))
+        return http_client(url, timeout_s=5, transport=httpx.MockTransport(op))
 
     return SignatureVerifier([ISSUER], http_factory=factory, clock=clock, **kwargs)
 
@@ -224,7 +224,7 @@ def test_connection_failure_is_server_unavailable(clock):
         def refuse(request):
             raise httpx.ConnectError("Connection refused", request=request)
 
-        return build_client(url, timeout_s=5, transport=httpx.MockTransport(refuse))
+        return http_client(url, timeout_s=5, transport=httpx.MockTransport(refuse))
 
     verifier = SignatureVerifier([ISSUER], http_factory=factory, clock=clock)
     with pytest.raises(ServerUnavailableError, match="oidc discovery failed"):
@@ -252,7 +252,7 @@ def test_discovery_for_another_issuer_is_refused(clock):
                 200, json={"issuer": "https://elsewhere", "jwks_uri": "https://k/jwks"}
             )
 
-        return build_client(url, timeout_s=5, transport=httpx.MockTransport(handler))
+        return http_client(url, timeout_s=5, transport=httpx.MockTransport(handler))
 
     verifier = SignatureVerifier([ISSUER], http_factory=factory, clock=clock)
     with pytest.raises(ProtocolError, match="not 'https://op.example.org/realms/vo'"):

@@ -115,7 +115,7 @@ def test_discovery_is_fetched_once_per_process_per_url(server):
     with client_for(server) as c1, client_for(server) as c2:
         for client in (c1, c2, c1):
             client.get_access_token(MT, scopes=["storage.create:/vo/out"])
-        assert c1.discovery() is c2.discovery()
+        assert c1.metadata() is c2.metadata()
     assert server.count(DISCOVERY_PATH) == 1
     assert server.count(ACCESS) == 3
 
@@ -123,7 +123,7 @@ def test_discovery_is_fetched_once_per_process_per_url(server):
 def test_discovery_keeps_server_path_prefix():
     server = FakeServer(base="https://host.example.org/mytoken")
     with client_for(server) as client:
-        found = client.discovery()
+        found = client.metadata()
     assert str(server.requests[0].url) == (
         "https://host.example.org/mytoken/.well-known/mytoken-configuration"
     )
@@ -160,9 +160,9 @@ def test_bad_discovery_is_a_protocol_error_and_not_cached(server, answer, why):
     server.discovery = answer
     with client_for(server) as client:
         with pytest.raises(ProtocolError, match=why):
-            client.discovery()
+            client.metadata()
         with pytest.raises(ProtocolError):
-            client.discovery()
+            client.metadata()
     assert server.count(DISCOVERY_PATH) == 2
 
 
@@ -179,7 +179,7 @@ def test_discovery_5xx_is_transient(server):
     server.discovery = httpx.Response(503, text="<html>down</html>")
     with client_for(server) as client:
         with pytest.raises(ServerUnavailableError) as info:
-            client.discovery()
+            client.metadata()
     assert info.value.retryable and info.value.status == 503
 
 
@@ -583,7 +583,7 @@ def test_connect_error_during_discovery(server):
 
     with MytokenClient(SERVER, transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(ServerUnavailableError, match="mytoken discovery failed"):
-            client.discovery()
+            client.metadata()
 
 
 def test_server_echoing_the_mytoken_is_redacted(server):

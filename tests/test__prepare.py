@@ -18,7 +18,7 @@ from jobtoken._errors import (
     ProtocolError,
     ServerUnavailableError,
 )
-from jobtoken._prepare import JobInfo, job_scopes, prepare_job
+from jobtoken._prepare import JobFacts, job_scopes, prepare_job
 from jobtoken._tokenfile import write_secret_file
 from jobtoken.devserver import DevServer, DevServerConfig
 from tests.fakes import ShiftedClock
@@ -50,7 +50,7 @@ def test_job_mytoken_is_minimal_and_checked(srv: DevServer, tmp_path: Path) -> N
     parent = parent_file(srv, tmp_path)
     before = parent.read_bytes()
     start = time.time()
-    job = prepare_job(config(srv, parent), JobInfo(job_id="ce#12.0#17", walltime_s=3600),
+    job = prepare_job(config(srv, parent), JobFacts(job_id="ce#12.0#17", walltime_s=3600),
                       directory=str(tmp_path / "job"))
     info = srv.introspect(job.tokendir.mytoken.read_text())
     token = info["token"]
@@ -72,11 +72,11 @@ def test_job_mytoken_is_minimal_and_checked(srv: DevServer, tmp_path: Path) -> N
 def test_job_may_narrow_but_not_widen(srv: DevServer, tmp_path: Path) -> None:
     parent = parent_file(srv, tmp_path)
     cfg = config(srv, parent)
-    narrow = JobInfo(job_id="1", scopes=("storage.create:/vo/jobs/1/out",))
+    narrow = JobFacts(job_id="1", scopes=("storage.create:/vo/jobs/1/out",))
     assert job_scopes(narrow, cfg) == ("storage.create:/vo/jobs/1/out",)
     for wider in ("storage.modify:/vo/jobs/1", "storage.create:/vox", "storage.create:/"):
         with pytest.raises(MytokenRejectedError, match="wider than the site allows"):
-            prepare_job(cfg, JobInfo(job_id="1", scopes=(wider,)),
+            prepare_job(cfg, JobFacts(job_id="1", scopes=(wider,)),
                         directory=str(tmp_path / "j"))
     assert srv.requests("my") == ()  # refused before asking the server
 
@@ -84,23 +84,23 @@ def test_job_may_narrow_but_not_widen(srv: DevServer, tmp_path: Path) -> None:
 def test_audience_outside_the_site_list_is_refused(srv: DevServer, tmp_path: Path) -> None:
     cfg = config(srv, parent_file(srv, tmp_path))
     with pytest.raises(MytokenRejectedError, match="audience"):
-        prepare_job(cfg, JobInfo(job_id="1", audiences=("https://evil.example.org",)),
+        prepare_job(cfg, JobFacts(job_id="1", audiences=("https://evil.example.org",)),
                     directory=str(tmp_path / "j"))
 
 
 def test_template_needs_a_vo(srv: DevServer, tmp_path: Path) -> None:
     cfg = config(srv, parent_file(srv, tmp_path), vo=None)
     with pytest.raises(ConfigError, match="left a value empty"):
-        job_scopes(JobInfo(job_id="1"), cfg)
+        job_scopes(JobFacts(job_id="1"), cfg)
     cfg = config(srv, parent_file(srv, tmp_path), scope_templates=("storage.create:/{nope}",))
     with pytest.raises(ConfigError, match="unknown field"):
-        job_scopes(JobInfo(job_id="1"), cfg)
+        job_scopes(JobFacts(job_id="1"), cfg)
 
 
 def test_parent_without_create_mytoken(srv: DevServer, tmp_path: Path) -> None:
     parent = parent_file(srv, tmp_path, capabilities=["AT"])
     with pytest.raises(MytokenRejectedError, match="insufficient_capabilities"):
-        prepare_job(config(srv, parent), JobInfo(job_id="1"), directory=str(tmp_path / "j"))
+        prepare_job(config(srv, parent), JobFacts(job_id="1"), directory=str(tmp_path / "j"))
     assert not (tmp_path / "j" / "mytoken").exists()
 
 
@@ -109,14 +109,14 @@ def test_revoked_parent(srv: DevServer, tmp_path: Path) -> None:
     httpx.post(f"{srv.url}/api/v0/token/revoke",
                json={"token": parent.read_text()}).raise_for_status()
     with pytest.raises(MytokenRejectedError) as info:
-        prepare_job(config(srv, parent), JobInfo(job_id="1"), directory=str(tmp_path / "j"))
+        prepare_job(config(srv, parent), JobFacts(job_id="1"), directory=str(tmp_path / "j"))
     assert not info.value.retryable
 
 
 def test_server_down_is_transient(srv: DevServer, tmp_path: Path) -> None:
     srv.faults.add("my", status=503)
     with pytest.raises(ServerUnavailableError) as info:
-        prepare_job(config(srv, parent_file(srv, tmp_path)), JobInfo(job_id="1"),
+        prepare_job(config(srv, parent_file(srv, tmp_path)), JobFacts(job_id="1"),
                     directory=str(tmp_path / "j"))
     assert info.value.retryable
 
@@ -125,20 +125,20 @@ def test_parent_scope_string_cannot_be_narrowed_by_path(srv: DevServer, tmp_path
     # Mytoken matches restriction scopes as exact strings (reference fact 6)
     parent = parent_file(srv, tmp_path, restrictions=[{"scope": "storage.create:/vo"}])
     with pytest.raises(MytokenRejectedError):
-        prepare_job(config(srv, parent), JobInfo(job_id="1"), directory=str(tmp_path / "j"))
+        prepare_job(config(srv, parent), JobFacts(job_id="1"), directory=str(tmp_path / "j"))
 
 
 def test_rotated_parent_is_saved(srv: DevServer, tmp_path: Path) -> None:
     parent = parent_file(srv, tmp_path, rotation={"on_other": True})
     first = parent.read_text()
-    prepare_job(config(srv, parent), JobInfo(job_id="1"), directory=str(tmp_path / "j"))
+    prepare_job(config(srv, parent), JobFacts(job_id="1"), directory=str(tmp_path / "j"))
     second = parent.read_text()
     assert second != first and srv.introspect(second)["valid"] is True
 
 
 def test_job_mytoken_capped_at_parent_expiry(srv: DevServer, tmp_path: Path) -> None:
     parent = parent_file(srv, tmp_path, restrictions=[{"exp": int(time.time()) + 1800}])
-    job = prepare_job(config(srv, parent), JobInfo(job_id="1", walltime_s=86400),
+    job = prepare_job(config(srv, parent), JobFacts(job_id="1", walltime_s=86400),
                       directory=str(tmp_path / "j"))
     parent_exp = jwt.decode(parent.read_text(), options={"verify_signature": False})["exp"]
     [entry] = srv.introspect(job.tokendir.mytoken.read_text())["token"]["restrictions"]
@@ -148,7 +148,7 @@ def test_job_mytoken_capped_at_parent_expiry(srv: DevServer, tmp_path: Path) -> 
 def test_parent_expiring_within_minutes_is_refused(srv: DevServer, tmp_path: Path) -> None:
     parent = parent_file(srv, tmp_path, restrictions=[{"exp": int(time.time()) + 60}])
     with pytest.raises(MytokenRejectedError, match="too soon"):
-        prepare_job(config(srv, parent), JobInfo(job_id="1"), directory=str(tmp_path / "j"))
+        prepare_job(config(srv, parent), JobFacts(job_id="1"), directory=str(tmp_path / "j"))
 
 
 def test_widened_job_mytoken_is_revoked_and_refused(srv: DevServer, tmp_path: Path,
@@ -163,7 +163,7 @@ def test_widened_job_mytoken_is_revoked_and_refused(srv: DevServer, tmp_path: Pa
 
     mocker.patch.object(_mytoken.MytokenClient, "create_mytoken", widen)
     with pytest.raises(ProtocolError, match="capabilities"):
-        prepare_job(config(srv, parent_file(srv, tmp_path)), JobInfo(job_id="1"),
+        prepare_job(config(srv, parent_file(srv, tmp_path)), JobFacts(job_id="1"),
                     directory=str(tmp_path / "j"))
     assert len(srv.requests("revoke")) == 1
     assert not (tmp_path / "j" / "mytoken").exists()
@@ -174,7 +174,7 @@ def test_bad_first_token_revokes_the_job_mytoken(srv: DevServer, tmp_path: Path)
     from jobtoken._errors import TokenCheckError
 
     with pytest.raises(TokenCheckError):
-        prepare_job(config(srv, parent_file(srv, tmp_path)), JobInfo(job_id="1"),
+        prepare_job(config(srv, parent_file(srv, tmp_path)), JobFacts(job_id="1"),
                     directory=str(tmp_path / "j"))
     assert len(srv.requests("revoke")) == 1
     assert not (tmp_path / "j" / "mytoken").exists() and not (tmp_path / "j" / "bt").exists()
@@ -186,7 +186,7 @@ def test_unwritable_directory(srv: DevServer, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(TokenFileError):
-        prepare_job(config(srv, parent_file(srv, tmp_path)), JobInfo(job_id="1"),
+        prepare_job(config(srv, parent_file(srv, tmp_path)), JobFacts(job_id="1"),
                     directory=str(blocker / "job"))
     assert srv.requests("my") == ()
 
@@ -194,7 +194,7 @@ def test_unwritable_directory(srv: DevServer, tmp_path: Path) -> None:
 def test_no_parent_configured(srv: DevServer, tmp_path: Path) -> None:
     cfg = Config(site=SiteConfig(vo="vo"))
     with pytest.raises(ConfigError, match="no parent mytoken"):
-        prepare_job(cfg, JobInfo(job_id="1"), directory=str(tmp_path / "j"))
+        prepare_job(cfg, JobFacts(job_id="1"), directory=str(tmp_path / "j"))
 
 
 def _live_children(srv: DevServer, parent: Path) -> list:
@@ -209,7 +209,7 @@ def test_job_mytoken_whose_answer_was_lost_is_revoked(srv: DevServer, tmp_path: 
     srv.faults.add("my", drop=True, process=True)  # minted, then the connection died
     caplog.set_level("INFO", logger="jobtoken")
     with pytest.raises(ServerUnavailableError) as info:
-        prepare_job(config(srv, parent), JobInfo(job_id="7"), directory=str(tmp_path / "j"))
+        prepare_job(config(srv, parent), JobFacts(job_id="7"), directory=str(tmp_path / "j"))
     assert info.value.retryable
     assert _live_children(srv, parent) == []
     assert len(srv.requests("my")) == 1  # never minted twice
@@ -221,12 +221,12 @@ def test_lost_answer_reaping_spares_other_jobs_and_old_runs(tmp_path: Path) -> N
     with DevServer(DevServerConfig(at_lifetime_s=1200, op_scopes=OP_SCOPES,
                                    default_audience=AUD), clock=clock) as srv:
         parent = parent_file(srv, tmp_path)
-        prepare_job(config(srv, parent), JobInfo(job_id="7"), directory=str(tmp_path / "old"))
+        prepare_job(config(srv, parent), JobFacts(job_id="7"), directory=str(tmp_path / "old"))
         clock.offset_s = 0.0
-        prepare_job(config(srv, parent), JobInfo(job_id="8"), directory=str(tmp_path / "other"))
+        prepare_job(config(srv, parent), JobFacts(job_id="8"), directory=str(tmp_path / "other"))
         srv.faults.add("my", drop=True, process=True)
         with pytest.raises(ServerUnavailableError):
-            prepare_job(config(srv, parent), JobInfo(job_id="7"), directory=str(tmp_path / "j"))
+            prepare_job(config(srv, parent), JobFacts(job_id="7"), directory=str(tmp_path / "j"))
         assert sorted(_live_children(srv, parent)) == ["jobtoken 7", "jobtoken 8"]
         # the job 7 left alive is the earlier run's; the lost one was revoked
         assert srv.introspect((tmp_path / "old" / "mytoken").read_text())["valid"] is True
@@ -239,7 +239,7 @@ def test_a_refusal_is_not_searched_for_lost_mytokens(srv: DevServer, tmp_path: P
     # the server answered before minting: no listing, no extra load on a busy server
     srv.faults.add("my", **fault)
     with pytest.raises(ServerUnavailableError):
-        prepare_job(config(srv, parent_file(srv, tmp_path)), JobInfo(job_id="1"),
+        prepare_job(config(srv, parent_file(srv, tmp_path)), JobFacts(job_id="1"),
                     directory=str(tmp_path / "j"))
     assert srv.requests("tokeninfo") == ()
 
@@ -250,7 +250,7 @@ def test_parent_without_subtokens_capability_keeps_the_first_error(
     parent = parent_file(srv, tmp_path, capabilities=["AT", "create_mytoken"])
     srv.faults.add("my", drop=True, process=True)
     with pytest.raises(ServerUnavailableError) as info:
-        prepare_job(config(srv, parent), JobInfo(job_id="1"), directory=str(tmp_path / "j"))
+        prepare_job(config(srv, parent), JobFacts(job_id="1"), directory=str(tmp_path / "j"))
     assert "mytoken creation failed" in info.value.message
     assert "stays valid until it expires" in caplog.text
     assert "insufficient_capabilities" in caplog.text
@@ -266,7 +266,7 @@ def test_a_slow_server_cannot_keep_prepare_alive_and_the_job_mytoken_is_revoked(
     srv.faults.add("access", delay_s=4.0)
     started = time.monotonic()
     with pytest.raises(ServerUnavailableError):
-        prepare_job(cfg, JobInfo(job_id="9"), directory=str(tmp_path / "j"))
+        prepare_job(cfg, JobFacts(job_id="9"), directory=str(tmp_path / "j"))
     assert time.monotonic() - started < 4.0
     assert len(srv.requests("revoke")) == 1
     assert _live_children(srv, parent) == []
@@ -284,7 +284,7 @@ def test_site_maxima_bound_a_job_that_asks_for_a_year(srv: DevServer, tmp_path: 
     cfg = config(srv, parent, max_walltime_s=2 * 86400.0, max_usages_at=50,
                  max_mytoken_lifetime_s=86400.0)
     start = time.time()
-    job = prepare_job(cfg, JobInfo(job_id="1", walltime_s=365 * 86400.0),
+    job = prepare_job(cfg, JobFacts(job_id="1", walltime_s=365 * 86400.0),
                       directory=str(tmp_path / "job"))
     entry = _minted_entry(srv, job)
     assert entry["usages_AT"] == 50
@@ -300,7 +300,7 @@ def test_a_server_maximum_lifetime_caps_the_job_mytoken_instead_of_failing(
     with DevServer(DevServerConfig(at_lifetime_s=1200, op_scopes=OP_SCOPES, default_audience=AUD,
                                    max_mytoken_lifetime_s=7200)) as server:
         parent = parent_file(server, tmp_path)
-        job = prepare_job(config(server, parent), JobInfo(job_id="1", walltime_s=86400),
+        job = prepare_job(config(server, parent), JobFacts(job_id="1", walltime_s=86400),
                           directory=str(tmp_path / "job"))
         entry = _minted_entry(server, job)
         assert entry["exp"] <= time.time() + 7200 + 1
@@ -315,7 +315,7 @@ def test_a_site_maximum_lifetime_asks_the_server_nothing_it_refuses(tmp_path: Pa
                                    max_mytoken_lifetime_s=7200)) as server:
         parent = parent_file(server, tmp_path)
         prepare_job(config(server, parent, max_mytoken_lifetime_s=3600.0),
-                    JobInfo(job_id="1", walltime_s=86400), directory=str(tmp_path / "job"))
+                    JobFacts(job_id="1", walltime_s=86400), directory=str(tmp_path / "job"))
         assert [r.status for r in server.requests("my")] == [200]
 
 
@@ -333,37 +333,37 @@ def site_only(**site: Any) -> Config:
 def test_the_job_cannot_choose_the_vo_by_default(claimed: str) -> None:
     """A job ad's x509UserProxyVOName / AcctGroup is the submitter's word: ignored."""
     cfg = site_only(vo="dteam")
-    assert job_scopes(JobInfo(job_id="7", vo=claimed), cfg) == ("storage.create:/dteam/jobs/7",)
+    assert job_scopes(JobFacts(job_id="7", vo=claimed), cfg) == ("storage.create:/dteam/jobs/7",)
 
 
 def test_without_site_vo_the_job_vo_is_not_used() -> None:
     with pytest.raises(ConfigError, match="set site.vo"):
-        job_scopes(JobInfo(job_id="7", vo="atlas"), site_only())
+        job_scopes(JobFacts(job_id="7", vo="atlas"), site_only())
 
 
 def test_a_site_that_lets_jobs_choose_allows_only_its_list() -> None:
     cfg = site_only(vo="dteam", job_may_choose_vo=True, allowed_vos=("dteam", "ops"))
-    assert job_scopes(JobInfo(job_id="7", vo="ops"), cfg) == ("storage.create:/ops/jobs/7",)
-    assert job_scopes(JobInfo(job_id="7"), cfg) == ("storage.create:/dteam/jobs/7",)
+    assert job_scopes(JobFacts(job_id="7", vo="ops"), cfg) == ("storage.create:/ops/jobs/7",)
+    assert job_scopes(JobFacts(job_id="7"), cfg) == ("storage.create:/dteam/jobs/7",)
     for claimed in ("atlas", "cms/store/user/victim", "..", "ops/../atlas"):
         with pytest.raises(MytokenRejectedError, match="not one the site allows"):
-            job_scopes(JobInfo(job_id="7", vo=claimed), cfg)
+            job_scopes(JobFacts(job_id="7", vo=claimed), cfg)
     nolist = site_only(vo="dteam", job_may_choose_vo=True)
     with pytest.raises(MytokenRejectedError, match="allowed_vos: none"):
-        job_scopes(JobInfo(job_id="7", vo="atlas"), nolist)
+        job_scopes(JobFacts(job_id="7", vo="atlas"), nolist)
 
 
 def test_a_chosen_vo_still_has_to_be_within_allowed_scopes() -> None:
     cfg = site_only(vo="dteam", job_may_choose_vo=True, allowed_vos=("ops",),
                     allowed_scopes=("storage.create:/dteam/jobs",))
     with pytest.raises(MytokenRejectedError, match="wider than the site allows"):
-        job_scopes(JobInfo(job_id="7", vo="ops"), cfg)
+        job_scopes(JobFacts(job_id="7", vo="ops"), cfg)
 
 
 @pytest.mark.parametrize("vo", ["cms/store/user/victim", "..", ".", "a b", "vo:x", ""])
 def test_a_site_vo_that_is_not_a_plain_name_is_a_config_error(vo: str) -> None:
     with pytest.raises(ConfigError):
-        job_scopes(JobInfo(job_id="7"), site_only(vo=vo))
+        job_scopes(JobFacts(job_id="7"), site_only(vo=vo))
 
 
 @pytest.mark.parametrize("job_id, component", [
@@ -371,24 +371,24 @@ def test_a_site_vo_that_is_not_a_plain_name_is_a_config_error(vo: str) -> None:
     ("a/b", "a_b"), (".hidden", "_hidden"),
 ])
 def test_a_job_id_is_mapped_to_one_safe_component(job_id: str, component: str) -> None:
-    [scope] = job_scopes(JobInfo(job_id=job_id), site_only(vo="dteam"))
+    [scope] = job_scopes(JobFacts(job_id=job_id), site_only(vo="dteam"))
     assert scope == f"storage.create:/dteam/jobs/{component}"
 
 
 def test_an_owner_unsafe_in_a_path_holds_the_job() -> None:
     cfg = site_only(vo="dteam", scope_templates=("storage.create:/{vo}/user/{owner}",))
-    assert job_scopes(JobInfo(job_id="7", owner="alice"), cfg) == (
+    assert job_scopes(JobFacts(job_id="7", owner="alice"), cfg) == (
         "storage.create:/dteam/user/alice",)
     with pytest.raises(MytokenRejectedError, match="cannot be part of a scope path"):
-        job_scopes(JobInfo(job_id="7", owner="../victim"), cfg)
+        job_scopes(JobFacts(job_id="7", owner="../victim"), cfg)
 
 
 def test_without_allowed_scopes_a_job_only_narrows_its_templates() -> None:
     """Unset site.allowed_scopes: the templates are the limit (narrow yes, widen no)."""
     cfg = site_only(vo="dteam")
-    narrow = JobInfo(job_id="7", scopes=("storage.create:/dteam/jobs/7/out",))
+    narrow = JobFacts(job_id="7", scopes=("storage.create:/dteam/jobs/7/out",))
     assert job_scopes(narrow, cfg) == ("storage.create:/dteam/jobs/7/out",)
     for wider in ("storage.create:/dteam/jobs", "storage.create:/atlas/jobs/7",
                   "storage.modify:/dteam/jobs/7", "storage.create:/dteam/jobs/8"):
         with pytest.raises(MytokenRejectedError, match="wider than the site allows"):
-            job_scopes(JobInfo(job_id="7", scopes=(wider,)), cfg)
+            job_scopes(JobFacts(job_id="7", scopes=(wider,)), cfg)

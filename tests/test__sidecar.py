@@ -13,7 +13,7 @@ import pytest
 
 from jobtoken._errors import ConfigError, RenewalReport
 from jobtoken._sidecar import Sidecar, signal_number
-from jobtoken._tokendir import JobSpec, TokenDir
+from jobtoken._tokendir import JobRecord, TokenDir
 from tests.fakes import FakeClock
 
 LIFETIME = 3600.0
@@ -44,7 +44,7 @@ class Harness:
             mytoken_path=str(self.tokendir.mytoken), scopes=("storage.create:/vo/x",),
         )
         defaults.update(spec)
-        self.spec = JobSpec(**defaults)
+        self.spec = JobRecord(**defaults)
         self.tokendir.write_spec(self.spec)
         self.outcomes: List[RenewalReport] = []
         self.spawned: List[tuple] = []

@@ -92,11 +92,11 @@ def _widen_audience(mocker: Any) -> None:
 
 
 def test_a_widened_job_mytoken_is_revoked(srv: DevServer, tmp_path: Path, mocker: Any) -> None:
-    from jobtoken._actions import build_client
+    from jobtoken._oneshot import mytoken_client
 
     source = _parent(srv, tmp_path)
     _widen_audience(mocker)
-    with build_client(job_config(srv, source.path, lifetime_s=1200), srv.url) as client:
+    with mytoken_client(job_config(srv, source.path, lifetime_s=1200), srv.url) as client:
         with pytest.raises(ProtocolError, match="job 1's mytoken's audience"):
             mint_sub_mytoken(client, source.path.read_text(), source, _request())
     assert len(srv.requests("revoke")) == 1
@@ -117,10 +117,10 @@ def test_the_storer_s_submission_mytoken_gets_the_same_check(
 
 
 def test_a_refusal_leaves_nothing_to_revoke(srv: DevServer, tmp_path: Path) -> None:
-    from jobtoken._actions import build_client
+    from jobtoken._oneshot import mytoken_client
 
     source = _parent(srv, tmp_path, restrictions=[{"scope": "storage.create:/vo/jobs/1"}])
-    with build_client(job_config(srv, source.path, lifetime_s=1200), srv.url) as client:
+    with mytoken_client(job_config(srv, source.path, lifetime_s=1200), srv.url) as client:
         with pytest.raises(MytokenRejectedError):
             mint_sub_mytoken(client, source.path.read_text(), source,
                              _request(scopes=("storage.create:/vo",)))
@@ -171,7 +171,7 @@ _NARROW = {"scope": "storage.create:/vo/jobs/1", "audience": [AUD], "exp": 1}
 def test_a_minted_mytoken_whose_own_claims_are_wider_is_refused_and_revoked(
     srv: DevServer, tmp_path: Path, mocker: Any, claims: dict, why: str
 ) -> None:
-    from jobtoken._actions import build_client
+    from jobtoken._oneshot import mytoken_client
 
     source = _parent(srv, tmp_path)
     exp = int(time.time()) + 3600
@@ -179,7 +179,7 @@ def test_a_minted_mytoken_whose_own_claims_are_wider_is_refused_and_revoked(
         entry["exp"] = entry["exp"] if entry["exp"] > 1 else exp
     _swap_minted_token(mocker, _forged_mytoken(**claims))
     revoke = mocker.spy(__import__("jobtoken._mytoken", fromlist=["x"]).MytokenClient, "revoke")
-    with build_client(job_config(srv, source.path, lifetime_s=1200), srv.url) as client:
+    with mytoken_client(job_config(srv, source.path, lifetime_s=1200), srv.url) as client:
         with pytest.raises(ProtocolError, match=why):
             mint_sub_mytoken(client, source.path.read_text(), source,
                              _request(exp=exp, usages_at=5))
@@ -187,11 +187,11 @@ def test_a_minted_mytoken_whose_own_claims_are_wider_is_refused_and_revoked(
 
 
 def test_a_minted_jwt_mytoken_as_narrow_as_asked_passes(srv: DevServer, tmp_path: Path) -> None:
-    from jobtoken._actions import build_client
+    from jobtoken._oneshot import mytoken_client
     from jobtoken._tokens import unverified_claims
 
     source = _parent(srv, tmp_path)
-    with build_client(job_config(srv, source.path, lifetime_s=1200), srv.url) as client:
+    with mytoken_client(job_config(srv, source.path, lifetime_s=1200), srv.url) as client:
         minted = mint_sub_mytoken(client, source.path.read_text(), source, _request(usages_at=5))
     assert unverified_claims(minted.mytoken)["capabilities"] == ["AT"]
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from jobtoken._errors import ConfigError, JobtokenError
-from jobtoken._tokendir import JobSpec, RenewalState, TokenDir, acquire_lock
+from jobtoken._tokendir import JobRecord, RenewalState, TokenDir, acquire_lock
 
 
-def spec(**kw: object) -> JobSpec:
+def spec(**kw: object) -> JobRecord:
     base = dict(job_id="j", server_url="https://mt", mytoken_path="mytoken",
                 scopes=("storage.create:/a",))
     base.update(kw)
-    return JobSpec(**base)  # type: ignore[arg-type]
+    return JobRecord(**base)  # type: ignore[arg-type]
 
 
 def test_spec_round_trip_and_relative_mytoken(tmp_path: Path) -> None:
@@ -82,7 +82,7 @@ def test_remove_takes_every_file_jobtoken_makes_and_the_directory(tmp_path: Path
     """A file the list misses keeps the directory, and ARC stages it out (issue 10.3)."""
     d = TokenDir.create(tmp_path / "job")
     made = [d.mytoken, d.bearer_token, d.job_file, d.state_file, d.lock_file, d.log_file,
-            d.renew_lock, d.discovery_file, d.parent_copy, d.pending_revocation,
+            d.renew_lock, d.metadata_file, d.parent_copy, d.pending_revocation,
             d.path / ".bt.1f2e.tmp"]
     for path in made:
         path.write_text("x")

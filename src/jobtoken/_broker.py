@@ -72,7 +72,7 @@ from ._errors import (
     UsageError,
 )
 from ._scopes import scopes_within
-from ._tokendir import JobSpec, RenewalState, TokenDir
+from ._tokendir import JobRecord, RenewalState, TokenDir
 from ._tokenfile import (
     ensure_private_dir,
     open_job_directory,
@@ -130,7 +130,7 @@ class _Job:
     phase: str
     tokendir: Optional[str] = None
     dir_identity: Optional[Tuple[int, int]] = None
-    spec: Optional[JobSpec] = None
+    spec: Optional[JobRecord] = None
     state: RenewalState = field(default_factory=RenewalState)
     busy: bool = False
     end_wanted: bool = False
@@ -201,8 +201,8 @@ class Broker:
                 directory or the socket cannot be set up; JobtokenError: another broker
                 holds the state directory.
         """
-        from ._actions import build_verifier, client_for, server_url_for
         from ._mytokenfile import load_mytoken
+        from ._oneshot import build_verifier, client_for, server_url_for
         from ._prepare import parent_source_of
 
         self._check_socket_dir()
@@ -667,10 +667,10 @@ class Broker:
 
     def _prepare_work(self, job: _Job, path: str, dir_identity: Tuple[int, int],
                       scopes: Tuple[str, ...], audiences: Tuple[str, ...]) -> Any:
-        from ._prepare import JobInfo, prepare_job
+        from ._prepare import JobFacts, prepare_job
 
         identity = job.identity
-        info = JobInfo(job_id=identity.job_id, walltime_s=identity.walltime_s,
+        info = JobFacts(job_id=identity.job_id, walltime_s=identity.walltime_s,
                        owner=identity.owner, vo=identity.vo, scopes=scopes,
                        audiences=audiences)
 

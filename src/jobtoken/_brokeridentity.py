@@ -61,7 +61,7 @@ class ProcessAnchor:
 
 @dataclass(frozen=True)
 class JobIdentity:
-    """A job as a trusted source describes it; the fields of ``_prepare.JobInfo`` plus
+    """A job as a trusted source describes it; the fields of ``_prepare.JobFacts`` plus
     whose it is (``uid``, ``owner``) and the process whose life is the job's life."""
 
     job_id: str

@@ -315,7 +315,7 @@ def _check_parent(parent: Optional[str], config: Config, now: float,
 
 def _check_server(config: Config, claims: Optional[Mapping[str, Any]]) -> List[Check]:
     """The server's discovery document, fetched as ``prepare`` would (verified TLS)."""
-    from ._actions import client_for
+    from ._oneshot import client_for
 
     name = "server"
     url = config.server.url or (claims or {}).get("iss")
@@ -324,7 +324,7 @@ def _check_server(config: Config, claims: Optional[Mapping[str, Any]]) -> List[C
                       "does not name one", "set server.url")]
     try:
         with client_for(config.server, url) as client:
-            found = client.discovery()
+            found = client.metadata()
     except JobtokenError as exc:
         return [_fail(name, exc.message, "check the URL, the network and the CA "
                       "(server.ca_file / --ca-file)")]

@@ -44,7 +44,7 @@ from ._errors import ConfigError, JobtokenError, ProtocolError, ServerUnavailabl
 
 __all__ = [
     "DEFAULT_USER_AGENT",
-    "build_client",
+    "http_client",
     "create_ssl_context",
     "is_loopback_host",
     "parse_retry_after",
@@ -161,7 +161,7 @@ def proxy_for(url: str) -> Optional[str]:
     return proxy
 
 
-def build_client(
+def http_client(
     base_url: str,
     *,
     timeout_s: float,

@@ -86,7 +86,7 @@ class SignatureVerifier:
     """Verify access-token signatures against a fixed list of trusted issuers.
 
     ``http_factory(url)`` returns an ``httpx.Client`` suitable for fetching ``url``
-    (normally ``lambda url: _http.build_client(url, timeout_s=...)``, which enforces the
+    (normally ``lambda url: _http.http_client(url, timeout_s=...)``, which enforces the
     TLS and loopback rules); the verifier closes each client after use. ``clock``
     defaults to the system clock; tests inject a fake one.
     """

@@ -50,7 +50,7 @@ from ._errors import (
     ProtocolError,
     ServerUnavailableError,
 )
-from ._http import build_client, parse_retry_after, translate_http_error, url_problem
+from ._http import http_client, parse_retry_after, translate_http_error, url_problem
 from ._scopes import parse_scopes
 from ._tokens import unverified_claims
 
@@ -58,7 +58,7 @@ __all__ = [
     "DISCOVERY_PATH",
     "MAX_RESPONSE_BYTES",
     "AccessTokenResponse",
-    "Discovery",
+    "ServerMetadata",
     "MytokenClient",
     "MytokenResponse",
     "SubtokenEntry",
@@ -103,7 +103,7 @@ _HINTS = {
 
 
 @dataclass(frozen=True)
-class Discovery:
+class ServerMetadata:
     """The parts of the server's discovery document jobtoken uses (endpoints validated)."""
 
     issuer: str
@@ -168,14 +168,14 @@ class SubtokenListing:
     token_update: Optional[MytokenResponse]
 
 
-_DISCOVERY_CACHE: dict[tuple[str, bool], Discovery] = {}
+_METADATA_CACHE: dict[tuple[str, bool], ServerMetadata] = {}
 _DISCOVERY_LOCK = threading.Lock()
 
 
 def clear_discovery_cache() -> None:
     """Forget every cached discovery document (tests; or after a server migration)."""
     with _DISCOVERY_LOCK:
-        _DISCOVERY_CACHE.clear()
+        _METADATA_CACHE.clear()
 
 
 def is_plausible_mytoken(value: Any) -> bool:
@@ -192,7 +192,7 @@ def is_plausible_mytoken(value: Any) -> bool:
     )
 
 
-def _one_line(text: str, secrets: Sequence[str]) -> str:
+def _scrubbed_description(text: str, secrets: Sequence[str]) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[redacted]")
@@ -374,7 +374,7 @@ class MytokenClient:
             self._clock.monotonic() + self._deadline_s if self._deadline_s else None
         )
         self._closed = False
-        self._client = build_client(
+        self._client = http_client(
             self.server_url,
             timeout_s=timeout_s,
             ca_file=ca_file,
@@ -401,7 +401,7 @@ class MytokenClient:
 
     # -- discovery ---------------------------------------------------------------------
 
-    def discovery(self) -> Discovery:
+    def metadata(self) -> ServerMetadata:
         """The server's discovery document, fetched once per process per server URL.
 
         Raises:
@@ -412,19 +412,19 @@ class MytokenClient:
         """
         key = (self.server_url, self._allow_http)
         with _DISCOVERY_LOCK:
-            cached = _DISCOVERY_CACHE.get(key)
+            cached = _METADATA_CACHE.get(key)
             if cached is not None:
                 return cached
             url = self.server_url + DISCOVERY_PATH
             response = self._send("GET", url, None, action="mytoken discovery", secrets=())
             self._raise_for_status(response, url, action="mytoken discovery", secrets=())
             data = self._json_object(response, url, action="mytoken discovery", secrets=())
-            found = self._parse_discovery(data, url)
-            _DISCOVERY_CACHE[key] = found
+            found = self._parse_metadata(data, url)
+            _METADATA_CACHE[key] = found
             logger.debug("mytoken discovery fetched url=%s version=%s", url, found.version)
             return found
 
-    def remember_discovery(self, data: Mapping[str, Any]) -> Discovery:
+    def remember_metadata(self, data: Mapping[str, Any]) -> ServerMetadata:
         """Seed the per-process cache with a discovery document kept from an earlier run.
 
         Renewal children are short-lived processes; keeping the document in the job's
@@ -435,12 +435,12 @@ class MytokenClient:
             ProtocolError: the document lacks endpoints or lists unusable ones.
         """
         url = self.server_url + DISCOVERY_PATH
-        found = self._parse_discovery(data, url)
+        found = self._parse_metadata(data, url)
         with _DISCOVERY_LOCK:
-            _DISCOVERY_CACHE[(self.server_url, self._allow_http)] = found
+            _METADATA_CACHE[(self.server_url, self._allow_http)] = found
         return found
 
-    def _parse_discovery(self, data: Mapping[str, Any], url: str) -> Discovery:
+    def _parse_metadata(self, data: Mapping[str, Any], url: str) -> ServerMetadata:
         def endpoint(name: str, required: bool) -> Optional[str]:
             value = data.get(name)
             if value is None and not required:
@@ -453,7 +453,7 @@ class MytokenClient:
             if problem:
                 raise ProtocolError(
                     f"mytoken discovery at {url} lists an unusable {name} "
-                    f"{_one_line(value, ())[:200]}: {problem}",
+                    f"{_scrubbed_description(value, ())[:200]}: {problem}",
                     url=url,
                     status=200,
                 )
@@ -464,7 +464,7 @@ class MytokenClient:
         assert access is not None and mytoken is not None
         issuer = data.get("issuer")
         version = data.get("version")
-        return Discovery(
+        return ServerMetadata(
             issuer=issuer if isinstance(issuer, str) and issuer else self.server_url,
             access_token_endpoint=access,
             mytoken_endpoint=mytoken,
@@ -508,7 +508,7 @@ class MytokenClient:
             body["audience"] = " ".join(audience_items)
         if comment:
             body["comment"] = comment
-        url = self.discovery().access_token_endpoint
+        url = self.metadata().access_token_endpoint
         data = self._call(url, body, action="access token request", secrets=(secret,))
         return self._parse_access_token_response(data, url, secrets=(secret,))
 
@@ -560,7 +560,7 @@ class MytokenClient:
             if isinstance(max_token_len, bool) or not isinstance(max_token_len, int):
                 raise ConfigError(f"max_token_len must be an integer, got {max_token_len!r}")
             body["max_token_len"] = max_token_len
-        url = self.discovery().mytoken_endpoint
+        url = self.metadata().mytoken_endpoint
         action = "mytoken creation"
         data = self._call(url, body, action=action, secrets=(secret,))
         try:
@@ -588,7 +588,7 @@ class MytokenClient:
         secret = _require_secret(token, "token to revoke")
         action = "mytoken revocation"
         url = self._optional_endpoint(
-            self.discovery().revocation_endpoint, action, "revocation endpoint"
+            self.metadata().revocation_endpoint, action, "revocation endpoint"
         )
         body: dict[str, Any] = {"token": secret, "recursive": bool(recursive)}
         if mom_id:
@@ -612,7 +612,7 @@ class MytokenClient:
         secret = _require_secret(mytoken, "mytoken")
         action = "mytoken introspection"
         url = self._optional_endpoint(
-            self.discovery().tokeninfo_endpoint, action, "tokeninfo endpoint"
+            self.metadata().tokeninfo_endpoint, action, "tokeninfo endpoint"
         )
         body = {"action": "introspect", "mytoken": secret}
         return self._call(url, body, action=action, secrets=(secret,))
@@ -631,7 +631,7 @@ class MytokenClient:
         secret = _require_secret(mytoken, "mytoken")
         action = "mytoken subtokens listing"
         url = self._optional_endpoint(
-            self.discovery().tokeninfo_endpoint, action, "tokeninfo endpoint"
+            self.metadata().tokeninfo_endpoint, action, "tokeninfo endpoint"
         )
         data = self._call(
             url, {"action": "subtokens", "mytoken": secret}, action=action, secrets=(secret,)
@@ -887,7 +887,7 @@ class MytokenClient:
             text = response.text
         except (UnicodeDecodeError, LookupError):
             return None
-        excerpt = _one_line(text, secrets)[:100]
+        excerpt = _scrubbed_description(text, secrets)[:100]
         return excerpt or None
 
     @staticmethod
@@ -903,8 +903,8 @@ class MytokenClient:
         error = data.get("error")
         description = data.get("error_description")
         return (
-            _one_line(error, secrets) if isinstance(error, str) and error else None,
-            _one_line(description, secrets)
+            _scrubbed_description(error, secrets) if isinstance(error, str) and error else None,
+            _scrubbed_description(description, secrets)
             if isinstance(description, str) and description
             else None,
         )

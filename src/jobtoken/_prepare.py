@@ -36,14 +36,14 @@ from ._submytoken import (
     revoke_children_named,
     revoke_quietly,
 )
-from ._tokendir import JobSpec, TokenDir
+from ._tokendir import JobRecord, TokenDir
 from ._tokenfile import remove_secret_file, write_secret_file
 from ._tokens import AccessToken, unverified_claims
 
 if TYPE_CHECKING:
     from ._mytoken import MytokenClient
 
-__all__ = ["JobInfo", "PreparedJob", "job_mytoken_name", "job_scopes", "parent_source_of",
+__all__ = ["JobFacts", "PreparedJob", "job_mytoken_name", "job_scopes", "parent_source_of",
            "prepare_job", "revoke_job_mytokens"]
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ _TEMPLATE_FIELDS = ("job_id", "GlobalJobId", "owner", "Owner", "vo")
 
 
 @dataclass(frozen=True)
-class JobInfo:
+class JobFacts:
     """What the batch system tells us about the job."""
 
     job_id: str
@@ -68,7 +68,7 @@ class JobInfo:
 @dataclass(frozen=True)
 class PreparedJob:
     tokendir: TokenDir
-    spec: JobSpec
+    spec: JobRecord
     token: AccessToken = field(repr=False)
     mom_id: Optional[str]
 
@@ -89,7 +89,7 @@ def _is_path_value(value: str) -> bool:
     return _SAFE_PATH_VALUE.fullmatch(value) is not None and value not in (".", "..")
 
 
-def _job_vo(job: JobInfo, config: Config) -> Optional[str]:
+def _job_vo(job: JobFacts, config: Config) -> Optional[str]:
     """The VO for the scope templates: the site's, never the job's unless the site says so.
 
     The job's VO (``x509UserProxyVOName``, ``AcctGroup``) is set by the submitter, so it
@@ -119,7 +119,7 @@ def _job_vo(job: JobInfo, config: Config) -> Optional[str]:
     return claimed
 
 
-def _template_values(job: JobInfo, config: Config) -> Tuple[Dict[str, str], Dict[str, str]]:
+def _template_values(job: JobFacts, config: Config) -> Tuple[Dict[str, str], Dict[str, str]]:
     """(usable values, refused values) for the scope templates.
 
     The job id is the batch system's and only mapped (``#`` in HTCondor's GlobalJobId,
@@ -141,7 +141,7 @@ def _template_values(job: JobInfo, config: Config) -> Tuple[Dict[str, str], Dict
     return values, refused
 
 
-def _filled_templates(job: JobInfo, config: Config) -> Tuple[str, ...]:
+def _filled_templates(job: JobFacts, config: Config) -> Tuple[str, ...]:
     values, refused = _template_values(job, config)
     filled = []
     for template in config.site.scope_templates:
@@ -171,7 +171,7 @@ def _filled_templates(job: JobInfo, config: Config) -> Tuple[str, ...]:
     return tuple(filled)
 
 
-def job_scopes(job: JobInfo, config: Config) -> Tuple[str, ...]:
+def job_scopes(job: JobFacts, config: Config) -> Tuple[str, ...]:
     """The exact scope strings for this job: its wish, or the site's templates filled in.
 
     A job may narrow, never widen: its wish must lie within ``site.allowed_scopes``, or,
@@ -203,7 +203,7 @@ def job_scopes(job: JobInfo, config: Config) -> Tuple[str, ...]:
     return wanted
 
 
-def _job_audiences(job: JobInfo, config: Config) -> Tuple[str, ...]:
+def _job_audiences(job: JobFacts, config: Config) -> Tuple[str, ...]:
     allowed = config.site.allowed_audiences or config.token.audiences
     if job.audiences:
         extra = [a for a in job.audiences if a not in allowed]
@@ -219,7 +219,7 @@ def _job_audiences(job: JobInfo, config: Config) -> Tuple[str, ...]:
 
 def prepare_job(
     config: Config,
-    job: JobInfo,
+    job: JobFacts,
     *,
     directory: str,
     now: Optional[float] = None,
@@ -241,8 +241,8 @@ def prepare_job(
         ServerUnavailableError/ProtocolError: transient; TokenCheckError: the first
         token failed the checks; TokenFileError: the directory cannot be written.
     """
-    from ._actions import build_client, build_verifier, server_url_for
     from ._exchange import TokenRequest, fetch_access_token
+    from ._oneshot import build_verifier, mytoken_client, server_url_for
 
     start = SystemClock().now() if now is None else now
     parent_source = parent_source_of(config)
@@ -272,8 +272,8 @@ def prepare_job(
     url = client.server_url if client is not None else server_url_for(config, parent)
     with contextlib.ExitStack() as stack:
         if client is None:
-            client = stack.enter_context(build_client(config, url))
-        client.discovery()  # its failures are not a lost job mytoken
+            client = stack.enter_context(mytoken_client(config, url))
+        client.metadata()  # its failures are not a lost job mytoken
         minted = mint_sub_mytoken(client, parent, parent_source, request, started_at=start)
         try:
             spec = _job_spec(config, job, url, scopes, audiences, job_end, minted.mom_id,
@@ -334,7 +334,7 @@ def _check_budget(
         )
 
 
-def walltime_for(job: JobInfo, config: Config) -> float:
+def walltime_for(job: JobFacts, config: Config) -> float:
     """The wall time a job's tokens must cover: its own, else the site default, at most
     the site maximum (a job never sizes its chain beyond what the site allows)."""
     return min(job.walltime_s or config.site.default_walltime_s, config.site.max_walltime_s)
@@ -374,15 +374,15 @@ def _capped_at_parent_expiry(exp: int, parent: str, now: float, job_id: str) -> 
 
 def _job_spec(
     config: Config,
-    job: JobInfo,
+    job: JobFacts,
     url: str,
     scopes: Tuple[str, ...],
     audiences: Tuple[str, ...],
     job_end: float,
     mom_id: Optional[str],
     tokendir: TokenDir,
-) -> JobSpec:
-    return JobSpec.from_config(
+) -> JobRecord:
+    return JobRecord.from_config(
         config,
         job_id=job.job_id,
         server_url=url,
@@ -424,11 +424,11 @@ def revoke_job_mytokens(config: Config, job_id: str, *, env: Optional[Mapping[st
     Raises:
         ConfigError: no parent mytoken; JobtokenError: the server could not list or revoke.
     """
-    from ._actions import build_client, server_url_for
+    from ._oneshot import mytoken_client, server_url_for
 
     parent_source = parent_source_of(config)
     parent = load_mytoken(parent_source, env=env, allow_other_owner=True)
     if client is not None:
         return revoke_children_named(client, parent_source, parent, job_mytoken_name(job_id))
-    with build_client(config, server_url_for(config, parent)) as kept:
+    with mytoken_client(config, server_url_for(config, parent)) as kept:
         return revoke_children_named(kept, parent_source, parent, job_mytoken_name(job_id))

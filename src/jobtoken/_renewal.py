@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterator, List, Optional
 from ._clock import Clock, SystemClock
 from ._errors import JobtokenError, MytokenError, RenewalReport, TokenFileError
 from ._policy import RENEWAL_LOCK_WAIT_S
-from ._tokendir import JobSpec, TokenDir
+from ._tokendir import JobRecord, TokenDir
 
 if TYPE_CHECKING:  # imported lazily below: this module's import must stay cheap
     from ._config import Config, ServerConfig
@@ -37,7 +37,7 @@ __all__ = ["main", "renew", "revoke", "revoke_by_mom_id"]
 logger = logging.getLogger(__name__)
 
 
-def _server(spec: JobSpec) -> ServerConfig:
+def _server(spec: JobRecord) -> ServerConfig:
     from ._config import ServerConfig
 
     return ServerConfig(
@@ -49,16 +49,16 @@ def _server(spec: JobSpec) -> ServerConfig:
     )
 
 
-def _client(spec: JobSpec, mytoken: Optional[str] = None) -> MytokenClient:
-    from ._actions import client_for, server_url_for
+def _client(spec: JobRecord, mytoken: Optional[str] = None) -> MytokenClient:
     from ._config import Config
+    from ._oneshot import client_for, server_url_for
 
     server = _server(spec)
     return client_for(server, server_url_for(Config(server=server), mytoken))
 
 
-def _verifier(spec: JobSpec) -> Optional[SignatureVerifier]:
-    from ._actions import verifier_for
+def _verifier(spec: JobRecord) -> Optional[SignatureVerifier]:
+    from ._oneshot import verifier_for
 
     return verifier_for(_server(spec), spec.trusted_issuers)
 
@@ -137,7 +137,7 @@ def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) ->
     source = MytokenSource(path=tokendir.mytoken_of(spec))
     mytoken = None if spec.server_url else load_mytoken(source)
     with _client(spec, mytoken) as client:
-        kept = _load_discovery(tokendir, client)
+        kept = _load_metadata(tokendir, client)
         try:
             token = fetch_access_token(
                 client,
@@ -151,15 +151,15 @@ def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) ->
             )
         except JobtokenError as exc:
             if kept and isinstance(exc, MytokenError) and exc.status in (None, 404, 405, 410):
-                _forget_discovery(tokendir)  # maybe the server moved its endpoints
+                _forget_metadata(tokendir)  # maybe the server moved its endpoints
             raise
         if not kept:
-            _save_discovery(tokendir, client)
+            _save_metadata(tokendir, client)
     write_secret_file(tokendir.bearer_token, token.raw)
     return _report(token, False)
 
 
-def _good_for(token: AccessToken, spec: JobSpec, now: float, min_valid_s: float) -> bool:
+def _good_for(token: AccessToken, spec: JobRecord, now: float, min_valid_s: float) -> bool:
     """Whether the current token passes the job's checks for ``min_valid_s`` more seconds."""
     from ._tokens import check_access_token
 
@@ -179,29 +179,29 @@ def _good_for(token: AccessToken, spec: JobSpec, now: float, min_valid_s: float)
 _DISCOVERY_MAX_AGE_S = 6 * 3600.0
 
 
-def _load_discovery(tokendir: TokenDir, client: MytokenClient) -> bool:
-    path = tokendir.discovery_file
+def _load_metadata(tokendir: TokenDir, client: MytokenClient) -> bool:
+    path = tokendir.metadata_file
     try:
         if SystemClock().now() - path.stat().st_mtime > _DISCOVERY_MAX_AGE_S:
             return False
-        client.remember_discovery(json.loads(path.read_text(encoding="utf-8")))
+        client.remember_metadata(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, JobtokenError):
         return False
     return True
 
 
-def _save_discovery(tokendir: TokenDir, client: MytokenClient) -> None:
+def _save_metadata(tokendir: TokenDir, client: MytokenClient) -> None:
     from ._tokenfile import write_secret_file
 
     try:
-        write_secret_file(tokendir.discovery_file, json.dumps(client.discovery().raw))
+        write_secret_file(tokendir.metadata_file, json.dumps(client.metadata().raw))
     except (JobtokenError, TypeError, ValueError):
         pass
 
 
-def _forget_discovery(tokendir: TokenDir) -> None:
+def _forget_metadata(tokendir: TokenDir) -> None:
     try:
-        os.unlink(tokendir.discovery_file)
+        os.unlink(tokendir.metadata_file)
     except OSError:
         pass
 
@@ -245,15 +245,15 @@ def revoke_by_mom_id(config: Config, parent_path: str, mom_id: str, *,
     """
     from pathlib import Path
 
-    from ._actions import build_client, server_url_for
     from ._mytokenfile import MytokenSource, load_mytoken, save_rotated_mytoken
+    from ._oneshot import mytoken_client, server_url_for
 
     source = MytokenSource(path=Path(parent_path))
     parent = load_mytoken(source, allow_other_owner=True)
     if client is not None:
         update = client.revoke(parent, recursive=True, mom_id=mom_id)
     else:
-        with build_client(config, server_url_for(config, parent)) as built:
+        with mytoken_client(config, server_url_for(config, parent)) as built:
             update = built.revoke(parent, recursive=True, mom_id=mom_id)
     if update is not None:
         save_rotated_mytoken(source, update.mytoken)

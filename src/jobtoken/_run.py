@@ -32,11 +32,11 @@ from ._config import Config, missing_setting
 from ._errors import ConfigError, ExitCode, JobtokenError, RenewalReport, TokenCheckError
 from ._sidecar import Sidecar, run_renewal_child, signal_number
 from ._supervisor import PayloadResult, Supervisor, exit_like
-from ._tokendir import JobSpec, TokenDir, acquire_lock
+from ._tokendir import JobRecord, TokenDir, acquire_lock
 from ._tokenfile import write_secret_file
 
 __all__ = [
-    "JobOptions",
+    "RunOptions",
     "ensure_token",
     "first_token",
     "job_exit",
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class JobOptions:
+class RunOptions:
     """Per-job settings given on the command line of ``run``/``sidecar``."""
 
     dir: Optional[str] = None
@@ -78,9 +78,9 @@ def _base_dir(env: Mapping[str, str], config: Config) -> str:
 
 
 def setup_tokendir(
-    config: Config, options: JobOptions, *, env: Optional[Mapping[str, str]] = None,
+    config: Config, options: RunOptions, *, env: Optional[Mapping[str, str]] = None,
     now: Optional[float] = None,
-) -> tuple[TokenDir, JobSpec]:
+) -> tuple[TokenDir, JobRecord]:
     """Adopt a prepared token directory, or lay out a new one from the settings.
 
     A directory with a ``job.json`` (from ``jobtoken prepare``) is used as it is. Else
@@ -105,7 +105,7 @@ def setup_tokendir(
     mytoken_path = _job_mytoken_path(config, tokendir, environ)
     start = SystemClock().now() if now is None else now
     renewal = config.renewal
-    spec = JobSpec.from_config(
+    spec = JobRecord.from_config(
         config,
         job_id=options.job_id or default_job_id(environ),
         server_url=config.server.url or "",
@@ -142,7 +142,7 @@ def _job_mytoken_path(config: Config, tokendir: TokenDir, environ: Mapping[str, 
 
 
 def payload_environment(
-    env: Mapping[str, str], tokendir: TokenDir, spec: JobSpec, config: Optional[Config] = None
+    env: Mapping[str, str], tokendir: TokenDir, spec: JobRecord, config: Optional[Config] = None
 ) -> Dict[str, str]:
     """The payload's environment: ours, pointing WLCG discovery at the token file.
 
@@ -160,7 +160,7 @@ def payload_environment(
 
 
 def first_token(
-    tokendir: TokenDir, spec: JobSpec, *, min_valid_s: Optional[float] = None
+    tokendir: TokenDir, spec: JobRecord, *, min_valid_s: Optional[float] = None
 ) -> RenewalReport:
     """Make sure the directory holds a valid token before the payload starts.
 
@@ -178,7 +178,7 @@ def first_token(
 
 def run_job(
     tokendir: TokenDir,
-    spec: JobSpec,
+    spec: JobRecord,
     argv: Sequence[str],
     *,
     env: Mapping[str, str],
@@ -250,7 +250,7 @@ def job_exit(result: PayloadResult, *, stopped_payload: bool) -> int:
 
 def _exec_waiter(
     tokendir: TokenDir,
-    spec: JobSpec,
+    spec: JobRecord,
     argv: Sequence[str],
     *,
     env: Mapping[str, str],
@@ -389,7 +389,7 @@ class _PidWatch:
 
 
 def run_sidecar(
-    tokendir: TokenDir, spec: JobSpec, *, watch_pid: int, clock: Optional[Clock] = None
+    tokendir: TokenDir, spec: JobRecord, *, watch_pid: int, clock: Optional[Clock] = None
 ) -> int:
     """Keep the token fresh until ``watch_pid`` ends (or TERM/INT), then clean up.
 
@@ -564,7 +564,7 @@ def status(
 
 
 def ensure_token(
-    tokendir: TokenDir, spec: JobSpec, *, min_valid_s: float, clock: Optional[Clock] = None
+    tokendir: TokenDir, spec: JobRecord, *, min_valid_s: float, clock: Optional[Clock] = None
 ) -> RenewalReport:
     """Return at once when the token is valid ``min_valid_s`` longer, else renew now.
 

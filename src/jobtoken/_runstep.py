@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 from ._errors import RenewalReport, ServerUnavailableError
-from ._tokendir import JobSpec, TokenDir
+from ._tokendir import JobRecord, TokenDir
 
 __all__ = ["main", "step_arguments"]
 
@@ -35,7 +35,7 @@ logger = logging.getLogger("jobtoken._run")
 
 
 def step_arguments(
-    *, spec: JobSpec, verbose: int, quiet: int, log_file: Optional[str]
+    *, spec: JobRecord, verbose: int, quiet: int, log_file: Optional[str]
 ) -> List[str]:
     """What ``run`` passes to every step: the job's settings as ``run`` holds them (its
     command line wins over ``job.json``, and the directory may vanish under a job, as it
@@ -87,7 +87,7 @@ def _sidecar(tokendir: TokenDir, args: argparse.Namespace, actions: dict[str, An
     from . import _policy as policy
     from ._sidecar import Sidecar
 
-    spec = JobSpec.from_json(args.spec, "the run's command line")
+    spec = JobRecord.from_json(args.spec, "the run's command line")
     limit = policy.child_timeout_s(spec.timeout_s, requests=4)
 
     def send(sig: int) -> None:
@@ -181,7 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging(args.verbose, args.quiet)
     tokendir = TokenDir(Path(args.dir))
     try:
-        log_to_file(args.log_file, log_json=JobSpec.from_json(args.spec, "--spec").log_json,
+        log_to_file(args.log_file, log_json=JobRecord.from_json(args.spec, "--spec").log_json,
                     verbose=args.verbose, quiet=args.quiet)
     except OSError:  # the job's directory went away: stderr still has every event
         pass

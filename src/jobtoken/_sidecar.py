@@ -27,7 +27,7 @@ from ._clock import Clock, SystemClock, utc_text
 from ._errors import JobtokenError, RenewalReport, ServerUnavailableError
 from ._metrics import REFRESH_S, MetricValues, remove_metrics, write_metrics
 from ._revocation import PendingRevocation, clear_pending, write_pending
-from ._tokendir import JobSpec, RenewalState, TokenDir
+from ._tokendir import JobRecord, RenewalState, TokenDir
 from ._tokenfile import remove_secret_file, remove_stale_temps
 
 __all__ = ["ChildHandle", "Sidecar", "run_renewal_child", "spawn_renewal"]
@@ -105,7 +105,7 @@ class Sidecar:
     def __init__(
         self,
         tokendir: TokenDir,
-        spec: JobSpec,
+        spec: JobRecord,
         *,
         clock: Optional[Clock] = None,
         rnd: Optional[random.Random] = None,

@@ -39,11 +39,11 @@ from ._tokenfile import ensure_private_dir, write_secret_file
 if TYPE_CHECKING:  # imported when used: jwt stays out of the waiting sidecar
     from ._tokens import AccessToken
 
-__all__ = ["JobSpec", "RenewalState", "TokenDir", "acquire_lock"]
+__all__ = ["JobRecord", "RenewalState", "TokenDir", "acquire_lock"]
 
 
 @dataclass(frozen=True)
-class JobSpec:
+class JobRecord:
     """What the renewal of one job needs to know; stored as ``job.json``."""
 
     job_id: str
@@ -75,7 +75,7 @@ class JobSpec:
         return json.dumps(stamp("job.json", dataclasses.asdict(self)), sort_keys=True)
 
     @classmethod
-    def from_config(cls, config: Config, **job: Any) -> JobSpec:
+    def from_config(cls, config: Config, **job: Any) -> JobRecord:
         """A spec with the server and renewal settings of ``config`` and the job's own
         fields (``job_id``, ``server_url``, ``mytoken_path``, scopes, ...) as given."""
         server, renewal = config.server, config.renewal
@@ -100,7 +100,7 @@ class JobSpec:
         return cls(**settings)
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> JobSpec:
+    def from_json(cls, text: str, where: str) -> JobRecord:
         """Read a ``job.json`` of this or an older format, or a newer minor (``_formats``).
 
         Raises:
@@ -202,7 +202,7 @@ class TokenDir:
         return self.path / "renew.lock"
 
     @property
-    def discovery_file(self) -> Path:
+    def metadata_file(self) -> Path:
         return self.path / "discovery.json"
 
     @property
@@ -264,16 +264,16 @@ class TokenDir:
             )
         return cls(ensure_private_dir(p, create=False))
 
-    def mytoken_of(self, spec: JobSpec) -> Path:
+    def mytoken_of(self, spec: JobRecord) -> Path:
         """The spec's mytoken file; a relative path is inside this directory (so a
         session directory can move, as ARC's does, without rewriting ``job.json``)."""
         path = Path(spec.mytoken_path)
         return path if path.is_absolute() else self.path / path
 
-    def write_spec(self, spec: JobSpec) -> None:
+    def write_spec(self, spec: JobRecord) -> None:
         write_secret_file(self.job_file, spec.to_json())
 
-    def update_spec(self, **changes: Any) -> JobSpec:
+    def update_spec(self, **changes: Any) -> JobRecord:
         """Change fields of an existing ``job.json``, keeping what a newer version wrote
         there (``_formats.merged``); returns the changed spec.
 
@@ -281,7 +281,7 @@ class TokenDir:
             ConfigError: no readable job file, one of a newer major, or a bad change.
         """
         text = self._read_job_text()
-        spec = JobSpec.from_json(text, str(self.job_file))
+        spec = JobRecord.from_json(text, str(self.job_file))
         try:
             changed = dataclasses.replace(spec, **changes)
         except TypeError as exc:
@@ -290,8 +290,8 @@ class TokenDir:
         write_secret_file(self.job_file, json.dumps(data, sort_keys=True))
         return changed
 
-    def read_spec(self) -> JobSpec:
-        return JobSpec.from_json(self._read_job_text(), str(self.job_file))
+    def read_spec(self) -> JobRecord:
+        return JobRecord.from_json(self._read_job_text(), str(self.job_file))
 
     def _read_job_text(self) -> str:
         try:

@@ -82,7 +82,7 @@ def _emit(
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    from ._actions import get_token
+    from ._oneshot import get_token
 
     cfg = config_from_args(args)
     if args.min_valid is not None:
@@ -127,7 +127,7 @@ def _health_code(data: Dict[str, Any]) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from ._actions import inspect_token
+    from ._oneshot import inspect_token
 
     summary = inspect_token(args.file, _health_thresholds(args))
     _emit(args, summary, _human_inspect)
@@ -204,12 +204,12 @@ def _refuse_flags_for_prepared(args: argparse.Namespace) -> None:
 def _job_setup(args: argparse.Namespace) -> Any:
     import os
 
-    from ._run import JobOptions, setup_tokendir
+    from ._run import RunOptions, setup_tokendir
 
     _refuse_flags_for_prepared(args)
     cfg = _job_config(args)
     tokendir, spec = setup_tokendir(
-        cfg, JobOptions(dir=args.dir, job_id=args.job_id, walltime_s=args.walltime), env=os.environ
+        cfg, RunOptions(dir=args.dir, job_id=args.job_id, walltime_s=args.walltime), env=os.environ
     )
     # flags given now win over a prepared job.json (for this process; the file stays)
     given = {k: v for k, v in _renewal_overrides(args).items() if v is not None}
@@ -348,7 +348,7 @@ def _cmd_ensure(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from ._prepare import JobInfo, prepare_job
+    from ._prepare import JobFacts, prepare_job
 
     cfg = _job_config(args)
     from ._config import _apply
@@ -358,7 +358,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         "expected_at_lifetime_s": args.expected_at_lifetime,
         "vo": args.vo,  # the caller is the site or pilot: its VO is the site's
     }.items() if v is not None}, "command line")
-    job = JobInfo(
+    job = JobFacts(
         job_id=args.job_id or _default_job_id(),
         walltime_s=args.walltime,
         owner=args.owner,

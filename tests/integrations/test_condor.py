@@ -533,12 +533,12 @@ def test_wall_time_from_htcondor_limits_before_conventions(
 
 def test_site_maximum_caps_the_wall_time() -> None:
     from jobtoken._config import Config, SiteConfig
-    from jobtoken._prepare import JobInfo, walltime_for
+    from jobtoken._prepare import JobFacts, walltime_for
 
     config = Config(site=SiteConfig(default_walltime_s=600.0, max_walltime_s=3600.0))
-    assert walltime_for(JobInfo("j", walltime_s=10 * 86400.0), config) == 3600.0
-    assert walltime_for(JobInfo("j", walltime_s=1200.0), config) == 1200.0
-    assert walltime_for(JobInfo("j"), config) == 600.0
+    assert walltime_for(JobFacts("j", walltime_s=10 * 86400.0), config) == 3600.0
+    assert walltime_for(JobFacts("j", walltime_s=1200.0), config) == 1200.0
+    assert walltime_for(JobFacts("j"), config) == 600.0
 
 
 @pytest.mark.parametrize(

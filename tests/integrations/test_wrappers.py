@@ -17,7 +17,7 @@ from typing import Dict, List
 import pytest
 
 from jobtoken._config import Config, ServerConfig, SiteConfig, TokenConfig
-from jobtoken._prepare import JobInfo, prepare_job
+from jobtoken._prepare import JobFacts, prepare_job
 from jobtoken._run import sidecar_alive
 from jobtoken._tokendir import TokenDir
 from jobtoken.devserver import DevServer
@@ -66,7 +66,7 @@ def sandbox(srv: DevServer, parent_file: Path, tmp_path: Path) -> Dict[str, Path
     tokendir = scratch / ".jobtoken"
     prepare_job(
         site_config(srv.url, parent_file),
-        JobInfo("ap#1.0#2", walltime_s=600),
+        JobFacts("ap#1.0#2", walltime_s=600),
         directory=str(tokendir),
     )
     asked_for_token(scratch)

@@ -157,7 +157,7 @@ def test_rotated_mytoken_survives_kill_9_during_exchange(tmp_path: Path) -> None
 
         clear_discovery_cache()
         with MytokenClient(srv.url, allow_http=True) as warm:
-            warm.discovery()  # cached in this process: every child inherits it
+            warm.metadata()  # cached in this process: every child inherits it
         # built once here (loading the CA store costs ~50 ms), used only by the children,
         # each of which opens its own connection
         client = MytokenClient(srv.url, allow_http=True, timeout_s=5.0)

@@ -394,7 +394,7 @@ def test_prepare_with_a_full_disk_loses_nothing(
     mytoken revoked, the parent untouched, no ``bt``."""
     from jobtoken import _tokenfile
     from jobtoken._errors import TokenFileError, exit_code_for
-    from jobtoken._prepare import JobInfo, prepare_job
+    from jobtoken._prepare import JobFacts, prepare_job
 
     real = _tokenfile._create_temp
 
@@ -412,7 +412,7 @@ def test_prepare_with_a_full_disk_loses_nothing(
         with pytest.raises(TokenFileError) as info:
             prepare_job(
                 job_config(srv, site.parent, lifetime_s=300),
-                JobInfo(job_id="job-1", walltime_s=600),
+                JobFacts(job_id="job-1", walltime_s=600),
                 directory=str(site.job_dir),
             )
         monkeypatch.undo()
@@ -482,7 +482,7 @@ def test_sidecar_renews_in_time_when_the_local_clock_is_off(
     the checks allow: every renewal still starts before the current token expires in
     true time, and no more often than the rule needs (no renewal storm)."""
     from jobtoken._sidecar import Sidecar
-    from jobtoken._tokendir import JobSpec
+    from jobtoken._tokendir import JobRecord
     from tests.fakes import FakeClock
 
     clock = FakeClock()
@@ -508,7 +508,7 @@ def test_sidecar_renews_in_time_when_the_local_clock_is_off(
         )
 
     tokendir = TokenDir.create(tmp_path / "job")
-    spec = JobSpec(
+    spec = JobRecord(
         job_id="job-1", server_url="http://127.0.0.1:9", mytoken_path="x", margin_s=300.0
     )
     sidecar = Sidecar(tokendir, spec, clock=clock, spawn=spawn)

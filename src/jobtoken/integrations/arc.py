@@ -28,7 +28,7 @@ from typing import Iterator, List, Mapping, Optional, Sequence
 
 from .._config import Config
 from .._errors import ConfigError, JobtokenError
-from .._prepare import JobInfo, PreparedJob, prepare_job, revoke_job_mytokens
+from .._prepare import JobFacts, PreparedJob, prepare_job, revoke_job_mytokens
 from .._tokendir import TokenDir
 from ._cleanup import revoke_and_clean, stop_sidecar
 
@@ -76,7 +76,7 @@ def _replay(handlers: Sequence[logging.Handler], records: Sequence[logging.LogRe
                 handler.handle(record)
 
 
-def job_from_grami(grami: Mapping[str, str]) -> JobInfo:
+def job_from_grami(grami: Mapping[str, str]) -> JobFacts:
     """The job as ARC describes it to stage 0 (``joboption_walltime`` is in seconds).
 
     Raises:
@@ -93,7 +93,7 @@ def job_from_grami(grami: Mapping[str, str]) -> JobInfo:
         except ValueError:
             raise ConfigError(f"joboption_walltime {raw!r} is not a number of seconds") from None
         walltime = walltime if walltime > 0 else None
-    return JobInfo(job_id=job_id, walltime_s=walltime)
+    return JobFacts(job_id=job_id, walltime_s=walltime)
 
 
 def stage0(

@@ -61,7 +61,7 @@ from .._errors import (
 )
 from .._logs import PrintableFilter, UtcFormatter
 from .._mytokenfile import check_mytoken_value
-from .._prepare import JobInfo, PreparedJob, prepare_job, walltime_for
+from .._prepare import JobFacts, PreparedJob, prepare_job, walltime_for
 from .._tokendir import TokenDir
 from .._tokenfile import (
     ensure_private_dir,
@@ -78,7 +78,7 @@ __all__ = [
     "CHIRP_ATTRIBUTES",
     "HookOptions",
     "HookResult",
-    "JobRequest",
+    "AdRequest",
     "extract_mytoken",
     "read_credential",
     "hook_status_code",
@@ -131,10 +131,10 @@ class HookOptions:
 
 
 @dataclass(frozen=True)
-class JobRequest:
+class AdRequest:
     """What the job ad asks for, validated; no secret."""
 
-    job: JobInfo
+    job: JobFacts
     mytoken_file: Optional[str] = None  # basename of a transferred per-submission mytoken
     server: Optional[str] = None  # JobtokenServer: only honoured with a job-supplied mytoken
     walltime_source: Optional[str] = None
@@ -172,7 +172,7 @@ def hook_status_code(error: BaseException) -> int:
     return code if 1 <= code <= 299 else int(ExitCode.ERROR)
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def _log_line(text: str, limit: int = 300) -> str:
     """``text`` as one short printable line: the starter copies hook output into its log."""
     line = printable(" ".join(str(text).split()))
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -198,7 +198,7 @@ def read_job_ad(text: str) -> Any:
     try:
         ad = classad2.parseOne(text, parser=classad2.ParserType.Old)
     except Exception as exc:  # the bindings raise ClassAdException / ValueError
-        raise ConfigError(f"job ad on stdin is malformed: {_one_line(str(exc), 120)}") from None
+        raise ConfigError(f"job ad on stdin is malformed: {_log_line(str(exc), 120)}") from None
     if len(ad) < len(lines):
         raise ConfigError(f"job ad on stdin is malformed: read {len(ad)} of {len(lines)} lines")
     return ad
@@ -258,7 +258,7 @@ def job_walltime(ad: Any) -> Tuple[Optional[float], Optional[str]]:
     return None, None
 
 
-def job_request_from_ad(ad: Any, *, require_walltime: bool = False) -> JobRequest:
+def job_request_from_ad(ad: Any, *, require_walltime: bool = False) -> AdRequest:
     """Turn the job ad into a validated request (job id, wall time, wishes, environment).
 
     Raises:
@@ -294,7 +294,7 @@ def job_request_from_ad(ad: Any, *, require_walltime: bool = False) -> JobReques
         )
     except EnvironmentSyntaxError as exc:
         raise ConfigError(f"job {job_id}: {exc}") from None
-    job = JobInfo(
+    job = JobFacts(
         job_id=job_id,
         walltime_s=walltime,
         owner=_string_attr(ad, "Owner"),
@@ -305,7 +305,7 @@ def job_request_from_ad(ad: Any, *, require_walltime: bool = False) -> JobReques
     services = tuple(
         n.strip() for n in (_string_attr(ad, "OAuthServicesNeeded") or "").split(",") if n.strip()
     )
-    return JobRequest(
+    return AdRequest(
         job=job,
         mytoken_file=mytoken_file,
         server=_string_attr(ad, "JobtokenServer"),
@@ -397,7 +397,7 @@ def extract_mytoken(text: str, where: str) -> str:
 
 
 def _job_supplied_mytoken(
-    request: JobRequest, env: Mapping[str, str], scratch: Path, options: HookOptions
+    request: AdRequest, env: Mapping[str, str], scratch: Path, options: HookOptions
 ) -> Optional[Tuple[str, Path]]:
     """(description, path) of a mytoken the job brought, or None to use the site's."""
     if request.mytoken_file:
@@ -436,7 +436,7 @@ def credential_files(services: Tuple[str, ...], service: str) -> Tuple[str, ...]
     )
 
 
-def _environment_with(request: JobRequest, add: Mapping[str, str]) -> str:
+def _environment_with(request: AdRequest, add: Mapping[str, str]) -> str:
     """The job's complete new ``Environment`` (the starter replaces it, it does not merge):
     its own variables without ``BEARER_TOKEN`` (it would win over the file in WLCG
     discovery and is never renewed), plus ``add``.
@@ -453,7 +453,7 @@ def _environment_with(request: JobRequest, add: Mapping[str, str]) -> str:
 
 
 def _creds_access_token(
-    request: JobRequest, where: str, path: Path, *, now: float
+    request: AdRequest, where: str, path: Path, *, now: float
 ) -> Optional[HookResult]:
     """The job's token is the access token the AP's credmon keeps in ``$_CONDOR_CREDS``.
 
@@ -502,8 +502,8 @@ def _mytoken_expiry(mytoken: str) -> Optional[float]:
 
 
 def _fit_into_parent(
-    job: JobInfo, mytoken: str, config: Config, *, now: float
-) -> Tuple[JobInfo, Optional[str]]:
+    job: JobFacts, mytoken: str, config: Config, *, now: float
+) -> Tuple[JobFacts, Optional[str]]:
     """Shorten the job's token chain to end with the job-supplied parent mytoken.
 
     A sub-mytoken cannot outlive its parent (the server refuses such a restriction), so
@@ -585,7 +585,7 @@ def run_prepare_hook(
         code = hook_status_code(exc)
         verdict = "requeue" if code >= 300 else "hold"
         logger.error("prepare hook failed verdict=%s code=%d error=%s", verdict, code, exc.message)
-        return HookResult(code, _one_line(f"jobtoken: {exc.message}"))
+        return HookResult(code, _log_line(f"jobtoken: {exc.message}"))
 
 
 def _prepare_hook(
@@ -698,7 +698,7 @@ def broker_socket(param: Callable[[str], Optional[str]] = condor_param_as_set) -
 
 
 def _broker_prepare(
-    request: JobRequest, directory: Path, socket_path: str, timeout_s: float
+    request: AdRequest, directory: Path, socket_path: str, timeout_s: float
 ) -> HookResult:
     """Ask the node broker for the job's token: it mints and keeps the job mytoken itself,
     reads who the job is from the startd (not from this ad), and writes only the access
@@ -887,7 +887,7 @@ def send_chirp(
         logger.debug("chirp skipped: %s", exc)
         return {}
     except Exception as exc:  # network trouble with the starter: never fail the job for it
-        logger.warning("chirp update failed: %s", _one_line(str(exc), 200))
+        logger.warning("chirp update failed: %s", _log_line(str(exc), 200))
         return {}
     logger.debug("chirp updated %s", " ".join(f"{k}={v}" for k, v in values.items()))
     return dict(values)
@@ -1013,7 +1013,7 @@ def start_job_sidecar(
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         raise JobtokenError(
             f"could not start the token renewal sidecar (exit {proc.returncode}): "
-            f"{_one_line(lines[-1] if lines else 'no message', 200)}"
+            f"{_log_line(lines[-1] if lines else 'no message', 200)}"
         )
     # the sidecar records the pid it watches once it holds the lock
     deadline = time.monotonic() + ready_timeout_s
@@ -1075,7 +1075,7 @@ def run_job_wrapper(
     try:
         start_job_sidecar(directory, os.getpid(), env)
     except JobtokenError as exc:
-        message = _one_line(f"jobtoken: {exc.message}")
+        message = _log_line(f"jobtoken: {exc.message}")
         logger.error("job wrapper failed: %s", exc.message)
         failure = env.get("_CONDOR_WRAPPER_ERROR_FILE")
         if failure:

@@ -392,8 +392,8 @@ def token_minter(config: Config) -> Minter:
     Only the site's server (``server.url``) is used when one is configured: the
     ``.top`` is written by the user, and this runs as root.
     """
-    from .._actions import build_verifier, client_for
     from .._exchange import TokenRequest, fetch_access_token
+    from .._oneshot import build_verifier, client_for
 
     verifier = build_verifier(config)
 

@@ -113,7 +113,7 @@ def find_user_mytoken(config: Config, env: Mapping[str, str]) -> MytokenSource:
         ConfigError: none found.
     """
     if config.token.mytoken_file or config.token.mytoken_env:
-        from .._actions import mytoken_source
+        from .._oneshot import mytoken_source
 
         return mytoken_source(config)
     uid = os.geteuid()
@@ -152,7 +152,7 @@ def mint_submission_mytoken(
             mytoken lacks ``create_mytoken`` or does not allow the scope/audience;
         ServerUnavailableError/ProtocolError: transient, or an answer wider than asked.
     """
-    from .._actions import build_client, server_url_for
+    from .._oneshot import mytoken_client, server_url_for
     from .._submytoken import SubMytokenRequest, mint_sub_mytoken
 
     if not scopes:
@@ -169,7 +169,7 @@ def mint_submission_mytoken(
         exp=int(start + lifetime_s),
         usages_other=None if max_jobs is None else int(max_jobs),
     )
-    with build_client(config, url) as client:
+    with mytoken_client(config, url) as client:
         # a shared name ("jobtoken submission"): a lost answer is not searched for by name
         minted = mint_sub_mytoken(client, parent, source, request)
     logger.info(
@@ -429,10 +429,10 @@ def run_storer(
 
 def _revoke_quietly(config: Config, token: SubmissionToken) -> None:
     """A minted mytoken we cannot use is revoked (best effort, one line on failure)."""
-    from .._actions import build_client
+    from .._oneshot import mytoken_client
 
     try:
-        with build_client(config, token.server_url) as client:
+        with mytoken_client(config, token.server_url) as client:
             client.revoke(token.mytoken, recursive=True)
     except JobtokenError as exc:
         logger.warning("cannot revoke the unstored submission mytoken: %s", exc.message)

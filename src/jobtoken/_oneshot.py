@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 
+from ._bearerdiscovery import default_token_path, discover_bearer_token, refuse_foreign_file
 from ._clock import SystemClock, utc_text
 from ._config import Config, ServerConfig, missing_setting
-from ._discovery import default_token_path, discover_bearer_token, refuse_foreign_file
 from ._errors import ConfigError, JobtokenError, TokenCheckError, TokenFileError, printable
 from ._mytokenfile import MytokenSource, check_mytoken_value, load_mytoken
 from ._policy import HealthThresholds, token_health
@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # the real imports are lazy: httpx stays out of light process
 
 __all__ = [
     "TokenResult",
-    "build_client",
+    "mytoken_client",
     "build_verifier",
     "client_for",
     "get_token",
@@ -118,7 +118,7 @@ def server_url_for(config: Config, mytoken: Optional[str]) -> str:
     raise missing_setting("Mytoken server", "server.url")
 
 
-def build_client(config: Config, url: str) -> MytokenClient:
+def mytoken_client(config: Config, url: str) -> MytokenClient:
     """A ``MytokenClient`` configured from the settings (imports httpx lazily)."""
     return client_for(config.server, url)
 
@@ -151,11 +151,11 @@ def verifier_for(
     """A JWKS signature verifier for ``trusted_issuers`` (None when there are none)."""
     if not trusted_issuers:
         return None
-    from ._http import build_client as build_http
+    from ._http import http_client
     from ._jwks import SignatureVerifier
 
     def http_factory(base_url: str) -> Any:
-        return build_http(
+        return http_client(
             base_url,
             timeout_s=server.timeout_s,
             ca_file=server.ca_file,
@@ -231,7 +231,7 @@ def _get_token(config: Config, path: Path, environ: Mapping[str, str]) -> TokenR
     source = mytoken_source(config)
     mytoken = load_mytoken(source, env=environ)
     url = server_url_for(config, mytoken)
-    with build_client(config, url) as client:
+    with mytoken_client(config, url) as client:
         try:
             token = fetch_access_token(
                 client,

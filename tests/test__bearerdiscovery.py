@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from jobtoken._discovery import default_token_path, discover_bearer_token
+from jobtoken._bearerdiscovery import default_token_path, discover_bearer_token
 from jobtoken._errors import TokenFileError
 
 UID = os.geteuid()
@@ -21,7 +21,7 @@ def tmp_bt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     def fake(p: str, *rest: str) -> Path:
         return real_path(str(fake_tmp) if p == "/tmp" else p, *rest)
 
-    monkeypatch.setattr("jobtoken._discovery.Path", fake)
+    monkeypatch.setattr("jobtoken._bearerdiscovery.Path", fake)
     return fake_tmp
 
 

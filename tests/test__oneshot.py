@@ -18,17 +18,6 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-from jobtoken._actions import (
-    build_client,
-    build_verifier,
-    client_for,
-    get_token,
-    inspect_token,
-    mytoken_source,
-    server_url_for,
-    summarize,
-    verifier_for,
-)
 from jobtoken._config import Config, ServerConfig, TokenConfig
 from jobtoken._errors import (
     ConfigError,
@@ -40,6 +29,17 @@ from jobtoken._errors import (
 )
 from jobtoken._mytoken import clear_discovery_cache
 from jobtoken._mytokenfile import MytokenSource
+from jobtoken._oneshot import (
+    build_verifier,
+    client_for,
+    get_token,
+    inspect_token,
+    mytoken_client,
+    mytoken_source,
+    server_url_for,
+    summarize,
+    verifier_for,
+)
 from jobtoken._tokenfile import write_secret_file
 from jobtoken._tokens import decode_access_token
 from jobtoken.devserver import DevServer, DevServerConfig
@@ -317,7 +317,7 @@ def test_mytoken_source_follows_the_config(tmp_path: Path) -> None:
         mytoken_source(Config())
 
 
-# --- client_for / build_client ------------------------------------------------------------------
+# --- client_for / mytoken_client ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -333,12 +333,12 @@ def test_client_refuses_to_send_a_mytoken_in_clear(url: str, allow_http: bool) -
     with pytest.raises(ConfigError):
         client_for(ServerConfig(allow_http=allow_http), url)
     with pytest.raises(ConfigError):
-        build_client(Config(server=ServerConfig(allow_http=allow_http)), url)
+        mytoken_client(Config(server=ServerConfig(allow_http=allow_http)), url)
 
 
 def test_client_uses_the_configured_server(srv: DevServer) -> None:
-    with build_client(Config(server=ServerConfig(allow_http=True)), srv.url) as client:
-        assert client.discovery().access_token_endpoint.startswith(srv.url + "/")
+    with mytoken_client(Config(server=ServerConfig(allow_http=True)), srv.url) as client:
+        assert client.metadata().access_token_endpoint.startswith(srv.url + "/")
     assert len(srv.requests("discovery")) == 1
 
 
@@ -347,7 +347,7 @@ def test_client_honours_the_timeout(srv: DevServer) -> None:
     start = time.monotonic()
     with client_for(ServerConfig(allow_http=True, timeout_s=0.2), srv.url) as client:
         with pytest.raises(ServerUnavailableError, match="timed out"):
-            client.discovery()
+            client.metadata()
     assert time.monotonic() - start < 5.0
 
 
@@ -355,11 +355,11 @@ def test_client_trusts_the_configured_ca(tmp_path: Path) -> None:
     with DevServer(DevServerConfig(tls_dir=str(tmp_path / "tls"))) as tls:
         assert tls.ca_file is not None
         with client_for(ServerConfig(ca_file=tls.ca_file), tls.url) as client:
-            client.discovery()
+            client.metadata()
         clear_discovery_cache()
         with client_for(ServerConfig(), tls.url) as client:
             with pytest.raises(ConfigError, match="TLS certificate verification failed"):
-                client.discovery()
+                client.metadata()
 
 
 # --- verifier_for / build_verifier -------------------------------------------------------------
@@ -433,7 +433,7 @@ def test_inspect_finds_the_token_as_payload_tools_would(tmp_path: Path,
 
 
 def test_inspect_without_any_token(mocker: Any) -> None:
-    mocker.patch("jobtoken._actions.discover_bearer_token", return_value=None)
+    mocker.patch("jobtoken._oneshot.discover_bearer_token", return_value=None)
     with pytest.raises(TokenFileError, match="no bearer token found"):
         inspect_token()
 

@@ -1,4 +1,4 @@
-"""WLCG Bearer Token Discovery, read side (the spec's exact order).
+"""WLCG Bearer Token ServerMetadata, read side (the spec's exact order).
 
 1. ``BEARER_TOKEN`` (the value), 2. ``BEARER_TOKEN_FILE`` (the file's contents),
 3. ``$XDG_RUNTIME_DIR/bt_u<euid>``, 4. ``/tmp/bt_u<euid>``. Whitespace as C
