@@ -18,21 +18,21 @@ from jobtoken.cli import EXIT_CODES_HELP, build_parser
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> Dict[str, argparse.ArgumentParser]:
-    for action in parser._oneshot:
+    for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return dict(action.choices)
     return {}
 
 
 def _helps(parser: argparse.ArgumentParser) -> Dict[str, str]:
-    for action in parser._oneshot:
+    for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return {a.dest: a.help or "" for a in action._choices_actions}
     return {}
 
 
 def _options(parser: argparse.ArgumentParser) -> List[str]:
-    return sorted({s for a in parser._oneshot for s in a.option_strings})
+    return sorted({s for a in parser._actions for s in a.option_strings})
 
 
 def _roff(text: str) -> str:

@@ -416,7 +416,7 @@ def _option_strings(parser: Any) -> set:
     import argparse
 
     found = set()
-    for action in parser._oneshot:
+    for action in parser._actions:
         found.update(action.option_strings)
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():

@@ -98,7 +98,7 @@ def _lenient(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     all its arguments); every subcommand and flag still has to exist."""
     for group in parser._mutually_exclusive_groups:  # noqa: SLF001
         group.required = False
-    for action in parser._oneshot:  # noqa: SLF001
+    for action in parser._actions:  # noqa: SLF001
         if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
             for sub in set(action.choices.values()):
                 _lenient(sub)

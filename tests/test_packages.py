@@ -247,7 +247,7 @@ def test_the_debs_split_the_dev_server_off(built: Dict[str, Path]) -> None:
 def _subcommand_names() -> List[str]:
     import argparse
 
-    for action in build_parser()._oneshot:
+    for action in build_parser()._actions:
         if isinstance(action, argparse._SubParsersAction):
             return list(action.choices)
     raise AssertionError("no subcommands")
