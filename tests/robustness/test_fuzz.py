@@ -740,5 +740,10 @@ def test_cli_survives_any_arguments(
     assert "Traceback" not in err and "internal error" not in err, (argv, err)
     if code != 0:
         lines = [ln for ln in err.splitlines() if ln.startswith("jobtoken: error:")]
-        assert len(lines) == 1, (argv, err)
+        if "--json" in argv and lines == []:  # with --json the error is JSON on stdout
+            reports = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+            assert len(reports) >= 1 and reports[-1]["ok"] is False, (argv, out, err)
+            assert reports[-1]["exit_code"] == code and reports[-1]["error"], (argv, out)
+        else:
+            assert len(lines) == 1, (argv, err)
     assert_no_secret(out + err, secret_values)
