@@ -301,8 +301,6 @@ def test_the_broker_killed_mid_job_is_restarted_and_no_token_is_lost(
     out = result(directory)
     assert out["bad"] == 0, out
     assert out["tokens"] >= 3, "renewed after the restart too"
-    # the update and exit hooks publish the broker's state through Chirp
-    assert ad.get("ChirpJobtokenRenewals", 0) >= 2, ad
     minted = new_children(devserver, robot, before)
     assert len(minted) == 1, "the restarted broker kept the job mytoken, minted none anew"
     wait_revoked(bpool, devserver, robot, before)
