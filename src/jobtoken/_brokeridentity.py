@@ -37,6 +37,7 @@ __all__ = [
     "ancestors",
     "is_trusted",
     "peer_cred",
+    "split_stat",
 ]
 
 _MAX_DEPTH = 512  # a process tree deeper than this is not a job's (and ends the walk)
@@ -148,17 +149,30 @@ def peer_cred(sock: socket.socket) -> PeerCred:
     return PeerCred(pid=pid, uid=uid, gid=gid)
 
 
+def split_stat(text: str) -> Optional[Tuple[str, List[str]]]:
+    """The text of ``/proc/PID/stat`` as (command name, the fields after it), None when
+    it is not one. The name may hold spaces and parentheses: the last ``)`` ends it.
+    In the fields, index 0 is field 3 (state), 1 the ppid, 19 the start time.
+
+    The one parser of that file: the broker's anchors and the HTCondor resolver's
+    process walk both read it.
+    """
+    left, right = text.find("("), text.rfind(")")
+    fields = text[right + 1 :].split()
+    if left < 0 or right < left or len(fields) < 20:
+        return None
+    return text[left + 1 : right], fields
+
+
 def _stat_fields(pid: int) -> Optional[List[str]]:
-    """``/proc/PID/stat`` split after the command name (which may hold spaces and
-    parentheses: the last ``)`` ends it); index 0 is field 3 (state)."""
+    """``/proc/PID/stat`` fields after the command name (None: gone or unreadable)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read().decode("ascii", "replace")
+            text = f.read().decode("utf-8", "replace")
     except OSError:
         return None
-    _, _, rest = text.rpartition(")")
-    fields = rest.split()
-    return fields if len(fields) > 19 else None
+    split = split_stat(text)
+    return None if split is None else split[1]
 
 
 def anchor_of(pid: int) -> Optional[ProcessAnchor]:

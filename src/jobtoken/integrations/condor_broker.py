@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
-from .._brokeridentity import JobIdentity, PeerCred, ProcessAnchor
+from .._brokeridentity import JobIdentity, PeerCred, ProcessAnchor, split_stat
 from .._config import Config
 from .._errors import ConfigError, IdentityError
 from ._condor_bindings import bindings, condor_param
@@ -119,11 +119,10 @@ def read_process(pid: int, proc: str = "/proc") -> ProcessInfo:
             cmdline = fh.read()
     except OSError:
         raise NotAJob(f"process {pid} is gone") from None
-    # comm is in parentheses and may itself hold ")": the fields follow the last one
-    left, right = stat.find("("), stat.rfind(")")
-    fields = stat[right + 2 :].split()
-    if left < 0 or right < left or len(fields) < 20:
+    split = split_stat(stat)
+    if split is None:
         raise NotAJob(f"process {pid}: unreadable /proc stat")
+    name, fields = split
     real_uid = -1
     for line in status.splitlines():
         if line.startswith("Uid:"):
@@ -134,7 +133,7 @@ def read_process(pid: int, proc: str = "/proc") -> ProcessInfo:
         pid=pid,
         ppid=int(fields[1]),
         start_ticks=int(fields[19]),
-        name=stat[left + 1 : right],
+        name=name,
         real_uid=real_uid,
         argv=argv,
     )
