@@ -12,8 +12,9 @@ This module wires the parts and answers who a caller is and what it asked for:
 * ``_brokerstore``: the crash-safe state directory (one directory per job, its phase
   persisted before it is acted on);
 * ``_brokerops``: the job table and the operations (prepare, ensure, renew, release,
-  revoke, reload after a restart), the Mytoken calls on a small thread pool that shares
-  one kept ``MytokenClient`` (one TLS context);
+  revoke, reload after a restart), on the loop's thread;
+* ``_brokerwork``: the Mytoken calls on a small thread pool that shares one kept
+  ``MytokenClient`` (one TLS context), and the writes into the jobs' directories;
 * here: start and stop, the caller's identity (``SO_PEERCRED`` through the resolver) and
   the request's dispatch to an operation; ``serve`` for the CLI.
 

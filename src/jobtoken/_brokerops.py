@@ -7,7 +7,8 @@ a job has at most one piece of work at a time (``busy``; requests meanwhile wait
 ``waiters``). Every change of phase is persisted (``JobStore``) before it is acted on.
 
 The rules are elsewhere and only applied here: the renewal time, jitter and backoff are
-``_policy``'s, the mint and its checks ``_prepare``'s, the exchange ``_exchange``'s.
+``_policy``'s, the mint and its checks ``_prepare``'s, the exchange ``_exchange``'s; the
+Mytoken calls themselves are ``_brokerwork``'s.
 
 Must NOT read requests off sockets or decide who the caller is (``_broker`` does), and
 never write into a job's directory except through ``_tokenfile.open_job_directory``.
@@ -36,6 +37,7 @@ from ._brokerstore import (
     BrokerJob,
     JobStore,
 )
+from ._brokerwork import PoolWork, restore_job_token
 from ._config import Config
 from ._errors import (
     IdentityError,
@@ -48,7 +50,7 @@ from ._errors import (
     UsageError,
 )
 from ._scopes import scopes_within
-from ._tokenfile import open_job_directory, read_secret_file, write_secret_file
+from ._tokenfile import open_job_directory
 
 if TYPE_CHECKING:
     from ._exchange import Verifier
@@ -75,12 +77,10 @@ class JobOperations:
         self.loop = loop
         self.resolver = resolver
         self.jobs: Dict[str, BrokerJob] = {}
-        self._parent_lock = threading.Lock()  # one use of the (rotating) parent at a time
         self._job_locks: Dict[str, threading.Lock] = {}
         self._rnd = random.Random()
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._client: Optional[MytokenClient] = None
-        self._verifier: Optional[Verifier] = None
+        self._pool_work: Optional[PoolWork] = None
 
     @property
     def paused_until(self) -> float:
@@ -89,8 +89,7 @@ class JobOperations:
 
     def start(self, client: MytokenClient, verifier: Optional[Verifier]) -> None:
         """Take the kept client; start the pool."""
-        self._client = client
-        self._verifier = verifier
+        self._pool_work = PoolWork(self.config, client, verifier)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.config.broker.workers, thread_name_prefix="jobtoken-broker")
 
@@ -100,8 +99,12 @@ class JobOperations:
             self._pool.shutdown(wait=True)
         for job in self.jobs.values():
             self.unwatch(job)
-        if self._client is not None:
-            self._client.close()
+        if self._pool_work is not None:
+            self._pool_work.client.close()
+
+    def _work(self) -> PoolWork:
+        assert self._pool_work is not None, "JobOperations.start first"
+        return self._pool_work
 
     # --- work on the pool ---------------------------------------------------------------------
 
@@ -237,7 +240,8 @@ class JobOperations:
         job.phase, job.tokendir, job.dir_identity = PREPARING, path, dir_identity
         self.store.persist(job)
         self.loop.park(conn)
-        self._submit(job, lambda: self._prepare_work(job, path, dir_identity, scopes, audiences),
+        self._submit(job, lambda: self._work().prepare(job, path, dir_identity, scopes,
+                                                         audiences),
                      lambda result, error: self._prepared(conn, job, result, error))
 
     def _scopes_for(self, identity: JobIdentity, asked: Tuple[str, ...]) -> Tuple[str, ...]:
@@ -256,35 +260,6 @@ class JobOperations:
                 raise MytokenRejectedError(f"job {identity.job_id} asks for audience "
                                            f"{' '.join(extra)}, not its job's")
         return asked or identity.audiences
-
-    def _prepare_work(self, job: BrokerJob, path: str, dir_identity: Tuple[int, int],
-                      scopes: Tuple[str, ...], audiences: Tuple[str, ...]) -> Any:
-        from ._prepare import JobFacts, prepare_job
-
-        identity = job.identity
-        info = JobFacts(job_id=identity.job_id, walltime_s=identity.walltime_s,
-                        owner=identity.owner, vo=identity.vo, scopes=scopes,
-                        audiences=audiences)
-
-        def write_token(raw: str) -> None:
-            write_secret_file(job.store.bearer_token, raw)
-            self._write_job_token(path, identity.uid, dir_identity, raw)
-
-        with self._parent_lock:
-            return prepare_job(self.config, info, directory=str(job.store.path),
-                               client=self._client, write_token=write_token)
-
-    def _write_job_token(self, path: str, uid: int, dir_identity: Tuple[int, int],
-                         raw: str) -> None:
-        """Put the token in the job's directory through a dirfd, never through a link.
-
-        Raises:
-            TokenFileError: the directory is gone, unsafe, or not the one bound at prepare.
-        """
-        with open_job_directory(path, uid) as directory:
-            if directory.identity != dir_identity:
-                raise TokenFileError(f"token directory {path} was replaced since prepare")
-            directory.write_secret(TOKEN_NAME, raw)
 
     def _prepared(self, conn: Conn, job: BrokerJob, result: Any,
                   error: Optional[BaseException]) -> None:
@@ -347,35 +322,8 @@ class JobOperations:
     def _start_renewal(self, job: BrokerJob, conn: Optional[Conn] = None,
                        min_valid_s: Optional[float] = None) -> None:
         job.state.last_attempt_at = time.time()
-        self._submit(job, lambda: self._renew_work(job),
+        self._submit(job, lambda: self._work().renew(job, time.time()),
                      lambda result, error: self._renewed(job, result, error, conn, min_valid_s))
-
-    def _renew_work(self, job: BrokerJob) -> Any:
-        from ._exchange import TokenRequest, fetch_access_token
-        from ._mytokenfile import MytokenSource
-        from ._tokens import decode_access_token
-
-        spec = job.spec
-        assert spec is not None and job.tokendir is not None and job.dir_identity is not None
-        assert self._client is not None
-        now = time.time()
-        previous = None
-        try:
-            previous = decode_access_token(read_secret_file(job.store.bearer_token))
-        except JobtokenError:
-            pass
-        token = fetch_access_token(
-            self._client, MytokenSource(path=job.store.mytoken),
-            TokenRequest(scopes=spec.scopes, audiences=spec.audiences,
-                         comment=f"jobtoken {spec.job_id}"),
-            now=now, previous=previous, verifier=self._verifier)
-        write_secret_file(job.store.bearer_token, token.raw)
-        try:
-            self._write_job_token(job.tokendir, job.identity.uid, job.dir_identity, token.raw)
-        except TokenFileError as exc:  # the job's loss; the broker's copy is renewed
-            logger.warning("job %s: %s", job.job_id, exc.message)
-            return token, exc
-        return token, None
 
     def _renewed(self, job: BrokerJob, result: Any, error: Optional[BaseException],
                  conn: Optional[Conn], min_valid_s: Optional[float]) -> None:
@@ -473,9 +421,7 @@ class JobOperations:
         """Make the job's token file hold the broker's copy again (the job may have lost
         or replaced it); the error, if that failed."""
         try:
-            raw = read_secret_file(job.store.bearer_token)
-            assert job.tokendir is not None and job.dir_identity is not None
-            self._write_job_token(job.tokendir, job.identity.uid, job.dir_identity, raw)
+            restore_job_token(job)
         except JobtokenError as exc:
             logger.warning("job %s: cannot restore its token file: %s", job.job_id, exc.message)
             return exc
@@ -533,25 +479,8 @@ class JobOperations:
     def _start_revocation(self, job: BrokerJob) -> None:
         if job.busy:
             return
-        self._submit(job, lambda: self._revoke_work(job),
+        self._submit(job, lambda: self._work().revoke(job),
                      lambda result, error: self._revoked(job, error))
-
-    def _revoke_work(self, job: BrokerJob) -> None:
-        from ._prepare import parent_source_of, revoke_job_mytokens
-        from ._renewal import revoke_by_mom_id
-
-        spec = job.spec
-        if spec is None:
-            try:
-                spec = job.store.read_spec()
-            except JobtokenError:
-                spec = None
-        with self._parent_lock:
-            if spec is not None and spec.mom_id:
-                revoke_by_mom_id(self.config, str(parent_source_of(self.config).path),
-                                 spec.mom_id, client=self._client)
-            else:  # a prepare cut short: whatever was minted under the job's name
-                revoke_job_mytokens(self.config, job.job_id, client=self._client)
 
     def _revoked(self, job: BrokerJob, error: Optional[BaseException]) -> None:
         if error is not None and not isinstance(error, MytokenRejectedError):
