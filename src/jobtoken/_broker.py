@@ -132,24 +132,30 @@ class Broker:
 
     def dispatch(self, conn: Conn, request: BrokerRequest) -> None:
         """Answer now, or mark ``conn`` waiting for a worker (or for a busy job)."""
-        op = request.op
-        if op == "ping":
-            self.loop.reply(conn, BrokerReply(True, 0, "pong", detail={"jobs": len(self.jobs)}))
-        elif op == "register":
-            self.loop.reply(conn, self._register(conn.peer, request))
-        elif op == "status" and request.job is None and self.trusted(conn.peer) \
-                and not self._known_peer(conn.peer):
-            self.loop.reply(conn, self.ops.node_status())
-        else:
-            job = self._job_for(conn.peer, request)
-            if op == "prepare":
-                self.ops.prepare(conn, job, request)
-            elif op == "ensure":
-                self.ops.ensure(conn, job, request)
-            elif op == "status":
-                self.loop.reply(conn, self.ops.status(job))
-            elif op == "release":
-                self.ops.release(conn, job)
+        answer = self._node_answer(conn.peer, request)
+        if answer is not None:
+            self.loop.reply(conn, answer)
+            return
+        job = self._job_for(conn.peer, request)
+        if request.op == "prepare":
+            self.ops.prepare(conn, job, request)
+        elif request.op == "ensure":
+            self.ops.ensure(conn, job, request)
+        elif request.op == "status":
+            self.loop.reply(conn, self.ops.status(job))
+        elif request.op == "release":
+            self.ops.release(conn, job)
+
+    def _node_answer(self, peer: PeerCred, request: BrokerRequest) -> Optional[BrokerReply]:
+        """The answer to an op about the node rather than one job; None for a job's op."""
+        if request.op == "ping":
+            return BrokerReply(True, 0, "pong", detail={"jobs": len(self.jobs)})
+        if request.op == "register":
+            return self._register(peer, request)
+        if request.op == "status" and request.job is None and self.trusted(peer) \
+                and not self._known_peer(peer):
+            return self.ops.node_status()
+        return None
 
     # --- who the caller is --------------------------------------------------------------------
 

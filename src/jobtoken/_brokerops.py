@@ -44,9 +44,8 @@ from ._errors import (
     JobtokenError,
     MytokenError,
     MytokenRejectedError,
+    RenewalReport,
     ServerUnavailableError,
-    TokenCheckError,
-    TokenFileError,
     UsageError,
 )
 from ._scopes import scopes_within
@@ -356,15 +355,9 @@ class JobOperations:
         st.consecutive_failures += 1
         st.last_error = message
         retry_after = error.retry_after_s if isinstance(error, MytokenError) else None
-        if isinstance(error, MytokenError) and error.status == 429 and retry_after \
-                and now >= self.paused_until:
-            self.loop.timers.paused_until = now + retry_after
-            logger.warning("server asked to wait %.0f s (429): every renewal of the node "
-                           "pauses until then", retry_after)
-        # a refused token (the next may pass) or an unwritable file (a disk may drain) is
-        # retried although not ``retryable`` (RenewalReport.permanent's rule)
-        permanent = isinstance(error, JobtokenError) and not error.retryable \
-            and not isinstance(error, (TokenFileError, TokenCheckError))
+        self._pause_on_429(error, now)
+        # RenewalReport.permanent's rule; an error of ours we did not foresee is retried
+        permanent = isinstance(error, JobtokenError) and RenewalReport.failure(error).permanent
         st.last_error_permanent = permanent
         logger.warning("renewal failed job=%s attempt=%d%s: %s", job.job_id,
                        st.consecutive_failures, " (permanent)" if permanent else "", message)
@@ -379,6 +372,16 @@ class JobOperations:
             now, attempt=st.consecutive_failures, retry_after_s=retry_after,
             expires_at=expires, settings=settings, rnd=self._rnd,
             margin_s=policy.margin_for(lifetime, settings)))
+
+    def _pause_on_429(self, error: BaseException, now: float) -> None:
+        """A 429 with Retry-After pauses every renewal of the node, once (not extended by
+        the 429s of renewals that were already under way)."""
+        if not isinstance(error, MytokenError) or error.status != 429 \
+                or not error.retry_after_s or now < self.paused_until:
+            return
+        self.loop.timers.paused_until = now + error.retry_after_s
+        logger.warning("server asked to wait %.0f s (429): every renewal of the node "
+                       "pauses until then", error.retry_after_s)
 
     # --- ensure and status --------------------------------------------------------------------
 
@@ -484,13 +487,7 @@ class JobOperations:
 
     def _revoked(self, job: BrokerJob, error: Optional[BaseException]) -> None:
         if error is not None and not isinstance(error, MytokenRejectedError):
-            job.revoke_attempts += 1
-            retry_after = error.retry_after_s if isinstance(error, MytokenError) else None
-            delay = min(300.0, max(retry_after or 0.0, 2.0 ** min(job.revoke_attempts, 8)))
-            logger.warning("job %s: revocation failed (attempt %d, retry in %.0f s): %s",
-                           job.job_id, job.revoke_attempts, delay,
-                           error.message if isinstance(error, JobtokenError) else error)
-            self.schedule(job, time.time() + delay)
+            self._retry_revocation(job, error)
             return
         if error is not None:
             logger.warning("job %s: the server refused the revocation for good (%s); "
@@ -504,14 +501,28 @@ class JobOperations:
             self.store.persist(job)
             self.watch(job)
             return
-        if job.tokendir and job.dir_identity:
-            try:
-                with open_job_directory(job.tokendir, job.identity.uid) as directory:
-                    if directory.identity == job.dir_identity:
-                        directory.remove(TOKEN_NAME)
-            except JobtokenError:
-                pass  # the directory went with the job
+        self._remove_job_token(job)
         self._forget(job)
+
+    def _retry_revocation(self, job: BrokerJob, error: BaseException) -> None:
+        job.revoke_attempts += 1
+        retry_after = error.retry_after_s if isinstance(error, MytokenError) else None
+        delay = min(300.0, max(retry_after or 0.0, 2.0 ** min(job.revoke_attempts, 8)))
+        logger.warning("job %s: revocation failed (attempt %d, retry in %.0f s): %s",
+                       job.job_id, job.revoke_attempts, delay,
+                       error.message if isinstance(error, JobtokenError) else error)
+        self.schedule(job, time.time() + delay)
+
+    def _remove_job_token(self, job: BrokerJob) -> None:
+        """Remove ``bt`` from the job's directory if it is still the one bound at prepare."""
+        if not (job.tokendir and job.dir_identity):
+            return
+        try:
+            with open_job_directory(job.tokendir, job.identity.uid) as directory:
+                if directory.identity == job.dir_identity:
+                    directory.remove(TOKEN_NAME)
+        except JobtokenError:
+            pass  # the directory went with the job
 
     def _forget(self, job: BrokerJob) -> None:
         self.unwatch(job)
