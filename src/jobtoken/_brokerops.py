@@ -22,6 +22,7 @@ import os
 import random
 import threading
 import time
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 from . import _policy as policy
@@ -48,6 +49,7 @@ from ._errors import (
     ServerUnavailableError,
     UsageError,
 )
+from ._metrics import BrokerValues
 from ._scopes import scopes_within
 from ._tokenfile import open_job_directory
 
@@ -60,6 +62,17 @@ __all__ = ["JobOperations"]
 logger = logging.getLogger(__name__)
 
 Done = Callable[[Optional[Any], Optional[BaseException]], None]
+PHASES = (REGISTERED, PREPARING, ACTIVE, ENDING)
+
+
+@dataclass
+class NodeCounters:
+    """What the broker did since its counters began (its metrics file carries them on)."""
+
+    renewals: int = 0
+    failures_total: int = 0
+    rate_limit_pauses: int = 0
+    revocations: int = 0
 
 
 class _Answered(Exception):
@@ -80,6 +93,7 @@ class JobOperations:
         self._rnd = random.Random()
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._pool_work: Optional[PoolWork] = None
+        self.counters = NodeCounters()
 
     @property
     def paused_until(self) -> float:
@@ -303,6 +317,7 @@ class JobOperations:
         st.last_error = None
         if renewed:
             st.renewals += 1
+            self.counters.renewals += 1
         self._plan(job, policy.next_renewal_at(
             issued_at, expires_at, settings=self._settings(job),
             jitter=policy.job_jitter(job.job_id, self._settings(job).jitter_fraction),
@@ -353,6 +368,7 @@ class JobOperations:
         message = error.message if isinstance(error, JobtokenError) else type(error).__name__
         st.failures_total += 1
         st.consecutive_failures += 1
+        self.counters.failures_total += 1
         st.last_error = message
         retry_after = error.retry_after_s if isinstance(error, MytokenError) else None
         self._pause_on_429(error, now)
@@ -380,6 +396,7 @@ class JobOperations:
                 or not error.retry_after_s or now < self.paused_until:
             return
         self.loop.timers.paused_until = now + error.retry_after_s
+        self.counters.rate_limit_pauses += 1
         logger.warning("server asked to wait %.0f s (429): every renewal of the node "
                        "pauses until then", error.retry_after_s)
 
@@ -444,6 +461,13 @@ class JobOperations:
                            bearer_token_file=os.path.join(job.tokendir, TOKEN_NAME)
                            if job.tokendir else None, detail=detail)
 
+    def node_values(self, now: float) -> BrokerValues:
+        """The node's totals for its metrics file."""
+        phases = [job.phase for job in self.jobs.values()]
+        return BrokerValues(
+            updated_at=now, jobs_by_phase=tuple((p, phases.count(p)) for p in PHASES),
+            revocations_pending=phases.count(ENDING), **asdict(self.counters))
+
     def node_status(self) -> BrokerReply:
         phases: Dict[str, int] = {}
         for job in self.jobs.values():
@@ -494,6 +518,7 @@ class JobOperations:
                            "nothing is left to revoke", job.job_id, error)
         else:
             logger.info("job mytoken revoked job=%s", job.job_id)
+            self.counters.revocations += 1
         if job.requeue and anchor_alive(job.identity.anchor):
             job.store.remove(secrets_only=True)
             job.phase, job.tokendir, job.dir_identity, job.spec = REGISTERED, None, None, None
