@@ -409,18 +409,13 @@ def expire_stale(
     """
     uid = os.geteuid()
     prefix = f"jobtoken_u{uid}_"
-    removed: List[str] = []
     try:
         entries = list(os.scandir(directory))
     except OSError:
-        return removed
+        return []
+    removed: List[str] = []
     for entry in entries:
-        name = entry.name
-        ours = name.startswith(prefix) and name.endswith(".prom")
-        half_written = name.startswith("." + prefix) and name.endswith(".tmp")  # killed writer
-        if not (ours or half_written):
-            continue
-        if keep is not None and entry.name == keep.name:
+        if not _our_kind(entry.name, prefix) or (keep is not None and entry.name == keep.name):
             continue
         try:
             st = entry.stat(follow_symlinks=False)
@@ -430,6 +425,12 @@ def expire_stale(
         except OSError:
             continue
     return removed
+
+
+def _our_kind(name: str, prefix: str) -> bool:
+    """A metrics file of this account, or the temp file of one killed mid-write."""
+    return (name.startswith(prefix) and name.endswith(".prom")) or (
+        name.startswith("." + prefix) and name.endswith(".tmp"))
 
 
 def remove_metrics(directory: str, job_id: str) -> None:
