@@ -102,7 +102,7 @@ class Broker:
         client = client_for(replace(self.config.server, deadline_s=0.0), url)
         self.ops.start(client, build_verifier(self.config))
         if self.config.renewal.metrics_dir:
-            self.ops.counters = _counters_of(read_broker_metrics(
+            self.ops.counters = NodeCounters.carried_on(read_broker_metrics(
                 self.config.renewal.metrics_dir, str(self.state_dir)))
         self.ops.reload()
         self._export_metrics()
@@ -237,12 +237,6 @@ class Broker:
         logger.info("job registered job=%s uid=%d anchor=%d", identity.job_id, identity.uid,
                     identity.anchor.pid)
         return BrokerReply(True, 0, f"job {identity.job_id} registered", job_id=identity.job_id)
-
-
-def _counters_of(values: BrokerValues) -> NodeCounters:
-    return NodeCounters(renewals=values.renewals, failures_total=values.failures_total,
-                        rate_limit_pauses=values.rate_limit_pauses,
-                        revocations=values.revocations)
 
 
 def serve(config: Config) -> int:

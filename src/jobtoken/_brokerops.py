@@ -32,6 +32,7 @@ from ._brokerproto import BrokerReply, BrokerRequest, reply_for_error
 from ._brokerstore import (
     ACTIVE,
     ENDING,
+    PHASES,
     PREPARING,
     REGISTERED,
     TOKEN_NAME,
@@ -62,7 +63,6 @@ __all__ = ["JobOperations"]
 logger = logging.getLogger(__name__)
 
 Done = Callable[[Optional[Any], Optional[BaseException]], None]
-PHASES = (REGISTERED, PREPARING, ACTIVE, ENDING)
 
 
 @dataclass
@@ -73,6 +73,13 @@ class NodeCounters:
     failures_total: int = 0
     rate_limit_pauses: int = 0
     revocations: int = 0
+
+    @classmethod
+    def carried_on(cls, previous: BrokerValues) -> NodeCounters:
+        """The counters of the broker's previous metrics file, to go on from."""
+        return cls(renewals=previous.renewals, failures_total=previous.failures_total,
+                   rate_limit_pauses=previous.rate_limit_pauses,
+                   revocations=previous.revocations)
 
 
 class _Answered(Exception):
