@@ -24,7 +24,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, NoReturn, Optional, Sequence
 
 from . import _policy as policy
 from ._clock import Clock, SystemClock
@@ -38,6 +38,7 @@ from ._tokenfile import write_secret_file
 __all__ = [
     "RunOptions",
     "ensure_token",
+    "exec_waiter",
     "first_token",
     "job_exit",
     "payload_environment",
@@ -45,6 +46,7 @@ __all__ = [
     "run_job",
     "run_sidecar",
     "setup_tokendir",
+    "start_forwarding",
     "status",
 ]
 
@@ -259,23 +261,58 @@ def _exec_waiter(
 ) -> None:
     """First token, start the payload, then become the small waiting process (``_waiter``).
 
-    The forwarded signals are caught from before the payload starts (so that none is
-    lost or kills us), then blocked across ``exec``: a blocked signal stays pending and
-    the waiter takes it once its handlers are in place.
-
     Raises:
         JobtokenError: no first token, or the payload cannot start (then cleaned up).
     """
-    import sys
-
-    from ._supervisor import DEFAULT_FORWARD_SIGNALS, start_payload
-    from ._waiter import delivered_by_terminal, encode_plan, foreground_pgrp, open_controlling_tty
-
     sidecar = Sidecar(tokendir, spec)
+
+    def undo() -> None:
+        try:
+            sidecar.finish()
+        finally:
+            os.close(lock_fd)
+
+    try:
+        sidecar.adopt(first_token(tokendir, spec))
+    except BaseException:
+        undo()
+        raise
+    proc = start_forwarding(argv, env=env, on_failure=undo)
+    sidecar.set_payload_pid(proc.pid)
+    first = _early_step(tokendir, sidecar, step_args)
+    exec_waiter(
+        dict(
+            step=first,
+            payload=proc.pid,
+            dir=tokendir.path,
+            bt=tokendir.bearer_token,
+            grace=spec.stop_grace_s,
+            limit=policy.child_timeout_s(spec.timeout_s, requests=4) + _STEP_SLACK_S,
+            next=sidecar.next_wakeup(watch=False),
+            watch=sidecar.watched_mtime,
+        ),
+        step_args,
+        keep_fds=(lock_fd,),
+    )
+
+
+def start_forwarding(
+    argv: Sequence[str], *, env: Mapping[str, str], on_failure: Callable[[], None]
+) -> Any:
+    """Start the payload with the forwarded signals caught from before its start (so that
+    none is lost or kills us), then blocked: a blocked signal stays pending across
+    ``exec_waiter``, and the waiter takes it once its handlers are in place. A signal
+    caught meanwhile is passed on now (unless the terminal sent it to the payload too).
+
+    Raises:
+        PayloadStartError: the payload cannot start (``on_failure`` ran first).
+    """
+    from ._supervisor import DEFAULT_FORWARD_SIGNALS, start_payload
+    from ._waiter import delivered_by_terminal, foreground_pgrp, open_controlling_tty
+
     caught: list[int] = []
     previous: Dict[int, Any] = {}
     try:
-        sidecar.adopt(first_token(tokendir, spec))
         for signum in DEFAULT_FORWARD_SIGNALS:
             if signal.getsignal(signum) != signal.SIG_IGN:
                 previous[signum] = signal.signal(signum, lambda n, f: caught.append(n))
@@ -283,12 +320,8 @@ def _exec_waiter(
     except BaseException:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        try:
-            sidecar.finish()
-        finally:
-            os.close(lock_fd)
+        on_failure()
         raise
-    sidecar.set_payload_pid(proc.pid)
     signal.pthread_sigmask(signal.SIG_BLOCK, DEFAULT_FORWARD_SIGNALS)
     tty_fd = open_controlling_tty()
     for signum in caught:
@@ -296,19 +329,22 @@ def _exec_waiter(
             os.kill(proc.pid, signum)
     if tty_fd is not None:
         os.close(tty_fd)
-    first = _early_step(tokendir, sidecar, step_args)
-    plan = encode_plan(
-        step=first,
-        payload=proc.pid,
-        dir=tokendir.path,
-        bt=tokendir.bearer_token,
-        grace=spec.stop_grace_s,
-        limit=policy.child_timeout_s(spec.timeout_s, requests=4) + _STEP_SLACK_S,
-        next=sidecar.next_wakeup(watch=False),
-        watch=sidecar.watched_mtime,
-        forward=",".join(str(int(s)) for s in DEFAULT_FORWARD_SIGNALS),
-    )
-    os.set_inheritable(lock_fd, True)
+    return proc
+
+
+def exec_waiter(plan: Mapping[str, object], step_args: Sequence[str], *,
+                keep_fds: Sequence[int] = ()) -> NoReturn:
+    """Become ``_waiter`` (same pid) with ``plan`` (``Waiter``'s keys; ``forward`` is
+    added) and the arguments its steps get; ``keep_fds`` stay open across ``exec``."""
+    import sys
+
+    from ._supervisor import DEFAULT_FORWARD_SIGNALS
+    from ._waiter import encode_plan
+
+    fields = dict(plan)
+    fields.setdefault("forward", ",".join(str(int(s)) for s in DEFAULT_FORWARD_SIGNALS))
+    for fd in keep_fds:
+        os.set_inheritable(fd, True)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
@@ -320,7 +356,8 @@ def _exec_waiter(
         f"sys.path.insert(0, {str(Path(__file__).parent)!r}); "
         "import _waiter; _waiter.main(sys.argv[1:])"
     )
-    os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", code, plan, *step_args])
+    os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", code, encode_plan(**fields),
+                              *step_args])
 
 
 #: Room above the renewal limit for a step's own start-up before the waiter kills it.
