@@ -212,7 +212,8 @@ class Waiter:
         self._finish_step()
         _signal.set_wakeup_fd(-1)
         returncode = os.waitstatus_to_exitcode(status)
-        extra = ["--finish", "--returncode", str(returncode)]
+        extra = ["--finish", "--returncode", str(returncode), "--payload-pid",
+                 str(self.payload)]
         if self.forwarded:
             extra += ["--forwarded", ",".join(str(s) for s in self.forwarded)]
         if self.stop_requested:

@@ -240,6 +240,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if not args.payload:
         raise UsageError("no payload command: use 'jobtoken run [OPTIONS] -- CMD [ARGS...]'")
+    if args.broker is not None:
+        from ._pilotrun import run_with_broker
+
+        return run_with_broker(args.payload, socket_path=args.broker or None, tokendir=args.dir,
+                               job_id=args.job_id, walltime_s=args.walltime, env=os.environ,
+                               may_exec=getattr(args, "may_exec", False),
+                               log_args=(f"-v{args.verbose}", f"-q{args.quiet}"))
     cfg, tokendir, spec = _job_setup(args)
     if cfg.token.mytoken_env:
         from ._hardening import scrub_environ
@@ -524,6 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_options(p)
     add_token_options(p)
     _job_options(p)
+    p.add_argument(
+        "--broker", nargs="?", const="", metavar="SOCKET",
+        help="let a broker of this uid (a pilot's own) renew instead: register this process "
+        "as the payload's job, release it at the end (socket: $JOBTOKEN_BROKER_SOCKET; "
+        "docs/pilots.md)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
