@@ -8,7 +8,8 @@ file mtime to watch, and whether to signal or stop the payload. The decisions ar
 
 The finish (``--finish``): the waiter ``exec``s this when the payload ended, in the
 same pid; it cleans up (``Sidecar.finish``) and ends the way the payload ended
-(``_run.job_exit``).
+(``_run.job_exit``). With ``--sidecar`` it ends ``jobtoken sidecar`` (0, or 69 when the
+credential was lost); with ``--broker`` a broker-served run (``_pilotrun``: release).
 
 Both log exactly as the ``jobtoken run`` that started them (its ``-v``/``-q``, log file
 and JSON setting are passed along). Never prints a token: the answer has none.
@@ -150,6 +151,19 @@ def _finish(tokendir: TokenDir, args: argparse.Namespace) -> int:
     return job_exit(result, stopped_payload=sidecar.stopped_payload)
 
 
+def _finish_sidecar(tokendir: TokenDir, args: argparse.Namespace) -> int:
+    """The end of ``jobtoken sidecar``: its process ended (or TERM/INT/HUP came)."""
+    from ._errors import ExitCode
+
+    sidecar = _sidecar(tokendir, args, {})
+    if args.stopped_by is not None:
+        logger.info("sidecar stopped by signal %d; cleaning up", args.stopped_by)
+    else:
+        logger.info("watched process %d ended; cleaning up", args.payload_pid)
+    sidecar.finish()
+    return int(ExitCode.CREDENTIAL_LOST) if sidecar.state.credential_lost else 0
+
+
 def _payload_result(args: argparse.Namespace, pid: int) -> Any:
     from ._supervisor import PayloadResult
 
@@ -177,6 +191,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--job-id")
     parser.add_argument("--remove-dir", action="store_true")
     parser.add_argument("--payload-pid", type=int, default=0)
+    parser.add_argument("--sidecar", action="store_true")  # the standalone sidecar's waiter
+    parser.add_argument("--stopped-by", type=int)
     parser.add_argument("-v", dest="verbose", type=int, default=0)
     parser.add_argument("-q", dest="quiet", type=int, default=0)
     parser.add_argument("--log-file")
@@ -207,6 +223,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     verbose=args.verbose, quiet=args.quiet)
     except OSError:  # the job's directory went away: stderr still has every event
         pass
+    if args.finish and args.sidecar:
+        return _finish_sidecar(tokendir, args)
     if args.finish:
         return _finish(tokendir, args)
     sys.stdout.write(_step(tokendir, args) + "\n")

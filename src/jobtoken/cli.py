@@ -269,6 +269,7 @@ def _cmd_sidecar(args: argparse.Namespace) -> int:
     import subprocess
 
     from ._run import first_token, run_sidecar
+    from ._runstep import step_arguments
 
     cfg, tokendir, spec = _job_setup(args)
     if args.detach:
@@ -288,7 +289,13 @@ def _cmd_sidecar(args: argparse.Namespace) -> int:
         )
         sys.stdout.write(f"BEARER_TOKEN_FILE={tokendir.bearer_token}\n")
         return ExitCode.OK
-    return run_sidecar(tokendir, spec, watch_pid=args.watch_pid or os.getppid())
+    if not getattr(args, "may_exec", False):
+        raise UsageError("'jobtoken sidecar' waits as a process of its own (it execs its "
+                         "small waiting loop); run it as a command")
+    slim = step_arguments(spec=spec, verbose=args.verbose, quiet=args.quiet,
+                          log_file=_log_path(args, tokendir, spec))
+    return run_sidecar(tokendir, spec, watch_pid=args.watch_pid or os.getppid(),
+                       step_args=[*slim, "--sidecar"])
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
