@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional
 import pytest
 
 from jobtoken.devserver import DevServer, DevServerConfig
-from tests.brokerhelpers import Site, wait_for
+from tests.brokerhelpers import Site, serving, wait_for
 from tests.runhelpers import AUD
 
 from .conftest import PAYLOADS, WRAPPERS_DIR, base_env
@@ -44,16 +44,11 @@ def pilot(tmp_path: Path) -> Iterator[Site]:
         home = tmp_path / "pilot"
         home.mkdir(mode=0o700)
         (home / "work").mkdir(mode=0o700)
-        site = Site(srv, home, at_lifetime_s=LIFETIME_S, margin_s=LIFETIME_S // 3)
-        site.start()
-        # set-up done at leisure (600 s tokens); the payloads see short ones
-        srv.set_at_lifetime(LIFETIME_S)
-        try:
+        with serving(Site(srv, home, at_lifetime_s=LIFETIME_S,
+                          margin_s=LIFETIME_S // 3)) as site:
+            # set-up done at leisure (600 s tokens); the payloads see short ones
+            srv.set_at_lifetime(LIFETIME_S)
             yield site
-        finally:
-            site.stop()
-        log = site.log_text()
-        assert "internal error" not in log and "Traceback" not in log, log
 
 
 def wrap_env(site: Site, job_id: str, mode: str) -> Dict[str, str]:
