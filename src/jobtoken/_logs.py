@@ -5,7 +5,7 @@ One formatter: each line starts with its time as ISO 8601 UTC with a ``Z``
 a worker node, an access point and a CE in different time zones line up with each other
 and with the ``exp`` of the tokens they mention; ``--log-json`` writes the same time as
 the ``time`` member. One file handler: reopened when logrotate moved the file away
-(as ``WatchedFileHandler``, without its module), never through a symlink.
+(``WatchedFileHandler``), never through a symlink.
 
 Must NOT configure logging (only ``cli``, ``_batchcommands`` and the hook entry points
 attach handlers).
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 from typing import Any, Optional
 
@@ -68,45 +69,18 @@ def _open_no_follow(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
 
 
-class _WatchedNoFollowHandler(logging.FileHandler):
-    """Appends to a file, reopens it when the path names another file (logrotate renamed
-    it), and refuses a symlink planted at the path.
-
-    ``logging.handlers.WatchedFileHandler`` does the first two; it is not used because
-    importing ``logging.handlers`` costs every renewal step ~17 ms CPU (pickle, queue,
-    socket handlers), a twentieth of a renewal.
-    """
-
-    def __init__(self, filename: str, encoding: Optional[str] = None) -> None:
-        self._identity: Optional[tuple] = None
-        super().__init__(filename, "a", encoding=encoding)
-        self._statstream()
+class _WatchedNoFollowHandler(logging.handlers.WatchedFileHandler):
+    """A ``WatchedFileHandler`` whose (re)open refuses a symlink planted at the path."""
 
     def _open(self) -> Any:
         return open(self.baseFilename, self.mode, encoding=self.encoding,
                     opener=_open_no_follow)
 
-    def _statstream(self) -> None:
-        if self.stream is not None:
-            st = os.fstat(self.stream.fileno())
-            self._identity = (st.st_dev, st.st_ino)
-
-    def _close_if_moved(self) -> None:
-        try:
-            st = os.stat(self.baseFilename)
-            moved = (st.st_dev, st.st_ino) != self._identity
-        except FileNotFoundError:
-            moved = True
-        if moved and self.stream is not None:
-            stream, self.stream = self.stream, None
-            stream.flush()
-            stream.close()
-
     def emit(self, record: logging.LogRecord) -> None:
         # a (re)open that fails (a symlink planted after a rotation, a full disk) costs
         # this line, reported through handleError, not the daemon that logs it
         try:
-            self._close_if_moved()
+            self.reopenIfNeeded()
             if self.stream is None:
                 self.stream = self._open()
                 self._statstream()
