@@ -187,3 +187,22 @@ def test_a_node_brokers_socket_is_left_alone(tmp_path: Path, srv: DevServer,
         capture_output=True, text=True, timeout=120,
         env=pilot_env(srv.url, parent_file, tmp_path, JOBTOKEN_BROKER_SOCKET=str(sock_path)))
     assert proc.returncode == 0, proc.stderr  # the classic way: a job.json of its own
+
+
+def test_run_broker_called_in_process_supervises_here_and_releases(
+        pilot: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``main()`` in process (no exec into the waiter): the same register, prepare,
+    payload, release, in this interpreter."""
+    from jobtoken.cli import main
+
+    monkeypatch.delenv("BEARER_TOKEN", raising=False)
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    monkeypatch.setenv("JOBTOKEN_WORK_DIR", str(work))
+    code = main(["run", "--broker", pilot.socket, "--job-id", "inproc", "--", "/bin/sh", "-c",
+                 'test -s "$BEARER_TOKEN_FILE" && exit 7'])
+    assert code == 7
+    record = job_mytoken(pilot, "inproc")
+    assert record is not None
+    wait_for(lambda: record.revoked, 60, "the in-process job's mytoken revoked")
+    assert list(work.iterdir()) == []  # the directory it made is gone
