@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence
@@ -82,11 +81,6 @@ def _token_dir(given: Optional[str], env: Mapping[str, str]) -> tuple[str, bool]
     return os.path.realpath(given), False
 
 
-def default_job_id(env: Mapping[str, str]) -> str:
-    """``$JOBTOKEN_JOB_ID`` (e.g. the PanDA id), else unique on this node while we live."""
-    return env.get("JOBTOKEN_JOB_ID") or f"{socket.gethostname()}:{os.getpid()}"
-
-
 def _payload_environment(env: Mapping[str, str], job: BrokerJob, bearer_token_file: str
                          ) -> Dict[str, str]:
     out = dict(env)
@@ -119,6 +113,8 @@ def run_with_broker(
             directory cannot be made, the payload cannot start (126/127). Nothing
             stays registered then.
     """
+    from ._run import default_job_id
+
     client = BrokerClient(socket_path)
     path, made = _token_dir(tokendir, env)
     job = BrokerJob(socket=client.socket_path, job_id=job_id or default_job_id(env),
