@@ -14,6 +14,8 @@ short tokens (``--lifetime``, 20 s), so that many renewals happen in a short win
    divided by the renewals the jobs' ``state.json`` counted meanwhile (reconciles and
    idle wake-ups included: the whole cost). Start-up: broker start to its first ``ping``
    answer; register + prepare to the job's token file (median over the jobs).
+   Then ``jobtoken run --broker`` (a pilot's payload in ``jobtoken-wrap``'s default mode) on
+   the same broker: the USS of its waiting process.
 2. **run**: ``--run-jobs`` ``jobtoken run -- sleep`` jobs side by side: USS of each
    waiting process (the ``_waiter``), CPU of the process and the step children it reaped
    (``/proc/PID/stat`` utime+stime+cutime+cstime) over the same window per renewal, and
@@ -255,6 +257,7 @@ def measure_broker(env: Dict[str, str], tmp: Path, counts: Sequence[int], lifeti
                 time.sleep(window_s)
                 cpu1, ren1, t1 = sched_cpu_s(pid) or 0.0, _renewals(files), time.monotonic()
                 statuses = sorted({r.status for r in srv.requests()})
+                pilot_run = measure_pilot_run(site, sample_s)
             finally:
                 site.stop()
     finally:
@@ -270,7 +273,31 @@ def measure_broker(env: Dict[str, str], tmp: Path, counts: Sequence[int], lifeti
         "cpu_s_in_window": round(cpu1 - cpu0, 4),
         "cpu_ms_per_renewal": round(1000 * (cpu1 - cpu0) / renewals, 2) if renewals else None,
         "http_statuses": statuses,
+        "pilot_run_waiter_uss_mib": pilot_run,
     }
+
+
+def measure_pilot_run(site: BrokerSite, sample_s: float, jobs: int = 2) -> float:
+    """USS of ``jobtoken run --broker`` once its payload runs: what a pilot's payload
+    costs on top of its share of the broker in ``jobtoken-wrap``'s default mode (the
+    ``exec`` mode keeps no process of its own)."""
+    work = site.base / "work"
+    work.mkdir(mode=0o700, exist_ok=True)
+    procs = []
+    try:
+        for i in range(jobs):
+            ready = work / f"pilot{i}.ready"
+            procs.append(subprocess.Popen(
+                jobtoken_command() + ["run", "--broker", site.socket, "--job-id",
+                                      f"bench.pilot{i}", "--", "sh", "-c",
+                                      f'touch "{ready}"; exec sleep 100000'],
+                env=dict(site.env, JOBTOKEN_WORK_DIR=str(work)), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            _wait(ready.exists, 120, "jobtoken run --broker started its payload")
+        time.sleep(1.0)  # the exec into the waiter follows the payload's start
+        return round(max(_max_uss([p.pid for p in procs], sample_s)) / MIB, 3)
+    finally:
+        _stop(procs)  # TERM reaches the payload; each run releases its job
 
 
 # --- 2. jobtoken run per job --------------------------------------------------------------
@@ -431,7 +458,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"broker: {at_max['uss_per_job_mib']} MiB/job at {at_max['jobs']} jobs (base "
         f"{broker['base_uss_mib']} MiB; {at_max['uss_with_base_per_job_mib']} with it), "
         f"{broker['cpu_ms_per_renewal']} ms CPU/renewal, start {broker['start_to_ping_s']} s, "
-        f"first token {broker['register_prepare_to_token_s']} s; run: "
+        f"first token {broker['register_prepare_to_token_s']} s, run --broker waiter "
+        f"{broker['pilot_run_waiter_uss_mib']} MiB; run: "
         f"{run['uss_per_job_mib']} MiB/job, {run['cpu_ms_per_renewal']} ms/renewal; bash+curl: "
         f"{shell['uss_per_job_mib']} MiB/job, {shell['cpu_ms_per_renewal']} ms/renewal",
         file=sys.stderr,

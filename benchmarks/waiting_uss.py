@@ -1,9 +1,11 @@
-"""USS of ``jobtoken run``'s waiting process next to a bare interpreter, on real processes.
+"""USS of ``jobtoken run``'s (and ``sidecar``'s) waiting process next to a bare interpreter.
 
 ``jobtoken run -- sh -c 'touch READY; sleep N'`` against a loopback dev server with 1 h
 tokens (no renewal while measured); once the payload has started, the run process's
 USS (``/proc/PID/smaps_rollup``: Private_Clean + Private_Dirty, as psutil's ``uss``) is
-sampled for a few seconds and the largest value kept. The baselines run the same way:
+sampled for a few seconds and the largest value kept. ``jobtoken sidecar --detach``
+watching a ``sleep`` is measured the same way (its pid from ``sidecar.lock``). The
+baselines run the same way:
 ``python3 -c 'import time; time.sleep(60)'`` with the interpreter jobtoken runs on and,
 when there, ``/usr/bin/python3``. A warm-up run fills the bytecode cache first
 (``bench_env``), as installing the package does. USS counts the interpreter's code pages
@@ -88,6 +90,42 @@ def run_once(srv: Any, tmp: Path, name: str, sample_s: float) -> Dict[str, Any]:
     return {"uss_mib": round(uss / MIB, 3), "process": waiting_as}
 
 
+def sidecar_once(srv: Any, tmp: Path, name: str, sample_s: float) -> Dict[str, Any]:
+    """One ``jobtoken sidecar --detach`` watching a ``sleep``, measured once it waits."""
+    env = bench_env(tmp / "pycache")
+    watched = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL)
+    pid = 0
+    tokendir = tmp / f"{name}-dir"
+    argv = run_argv(srv, job_mytoken(srv, tmp / f"{name}-mytoken"), tokendir,
+                    f"bench.{name}", [])
+    argv = [a for a in argv if a != "--"]
+    argv[argv.index("run")] = "sidecar"
+    try:
+        subprocess.run([*argv, "--detach", "--watch-pid", str(watched.pid)], env=env,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True,
+                       timeout=120)
+        lock = tokendir / "sidecar.lock"
+        deadline = time.monotonic() + 120
+        while not (lock.exists() and lock.read_text().strip()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the sidecar did not take its lock")
+            time.sleep(0.05)
+        pid = int(lock.read_text())
+        time.sleep(2.0)  # set-up, first token, then (if it does) the exec into the waiter
+        uss = _sample_max(pid, sample_s)
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmdline = [part.decode(errors="replace") for part in fh.read().split(b"\0") if part]
+    finally:
+        watched.kill()  # the sidecar sees it end, cleans up and ends
+        watched.wait()
+        deadline = time.monotonic() + 120
+        while pid and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # its clean-up writes bytecode into our temp dir
+    waiting_as = "jobtoken._waiter" if any("_waiter" in p for p in cmdline) else " ".join(
+        cmdline[:4])
+    return {"uss_mib": round(uss / MIB, 3), "process": waiting_as}
+
+
 def bare_uss(python: str, sample_s: float) -> float:
     proc = subprocess.Popen([python, "-c", _BARE], stdin=subprocess.DEVNULL)
     try:
@@ -107,6 +145,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     with work_dir("jobtoken-bench-uss-") as tmp, dev_server(at_lifetime_s=3600) as srv:
         run_once(srv, tmp, "warmup", 0.1)
         runs = [run_once(srv, tmp, f"run{i}", sample_s) for i in range(1 if args.quick else 3)]
+        sidecar_once(srv, tmp, "sidecar-warmup", 0.1)
+        sidecars = [sidecar_once(srv, tmp, f"sidecar{i}", sample_s)
+                    for i in range(1 if args.quick else 3)]
     bare: Dict[str, float] = {"venv_python": bare_uss(sys.executable, sample_s)}
     if Path("/usr/bin/python3").exists():
         bare["usr_bin_python3"] = bare_uss("/usr/bin/python3", sample_s)
@@ -116,6 +157,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "waiting_uss_mib": waiting,
         "waiting_process": runs[0]["process"],
         "runs": runs,
+        "sidecar_waiting_uss_mib": max(r["uss_mib"] for r in sidecars),
+        "sidecar_process": sidecars[0]["process"],
+        "sidecar_runs": sidecars,
         "bare_interpreter_uss_mib": bare,
         "over_bare_mib": round(waiting - bare["venv_python"], 3),
         "goals": GOALS,
@@ -123,6 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     emit(args.json, result)
     print(
         f"waiting jobtoken run: USS {waiting:.2f} MiB (goal <= {GOALS['waiting_uss_mib']}); "
+        f"jobtoken sidecar --detach: {result['sidecar_waiting_uss_mib']:.2f} MiB; "
         f"bare python -c 'import time; time.sleep(60)': {bare['venv_python']:.2f} MiB"
         + (f" (/usr/bin/python3 {bare['usr_bin_python3']:.2f})" if "usr_bin_python3" in bare
            else ""),

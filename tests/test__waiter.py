@@ -65,26 +65,67 @@ def test_the_waiter_source_imports_only_builtins() -> None:
     assert found <= ALLOWED, sorted(found - ALLOWED)
 
 
-@pytest.fixture()
-def waiting_run(tmp_path: Path) -> Iterator[subprocess.Popen]:
+class _Waiting:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+
+@pytest.fixture(params=["run", "sidecar --detach"])
+def waiting_run(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[_Waiting]:
+    """The waiting process of ``jobtoken run``, and of ``jobtoken sidecar --detach`` (it
+    was a full interpreter, 12 MiB, while ``run``'s was this small one)."""
     with DevServer(DevServerConfig(at_lifetime_s=3600, op_scopes=OP_SCOPES,
                                    default_audience=AUD)) as srv:
         job = prepare(srv, tmp_path, lifetime_s=3600)
-        proc = subprocess.Popen(
-            jobtoken_argv("run", "--dir", str(job.tokendir.path), "--", "sh", "-c",
-                          "echo ready; exec sleep 120"),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        if request.param == "run":
+            yield from _waiting_run(job)
+        else:
+            yield from _waiting_sidecar(job)
+
+
+def _waiting_sidecar(job: object) -> Iterator[_Waiting]:
+    import time
+
+    tokendir = job.tokendir  # type: ignore[attr-defined]
+    watched = subprocess.Popen(["sleep", "120"], stdin=subprocess.DEVNULL)
+    pid = 0
+    try:
+        subprocess.run(jobtoken_argv("sidecar", "--detach", "--dir", str(tokendir.path),
+                                     "--watch-pid", str(watched.pid)),
+                       stdin=subprocess.DEVNULL, capture_output=True, check=True, timeout=120)
+        deadline = time.monotonic() + 60
+        while not (tokendir.lock_file.exists() and tokendir.lock_file.read_text().strip()):
+            assert time.monotonic() < deadline, "the sidecar did not take its lock"
+            time.sleep(0.05)
+        pid = int(tokendir.lock_file.read_text())
+        yield _Waiting(pid)
+    finally:
+        watched.kill()
+        watched.wait()
+    deadline = time.monotonic() + 60
+    while pid and Path(f"/proc/{pid}").exists():  # it sees the end, cleans up and ends
+        assert time.monotonic() < deadline, "the sidecar did not end with its process"
+        time.sleep(0.05)
+    assert not tokendir.bearer_token.exists()
+
+
+def _waiting_run(job: object) -> Iterator[_Waiting]:
+    tokendir = job.tokendir  # type: ignore[attr-defined]
+    proc = subprocess.Popen(
+        jobtoken_argv("run", "--dir", str(tokendir.path), "--", "sh", "-c",
+                      "echo ready; exec sleep 120"),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert readline_within(proc.stdout).strip() == "ready"
+        yield _Waiting(proc.pid)
+    finally:
+        proc.terminate()  # forwarded to the payload; run ends like it
         try:
-            assert readline_within(proc.stdout).strip() == "ready"
-            yield proc
-        finally:
-            proc.terminate()  # forwarded to the payload; run ends like it
-            try:
-                proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
 
 
 def _waiter_cmdline(pid: int) -> List[str]:
@@ -101,7 +142,7 @@ def _waiter_cmdline(pid: int) -> List[str]:
         time.sleep(0.05)
 
 
-def test_the_waiting_run_process_imports_nothing_heavy(waiting_run: subprocess.Popen) -> None:
+def test_the_waiting_run_process_imports_nothing_heavy(waiting_run: _Waiting) -> None:
     argv = _waiter_cmdline(waiting_run.pid)
     assert argv[0] == sys.executable and "-I" in argv and "-S" in argv
     # the same command line with a plan it cannot use imports exactly what the waiter
@@ -116,7 +157,7 @@ def test_the_waiting_run_process_imports_nothing_heavy(waiting_run: subprocess.P
 
 
 def test_the_waiting_run_process_is_near_a_bare_interpreter(
-    waiting_run: subprocess.Popen,
+    waiting_run: _Waiting,
 ) -> None:
     _waiter_cmdline(waiting_run.pid)
     bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -114,6 +114,7 @@ def test_broker_reports_per_job_memory_cpu_and_startup_side_by_side(quick_output
     assert [c["jobs"] for c in broker["by_jobs"]] == [1, 2]
     assert broker["base_uss_mib"] > 1 and all(c["uss_mib"] > 1 for c in broker["by_jobs"])
     assert broker["start_to_ping_s"] > 0 and broker["register_prepare_to_token_s"] > 0
+    assert broker["pilot_run_waiter_uss_mib"] > 1  # a pilot's payload waiting on the broker
     assert set(broker["http_statuses"]) <= {200, 204}
     for side in ("run", "shell_loop"):
         assert data[side]["uss_per_job_mib"] > 0

@@ -35,6 +35,7 @@ LAYERS: Dict[str, int] = {
     "jobtoken._brokertimers": 1,
     "jobtoken._brokerstore": 3, "jobtoken._brokerloop": 3,
     "jobtoken._brokerwork": 4, "jobtoken._brokerops": 4, "jobtoken._broker": 4,
+    "jobtoken._pilotrun": 4,
     "jobtoken.integrations": 5, "jobtoken.devserver": 5,  # and everything below them
     "jobtoken._checkconfig": 5,  # reads the HTCondor configuration through integrations
     "jobtoken._cliargs": 6, "jobtoken._batchcommands": 6, "jobtoken._brokercommands": 6,
@@ -56,7 +57,7 @@ PURE_MAY_IMPORT = {
 KNOWN_EXCEPTIONS: Set[Tuple[str, str]] = set()
 
 LIGHT = ("jobtoken.cli", "jobtoken._run", "jobtoken._sidecar", "jobtoken._supervisor",
-         "jobtoken._brokerclient")
+         "jobtoken._brokerclient", "jobtoken._pilotrun")
 HEAVY = ("httpx", "jwt", "cryptography")
 
 

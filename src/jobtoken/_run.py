@@ -17,19 +17,17 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import select
 import signal
 import socket
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, NoReturn, Optional, Sequence
 
 from . import _policy as policy
 from ._clock import Clock, SystemClock
 from ._config import Config, missing_setting
-from ._errors import ConfigError, ExitCode, JobtokenError, RenewalReport, TokenCheckError
+from ._errors import ConfigError, ExitCode, RenewalReport, TokenCheckError
 from ._sidecar import Sidecar, run_renewal_child, signal_number
 from ._supervisor import PayloadResult, Supervisor, exit_like
 from ._tokendir import JobRecord, TokenDir, acquire_lock
@@ -38,6 +36,7 @@ from ._tokenfile import write_secret_file
 __all__ = [
     "RunOptions",
     "ensure_token",
+    "exec_waiter",
     "first_token",
     "job_exit",
     "payload_environment",
@@ -45,6 +44,7 @@ __all__ = [
     "run_job",
     "run_sidecar",
     "setup_tokendir",
+    "start_forwarding",
     "status",
 ]
 
@@ -259,23 +259,58 @@ def _exec_waiter(
 ) -> None:
     """First token, start the payload, then become the small waiting process (``_waiter``).
 
-    The forwarded signals are caught from before the payload starts (so that none is
-    lost or kills us), then blocked across ``exec``: a blocked signal stays pending and
-    the waiter takes it once its handlers are in place.
-
     Raises:
         JobtokenError: no first token, or the payload cannot start (then cleaned up).
     """
-    import sys
-
-    from ._supervisor import DEFAULT_FORWARD_SIGNALS, start_payload
-    from ._waiter import delivered_by_terminal, encode_plan, foreground_pgrp, open_controlling_tty
-
     sidecar = Sidecar(tokendir, spec)
+
+    def undo() -> None:
+        try:
+            sidecar.finish()
+        finally:
+            os.close(lock_fd)
+
+    try:
+        sidecar.adopt(first_token(tokendir, spec))
+    except BaseException:
+        undo()
+        raise
+    proc = start_forwarding(argv, env=env, on_failure=undo)
+    sidecar.set_payload_pid(proc.pid)
+    first = _early_step(tokendir, sidecar, step_args)
+    exec_waiter(
+        dict(
+            step=first,
+            payload=proc.pid,
+            dir=tokendir.path,
+            bt=tokendir.bearer_token,
+            grace=spec.stop_grace_s,
+            limit=policy.child_timeout_s(spec.timeout_s, requests=4) + _STEP_SLACK_S,
+            next=sidecar.next_wakeup(watch=False),
+            watch=sidecar.watched_mtime,
+        ),
+        step_args,
+        keep_fds=(lock_fd,),
+    )
+
+
+def start_forwarding(
+    argv: Sequence[str], *, env: Mapping[str, str], on_failure: Callable[[], None]
+) -> Any:
+    """Start the payload with the forwarded signals caught from before its start (so that
+    none is lost or kills us), then blocked: a blocked signal stays pending across
+    ``exec_waiter``, and the waiter takes it once its handlers are in place. A signal
+    caught meanwhile is passed on now (unless the terminal sent it to the payload too).
+
+    Raises:
+        PayloadStartError: the payload cannot start (``on_failure`` ran first).
+    """
+    from ._supervisor import DEFAULT_FORWARD_SIGNALS, start_payload
+    from ._waiter import delivered_by_terminal, foreground_pgrp, open_controlling_tty
+
     caught: list[int] = []
     previous: Dict[int, Any] = {}
     try:
-        sidecar.adopt(first_token(tokendir, spec))
         for signum in DEFAULT_FORWARD_SIGNALS:
             if signal.getsignal(signum) != signal.SIG_IGN:
                 previous[signum] = signal.signal(signum, lambda n, f: caught.append(n))
@@ -283,12 +318,8 @@ def _exec_waiter(
     except BaseException:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        try:
-            sidecar.finish()
-        finally:
-            os.close(lock_fd)
+        on_failure()
         raise
-    sidecar.set_payload_pid(proc.pid)
     signal.pthread_sigmask(signal.SIG_BLOCK, DEFAULT_FORWARD_SIGNALS)
     tty_fd = open_controlling_tty()
     for signum in caught:
@@ -296,19 +327,22 @@ def _exec_waiter(
             os.kill(proc.pid, signum)
     if tty_fd is not None:
         os.close(tty_fd)
-    first = _early_step(tokendir, sidecar, step_args)
-    plan = encode_plan(
-        step=first,
-        payload=proc.pid,
-        dir=tokendir.path,
-        bt=tokendir.bearer_token,
-        grace=spec.stop_grace_s,
-        limit=policy.child_timeout_s(spec.timeout_s, requests=4) + _STEP_SLACK_S,
-        next=sidecar.next_wakeup(watch=False),
-        watch=sidecar.watched_mtime,
-        forward=",".join(str(int(s)) for s in DEFAULT_FORWARD_SIGNALS),
-    )
-    os.set_inheritable(lock_fd, True)
+    return proc
+
+
+def exec_waiter(plan: Mapping[str, object], step_args: Sequence[str], *,
+                keep_fds: Sequence[int] = ()) -> NoReturn:
+    """Become ``_waiter`` (same pid) with ``plan`` (``Waiter``'s keys; ``forward`` is
+    added) and the arguments its steps get; ``keep_fds`` stay open across ``exec``."""
+    import sys
+
+    from ._supervisor import DEFAULT_FORWARD_SIGNALS
+    from ._waiter import encode_plan
+
+    fields = dict(plan)
+    fields.setdefault("forward", ",".join(str(int(s)) for s in DEFAULT_FORWARD_SIGNALS))
+    for fd in keep_fds:
+        os.set_inheritable(fd, True)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
@@ -320,7 +354,8 @@ def _exec_waiter(
         f"sys.path.insert(0, {str(Path(__file__).parent)!r}); "
         "import _waiter; _waiter.main(sys.argv[1:])"
     )
-    os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", code, plan, *step_args])
+    os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", code, encode_plan(**fields),
+                              *step_args])
 
 
 #: Room above the renewal limit for a step's own start-up before the waiter kills it.
@@ -352,105 +387,121 @@ def _early_step(tokendir: TokenDir, sidecar: Sidecar, step_args: Sequence[str]) 
 
 # --- the standalone sidecar ---------------------------------------------------------------
 
+#: What ends the standalone sidecar (it cleans up first); the payload is not ours to signal.
+SIDECAR_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-class _PidWatch:
-    """Tells when a pid has ended, without being fooled by pid reuse."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.fd: Optional[int] = None
-        self._proc: Any = None
-        try:
-            self.fd = os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
-        except (AttributeError, OSError) as exc:
-            if isinstance(exc, ProcessLookupError):
-                raise JobtokenError(f"process {pid} to watch does not exist") from None
-            import psutil  # fallback for kernels before 5.3
+def _open_pidfd(pid: int) -> Optional[int]:
+    """A pidfd for ``pid`` (None where the kernel has none: the waiter then polls ``/proc``).
 
-            try:
-                self._proc = psutil.Process(pid)
-            except psutil.NoSuchProcess:
-                raise JobtokenError(f"process {pid} to watch does not exist") from None
-
-    def gone(self) -> bool:
-        if self.fd is not None:
-            readable, _, _ = select.select([self.fd], [], [], 0)
-            return bool(readable)
-        return not self._proc.is_running()
-
-    def wait(self, timeout_s: float, stop: threading.Event, wake_fd: Optional[int] = None) -> None:
-        """Until the pid ends, ``timeout_s`` passes, or ``wake_fd`` (a signal's pipe) is
-        readable: a signal alone does not end ``select`` (PEP 475 retries it)."""
-        if self.fd is not None:
-            fds = [self.fd] if wake_fd is None else [self.fd, wake_fd]
-            select.select(fds, [], [], max(0.0, timeout_s))
-        else:
-            stop.wait(min(max(0.0, timeout_s), 2.0))
+    Raises:
+        ProcessLookupError: no such process.
+    """
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        return int(pidfd_open(pid))
+    except ProcessLookupError:
+        raise
+    except OSError:  # ENOSYS: a kernel before 5.3
+        return None
 
 
 def run_sidecar(
-    tokendir: TokenDir, spec: JobRecord, *, watch_pid: int, clock: Optional[Clock] = None
+    tokendir: TokenDir, spec: JobRecord, *, watch_pid: int, step_args: Sequence[str]
 ) -> int:
-    """Keep the token fresh until ``watch_pid`` ends (or TERM/INT), then clean up.
+    """Keep the token fresh until ``watch_pid`` ends (or TERM/INT/HUP), then clean up.
+
+    Set-up (lock, first token, ``state.json``) happens here; the waiting is ``_waiter``'s,
+    the same small process ``jobtoken run`` waits in (``exec``, same pid: the lock file
+    names it for ``stop_sidecar``), in its watch mode. Returns only when there is nothing
+    to wait for: the pid was gone already, or a stop signal came during set-up.
 
     Raises:
-        JobtokenError: another sidecar holds the directory, or the pid is not there.
+        JobtokenError: another sidecar holds the directory, or no first token (then the
+            job mytoken is cleaned up as at the end).
     """
+    from ._waiter import start_ticks
+
     lock_fd = acquire_lock(tokendir)
-    stop = threading.Event()
     try:
-        watch = _PidWatch(watch_pid)
-    except JobtokenError:
+        pidfd = _open_pidfd(watch_pid)
+    except ProcessLookupError:
+        pidfd = None
+    started = start_ticks(watch_pid)
+    if started is None:
         # the payload ended before we could watch it: still clean up and revoke
         logger.info("watched process %d already gone; cleaning up", watch_pid)
+        if pidfd is not None:
+            os.close(pidfd)
         try:
-            Sidecar(tokendir, spec, clock=clock).finish()
+            Sidecar(tokendir, spec).finish()
         finally:
             os.close(lock_fd)
         return 0
-
-    wake_r, wake_w = os.pipe()  # TERM must end the wait at once (stage 2 waits for us)
-    os.set_blocking(wake_w, False)
-    wake = [wake_w]  # -1 once closed: a late signal must not write to a reused fd
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-        if wake[0] >= 0:
-            try:
-                os.write(wake[0], b"\0")
-            except OSError:
-                pass
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    real_clock = clock or SystemClock()
-
-    def send(sig: int) -> None:
-        if not watch.gone():
-            os.kill(watch_pid, sig)
-
-    def stop_payload() -> None:
-        send(signal.SIGTERM)
-
-    sidecar = Sidecar(tokendir, spec, clock=real_clock, send_signal=send,
-                      stop_payload=stop_payload)
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda n, f: caught.append(n)) for s in SIDECAR_STOP_SIGNALS}
+    sidecar = Sidecar(tokendir, spec)
     state = tokendir.read_state()
     try:
         sidecar.adopt(first_token(tokendir, spec, min_valid_s=0))
         if state is not None:
             sidecar.state.renewals = max(sidecar.state.renewals, state.renewals)
         sidecar.set_payload_pid(watch_pid)
-        while not stop.is_set() and not watch.gone():
-            wake = sidecar.tick()
-            delay = 60.0 if wake is None else wake - real_clock.now()
-            watch.wait(min(max(delay, 0.0), 60.0), stop, wake_r)
-    finally:
-        sidecar.finish()
-        os.close(lock_fd)
-        wake[0] = -1
-        os.close(wake_r)
-        os.close(wake_w)
-    return int(ExitCode.CREDENTIAL_LOST) if sidecar.state.credential_lost else 0
+        first = _early_step(tokendir, sidecar, step_args)  # before the mask: not inherited
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIDECAR_STOP_SIGNALS)
+        if caught or start_ticks(watch_pid) != started:
+            _stop_step(first)
+            raise _NothingToWatch()
+    except BaseException as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIDECAR_STOP_SIGNALS)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pidfd is not None:
+            os.close(pidfd)
+        try:
+            sidecar.finish()
+        finally:
+            os.close(lock_fd)
+        if isinstance(exc, _NothingToWatch):
+            return int(ExitCode.CREDENTIAL_LOST) if sidecar.state.credential_lost else 0
+        raise
+    exec_waiter(
+        dict(
+            step=first,
+            payload=watch_pid,
+            pidfd=pidfd,
+            start=started,
+            dir=tokendir.path,
+            bt=tokendir.bearer_token,
+            grace=None,  # the sidecar asks a failing payload to stop; it never kills it
+            limit=policy.child_timeout_s(spec.timeout_s, requests=4) + _STEP_SLACK_S,
+            next=sidecar.next_wakeup(watch=False),
+            watch=sidecar.watched_mtime,
+            forward="",
+            stop=",".join(str(int(s)) for s in SIDECAR_STOP_SIGNALS),
+        ),
+        step_args,
+        keep_fds=(lock_fd,) if pidfd is None else (lock_fd, pidfd),
+    )
+
+
+def _stop_step(step: Optional[str]) -> None:
+    """End an early step (``PID,FD``) that no waiter will adopt."""
+    if step is None:
+        return
+    pid, fd = (int(x) for x in step.split(","))
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+    os.close(fd)
+
+
+class _NothingToWatch(Exception):
+    """A stop signal during set-up, or the watched process ended meanwhile."""
 
 
 def _revoked_through_parent(config: Config, parent_file: str, mom_id: str) -> Optional[bool]:

@@ -8,7 +8,8 @@ file mtime to watch, and whether to signal or stop the payload. The decisions ar
 
 The finish (``--finish``): the waiter ``exec``s this when the payload ended, in the
 same pid; it cleans up (``Sidecar.finish``) and ends the way the payload ended
-(``_run.job_exit``).
+(``_run.job_exit``). With ``--sidecar`` it ends ``jobtoken sidecar`` (0, or 69 when the
+credential was lost); with ``--broker`` a broker-served run (``_pilotrun``: release).
 
 Both log exactly as the ``jobtoken run`` that started them (its ``-v``/``-q``, log file
 and JSON setting are passed along). Never prints a token: the answer has none.
@@ -140,25 +141,58 @@ def _step(tokendir: TokenDir, args: argparse.Namespace) -> str:
 
 def _finish(tokendir: TokenDir, args: argparse.Namespace) -> int:
     from ._run import job_exit
-    from ._supervisor import PayloadResult
 
     sidecar = _sidecar(tokendir, args, {})
     sidecar.stopped_payload = args.stop_requested
-    forwarded = tuple(int(s) for s in (args.forwarded or "").split(",") if s)
-    result = PayloadResult(
-        pid=sidecar.state.payload_pid or 0, returncode=args.returncode, forwarded=forwarded,
-        stop_requested=args.stop_requested, killed=args.killed,
-    )
+    result = _payload_result(args, sidecar.state.payload_pid or 0)
     logger.info("payload ended pid=%d exit_status=%s signal=%s", result.pid,
                 result.exit_status, result.signal or "none")
     sidecar.finish()
     return job_exit(result, stopped_payload=sidecar.stopped_payload)
 
 
+def _finish_sidecar(tokendir: TokenDir, args: argparse.Namespace) -> int:
+    """The end of ``jobtoken sidecar``: its process ended (or TERM/INT/HUP came)."""
+    from ._errors import ExitCode
+
+    sidecar = _sidecar(tokendir, args, {})
+    if args.stopped_by is not None:
+        logger.info("sidecar stopped by signal %d; cleaning up", args.stopped_by)
+    else:
+        logger.info("watched process %d ended; cleaning up", args.payload_pid)
+    sidecar.finish()
+    return int(ExitCode.CREDENTIAL_LOST) if sidecar.state.credential_lost else 0
+
+
+def _payload_result(args: argparse.Namespace, pid: int) -> Any:
+    from ._supervisor import PayloadResult
+
+    forwarded = tuple(int(s) for s in (args.forwarded or "").split(",") if s)
+    return PayloadResult(
+        pid=args.payload_pid or pid, returncode=args.returncode, forwarded=forwarded,
+        stop_requested=args.stop_requested, killed=args.killed,
+    )
+
+
+def _finish_broker(args: argparse.Namespace) -> int:
+    """The end of a broker-served run: release the job, end like the payload."""
+    from ._pilotrun import BrokerJob, finish_broker_job
+
+    job = BrokerJob(socket=args.broker, job_id=args.job_id or "", tokendir=args.dir,
+                    remove_dir=args.remove_dir)
+    return finish_broker_job(job, _payload_result(args, 0))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="jobtoken-runstep")
     parser.add_argument("dir")
-    parser.add_argument("--spec", required=True)
+    parser.add_argument("--spec")
+    parser.add_argument("--broker", metavar="SOCKET")  # a broker-served run (_pilotrun)
+    parser.add_argument("--job-id")
+    parser.add_argument("--remove-dir", action="store_true")
+    parser.add_argument("--payload-pid", type=int, default=0)
+    parser.add_argument("--sidecar", action="store_true")  # the standalone sidecar's waiter
+    parser.add_argument("--stopped-by", type=int)
     parser.add_argument("-v", dest="verbose", type=int, default=0)
     parser.add_argument("-q", dest="quiet", type=int, default=0)
     parser.add_argument("--log-file")
@@ -171,6 +205,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--stop-requested", action="store_true")
     parser.add_argument("--killed", action="store_true")
     args = parser.parse_args(argv)
+    if args.spec is None and not (args.broker and args.finish):
+        parser.error("--spec is required")
     # the terminal's Ctrl-C reaches our whole group; the waiter passes it to the payload
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from ._hardening import protect_process
@@ -179,12 +215,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     # a step holds the job mytoken in memory; the finish starts nothing that needs a core
     protect_process(core_limit=not args.finish)
     setup_logging(args.verbose, args.quiet)
+    if args.broker:
+        return _finish_broker(args)
     tokendir = TokenDir(Path(args.dir))
     try:
         log_to_file(args.log_file, log_json=JobRecord.from_json(args.spec, "--spec").log_json,
                     verbose=args.verbose, quiet=args.quiet)
     except OSError:  # the job's directory went away: stderr still has every event
         pass
+    if args.finish and args.sidecar:
+        return _finish_sidecar(tokendir, args)
     if args.finish:
         return _finish(tokendir, args)
     sys.stdout.write(_step(tokendir, args) + "\n")

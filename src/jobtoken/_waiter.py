@@ -8,6 +8,12 @@ first token and payload start in a full process (``_run.run_job``), then ``exec`
 file in a fresh interpreter (same pid, so the batch system and the payload see no
 change; the payload stays our child; the sidecar lock is kept across ``exec``).
 
+``jobtoken sidecar`` waits here too (``watch`` mode: plan key ``pidfd``, or ``start``
+without one): the process it watches is not its child, so its end is seen through a
+pidfd (or, on kernels without them, its ``/proc`` start time, polled), its signals
+go through that pidfd, and TERM/INT/HUP (plan key ``stop``) end the waiting instead of
+being forwarded; the finishing step then cleans up as the sidecar (``--sidecar``).
+
 This process decides nothing about tokens. When a wake-up instant comes (or the token
 file changed under it: ``jobtoken ensure`` renewed), it starts one step child
 (``python -m jobtoken._runstep DIR``), which runs the real ``Sidecar`` tick (renewal in
@@ -90,6 +96,28 @@ def _float(value: str | None) -> float | None:
     return None if value is None else float(value)
 
 
+def _ints(value: str | None) -> tuple[int, ...]:
+    return tuple(int(s) for s in (value or "").split(",") if s)
+
+
+def start_ticks(pid: int) -> int | None:
+    """The start time of a live process (``/proc/PID/stat`` field 22), None once it is
+    gone or a zombie. (The fallback where the kernel has no pidfd.)"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            text = fh.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 1 :].split()
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+#: How often a watched process is looked at where the kernel has no pidfd.
+_POLL_WATCHED_S = 2.0
+
+
 class _Step:
     """One step child: its pid, its stdout pipe and what it said so far."""
 
@@ -163,7 +191,13 @@ class Waiter:
         self.next_at = _float(plan.get("next"))
         self.watch = plan.get("watch")
         self.token_file = plan["bt"]
-        self.forward = tuple(int(s) for s in (plan.get("forward") or "").split(",") if s)
+        self.forward = _ints(plan.get("forward"))
+        # watch mode (``jobtoken sidecar``): the payload is not our child
+        self.pidfd = int(plan["pidfd"]) if plan.get("pidfd") else None
+        self.start = int(plan["start"]) if plan.get("start") else None
+        self.watching = self.pidfd is not None or self.start is not None
+        self.stop_on = _ints(plan.get("stop"))
+        self.stopped_by = None
         self.step_args = list(step_args)
         self.pending = []
         self.forwarded = []
@@ -182,25 +216,31 @@ class Waiter:
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
         _signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        for signum in self.forward + (_signal.SIGCHLD,):
+        for signum in self.forward + self.stop_on + (_signal.SIGCHLD,):
             # _run left these blocked across exec, so none was lost; SIG_IGN ones
             # (nohup) stay ignored, as the payload inherited them
             if signum == _signal.SIGCHLD or _signal.getsignal(signum) != _signal.SIG_IGN:
                 _signal.signal(signum, self._record)
-        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, self.forward)
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, self.forward + self.stop_on)
         tty_fd = open_controlling_tty()
+        status = 0
         while True:
             self._forward_pending(tty_fd)
-            pid, status = os.waitpid(self.payload, os.WNOHANG)
-            if pid:
-                break
+            if self.watching:
+                if self.stopped_by is not None or self._watched_gone():
+                    break
+            else:
+                pid, status = os.waitpid(self.payload, os.WNOHANG)
+                if pid:
+                    break
             self._kill_if_due()
             self._collect_step()
             if self.step is None and self._step_due():
                 at = () if self.next_at is None else ("--at", repr(self.next_at))
                 self.step = _Step(self._step_argv(at))
             ready, _, _ = select.select(
-                [read_fd] + ([self.step.fd] if self.step and not self.step.eof else []), [], [],
+                [read_fd] + ([self.step.fd] if self.step and not self.step.eof else [])
+                + ([self.pidfd] if self.pidfd is not None else []), [], [],
                 self._timeout_s(),
             )
             if read_fd in ready:
@@ -211,8 +251,13 @@ class Waiter:
                     pass
         self._finish_step()
         _signal.set_wakeup_fd(-1)
-        returncode = os.waitstatus_to_exitcode(status)
-        extra = ["--finish", "--returncode", str(returncode)]
+        if self.watching:
+            extra = ["--finish", "--sidecar", "--payload-pid", str(self.payload)]
+            if self.stopped_by is not None:
+                extra += ["--stopped-by", str(self.stopped_by)]
+        else:
+            extra = ["--finish", "--returncode", str(os.waitstatus_to_exitcode(status)),
+                     "--payload-pid", str(self.payload)]
         if self.forwarded:
             extra += ["--forwarded", ",".join(str(s) for s in self.forwarded)]
         if self.stop_requested:
@@ -231,18 +276,35 @@ class Waiter:
             argv.append("--stopped")
         return argv
 
+    def _watched_gone(self) -> bool:
+        if self.pidfd is not None:
+            readable, _, _ = select.select([self.pidfd], [], [], 0)
+            return bool(readable)
+        return start_ticks(self.payload) != self.start
+
     def _forward_pending(self, tty_fd: int | None) -> None:
         while self.pending:
             signum = self.pending.pop(0)
+            if signum in self.stop_on:
+                self.stopped_by = signum
+                continue
             if delivered_by_terminal(signum, foreground_pgrp(tty_fd), os.getpgrp()):
                 continue
             if self._send(signum):
                 self.forwarded.append(signum)
 
     def _send(self, signum: int) -> bool:
-        """Signal the payload; it is our unreaped child, so its pid cannot be reused."""
+        """Signal the payload: our unreaped child (its pid cannot be reused), or the
+        watched process through its pidfd (nor can that be fooled)."""
         try:
-            os.kill(self.payload, signum)
+            if self.pidfd is not None:
+                _signal.pidfd_send_signal(self.pidfd, signum)
+            elif self.watching:
+                if start_ticks(self.payload) != self.start:
+                    return False
+                os.kill(self.payload, signum)
+            else:
+                os.kill(self.payload, signum)
         except ProcessLookupError:
             return False
         return True
@@ -317,6 +379,8 @@ class Waiter:
             timeouts.append(self.next_stat - mono)
         if self.kill_at is not None:
             timeouts.append(self.kill_at - mono)
+        if self.watching and self.pidfd is None:
+            timeouts.append(_POLL_WATCHED_S)
         return max(0.0, min(timeouts)) if timeouts else None
 
 

@@ -240,6 +240,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if not args.payload:
         raise UsageError("no payload command: use 'jobtoken run [OPTIONS] -- CMD [ARGS...]'")
+    if args.broker is not None:
+        from ._pilotrun import run_with_broker
+
+        return run_with_broker(args.payload, socket_path=args.broker or None, tokendir=args.dir,
+                               job_id=args.job_id, walltime_s=args.walltime, env=os.environ,
+                               may_exec=getattr(args, "may_exec", False),
+                               log_args=(f"-v{args.verbose}", f"-q{args.quiet}"))
     cfg, tokendir, spec = _job_setup(args)
     if cfg.token.mytoken_env:
         from ._hardening import scrub_environ
@@ -262,6 +269,7 @@ def _cmd_sidecar(args: argparse.Namespace) -> int:
     import subprocess
 
     from ._run import first_token, run_sidecar
+    from ._runstep import step_arguments
 
     cfg, tokendir, spec = _job_setup(args)
     if args.detach:
@@ -281,7 +289,13 @@ def _cmd_sidecar(args: argparse.Namespace) -> int:
         )
         sys.stdout.write(f"BEARER_TOKEN_FILE={tokendir.bearer_token}\n")
         return ExitCode.OK
-    return run_sidecar(tokendir, spec, watch_pid=args.watch_pid or os.getppid())
+    if not getattr(args, "may_exec", False):
+        raise UsageError("'jobtoken sidecar' waits as a process of its own (it execs its "
+                         "small waiting loop); run it as a command")
+    slim = step_arguments(spec=spec, verbose=args.verbose, quiet=args.quiet,
+                          log_file=_log_path(args, tokendir, spec))
+    return run_sidecar(tokendir, spec, watch_pid=args.watch_pid or os.getppid(),
+                       step_args=[*slim, "--sidecar"])
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -524,6 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_options(p)
     add_token_options(p)
     _job_options(p)
+    p.add_argument(
+        "--broker", nargs="?", const="", metavar="SOCKET",
+        help="let a broker of this uid (a pilot's own) renew instead: register this process "
+        "as the payload's job, release it at the end (socket: $JOBTOKEN_BROKER_SOCKET; "
+        "docs/pilots.md)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
