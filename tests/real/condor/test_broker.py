@@ -306,6 +306,74 @@ def test_the_broker_killed_mid_job_is_restarted_and_no_token_is_lost(
     wait_revoked(bpool, devserver, robot, before)
 
 
+def broker_job_state(pool: Pool, cluster: int) -> Dict[str, Any]:
+    """The job's state.json in the broker's state directory ({} while there is none)."""
+    for path in (pool.dir / "broker-state" / "jobs").glob("*/state.json"):
+        try:
+            state = dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+        if f"#{cluster}.0#" in str(state.get("job_id")):
+            return state
+    return {}
+
+
+def history_ad(pool: Pool, cluster: int) -> Dict[str, Any]:
+    """The job's ad from condor_history (what stays once the job has left the queue)."""
+    holder: Dict[str, Any] = {}
+
+    def look() -> bool:
+        out = pool.condor(["condor_history", "-json", "-limit", "1", str(cluster)],
+                          check=False).stdout.strip()
+        ads = json.loads(out) if out else []
+        if ads:
+            holder["ad"] = dict(ads[0])
+        return bool(ads)
+
+    pool.wait_for(look, 60, f"job {cluster} in the history")
+    return holder["ad"]
+
+
+def test_the_renewal_count_in_the_job_history_is_right_after_a_broker_restart(
+    bpool: Pool, devserver: DevServer, robot: str
+) -> None:
+    """What an operator reads (`condor_history -af ChirpJobtokenRenewals`) is the number of
+    renewals the job's token had, across a broker killed with SIGKILL mid-job."""
+    before = child_ids(devserver, robot)
+    seconds = 3 * AT_LIFETIME_S + 5
+    directory, cluster = submit(bpool, "broker-chirp", f"#!/bin/sh\nexec /usr/bin/python3 "
+                                f"reader.py {seconds} 0\n", ASK)
+    bpool.wait_job(cluster, lambda a: a["JobStatus"] == RUNNING, 120, "to run")
+    (job_mytoken,) = wait_minted(bpool, devserver, robot, before)
+    # killed between renewals, none in flight: once one is recorded and the next is > 3 s off
+    def between_renewals() -> bool:
+        state = broker_job_state(bpool, cluster)
+        return state.get("renewals", 0) >= 1 \
+            and (state.get("next_attempt_at") or 0) > time.time() + 3
+
+    bpool.wait_for(between_renewals, 2 * AT_LIFETIME_S + 30, "a first renewal",
+                   detail=lambda: broker_log(bpool))
+    (old,) = broker_pids(bpool)
+    os.kill(old, signal.SIGKILL)
+    bpool.wait_for(lambda: [p for p in broker_pids(bpool) if p != old] != []
+                   and broker_cli(bpool, "ping").returncode == 0, 60,
+                   "condor_master to restart the broker", detail=lambda: bpool.tail("MasterLog"))
+    bpool.wait_done(cluster, timeout=seconds + 180)
+    ad = history_ad(bpool, cluster)
+    assert (ad["JobStatus"], ad["ExitCode"]) == (COMPLETED, 0), (ad, stderr_of(directory))
+    out = result(directory)
+    assert out["bad"] == 0 and out["tokens"] >= 3, out
+    wait_revoked(bpool, devserver, robot, before)
+    store = devserver._store
+    issued = sum(store.at_used(job_mytoken, r) for r in job_mytoken.restrictions)
+    # every access token after the first (at prepare) is a renewal
+    assert ad.get("ChirpJobtokenRenewals") == issued - 1 >= 2, (issued, ad)
+    assert ad.get("ChirpJobtokenFailures") == 0, ad
+    # the expiry published is the job's last token's (or one renewed after its last read)
+    assert out["last_exp"] <= ad.get("ChirpJobtokenExpiry", 0) <= out["last_exp"] \
+        + AT_LIFETIME_S, (out, ad)
+
+
 def test_a_job_cannot_get_a_token_for_another_jobs_directory(
     bpool: Pool, devserver: DevServer, robot: str
 ) -> None:
