@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -46,14 +47,43 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ._broker import serve
     from ._cliargs import config_from_args
     from ._config import _apply
+    from ._errors import JobtokenError
 
-    config = config_from_args(args)
-    config = _apply(config, "broker", {k: v for k, v in {
-        "socket": args.socket, "state_dir": args.state_dir}.items() if v}, "command line")
     root = logging.getLogger("jobtoken")
     if not args.quiet:
         root.setLevel(min(root.level, logging.INFO))  # a daemon's log is its audit trail
-    return serve(config)
+    if args.log_file:  # first: under condor_master stderr is /dev/null, the file is all
+        _log_to(args)
+    # condor_master sends a daemon outside DaemonCore a plain SIGHUP at every
+    # condor_reconfig (masterDaemon.cpp daemon::Reconfig); its default action would end
+    # the broker each time. Nothing needs reloading: the log file follows logrotate itself.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        config = config_from_args(args)
+        config = _apply(config, "broker", {k: v for k, v in {
+            "socket": args.socket, "state_dir": args.state_dir}.items() if v}, "command line")
+        return serve(config)
+    except Exception as exc:  # reported on stderr by the CLI too; the log file says why
+        root.error("broker cannot run: %s", exc.message if isinstance(exc, JobtokenError)
+                   else f"internal error {type(exc).__name__}: {exc}")
+        raise
+
+
+def _log_to(args: argparse.Namespace) -> None:
+    """INFO and up to ``--log-file`` (reopened after logrotate, never through a symlink);
+    stderr keeps the user's level (under condor_master it is /dev/null).
+
+    Raises:
+        ConfigError: the file cannot be opened.
+    """
+    from ._errors import ConfigError
+    from ._logsetup import log_to_file
+
+    try:
+        log_to_file(args.log_file, log_json=False, verbose=args.verbose, quiet=args.quiet)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the log file {args.log_file}: "
+                          f"{exc.strerror or exc}") from None
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -142,6 +172,8 @@ def _register_broker(sub: Any, name: str) -> None:
     add_server_options(p)
     p.add_argument("--socket", metavar="PATH", help="listen here (broker.socket)")
     p.add_argument("--state-dir", metavar="DIR", help="keep the mytokens here (broker.state_dir)")
+    p.add_argument("--log-file", metavar="PATH",
+                   help="also log events here (follows logrotate; e.g. under condor_master)")
     p.set_defaults(func=_cmd_serve)
 
     p = commands.add_parser("prepare", help="mint this job's mytoken and write its first token")

@@ -25,7 +25,14 @@ from jobtoken.devserver import DevServer
 
 from ._pool import COMPLETED, RUNNING, Pool, PoolEnv, pool_root
 from .conftest import AT_LIFETIME_S, require_pool, site_toml
-from .test_site_robot import child_ids, new_children, reader_files, result, stderr_of
+from .test_site_robot import (
+    CHECKPOINTER,
+    child_ids,
+    new_children,
+    reader_files,
+    result,
+    stderr_of,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -372,6 +379,46 @@ def test_the_renewal_count_in_the_job_history_is_right_after_a_broker_restart(
     # the expiry published is the job's last token's (or one renewed after its last read)
     assert out["last_exp"] <= ad.get("ChirpJobtokenExpiry", 0) <= out["last_exp"] \
         + AT_LIFETIME_S, (out, ad)
+
+
+def test_a_self_checkpointing_job_keeps_its_token_across_restarts_and_is_revoked_at_its_end(
+    bpool: Pool, devserver: DevServer, robot: str
+) -> None:
+    """The starter restarts a job that exits with its checkpoint_exit_code without the
+    prepare or the exit hook; the broker's anchor, the starter, lives on meanwhile."""
+    before = child_ids(devserver, robot)
+    directory, cluster = submit(bpool, "broker-checkpoint", CHECKPOINTER, ASK,
+                                "checkpoint_exit_code = 85",
+                                "transfer_output_files = reads.jsonl, runs")
+    ad = bpool.wait_done(cluster, timeout=240)
+    assert (ad["JobStatus"], ad["ExitCode"]) == (COMPLETED, 0), (ad, stderr_of(directory))
+    assert (directory / "runs").read_text().strip() == "3"
+    runs = [json.loads(line) for line in (directory / "reads.jsonl").read_text().splitlines()]
+    assert [r["bad"] for r in runs] == [0, 0, 0], runs
+    # three runs of 12 s outlive a 20 s token: renewed while the job restarted
+    assert len({r["last_exp"] for r in runs}) >= 2, runs
+    minted = new_children(devserver, robot, before)
+    assert len(minted) == 1, "one job mytoken for every run"
+    wait_revoked(bpool, devserver, robot, before)
+
+
+def test_condor_reconfig_leaves_the_broker_running(bpool: Pool) -> None:
+    """condor_reconfig sends a daemon outside DaemonCore SIGHUP: the broker stays (no
+    restart, no gap), and keeps logging to its file."""
+    (pid,) = broker_pids(bpool)
+    log = bpool.dir / "log" / "JobtokenBrokerLog"
+    starts = log.read_text().count("broker listening")
+    master_log = bpool.dir / "log" / "MasterLog"
+    sent = f"Sent SIGHUP to JOBTOKEN_BROKER (pid {pid})"
+    before = master_log.read_text(errors="replace").count(sent)
+    bpool.condor(["condor_reconfig"])
+    bpool.wait_for(lambda: master_log.read_text(errors="replace").count(sent) > before, 60,
+                   "condor_master to send the broker SIGHUP",
+                   detail=lambda: bpool.tail("MasterLog", 20))
+    # the signal is pending before the ping connects: a broker it ended could not answer
+    assert broker_cli(bpool, "ping").returncode == 0, broker_log(bpool)
+    assert broker_pids(bpool) == [pid]
+    assert log.read_text().count("broker listening") == starts, broker_log(bpool)
 
 
 def test_a_job_cannot_get_a_token_for_another_jobs_directory(
