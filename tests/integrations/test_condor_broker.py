@@ -568,3 +568,48 @@ def test_an_update_hook_after_the_exit_hooks_release_keeps_the_renewal_count(
         broker.close()
         starter.kill()
         starter.wait()
+
+
+# --- a job in another PID namespace (HTCondor's USE_PID_NAMESPACES, apptainer, docker) -------
+
+
+def test_a_caller_in_its_own_pid_namespace_is_found_under_its_starter(tmp_path: Path) -> None:
+    """The kernel reports a caller's pid in the *broker's* PID namespace (``SO_PEERCRED``,
+    translated when the broker asks), so the walk up /proc finds the starter as for any
+    job: here real processes, the job pid 1 of a namespace its starter made."""
+    import socket
+    import subprocess
+
+    from jobtoken._brokeridentity import anchor_of, peer_cred
+    from tests.brokerhelpers import JOB_PYTHON, base_dir, require_root, spare_uids
+
+    from .conftest import PAYLOADS
+
+    require_root()
+    (uid,) = spare_uids(1)
+    for base in base_dir():  # 0755: the job's uid reaches the socket there
+        path = str(base / "broker.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        os.chmod(path, 0o666)
+        listener.listen(1)
+        listener.settimeout(60)
+        tree = subprocess.Popen([JOB_PYTHON, str(PAYLOADS / "pidns_job.py"), "startd", path,
+                                 str(uid)], stdin=subprocess.DEVNULL)
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(60)
+                seen_inside = int(conn.makefile().readline())
+                peer = peer_cred(conn)
+                starter = read_process(peer.pid).ppid
+                identity = CondorJobs(query=lambda slot: [slot_ad()]).resolve(peer)
+                conn.sendall(b"x")
+        finally:
+            listener.close()
+            assert tree.wait(timeout=60) == 0
+    assert seen_inside == 1 and peer.pid != 1, "the job ran in its own PID namespace"
+    assert peer.uid == uid
+    assert identity.anchor.pid == starter and identity.uid == uid
+    assert identity.job_id == GLOBAL_JOB_ID
+    assert anchor_of(starter) is None, "the anchor was the starter, which has ended"
