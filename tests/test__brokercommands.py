@@ -118,6 +118,6 @@ def test_serve_says_in_its_log_file_why_it_cannot_run(tmp_path: Path) -> None:
          "--socket", str(run / "b.sock"), "--state-dir", str(tmp_path / "state"),
          "--log-file", str(log)], stdin=subprocess.DEVNULL, capture_output=True, text=True,
         timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("JOBTOKEN")})
-    assert result.returncode == 78, result.stderr
+    assert result.returncode == 78 and result.stderr.count("\n") == 1, result.stderr
     (line,) = log.read_text().splitlines()
     assert "broker cannot run" in line and "none.mytoken" in line, line

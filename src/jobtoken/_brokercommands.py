@@ -63,9 +63,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         config = _apply(config, "broker", {k: v for k, v in {
             "socket": args.socket, "state_dir": args.state_dir}.items() if v}, "command line")
         return serve(config)
-    except Exception as exc:  # reported on stderr by the CLI too; the log file says why
-        root.error("broker cannot run: %s", exc.message if isinstance(exc, JobtokenError)
-                   else f"internal error {type(exc).__name__}: {exc}")
+    except Exception as exc:
+        if args.log_file:  # stderr gets the CLI's one line; the file must say why too
+            why = exc.message if isinstance(exc, JobtokenError) \
+                else f"internal error {type(exc).__name__}: {exc}"
+            record = root.makeRecord(root.name, logging.ERROR, __file__, 0,
+                                     "broker cannot run: %s", (why,), None)
+            for handler in root.handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.handle(record)
         raise
 
 
