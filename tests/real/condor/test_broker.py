@@ -96,6 +96,14 @@ def broker_log(pool: Pool) -> str:
     return pool.tail("JobtokenBrokerLog", 30)
 
 
+def master_log(pool: Pool) -> str:
+    """condor_master's log: it runs with -t, so its lines are in master.out."""
+    try:
+        return (pool.dir / "master.out").read_text(errors="replace")
+    except OSError:
+        return "(no master.out)"
+
+
 def broker_pids(pool: Pool) -> List[int]:
     """The broker processes of this pool (there must be one)."""
     marker = socket_path(pool).encode()
@@ -301,7 +309,7 @@ def test_the_broker_killed_mid_job_is_restarted_and_no_token_is_lost(
         return False
 
     bpool.wait_for(restarted, 60, "condor_master to restart the broker",
-                   detail=lambda: bpool.tail("MasterLog", 20))
+                   detail=lambda: master_log(bpool)[-3000:])
     print(f"\nbroker back {holder['gap']:.1f} s after SIGKILL")
     ad = bpool.wait_done(cluster, timeout=seconds + 180)
     assert (ad["JobStatus"], ad["ExitCode"]) == (COMPLETED, 0), (ad, stderr_of(directory))
@@ -364,7 +372,7 @@ def test_the_renewal_count_in_the_job_history_is_right_after_a_broker_restart(
     os.kill(old, signal.SIGKILL)
     bpool.wait_for(lambda: [p for p in broker_pids(bpool) if p != old] != []
                    and broker_cli(bpool, "ping").returncode == 0, 60,
-                   "condor_master to restart the broker", detail=lambda: bpool.tail("MasterLog"))
+                   "condor_master to restart the broker", detail=lambda: master_log(bpool)[-3000:])
     bpool.wait_done(cluster, timeout=seconds + 180)
     ad = history_ad(bpool, cluster)
     assert (ad["JobStatus"], ad["ExitCode"]) == (COMPLETED, 0), (ad, stderr_of(directory))
@@ -408,13 +416,12 @@ def test_condor_reconfig_leaves_the_broker_running(bpool: Pool) -> None:
     (pid,) = broker_pids(bpool)
     log = bpool.dir / "log" / "JobtokenBrokerLog"
     starts = log.read_text().count("broker listening")
-    master_log = bpool.dir / "master.out"  # condor_master -t: its log on its stdout
     sent = f"Sent SIGHUP to JOBTOKEN_BROKER (pid {pid})"
-    before = master_log.read_text(errors="replace").count(sent)
+    before = master_log(bpool).count(sent)
     bpool.condor(["condor_reconfig"])
-    bpool.wait_for(lambda: master_log.read_text(errors="replace").count(sent) > before, 60,
+    bpool.wait_for(lambda: master_log(bpool).count(sent) > before, 60,
                    "condor_master to send the broker SIGHUP",
-                   detail=lambda: master_log.read_text(errors="replace")[-3000:])
+                   detail=lambda: master_log(bpool)[-3000:])
     # the signal is pending before the ping connects: a broker it ended could not answer
     assert broker_cli(bpool, "ping").returncode == 0, broker_log(bpool)
     assert broker_pids(bpool) == [pid]
