@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Set
 
@@ -411,22 +412,27 @@ def test_a_self_checkpointing_job_keeps_its_token_across_restarts_and_is_revoked
 
 
 def test_condor_reconfig_leaves_the_broker_running(bpool: Pool) -> None:
-    """A reconfig of condor_master sends a daemon outside DaemonCore SIGHUP: the broker
-    stays (no restart, no gap), and keeps logging to its file."""
+    """A reconfig of condor_master sends a daemon outside DaemonCore SIGHUP
+    (``daemon::Reconfig``): the broker stays (no restart, no gap) and keeps its log."""
     (pid,) = broker_pids(bpool)
     log = bpool.dir / "log" / "JobtokenBrokerLog"
     starts = log.read_text().count("broker listening")
-    sent = f"Sent SIGHUP to JOBTOKEN_BROKER (pid {pid})"
-    before = master_log(bpool).count(sent)
+    # a value the master advertises once it has read the changed configuration: its
+    # main_config sends every daemon SIGHUP before it updates the collector
+    mark = uuid.uuid4().hex[:12]
+    with open(bpool.dir / "condor_config", "a", encoding="utf-8") as fh:
+        fh.write(f'\nJOBTOKEN_TEST_RECONFIG = "{mark}"\n'
+                 "MASTER_ATTRS = $(MASTER_ATTRS) JOBTOKEN_TEST_RECONFIG\n")
     # what condor_reconfig asks for (this pool gives its tools no ADMINISTRATOR
-    # authentication): DaemonCore's SIGHUP handler runs the master's main_config, which
-    # re-reads the configuration and reconfigures every daemon it runs
+    # authentication): DaemonCore's SIGHUP handler re-reads the configuration and runs
+    # the master's main_config
     assert bpool.master is not None
     os.kill(bpool.master.pid, signal.SIGHUP)
-    bpool.wait_for(lambda: master_log(bpool).count(sent) > before, 60,
-                   "condor_master to send the broker SIGHUP",
-                   detail=lambda: master_log(bpool)[-3000:])
-    # the signal is pending before the ping connects: a broker it ended could not answer
+    bpool.wait_for(lambda: mark in bpool.condor(
+        ["condor_status", "-master", "-af", "JOBTOKEN_TEST_RECONFIG"], check=False).stdout,
+        60, "condor_master to reconfigure", detail=lambda: master_log(bpool)[-3000:])
+    # the broker's SIGHUP was sent before the ping connects: a broker it ended could not
+    # answer, and a restarted one would be another process with another start line
     assert broker_cli(bpool, "ping").returncode == 0, broker_log(bpool)
     assert broker_pids(bpool) == [pid]
     assert log.read_text().count("broker listening") == starts, broker_log(bpool)
