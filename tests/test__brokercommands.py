@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,3 +75,77 @@ def test_serve_log_file_that_is_a_symlink_is_refused_in_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot open the broker log" in err
     assert (tmp_path / "target").read_text() == ""
+
+
+def test_serve_logs_to_its_file_across_logrotate_and_outlives_sighup() -> None:
+    """Under condor_master the broker's stdout and stderr are /dev/null: its log is the
+    file. logrotate renames it (no copytruncate) and the next line starts a new file;
+    condor_reconfig sends a daemon outside DaemonCore SIGHUP, which must not end it."""
+    import signal
+    import subprocess
+    import sys
+
+    from jobtoken._brokerclient import BrokerClient
+    from jobtoken._errors import JobtokenError
+    from jobtoken.devserver import DevServer, DevServerConfig
+    from tests.brokerhelpers import Site, base_dir, wait_for
+
+    with DevServer(DevServerConfig()) as srv:
+        for base in base_dir():
+            site = Site(srv, base, at_lifetime_s=60, margin_s=10)
+            log = base / "JobtokenBrokerLog"
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "jobtoken", "broker", "serve", "--config",
+                 str(site.config), "--log-file", str(log)], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            client = BrokerClient(site.socket, timeout_s=30.0)
+
+            def pong(proc: Any = proc, client: Any = client) -> bool:
+                assert proc.poll() is None, proc.communicate(timeout=30)[1]
+                try:
+                    client.ping()
+                except JobtokenError:
+                    return False
+                return True
+
+            try:
+                wait_for(pong, 60, "the broker answers a ping")
+                assert "broker listening socket=" in log.read_text()
+                log.rename(base / "JobtokenBrokerLog.1")  # logrotate
+                proc.send_signal(signal.SIGHUP)  # condor_reconfig
+                # the signal is pending before the ping connects: a broker it ended
+                # could not answer
+                assert pong(), "the broker answers after SIGHUP"
+                proc.terminate()
+                assert proc.wait(timeout=60) == 0
+                assert "broker stopped" in log.read_text(), "the line after the rotation " \
+                    "starts a new file"
+                assert "broker stopped" not in (base / "JobtokenBrokerLog.1").read_text()
+                stderr = proc.communicate(timeout=30)[1]
+                assert "broker listening" not in stderr, "events go to the file only"
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=30)
+
+
+def test_serve_says_in_its_log_file_why_it_cannot_run(tmp_path: Path) -> None:
+    """Under condor_master stderr is /dev/null: a broker that cannot start says why in
+    its log file (here: the site's parent mytoken is missing)."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    config = tmp_path / "jobtoken.toml"
+    config.write_text(f'[server]\nurl = "https://mytoken.example.org"\n[site]\n'
+                      f'parent_mytoken_file = "{tmp_path / "none.mytoken"}"\n')
+    log = tmp_path / "JobtokenBrokerLog"
+    result = subprocess.run(
+        [sys.executable, "-m", "jobtoken", "broker", "serve", "--config", str(config),
+         "--socket", str(run / "b.sock"), "--state-dir", str(tmp_path / "state"),
+         "--log-file", str(log)], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("JOBTOKEN")})
+    assert result.returncode == 78 and result.stderr.count("\n") == 1, result.stderr
+    (line,) = log.read_text().splitlines()
+    assert "broker cannot run" in line and "none.mytoken" in line, line

@@ -106,23 +106,27 @@ def test_the_shipped_logrotate_rule_keeps_every_line(
     rule = (ROOT / "packaging" / "jobtoken.logrotate").read_text()
     rule = rule.replace("/var/log/condor", str(condor_log)).replace("/var/log/jobtoken",
                                                                     str(audit_dir))
-    assert str(condor_log / "JobtokenCredmonLog") in rule  # the credmon's default file
+    # the credmon's and the node broker's default files, each held open by its daemon
+    daemon_logs = [condor_log / "JobtokenCredmonLog", condor_log / "JobtokenBrokerLog"]
+    for path in daemon_logs:
+        assert str(path) in rule
     config = tmp_path / "jobtoken.logrotate"
     config.write_text(rule)
     config.chmod(0o644)
-    credmon_log = condor_log / "JobtokenCredmonLog"
-    logger.addHandler(file_handler(str(credmon_log)))  # as the running credmon holds it
-    logger.info("credmon line before")
+    for path in daemon_logs:
+        logger.addHandler(file_handler(str(path)))  # as the running daemon holds it
+    logger.info("daemon line before")
     (audit_dir / "alice.log").write_text("audit line before\n")
     result = subprocess.run(
         [_logrotate(), "--force", "--state", str(tmp_path / "state"), str(config)],
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr
-    logger.info("credmon line after")
-    assert "credmon line before" in (condor_log / "JobtokenCredmonLog.1").read_text()
-    assert "credmon line after" in credmon_log.read_text()
-    assert "before" not in credmon_log.read_text()
+    logger.info("daemon line after")
+    for path in daemon_logs:
+        assert "daemon line before" in path.with_name(path.name + ".1").read_text()
+        assert "daemon line after" in path.read_text()
+        assert "before" not in path.read_text()
     # the audit file is rotated away and not re-created: a hook creates it as its user
     # (a root-owned one made by "create" would lock the user out of their audit file)
     assert (audit_dir / "alice.log.1").read_text() == "audit line before\n"

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -46,16 +47,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ._broker import serve
     from ._cliargs import config_from_args
     from ._config import _apply
+    from ._errors import JobtokenError
 
-    config = config_from_args(args)
-    config = _apply(config, "broker", {k: v for k, v in {
-        "socket": args.socket, "state_dir": args.state_dir}.items() if v}, "command line")
-    if args.log_file:
+    root = logging.getLogger("jobtoken")
+    if args.log_file:  # first: under condor_master stderr is /dev/null, the file is all
         _log_to_file(args)
     elif not args.quiet:
-        root = logging.getLogger("jobtoken")
         root.setLevel(min(root.level, logging.INFO))  # a daemon's log is its audit trail
-    return serve(config)
+    # condor_master sends a daemon outside DaemonCore a plain SIGHUP at every
+    # condor_reconfig (masterDaemon.cpp daemon::Reconfig); its default action would end
+    # the broker each time. Nothing needs reloading: the log file follows logrotate itself.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        config = config_from_args(args)
+        config = _apply(config, "broker", {k: v for k, v in {
+            "socket": args.socket, "state_dir": args.state_dir}.items() if v}, "command line")
+        return serve(config)
+    except Exception as exc:
+        if args.log_file:  # stderr gets the CLI's one line; the file must say why too
+            why = exc.message if isinstance(exc, JobtokenError) \
+                else f"internal error {type(exc).__name__}: {exc}"
+            record = root.makeRecord(root.name, logging.ERROR, __file__, 0,
+                                     "broker cannot run: %s", (why,), None)
+            for handler in root.handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.handle(record)
+        raise
 
 
 def _log_to_file(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -416,7 +417,8 @@ def test_the_exit_hook_publishes_status_releases_and_removes_the_token(
     (scratch / ".jobtoken" / "bt").write_text("token")
     sock = tmp_path / "b.sock"
     status = BrokerReply(True, 0, "active", expires_at=1.9e9,
-                         detail={"renewals": 4, "consecutive_failures": 0})
+                         detail={"phase": "active", "renewals": 4,
+                                 "consecutive_failures": 0})
     stub = StubBroker(sock, [status, BrokerReply(True, 0, "released")])
     sent: Dict[str, str] = {}
 
@@ -473,3 +475,141 @@ def test_the_shipped_snippet_copies_every_attribute_the_resolver_reads() -> None
     (line,) = [ln for ln in lines if ln.startswith("STARTD_JOB_ATTRS")]
     assert line.split("=", 1)[1].split()[1:] == list(STARTD_JOB_ATTRIBUTES)
     assert not any(a.lower().startswith("chirp") for a in STARTD_JOB_ATTRIBUTES)
+
+
+# --- Chirp at the job's end, against the real broker -------------------------------------------
+
+
+class _StarterLike:
+    """Resolves every caller to one job while its anchor runs: what ``CondorJobs`` does
+    from the startd, whose slot ad still describes the job while its exit hooks run."""
+
+    def __init__(self, identity: Any) -> None:
+        self.identity = identity
+
+    def resolve(self, peer: PeerCred) -> Any:
+        from jobtoken._brokeridentity import anchor_alive
+
+        if not anchor_alive(self.identity.anchor):
+            raise IdentityError("the starter has ended")
+        return self.identity
+
+
+class _ChirpRecord:
+    """HTChirp's delayed updates as the starter keeps them: the last value set wins."""
+
+    def __init__(self) -> None:
+        self.attrs: Dict[str, str] = {}
+
+    def __call__(self) -> Any:
+        return self
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def set_job_attr_delayed(self, name: str, value: str) -> None:
+        self.attrs[name] = value
+
+
+def test_an_update_hook_after_the_exit_hooks_release_keeps_the_renewal_count(
+    srv: Any, parent_file: Path, tmp_path: Path
+) -> None:
+    """HTCondor starts an update hook with the exit hook when the job exits; the update
+    hook may ask after the release, when the broker has forgotten the job. What the exit
+    hook published (the real count) must stay the job's last word, not become 0."""
+    import subprocess
+    import threading
+
+    from jobtoken._broker import Broker
+    from jobtoken._brokerclient import BrokerClient
+    from jobtoken._brokeridentity import JobIdentity, anchor_of
+    from jobtoken._config import load_config
+    from jobtoken.integrations.condor import publish_broker_chirp, run_exit_hook
+
+    from .conftest import toml_config
+
+    config_file = toml_config(tmp_path / "jobtoken.toml", server=srv.url, parent=parent_file)
+    sock, state = tmp_path / "run" / "broker.sock", tmp_path / "state"
+    with open(config_file, "a", encoding="utf-8") as fh:
+        fh.write(f'\n[broker]\nsocket = "{sock}"\nstate_dir = "{state}"\nreconcile_s = 1\n')
+    starter = subprocess.Popen(["sleep", "600"])
+    anchor = anchor_of(starter.pid)
+    assert anchor is not None
+    identity = JobIdentity(job_id="ap#7.0#1700000000", uid=os.getuid(), owner=None,
+                           anchor=anchor, walltime_s=600.0)
+    broker = Broker(load_config(str(config_file), env={}), resolver=_StarterLike(identity))
+    broker.start()
+    loop = threading.Thread(target=broker.serve_forever, daemon=True)
+    loop.start()
+    scratch = tmp_path / "dir_4242"
+    (scratch / ".jobtoken").mkdir(parents=True, mode=0o700)
+    try:
+        client = BrokerClient(str(sock), timeout_s=60.0)
+        client.prepare(str(scratch / ".jobtoken"))
+        for _ in range(2):  # two renewals: asked for more than any token has left
+            assert client.ensure(min_valid_s=1e6).detail["renewed"] is True
+        chirp = _ChirpRecord()
+        assert run_exit_hook({"_CONDOR_SCRATCH_DIR": str(scratch)}, broker=str(sock),
+                             chirp_factory=chirp)
+        assert chirp.attrs["ChirpJobtokenRenewals"] == "2", chirp.attrs
+        deadline = time.monotonic() + 60
+        while list((state / "jobs").iterdir()):  # revoked and forgotten
+            assert time.monotonic() < deadline, list((state / "jobs").iterdir())
+            time.sleep(0.05)
+        # the update hook HTCondor started at the job's exit asks only now
+        assert publish_broker_chirp(scratch / ".jobtoken", str(sock), chirp_factory=chirp) == {}
+        assert chirp.attrs["ChirpJobtokenRenewals"] == "2", chirp.attrs
+    finally:
+        broker.stop()
+        loop.join(30)
+        broker.close()
+        starter.kill()
+        starter.wait()
+
+
+# --- a job in another PID namespace (HTCondor's USE_PID_NAMESPACES, apptainer, docker) -------
+
+
+def test_a_caller_in_its_own_pid_namespace_is_found_under_its_starter(tmp_path: Path) -> None:
+    """The kernel reports a caller's pid in the *broker's* PID namespace (``SO_PEERCRED``,
+    translated when the broker asks), so the walk up /proc finds the starter as for any
+    job: here real processes, the job pid 1 of a namespace its starter made."""
+    import socket
+    import subprocess
+
+    from jobtoken._brokeridentity import anchor_of, peer_cred
+    from tests.brokerhelpers import JOB_PYTHON, base_dir, require_root, spare_uids
+
+    from .conftest import PAYLOADS
+
+    require_root()
+    (uid,) = spare_uids(1)
+    for base in base_dir():  # 0755: the job's uid reaches the socket there
+        path = str(base / "broker.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        os.chmod(path, 0o666)
+        listener.listen(1)
+        listener.settimeout(60)
+        tree = subprocess.Popen([JOB_PYTHON, str(PAYLOADS / "pidns_job.py"), "startd", path,
+                                 str(uid)], stdin=subprocess.DEVNULL)
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(60)
+                seen_inside = int(conn.makefile().readline())
+                peer = peer_cred(conn)
+                starter = read_process(peer.pid).ppid
+                identity = CondorJobs(query=lambda slot: [slot_ad()]).resolve(peer)
+                conn.sendall(b"x")
+        finally:
+            listener.close()
+            assert tree.wait(timeout=60) == 0
+    assert seen_inside == 1 and peer.pid != 1, "the job ran in its own PID namespace"
+    assert peer.uid == uid
+    assert identity.anchor.pid == starter and identity.uid == uid
+    assert identity.job_id == GLOBAL_JOB_ID
+    assert anchor_of(starter) is None, "the anchor was the starter, which has ended"

@@ -837,9 +837,23 @@ def publish_chirp(
     return send_chirp(chirp_values(tokendir), tokendir.path, chirp_factory=chirp_factory)
 
 
+#: broker phases in which a job has a token, and so renewal figures worth publishing
+_PHASES_WITH_A_TOKEN = ("active", "ending")
+
+
 def broker_chirp_values(reply: Any) -> Dict[str, str]:
-    """The ``Chirp*`` attributes for the node broker's ``status`` reply about this job."""
+    """The ``Chirp*`` attributes for the node broker's ``status`` reply about this job.
+
+    Nothing unless the broker holds the job's token (phase ``active`` or ``ending``).
+    When the job exits, HTCondor 23.9 starts an ``UPDATE_JOB_INFO`` hook (the
+    time-of-exit update, ``OsProc::JobReaper``) together with the ``JOB_EXIT`` hook; the
+    update hook may ask after the exit hook's ``release``, when the broker has forgotten
+    the job and sees a new, never prepared one (0 renewals, no expiry). Its Chirp values
+    would land last and overwrite the real count in the job's history.
+    """
     detail = reply.detail or {}
+    if detail.get("phase") not in _PHASES_WITH_A_TOKEN:
+        return {}
     values = {}
     for name, key in (("ChirpJobtokenRenewals", "renewals"),
                       ("ChirpJobtokenFailures", "consecutive_failures")):

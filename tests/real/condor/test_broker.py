@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Set
 
@@ -25,7 +26,14 @@ from jobtoken.devserver import DevServer
 
 from ._pool import COMPLETED, RUNNING, Pool, PoolEnv, pool_root
 from .conftest import AT_LIFETIME_S, require_pool, site_toml
-from .test_site_robot import child_ids, new_children, reader_files, result, stderr_of
+from .test_site_robot import (
+    CHECKPOINTER,
+    child_ids,
+    new_children,
+    reader_files,
+    result,
+    stderr_of,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +95,14 @@ def broker_cli(pool: Pool, *args: str, user: Any = None) -> Any:
 
 def broker_log(pool: Pool) -> str:
     return pool.tail("JobtokenBrokerLog", 30)
+
+
+def master_log(pool: Pool) -> str:
+    """condor_master's log: it runs with -t, so its lines are in master.out."""
+    try:
+        return (pool.dir / "master.out").read_text(errors="replace")
+    except OSError:
+        return "(no master.out)"
 
 
 def broker_pids(pool: Pool) -> List[int]:
@@ -294,7 +310,7 @@ def test_the_broker_killed_mid_job_is_restarted_and_no_token_is_lost(
         return False
 
     bpool.wait_for(restarted, 60, "condor_master to restart the broker",
-                   detail=lambda: bpool.tail("MasterLog", 20))
+                   detail=lambda: master_log(bpool)[-3000:])
     print(f"\nbroker back {holder['gap']:.1f} s after SIGKILL")
     ad = bpool.wait_done(cluster, timeout=seconds + 180)
     assert (ad["JobStatus"], ad["ExitCode"]) == (COMPLETED, 0), (ad, stderr_of(directory))
@@ -304,6 +320,122 @@ def test_the_broker_killed_mid_job_is_restarted_and_no_token_is_lost(
     minted = new_children(devserver, robot, before)
     assert len(minted) == 1, "the restarted broker kept the job mytoken, minted none anew"
     wait_revoked(bpool, devserver, robot, before)
+
+
+def broker_job_state(pool: Pool, cluster: int) -> Dict[str, Any]:
+    """The job's state.json in the broker's state directory ({} while there is none)."""
+    for path in (pool.dir / "broker-state" / "jobs").glob("*/state.json"):
+        try:
+            state = dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+        if f"#{cluster}.0#" in str(state.get("job_id")):
+            return state
+    return {}
+
+
+def history_ad(pool: Pool, cluster: int) -> Dict[str, Any]:
+    """The job's ad from condor_history (what stays once the job has left the queue)."""
+    holder: Dict[str, Any] = {}
+
+    def look() -> bool:
+        out = pool.condor(["condor_history", "-json", "-limit", "1", str(cluster)],
+                          check=False).stdout.strip()
+        ads = json.loads(out) if out else []
+        if ads:
+            holder["ad"] = dict(ads[0])
+        return bool(ads)
+
+    pool.wait_for(look, 60, f"job {cluster} in the history")
+    return holder["ad"]
+
+
+def test_the_renewal_count_in_the_job_history_is_right_after_a_broker_restart(
+    bpool: Pool, devserver: DevServer, robot: str
+) -> None:
+    """What an operator reads (`condor_history -af ChirpJobtokenRenewals`) is the number of
+    renewals the job's token had, across a broker killed with SIGKILL mid-job."""
+    before = child_ids(devserver, robot)
+    seconds = 3 * AT_LIFETIME_S + 5
+    directory, cluster = submit(bpool, "broker-chirp", f"#!/bin/sh\nexec /usr/bin/python3 "
+                                f"reader.py {seconds} 0\n", ASK)
+    bpool.wait_job(cluster, lambda a: a["JobStatus"] == RUNNING, 120, "to run")
+    (job_mytoken,) = wait_minted(bpool, devserver, robot, before)
+    # killed between renewals, none in flight: once one is recorded and the next is > 3 s off
+    def between_renewals() -> bool:
+        state = broker_job_state(bpool, cluster)
+        return state.get("renewals", 0) >= 1 \
+            and (state.get("next_attempt_at") or 0) > time.time() + 3
+
+    bpool.wait_for(between_renewals, 2 * AT_LIFETIME_S + 30, "a first renewal",
+                   detail=lambda: broker_log(bpool))
+    (old,) = broker_pids(bpool)
+    os.kill(old, signal.SIGKILL)
+    bpool.wait_for(lambda: [p for p in broker_pids(bpool) if p != old] != []
+                   and broker_cli(bpool, "ping").returncode == 0, 60,
+                   "condor_master to restart the broker", detail=lambda: master_log(bpool)[-3000:])
+    bpool.wait_done(cluster, timeout=seconds + 180)
+    ad = history_ad(bpool, cluster)
+    assert (ad["JobStatus"], ad["ExitCode"]) == (COMPLETED, 0), (ad, stderr_of(directory))
+    out = result(directory)
+    assert out["bad"] == 0 and out["tokens"] >= 3, out
+    wait_revoked(bpool, devserver, robot, before)
+    store = devserver._store
+    issued = sum(store.at_used(job_mytoken, r) for r in job_mytoken.restrictions)
+    # every access token after the first (at prepare) is a renewal
+    assert ad.get("ChirpJobtokenRenewals") == issued - 1 >= 2, (issued, ad)
+    assert ad.get("ChirpJobtokenFailures") == 0, ad
+    # the expiry published is the job's last token's (or one renewed after its last read)
+    assert out["last_exp"] <= ad.get("ChirpJobtokenExpiry", 0) <= out["last_exp"] \
+        + AT_LIFETIME_S, (out, ad)
+
+
+def test_a_self_checkpointing_job_keeps_its_token_across_restarts_and_is_revoked_at_its_end(
+    bpool: Pool, devserver: DevServer, robot: str
+) -> None:
+    """The starter restarts a job that exits with its checkpoint_exit_code without the
+    prepare or the exit hook; the broker's anchor, the starter, lives on meanwhile."""
+    before = child_ids(devserver, robot)
+    directory, cluster = submit(bpool, "broker-checkpoint", CHECKPOINTER, ASK,
+                                "checkpoint_exit_code = 85",
+                                "transfer_output_files = reads.jsonl, runs")
+    ad = bpool.wait_done(cluster, timeout=240)
+    assert (ad["JobStatus"], ad["ExitCode"]) == (COMPLETED, 0), (ad, stderr_of(directory))
+    assert (directory / "runs").read_text().strip() == "3"
+    runs = [json.loads(line) for line in (directory / "reads.jsonl").read_text().splitlines()]
+    assert [r["bad"] for r in runs] == [0, 0, 0], runs
+    # three runs of 12 s outlive a 20 s token: renewed while the job restarted
+    assert len({r["last_exp"] for r in runs}) >= 2, runs
+    minted = new_children(devserver, robot, before)
+    assert len(minted) == 1, "one job mytoken for every run"
+    wait_revoked(bpool, devserver, robot, before)
+
+
+def test_condor_reconfig_leaves_the_broker_running(bpool: Pool) -> None:
+    """A reconfig of condor_master sends a daemon outside DaemonCore SIGHUP
+    (``daemon::Reconfig``): the broker stays (no restart, no gap) and keeps its log."""
+    (pid,) = broker_pids(bpool)
+    log = bpool.dir / "log" / "JobtokenBrokerLog"
+    starts = log.read_text().count("broker listening")
+    # a value the master advertises once it has read the changed configuration: its
+    # main_config sends every daemon SIGHUP before it updates the collector
+    mark = uuid.uuid4().hex[:12]
+    with open(bpool.dir / "condor_config", "a", encoding="utf-8") as fh:
+        fh.write(f'\nJOBTOKEN_TEST_RECONFIG = "{mark}"\n'
+                 "MASTER_ATTRS = $(MASTER_ATTRS) JOBTOKEN_TEST_RECONFIG\n")
+    # what condor_reconfig asks for (this pool gives its tools no ADMINISTRATOR
+    # authentication): DaemonCore's SIGHUP handler re-reads the configuration and runs
+    # the master's main_config
+    assert bpool.master is not None
+    os.kill(bpool.master.pid, signal.SIGHUP)
+    bpool.wait_for(lambda: mark in bpool.condor(
+        ["condor_status", "-master", "-af", "JOBTOKEN_TEST_RECONFIG"], check=False).stdout,
+        60, "condor_master to reconfigure", detail=lambda: master_log(bpool)[-3000:])
+    # the broker's SIGHUP was sent before the ping connects: a broker it ended could not
+    # answer, and a restarted one would be another process with another start line
+    assert broker_cli(bpool, "ping").returncode == 0, broker_log(bpool)
+    assert broker_pids(bpool) == [pid]
+    assert log.read_text().count("broker listening") == starts, broker_log(bpool)
 
 
 def test_a_job_cannot_get_a_token_for_another_jobs_directory(

@@ -2,8 +2,8 @@
 """Test payload: read $BEARER_TOKEN_FILE every second for SECONDS, then exit with CODE.
 
 Prints one JSON line: reads, bad reads (missing, empty or expired token, with the first
-reason), how many distinct tokens it saw (as hashes, never the token). Runs in the pool's
-own Python, with the standard library only.
+reason), how many distinct tokens it saw (as hashes, never the token), the last good
+one's exp. Runs in the pool's own Python, with the standard library only.
 """
 import base64
 import hashlib
@@ -16,6 +16,7 @@ seconds, code = float(sys.argv[1]), int(sys.argv[2])
 reads = bad = 0
 seen = set()
 first_bad = None
+last_exp = None
 deadline = time.time() + seconds
 while True:
     reads += 1
@@ -33,6 +34,7 @@ while True:
         if claims["exp"] <= time.time():
             raise ValueError("expired token")
         seen.add(hashlib.sha256(token.encode()).hexdigest()[:12])
+        last_exp = claims["exp"]
     except (OSError, ValueError, KeyError, IndexError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
     if reason:
@@ -42,5 +44,6 @@ while True:
         break
     time.sleep(1)
 print(json.dumps({"reads": reads, "bad": bad, "tokens": len(seen), "first_bad": first_bad,
+                  "last_exp": last_exp,
                   "env_file": os.environ.get("BEARER_TOKEN_FILE")}))
 sys.exit(code)
