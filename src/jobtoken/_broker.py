@@ -35,7 +35,7 @@ from typing import Dict, Optional, Tuple
 from ._brokeridentity import IdentityResolver, JobIdentity, PeerCred, RegisteredJobs, is_trusted
 from ._brokerloop import Conn, EventLoop, check_socket_dir
 from ._brokerops import JobOperations, NodeCounters
-from ._brokerproto import BrokerReply, BrokerRequest
+from ._brokerproto import BrokerReply, BrokerRequest, reply_for_error
 from ._brokerstore import BrokerJob, JobStore
 from ._config import Config
 from ._errors import IdentityError, JobtokenError, TokenFileError, UsageError
@@ -169,7 +169,10 @@ class Broker:
         if answer is not None:
             self.loop.reply(conn, answer)
             return
-        job = self._job_for(conn.peer, request)
+        job_id, job = self._job_for(conn.peer, request)
+        if job is None:  # only prepare (and register) make a job known
+            self.loop.reply(conn, _unknown_job_answer(job_id, request))
+            return
         if request.op == "prepare":
             self.ops.prepare(conn, job, request)
         elif request.op == "ensure":
@@ -199,8 +202,10 @@ class Broker:
             return False
         return True
 
-    def _job_for(self, peer: PeerCred, request: BrokerRequest) -> BrokerJob:
-        """The job the caller is (or, for a trusted caller, names in ``job.job_id``).
+    def _job_for(self, peer: PeerCred, request: BrokerRequest
+                 ) -> Tuple[str, Optional[BrokerJob]]:
+        """The job the caller is (or, for a trusted caller, names in ``job.job_id``): its id,
+        and None for the job when the broker does not know it and the op is not ``prepare``.
 
         Raises:
             IdentityError: the caller is no job, or a job of another uid.
@@ -212,17 +217,18 @@ class Broker:
             job = self.jobs.get(job_id) if isinstance(job_id, str) else None
             if job is None:
                 raise IdentityError(f"no job {str(job_id)[:80]!r} on this broker")
-            return job
+            return job.job_id, job
         identity = self.resolver.resolve(peer)
         if identity.uid != peer.uid:
             raise IdentityError(f"process {peer.pid} runs as uid {peer.uid}, the job as "
                                 f"uid {identity.uid}")
         job = self.jobs.get(identity.job_id)
         if job is None:
-            job = self.ops.new_job(identity)
-        elif job.identity.anchor != identity.anchor or job.identity.uid != identity.uid:
+            return identity.job_id, (self.ops.new_job(identity) if request.op == "prepare"
+                                     else None)
+        if job.identity.anchor != identity.anchor or job.identity.uid != identity.uid:
             raise IdentityError(f"job {identity.job_id} is known with another anchor or uid")
-        return job
+        return job.job_id, job
 
     def _register(self, peer: PeerCred, request: BrokerRequest) -> BrokerReply:
         register = getattr(self.resolver, "register", None)
@@ -237,6 +243,19 @@ class Broker:
         logger.info("job registered job=%s uid=%d anchor=%d", identity.job_id, identity.uid,
                     identity.anchor.pid)
         return BrokerReply(True, 0, f"job {identity.job_id} registered", job_id=identity.job_id)
+
+
+def _unknown_job_answer(job_id: str, request: BrokerRequest) -> BrokerReply:
+    """A job op from a job the broker holds nothing for (never prepared, or released and
+    forgotten): no record is made for it. ``release`` has nothing left to do; ``status``
+    and ``ensure`` have no token to speak of. (A record made here used to answer a late
+    HTCondor update hook with "0 renewals" after the exit hook's release, overwriting
+    the job's real count in its ad.)"""
+    if request.op == "release":
+        return BrokerReply(True, 0, f"job {job_id}: nothing to release", job_id=job_id)
+    return reply_for_error(TokenFileError(
+        f"job {job_id} has no token on this broker (not prepared, or already ended)"),
+        job_id)
 
 
 def serve(config: Config) -> int:

@@ -527,6 +527,7 @@ def test_an_update_hook_after_the_exit_hooks_release_keeps_the_renewal_count(
     from jobtoken._brokerclient import BrokerClient
     from jobtoken._brokeridentity import JobIdentity, anchor_of
     from jobtoken._config import load_config
+    from jobtoken._errors import JobtokenError
     from jobtoken.integrations.condor import publish_broker_chirp, run_exit_hook
 
     from .conftest import toml_config
@@ -562,6 +563,13 @@ def test_an_update_hook_after_the_exit_hooks_release_keeps_the_renewal_count(
         # the update hook HTCondor started at the job's exit asks only now
         assert publish_broker_chirp(scratch / ".jobtoken", str(sock), chirp_factory=chirp) == {}
         assert chirp.attrs["ChirpJobtokenRenewals"] == "2", chirp.attrs
+        # and asking made no record of a job the broker holds nothing for
+        assert not list((state / "jobs").iterdir())
+        with pytest.raises(JobtokenError, match="no token on this broker") as raised:
+            client.status()
+        assert raised.value.exit_code == 74
+        assert client.release().message.endswith("nothing to release")
+        assert not list((state / "jobs").iterdir())
     finally:
         broker.stop()
         loop.join(30)
