@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-import pytest
-
 from jobtoken._brokerclient import BrokerClient
 from jobtoken._errors import JobtokenError
 from jobtoken._tokenfile import write_secret_file
 from jobtoken.devserver import DevServer, DevServerConfig
+from tests.prerequisites import need
 from tests.runhelpers import AUD, PARENT_CAPS, ROOT, readline_within
 
 JOB_PAYLOAD = ROOT / "tests" / "payloads" / "broker_job.py"
@@ -37,12 +36,8 @@ JOB_PYTHON = "/usr/bin/python3"
 
 def require_root() -> None:
     """Skip (outside CI) or fail (in CI) when not root: jobs run as other uids."""
-    if not os.path.exists(JOB_PYTHON):
-        pytest.fail(f"{JOB_PYTHON} is needed to run job processes as other uids")
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the broker tests run as root in CI (setuid to job uids)")
-        pytest.skip("needs root (jobs run as other uids)")
+    need(os.path.exists(JOB_PYTHON), f"{JOB_PYTHON} is needed to run job processes as other uids")
+    need(os.geteuid() == 0, "needs root (jobs run as other uids)")
 
 
 def spare_uids(count: int) -> List[int]:

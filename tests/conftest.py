@@ -111,11 +111,9 @@ def jobtoken_debs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     import shutil
 
     from tests.debpackages import build_debs
+    from tests.prerequisites import need
 
     for tool in ("dpkg-buildpackage", "dh"):
-        if shutil.which(tool) is None:
-            reason = f"building the Debian package needs {tool} (.ci/install-packaging.sh)"
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"CI prerequisite missing: {reason}", pytrace=False)
-            pytest.skip(reason)
+        need(shutil.which(tool), f"building the Debian package needs {tool} "
+                                 "(.ci/install-packaging.sh)")
     return build_debs(tmp_path_factory.mktemp("debs"))

@@ -1,12 +1,18 @@
-"""The suite itself: independent of the signal dispositions it was started with."""
+"""The suite itself: independent of how it was started, one rule for missing prerequisites."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from tests.prerequisites import need
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +61,35 @@ def test_this_run_hands_its_children_no_ignored_test_signal() -> None:
     status = Path(f"/proc/{os.getpid()}/status").read_text()
     fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
     assert int(fields["SigIgn"], 16) & _bits(signal.SIGHUP, signal.SIGINT, signal.SIGTERM) == 0
+
+
+@pytest.mark.parametrize("ci", ["true", "1", "yes", "TRUE"])
+def test_a_missing_prerequisite_fails_under_ci(ci: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI installs every prerequisite: a skip there would hide a broken set-up."""
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(pytest.fail.Exception, match="CI prerequisite missing: no frobnicator"):
+        need(False, "no frobnicator")
+    need(True, "present")  # a met prerequisite neither skips nor fails
+
+
+@pytest.mark.parametrize("ci", [None, "", "false", "0"])
+def test_a_missing_prerequisite_skips_elsewhere(
+    ci: Optional[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(pytest.skip.Exception, match="no frobnicator"):
+        need("", "no frobnicator")
+
+
+def test_every_prerequisite_check_goes_through_the_one_rule() -> None:
+    """No test reads ``CI`` itself to decide between skip and fail (six copies had drifted)."""
+    readers = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        if path.name != "prerequisites.py"
+        and re.search(r"""environ(\.get)?[\[(]["']CI["']""", path.read_text())
+    ]
+    assert readers == []
