@@ -66,12 +66,16 @@ def jobtoken_argv(*args: str) -> List[str]:
     return [sys.executable, "-m", "jobtoken", *args]
 
 
-def checker(seconds: float, interval: float = 0.02, *, until_tokens: int = 0) -> List[str]:
+def checker(seconds: float, interval: float = 0.02, *, until_tokens: int = 0,
+            min_seconds: float = 0.0) -> List[str]:
     """The token-reading payload for ``seconds``; with ``until_tokens``, until it has read
-    that many distinct tokens (``seconds`` then only bounds a run that never gets them)."""
+    that many distinct tokens (``seconds`` then only bounds a run that never gets them),
+    but at least ``min_seconds``."""
     argv = [sys.executable, str(PAYLOADS / "check_token.py"), "--seconds", str(seconds),
             "--interval", str(interval)]
-    return argv + (["--until-tokens", str(until_tokens)] if until_tokens else [])
+    if until_tokens:
+        argv += ["--until-tokens", str(until_tokens), "--min-seconds", str(min_seconds)]
+    return argv
 
 
 def run(args: Sequence[str], *, env: Optional[Dict[str, str]] = None, timeout: float = 120,

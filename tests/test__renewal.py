@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -20,9 +19,19 @@ from tests.runhelpers import AUD, prepare
 
 @pytest.fixture()
 def srv() -> Iterator[DevServer]:
-    with DevServer(DevServerConfig(at_lifetime_s=600, op_scopes=("storage.create:/",),
+    with DevServer(DevServerConfig(at_lifetime_s=LIFETIME_S, op_scopes=("storage.create:/",),
                                    default_audience=AUD)) as server:
         yield server
+
+
+LIFETIME_S = 600
+
+
+def longer_tokens(srv: DevServer, step: int = 1) -> None:
+    """The server's next tokens live ``step`` s longer than the first ones: a renewed token
+    must expire later than the one it replaces (exp has one-second resolution), and this
+    makes it so without waiting a second for the clock."""
+    srv.set_at_lifetime(LIFETIME_S + step)
 
 
 def child(directory: Path, *args: str) -> tuple:
@@ -33,7 +42,7 @@ def child(directory: Path, *args: str) -> tuple:
 
 def test_report_is_one_non_secret_line(srv: DevServer, tmp_path: Path) -> None:
     job = prepare(srv, tmp_path, lifetime_s=600)
-    time.sleep(1.05)  # exp has one-second resolution: a new token must expire later
+    longer_tokens(srv)
     code, report, output = child(job.tokendir.path)
     assert code == 0 and report["ok"] and not report["reused"]
     assert report["expires_at"] > job.token.expires_at
@@ -53,8 +62,8 @@ def test_discovery_is_kept_in_the_token_directory(srv: DevServer, tmp_path: Path
     job = prepare(srv, tmp_path, lifetime_s=600)
     clear_discovery_cache()
     srv.clear_requests()
-    for _ in range(2):
-        time.sleep(1.05)
+    for step in (1, 2):
+        longer_tokens(srv, step)
         renew(job.tokendir)
         clear_discovery_cache()  # as a fresh child process would start
     assert [r.endpoint for r in srv.requests()].count("discovery") == 1
@@ -72,7 +81,7 @@ def test_stale_discovery_is_forgotten_after_a_404(srv: DevServer, tmp_path: Path
     code, report, _ = child(job.tokendir.path)
     assert code == 77 and not report["ok"]
     assert not kept.exists()
-    time.sleep(1.05)
+    longer_tokens(srv)
     code, report, _ = child(job.tokendir.path)
     assert code == 0 and report["ok"]
 
