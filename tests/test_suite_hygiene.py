@@ -93,3 +93,38 @@ def test_every_prerequisite_check_goes_through_the_one_rule() -> None:
         and re.search(r"""environ(\.get)?[\[(]["']CI["']""", path.read_text())
     ]
     assert readers == []
+
+
+def test_the_suite_runs_the_same_when_started_hostile(tmp_path: Path) -> None:
+    """Started under ``nohup`` and ``trap '' INT``, with stdin closed and the host's token
+    and jobtoken settings exported, the suite still gives every fixture (whatever its
+    scope) and every child a neutral start: the probe tests in a nested pytest say so."""
+    token_file = tmp_path / "host-bt"
+    token_file.write_text("eyJhbGciOiJub25lIn0.eyJzdWIiOiJob3N0In0.\n")
+    hostile = dict(
+        os.environ,
+        BEARER_TOKEN_FILE=str(token_file),
+        BEARER_TOKEN="host-token",
+        JOBTOKEN_CONFIG=str(tmp_path / "host.toml"),
+        JOBTOKEN_SCOPE="storage.modify:/",
+        JOBTOKEN_DIR=str(tmp_path),
+        XDG_RUNTIME_DIR=str(tmp_path),
+        CONDOR_CONFIG=str(tmp_path / "condor_config"),
+        _CONDOR_SCRATCH_DIR=str(tmp_path),
+        JOBTOKEN_LONG_TESTS="1",
+    )
+
+    def hostile_start() -> None:
+        for sig in (signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+        os.close(0)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+         str(ROOT / "tests" / "payloads" / "suite_probe.py")],
+        cwd=ROOT, env=hostile, stdin=None, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=300, preexec_fn=hostile_start,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "3 passed" in result.stdout, result.stdout[-3000:]

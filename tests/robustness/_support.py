@@ -22,6 +22,7 @@ import httpx
 from jobtoken._tokenfile import write_secret_file
 from tests.runhelpers import AUD, PARENT_CAPS, jobtoken_argv
 from tests.siteconfig import config_text, loopback_site
+from tests.suiteoptions import LONG
 
 __all__ = [
     "AUD",
@@ -35,8 +36,6 @@ __all__ = [
     "make_site",
 ]
 
-# Read at import: the suite's autouse fixture strips JOBTOKEN_* from each test's environment.
-LONG = os.environ.get("JOBTOKEN_LONG_TESTS", "") == "1"
 
 OP_SCOPES = ("storage.read:/", "storage.create:/")
 
