@@ -50,6 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from _bench import (
     AUDIENCE,
+    ROOT,
     bench_env,
     children,
     dev_server,
@@ -62,6 +63,9 @@ from _bench import (
     uss_bytes,
     write_private,
 )
+
+sys.path.insert(0, str(ROOT))  # the checkout: the broker site config the tests write too
+from tests.siteconfig import broker_site_config  # noqa: E402
 
 MIB = 1024.0 * 1024.0
 GOALS = {"broker_uss_per_job_mib_at_64": 0.45, "broker_cpu_ms_per_renewal": 20.0}
@@ -134,23 +138,10 @@ class BrokerSite:
         parent = write_private(base / "parent.mt", srv.issue_mytoken(
             capabilities=list(PARENT_CAPS)))
         self.config = base / "jobtoken.toml"
-        self.config.write_text(f"""
-[server]
-url = "{srv.url}"
-allow_http = true
-timeout_s = 10
-[site]
-parent_mytoken_file = "{parent}"
-vo = "vo"
-allowed_scopes = ["{SCOPE}"]
-allowed_audiences = ["{AUDIENCE}"]
-expected_at_lifetime_s = {lifetime_s}
-[renewal]
-margin_s = {max(2, lifetime_s // 5)}
-[broker]
-socket = "{self.socket}"
-state_dir = "{self.state_dir}"
-""")
+        self.config.write_text(broker_site_config(
+            url=srv.url, parent=parent, scope=SCOPE, audience=AUDIENCE, lifetime_s=lifetime_s,
+            margin_s=max(2, lifetime_s // 5), socket=self.socket, state_dir=self.state_dir,
+            timeout_s=10))
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.anchors: List[subprocess.Popen[bytes]] = []
         self.first_token_s: List[float] = []

@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-import pytest
-
 from jobtoken._brokerclient import BrokerClient
 from jobtoken._errors import JobtokenError
 from jobtoken._tokenfile import write_secret_file
 from jobtoken.devserver import DevServer, DevServerConfig
+from tests.prerequisites import need
 from tests.runhelpers import AUD, PARENT_CAPS, ROOT, readline_within
+from tests.siteconfig import broker_site_config
 
 JOB_PAYLOAD = ROOT / "tests" / "payloads" / "broker_job.py"
 #: the interpreter job processes run: the test's own may live where other uids cannot go
@@ -37,12 +37,8 @@ JOB_PYTHON = "/usr/bin/python3"
 
 def require_root() -> None:
     """Skip (outside CI) or fail (in CI) when not root: jobs run as other uids."""
-    if not os.path.exists(JOB_PYTHON):
-        pytest.fail(f"{JOB_PYTHON} is needed to run job processes as other uids")
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the broker tests run as root in CI (setuid to job uids)")
-        pytest.skip("needs root (jobs run as other uids)")
+    need(os.path.exists(JOB_PYTHON), f"{JOB_PYTHON} is needed to run job processes as other uids")
+    need(os.geteuid() == 0, "needs root (jobs run as other uids)")
 
 
 def spare_uids(count: int) -> List[int]:
@@ -81,26 +77,11 @@ class Site:
         write_secret_file(self.parent, srv.issue_mytoken(capabilities=list(PARENT_CAPS)),
                           newline=False)
         self.config = base / "jobtoken.toml"
-        self.config.write_text(f"""
-[server]
-url = "{srv.url}"
-allow_http = true
-timeout_s = 5
-[site]
-parent_mytoken_file = "{self.parent}"
-vo = "vo"
-allowed_scopes = ["storage.create:/vo"]
-allowed_audiences = ["{AUD}"]
-expected_at_lifetime_s = {at_lifetime_s}
-[renewal]
-margin_s = {margin_s}
-metrics_dir = "{self.metrics_dir}"
-[broker]
-socket = "{self.socket}"
-state_dir = "{self.state_dir}"
-reconcile_s = 1
-workers = {workers}
-""")
+        self.config.write_text(broker_site_config(
+            url=srv.url, parent=self.parent, scope="storage.create:/vo", audience=AUD,
+            lifetime_s=at_lifetime_s, margin_s=margin_s, socket=self.socket,
+            state_dir=self.state_dir, timeout_s=5, metrics_dir=self.metrics_dir,
+            reconcile_s=1, workers=workers))
         # the job side's copy of jobtoken and its payload, where every uid may read them
         self.pythonpath = base / "py"
         shutil.copytree(ROOT / "src" / "jobtoken", self.pythonpath / "jobtoken",

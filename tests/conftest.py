@@ -1,5 +1,12 @@
-"""Shared fixtures: a clean environment for every test (no token leaks in from the host)
-and package loggers put back as they were."""
+"""Shared fixtures: a suite independent of how it was started, and of the host.
+
+Before the first test (``pytest_configure``) the run's own process is made neutral: no
+inherited ignored or blocked signal reaches the processes the tests start, no host
+setting the product reads (``BEARER_TOKEN_FILE``, ``JOBTOKEN_*``, ``XDG_RUNTIME_DIR``,
+HTCondor's variables, proxies, CA paths) is in the environment of any fixture, whatever
+its scope, and a closed stdin is /dev/null. Each test then gets that clean environment
+again (``clean_environ``) and the package loggers as they were (``restore_logging``).
+"""
 
 from __future__ import annotations
 
@@ -12,11 +19,13 @@ from typing import Dict, Iterator, List
 import pytest
 from hypothesis import settings
 
+from tests.suiteoptions import LONG  # before pytest_configure strips JOBTOKEN_*
+
 # The suite's property and fuzz tests draw the same cases every run, so CI is reproducible;
 # JOBTOKEN_LONG_TESTS=1 explores fresh random cases (and more of them, in tests/robustness).
 settings.register_profile("reproducible", derandomize=True, database=None)
 settings.register_profile("explore", database=None)
-settings.load_profile("explore" if os.environ.get("JOBTOKEN_LONG_TESTS") else "reproducible")
+settings.load_profile("explore" if LONG else "reproducible")
 
 # Signals a test may send to a process it started (payloads, wrappers, servers).
 _TEST_SIGNALS = ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM")
@@ -50,21 +59,54 @@ def reset_inherited_signal_dispositions() -> List[str]:
     return changed
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # before any test (or fixture, or plugin thread) starts a process
-    reset_inherited_signal_dispositions()
-
-
-_STRIP_PREFIXES = ("BEARER_TOKEN", "MYTOKEN", "JOBTOKEN", "_CONDOR_", "SSL_CERT", "X509_")
+_STRIP_PREFIXES = ("BEARER_TOKEN", "MYTOKEN", "JOBTOKEN", "_CONDOR_", "CONDOR_", "SSL_CERT",
+                   "X509_")
 _STRIP_EXACT = ("XDG_RUNTIME_DIR", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",
                 "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy")
 
 
+def host_settings() -> List[str]:
+    """Names of the environment variables the product (or its libraries) would read from
+    the host: token discovery, jobtoken's settings, HTCondor's, proxies and CA paths."""
+    return [name for name in os.environ
+            if name.startswith(_STRIP_PREFIXES) or name in _STRIP_EXACT]
+
+
+def neutral_standard_streams() -> List[int]:
+    """Open /dev/null on any of fds 0-2 the run was started without (``<&-``).
+
+    A closed descriptor is handed to every child as closed, and the next file or pipe the
+    run opens would take its number: a child's "stdin" would then be some other file.
+    Returns the descriptors it opened.
+    """
+    opened = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)  # inheritable, as dup2 makes it
+                os.close(null)
+            else:
+                os.set_inheritable(fd, True)  # os.open's descriptors are not (PEP 446)
+            opened.append(fd)
+    return opened
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # before any test or fixture (of any scope) or plugin thread starts a process
+    reset_inherited_signal_dispositions()
+    neutral_standard_streams()
+    for name in host_settings():
+        del os.environ[name]
+
+
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith(_STRIP_PREFIXES) or name in _STRIP_EXACT:
-            monkeypatch.delenv(name, raising=False)
+    """What a test before this one put into the environment is gone again."""
+    for name in host_settings():
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(autouse=True)
@@ -111,11 +153,9 @@ def jobtoken_debs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     import shutil
 
     from tests.debpackages import build_debs
+    from tests.prerequisites import need
 
     for tool in ("dpkg-buildpackage", "dh"):
-        if shutil.which(tool) is None:
-            reason = f"building the Debian package needs {tool} (.ci/install-packaging.sh)"
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"CI prerequisite missing: {reason}", pytrace=False)
-            pytest.skip(reason)
+        need(shutil.which(tool), f"building the Debian package needs {tool} "
+                                 "(.ci/install-packaging.sh)")
     return build_debs(tmp_path_factory.mktemp("debs"))

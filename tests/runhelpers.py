@@ -10,8 +10,6 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Dict, List, Optional, Sequence
 
-import pytest
-
 from jobtoken._config import Config, RenewalConfig, ServerConfig, SiteConfig
 from jobtoken._prepare import JobFacts, PreparedJob, prepare_job
 from jobtoken._tokenfile import write_secret_file
@@ -21,16 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PAYLOADS = ROOT / "tests" / "payloads"
 PARENT_CAPS = ("AT", "create_mytoken", "tokeninfo")
 LINE_TIMEOUT_S = 60.0  # a handshake line on a loaded machine; a hang fails, not stalls
-
-
-def need(condition: bool, reason: str) -> None:
-    """A prerequisite of a real-system test: without it a clear skip, but under ``CI=true``
-    a failure, because CI installs everything and a skip there would hide a broken setup."""
-    if condition:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI prerequisite missing: {reason}")
-    pytest.skip(reason)
 
 
 def readline_within(stream: Optional[IO[str]], timeout_s: float = LINE_TIMEOUT_S) -> str:
@@ -78,12 +66,16 @@ def jobtoken_argv(*args: str) -> List[str]:
     return [sys.executable, "-m", "jobtoken", *args]
 
 
-def checker(seconds: float, interval: float = 0.02, *, until_tokens: int = 0) -> List[str]:
+def checker(seconds: float, interval: float = 0.02, *, until_tokens: int = 0,
+            min_seconds: float = 0.0) -> List[str]:
     """The token-reading payload for ``seconds``; with ``until_tokens``, until it has read
-    that many distinct tokens (``seconds`` then only bounds a run that never gets them)."""
+    that many distinct tokens (``seconds`` then only bounds a run that never gets them),
+    but at least ``min_seconds``."""
     argv = [sys.executable, str(PAYLOADS / "check_token.py"), "--seconds", str(seconds),
             "--interval", str(interval)]
-    return argv + (["--until-tokens", str(until_tokens)] if until_tokens else [])
+    if until_tokens:
+        argv += ["--until-tokens", str(until_tokens), "--min-seconds", str(min_seconds)]
+    return argv
 
 
 def run(args: Sequence[str], *, env: Optional[Dict[str, str]] = None, timeout: float = 120,

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from jobtoken.devserver import DevServer, DevServerConfig
+from tests.prerequisites import need
 from tests.runhelpers import AUD, jobtoken_argv, readline_within, run
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
@@ -43,10 +44,7 @@ def _as_nobody() -> dict:
     if os.geteuid() != 0:
         return {"python": sys.executable}
     python = "/usr/bin/python3"
-    if not os.access(python, os.X_OK):
-        if os.environ.get("CI"):
-            pytest.fail("needs /usr/bin/python3")
-        pytest.skip("no /usr/bin/python3")
+    need(os.access(python, os.X_OK), "no /usr/bin/python3")
     return {"python": python, "user": 65534, "group": 65534, "extra_groups": []}
 
 

@@ -15,6 +15,7 @@ from typing import Iterator
 import pytest
 
 from jobtoken._logs import JsonFormatter, UtcFormatter, file_handler
+from tests.prerequisites import need
 
 ROOT = Path(__file__).resolve().parents[1]
 STAMP = 1_700_000_000  # 2023-11-14T22:13:20Z
@@ -88,10 +89,8 @@ def test_the_file_handler_never_writes_through_a_symlink(
 
 def _logrotate() -> str:
     found = shutil.which("logrotate") or shutil.which("logrotate", path="/usr/sbin:/sbin")
-    if not found:
-        if os.environ.get("CI"):
-            pytest.fail("logrotate is missing (.ci/install-logrotate.sh installs it)")
-        pytest.skip("logrotate is not installed")
+    need(found, "logrotate is not installed (.ci/install-logrotate.sh installs it)")
+    assert found is not None
     return found
 
 

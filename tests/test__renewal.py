@@ -24,9 +24,19 @@ from tests.runhelpers import AUD, prepare
 
 @pytest.fixture()
 def srv() -> Iterator[DevServer]:
-    with DevServer(DevServerConfig(at_lifetime_s=600, op_scopes=("storage.create:/",),
+    with DevServer(DevServerConfig(at_lifetime_s=LIFETIME_S, op_scopes=("storage.create:/",),
                                    default_audience=AUD)) as server:
         yield server
+
+
+LIFETIME_S = 600
+
+
+def longer_tokens(srv: DevServer, step: int = 1) -> None:
+    """The server's next tokens live ``step`` s longer than the first ones: a renewed token
+    must expire later than the one it replaces (exp has one-second resolution), and this
+    makes it so without waiting a second for the clock."""
+    srv.set_at_lifetime(LIFETIME_S + step)
 
 
 def child(directory: Path, *args: str) -> tuple:
@@ -37,7 +47,7 @@ def child(directory: Path, *args: str) -> tuple:
 
 def test_report_is_one_non_secret_line(srv: DevServer, tmp_path: Path) -> None:
     job = prepare(srv, tmp_path, lifetime_s=600)
-    time.sleep(1.05)  # exp has one-second resolution: a new token must expire later
+    longer_tokens(srv)
     code, report, output = child(job.tokendir.path)
     assert code == 0 and report["ok"] and not report["reused"]
     assert report["expires_at"] > job.token.expires_at
@@ -57,8 +67,8 @@ def test_discovery_is_kept_in_the_token_directory(srv: DevServer, tmp_path: Path
     job = prepare(srv, tmp_path, lifetime_s=600)
     clear_discovery_cache()
     srv.clear_requests()
-    for _ in range(2):
-        time.sleep(1.05)
+    for step in (1, 2):
+        longer_tokens(srv, step)
         renew(job.tokendir)
         clear_discovery_cache()  # as a fresh child process would start
     assert [r.endpoint for r in srv.requests()].count("discovery") == 1
@@ -76,7 +86,7 @@ def test_stale_discovery_is_forgotten_after_a_404(srv: DevServer, tmp_path: Path
     code, report, _ = child(job.tokendir.path)
     assert code == 77 and not report["ok"]
     assert not kept.exists()
-    time.sleep(1.05)
+    longer_tokens(srv)
     code, report, _ = child(job.tokendir.path)
     assert code == 0 and report["ok"]
 
@@ -169,10 +179,10 @@ def path(request: pytest.FixtureRequest, srv: DevServer, tmp_path: Path
 
 def test_each_path_writes_a_fresh_token_everywhere_and_keeps_the_rotated_mytoken(
         path: RenewalPath, srv: DevServer) -> None:
-    for _ in range(2):  # the second exchange works only with the mytoken the first saved
+    for step in (1, 2):  # the second exchange works only with the mytoken the first saved
         old = path.tokendir.mytoken.read_text()
         before = path.contents()
-        time.sleep(1.05)  # exp has one-second resolution: a new token must expire later
+        longer_tokens(srv, step)
         path.renew()
         after = path.contents()
         assert after[0] != before[0] and len(set(after)) == 1  # the same new token in each
@@ -184,9 +194,9 @@ def test_each_path_writes_a_fresh_token_everywhere_and_keeps_the_rotated_mytoken
 def test_on_each_path_a_token_that_fails_a_check_never_replaces_the_valid_one(
         path: RenewalPath, srv: DevServer, bad: str) -> None:
     if bad == "stale_exp":  # the last token's exp with a later iat: renew once first
-        time.sleep(1.05)
+        longer_tokens(srv)
         path.renew()
-        time.sleep(1.05)
+        time.sleep(1.05)  # iat has one-second resolution: the stale answer must be newer
     before = path.contents()
     old = path.tokendir.mytoken.read_text()
     srv.faults.add("access", token=bad, count=1)

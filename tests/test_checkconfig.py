@@ -21,6 +21,7 @@ from jobtoken._checkconfig import judge_config, judge_file, judge_parent_claims
 from jobtoken._config import Config, SiteConfig
 from jobtoken._policy import Health
 from jobtoken.devserver import DevServer, DevServerConfig
+from tests.prerequisites import need
 from tests.runhelpers import ROOT, jobtoken_argv, run
 
 NOW = 1_800_000_000.0
@@ -190,10 +191,8 @@ def test_paths_the_config_names_are_checked(tmp_path: Path, node: Dict[str, Any]
 
 def test_htcondor_hooks_are_checked_through_the_real_bindings(
         tmp_path: Path, node: Dict[str, Any]) -> None:
-    if not any(importlib.util.find_spec(name) for name in ("htcondor2", "htcondor")):
-        if os.environ.get("CI") == "true":
-            pytest.fail("the HTCondor Python bindings are not installed")
-        pytest.skip("the HTCondor Python bindings are not installed")
+    need(any(importlib.util.find_spec(name) for name in ("htcondor2", "htcondor")),
+         "the HTCondor Python bindings are not installed (.ci/install-htcondor.sh)")
     libexec = tmp_path / "libexec"
     libexec.mkdir()
     hook = libexec / "jobtoken-prepare-hook"

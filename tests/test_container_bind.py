@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 from jobtoken._tokenfile import write_secret_file
-from tests.runhelpers import need
+from tests.prerequisites import need
 
 
 def test_a_bound_directory_sees_each_renewal_and_a_bound_file_keeps_the_first_token(tmp_path):

@@ -24,6 +24,7 @@ import pytest
 from jobtoken.cli import build_parser
 from tests.debpackages import APT, PACKAGING, ROOT
 from tests.debpackages import run as _run
+from tests.prerequisites import need
 
 LIBEXEC_SCRIPTS = sorted(p.name for p in (ROOT / "condor").glob("jobtoken-*"))
 SNIPPETS = sorted(p.name for p in (ROOT / "condor" / "config.d").glob("*.conf"))
@@ -44,11 +45,7 @@ pytestmark = pytest.mark.slow
 
 
 def _need(condition: bool, reason: str) -> None:
-    if condition:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI prerequisite missing: {reason} (.ci/install-packaging.sh)")
-    pytest.skip(reason)
+    need(condition, f"{reason} (.ci/install-packaging.sh)")
 
 
 def _version() -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 
 import jobtoken
 from jobtoken._version import version as fallback
+from tests.prerequisites import need
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,10 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _needs_git() -> None:
-    if shutil.which("git") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI prerequisite missing: git")
-        pytest.skip("needs git")
+    need(shutil.which("git"), "needs git")
 
 
 def _tree(tmp_path: Path) -> Path:

@@ -26,6 +26,7 @@ from jobtoken._mytoken import MytokenClient
 from jobtoken._run import sidecar_alive
 from jobtoken._tokendir import TokenDir
 from jobtoken.devserver import DevServer, DevServerConfig
+from tests.prerequisites import need
 
 from .conftest import AUDIENCE, JOBTOKEN_BIN, WRAPPERS_DIR, base_env, closed_port_url, write_secret
 
@@ -36,10 +37,8 @@ SHELLCHECK = shutil.which("shellcheck")
 
 
 def _need(tool: Optional[str], name: str) -> str:
-    if tool is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} missing: run .ci/install-arc.sh", pytrace=False)
-        pytest.skip(f"{name} not installed (.ci/install-arc.sh installs it)")
+    need(tool, f"{name} not installed (.ci/install-arc.sh installs it)")
+    assert tool is not None
     return tool
 
 

@@ -5,7 +5,8 @@ Counts reads that were missing, empty, torn (not a decodable JWT) or expired
 else 3. Runs for ``--seconds S``; prints ``ready`` after its first read. With
 ``--until-tokens N`` it ends as soon as it has read the N-th distinct token, and
 ``--seconds`` only bounds a run whose renewals never come: a test then waits for the
-renewals it needs, however slow the machine, instead of hoping they fit a fixed time.
+renewals it needs, however slow the machine, instead of hoping they fit a fixed time;
+``--min-seconds S`` keeps it reading at least S seconds even when the tokens came sooner.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ def main(argv: list[str]) -> int:
     seconds = float(argv[argv.index("--seconds") + 1])
     interval = float(argv[argv.index("--interval") + 1]) if "--interval" in argv else 0.02
     until = int(argv[argv.index("--until-tokens") + 1]) if "--until-tokens" in argv else 0
+    least = float(argv[argv.index("--min-seconds") + 1]) if "--min-seconds" in argv else 0.0
     path = os.environ["BEARER_TOKEN_FILE"]
     counts = {"reads": 0, "missing": 0, "empty": 0, "torn": 0, "expired": 0}
     jtis: list[str] = []
     min_left = float("inf")
-    end = time.time() + seconds
+    start = time.time()
+    end = start + seconds
     first = True
     while time.time() < end:
         counts["reads"] += 1
@@ -54,7 +57,7 @@ def main(argv: list[str]) -> int:
             first = False
             sys.stdout.write("ready\n")
             sys.stdout.flush()
-        if until and len(jtis) >= until:
+        if until and len(jtis) >= until and time.time() - start >= least:
             break
         time.sleep(interval)
     bad = counts["missing"] + counts["empty"] + counts["torn"] + counts["expired"]

@@ -7,7 +7,6 @@ fingerprint of the parent mytoken file, and the server's view of live job mytoke
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import stat
@@ -22,6 +21,8 @@ import httpx
 
 from jobtoken._tokenfile import write_secret_file
 from tests.runhelpers import AUD, PARENT_CAPS, jobtoken_argv
+from tests.siteconfig import config_text, loopback_site
+from tests.suiteoptions import LONG
 
 __all__ = [
     "AUD",
@@ -35,8 +36,6 @@ __all__ = [
     "make_site",
 ]
 
-# Read at import: the suite's autouse fixture strips JOBTOKEN_* from each test's environment.
-LONG = os.environ.get("JOBTOKEN_LONG_TESTS", "") == "1"
 
 OP_SCOPES = ("storage.read:/", "storage.create:/")
 
@@ -80,23 +79,10 @@ def make_site(
     parent = root / "parent.mt"
     mytoken = srv.issue_mytoken(capabilities=list(PARENT_CAPS))
     write_secret_file(parent, mytoken, newline=False)
-    lines = [
-        "[server]",
-        f'url = "{srv.url}"',
-        "allow_http = true",
-        f"timeout_s = {timeout_s}",
-        "[site]",
-        f'parent_mytoken_file = "{parent}"',
-        'vo = "vo"',
-        'allowed_scopes = ["storage.create:/vo"]',
-        f'allowed_audiences = ["{AUD}"]',
-        f"expected_at_lifetime_s = {lifetime_s}",
-    ]
-    if renewal:
-        lines.append("[renewal]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in renewal.items()]  # TOML-compatible
     config = root / "jobtoken.toml"
-    config.write_text("\n".join(lines) + "\n")
+    sections = loopback_site(url=srv.url, parent=parent, scope="storage.create:/vo",
+                             audience=AUD, lifetime_s=lifetime_s, timeout_s=timeout_s)
+    config.write_text(config_text({**sections, **({"renewal": renewal} if renewal else {})}))
     return Site(root, config, parent, mytoken, job_dir or root / "job")
 
 

@@ -1,9 +1,9 @@
 """Robustness tests (fault matrix, crash consistency, fuzzing, secret hygiene).
 
 More trials: ``JOBTOKEN_LONG_TESTS=1 .venv/bin/pytest tests/robustness``. The variable
-is read once at import, before the suite's autouse fixture strips ``JOBTOKEN_*``
-from the environment of every test (a ``--long`` option cannot be added from a
-non-root conftest). See docs/robustness.md.
+is read once, by ``tests/suiteoptions.py`` when the root conftest loads, before the
+suite strips ``JOBTOKEN_*`` from its environment (a ``--long`` option cannot be added
+from a non-root conftest). See docs/robustness.md.
 """
 
 from __future__ import annotations

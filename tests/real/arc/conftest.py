@@ -28,6 +28,7 @@ import pytest
 
 from jobtoken.devserver import DevServer, DevServerConfig
 from tests.debpackages import SharedInstall
+from tests.prerequisites import unavailable
 
 from ._ce import (
     ARC_CHROOT,
@@ -44,12 +45,6 @@ from ._ce import (
 AUDIENCE = "https://se.arc.jobtoken.test"
 VO = "dteam"
 AT_LIFETIME_S = 30
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"ARC CE tests cannot run: {reason}", pytrace=False)
-    pytest.skip(f"ARC CE tests need {reason}")
 
 
 @dataclass
@@ -129,11 +124,11 @@ def probe_rte(ce: ArcCE) -> bool:
 @pytest.fixture(scope="package")
 def arc_site(request: pytest.FixtureRequest) -> Iterator[ArcSite]:
     if os.geteuid() != 0:
-        _unavailable("root (A-REX maps jobs to a local account)")
+        unavailable("ARC CE tests need root (A-REX maps jobs to a local account)")
     chroot = ARC_CHROOT if use_chroot() else None
     missing = missing_prerequisites(chroot)
     if missing:
-        _unavailable(f"{', '.join(missing)} ({INSTALL_HINT})")
+        unavailable(f"ARC CE tests need {', '.join(missing)} ({INSTALL_HINT})")
     debs: Dict[str, Path] = request.getfixturevalue("jobtoken_debs")  # once checks passed
     base = make_base(chroot)
     ce = ArcCE(chroot=chroot, base=base)

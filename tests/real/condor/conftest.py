@@ -10,7 +10,6 @@ skips these tests with the reason; under ``CI=true`` the same reason fails them.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -21,6 +20,7 @@ import pytest
 
 from jobtoken.devserver import DevServer, DevServerConfig
 from tests.debpackages import SharedInstall
+from tests.prerequisites import unavailable
 
 from ._pool import Pool, PoolEnv, missing_prerequisite, pool_root
 
@@ -77,9 +77,7 @@ def require_pool() -> None:
     """Skip (outside CI) or fail (CI) when no pool can start here, with the reason."""
     reason = missing_prerequisite()
     if reason:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"real HTCondor pool: {reason}", pytrace=False)
-        pytest.skip(reason)
+        unavailable(f"real HTCondor pool: {reason}")
 
 
 @pytest.fixture(scope="package")
