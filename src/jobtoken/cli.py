@@ -74,7 +74,7 @@ def _emit(
     """
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    elif not (chatter and getattr(args, "quiet", 0)):
+    elif not (chatter and getattr(args, "quiet", 0) > 0):
         sys.stdout.write(human(printable_values(data)) + "\n")
 
 

@@ -10,6 +10,7 @@ handed, or log token strings.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -70,7 +71,11 @@ def _go_type(value: Any) -> str:
 
 
 class _Body:
-    """A request body's fields with the type checks Go's decoders would do."""
+    """A request body's fields with the type checks Go's decoders would do.
+
+    The getters are named after the Go types they check; inside the class body those
+    names hide the builtins, so later annotations spell ``builtins.str``.
+    """
 
     def __init__(self, fields: Mapping[str, Any], *, form: bool, struct: str) -> None:
         self.fields = fields
@@ -94,7 +99,7 @@ class _Body:
             raise self._type_error(key, value, "string")
         return value
 
-    def bool(self, key: str) -> bool:
+    def bool(self, key: builtins.str) -> bool:
         value = self.fields.get(key)
         if value is None:
             return False
@@ -108,7 +113,7 @@ class _Body:
             raise self._type_error(key, value, "bool")
         return value
 
-    def int(self, key: str) -> int:
+    def int(self, key: builtins.str) -> int:
         value = self.fields.get(key)
         if value is None:
             return 0

@@ -113,7 +113,7 @@ class AccessTokenIssuer:
             "client_id": self.client_id,
         }
         if fault == "alg_none":
-            token = jwt.encode(claims, None, algorithm="none")
+            token = jwt.encode(claims, "", algorithm="none")  # "none" takes no key; "" means none
         elif fault == "hs256":
             token = jwt.encode(claims, secrets.token_bytes(32), algorithm="HS256")
         else:

@@ -207,7 +207,7 @@ def hosts_subset(wanted: Sequence[str], allowed: Sequence[str]) -> bool:
         for cand in allowed:
             anet = _network(cand)
             if wnet is not None and anet is not None:
-                if wnet.version == anet.version and wnet.subnet_of(anet):  # type: ignore[arg-type]
+                if wnet.version == anet.version and wnet.subnet_of(anet):
                     ok = True
             elif host == cand or (wnet is None and fnmatch.fnmatchcase(host, cand)):
                 ok = True

@@ -466,7 +466,7 @@ def run_credmon(
     real_clock = clock or SystemClock()
     stop = stop or threading.Event()
     wake = wake or threading.Event()
-    previous: Dict[int, Any] = {}
+    previous: Dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread() and not once:
 
         def on_hup(signum: int, frame: Any) -> None:
