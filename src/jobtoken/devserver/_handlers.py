@@ -149,9 +149,6 @@ class _Body:
             f"{self._struct}.{key} of type {want}"
         )
 
-    def has(self, key: str) -> bool:
-        return key in self.fields and self.fields[key] is not None
-
     def str(self, key: str) -> str:
         value = self.fields.get(key)
         if value is None:

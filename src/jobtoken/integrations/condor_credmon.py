@@ -69,7 +69,6 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "CREDMON_COMPLETE"
 PID_FILE = "pid"
-TOP_FORMAT = "jobtoken-top-1"  # the "format" member the storer writes
 MAX_TOP_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 8
 DEFAULT_MIN_REMAINING_S = 300.0 + 60.0 + 60.0  # starter refresh + scan interval + margin
