@@ -155,7 +155,7 @@ def _create(
     )
 
 
-def check_minted(minted: Any, request: SubMytokenRequest) -> None:
+def check_minted(minted: MytokenResponse, request: SubMytokenRequest) -> None:
     """Refuse a sub-mytoken that came back wider than asked.
 
     Raises:

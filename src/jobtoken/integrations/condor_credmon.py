@@ -42,7 +42,18 @@ import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 from .._clock import Clock, SystemClock, utc_text
 from .._config import Config
@@ -50,6 +61,9 @@ from .._errors import ConfigError, JobtokenError, TokenFileError
 from .._mytokenfile import MytokenSource, check_mytoken_value
 from .._tokenfile import write_secret_file
 from ._condor_bindings import condor_param
+
+if TYPE_CHECKING:  # the token code (jwt, cryptography) loads only when a token is read
+    from .._tokens import AccessToken
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -73,8 +87,8 @@ MAX_TOP_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 8
 DEFAULT_MIN_REMAINING_S = 300.0 + 60.0 + 60.0  # starter refresh + scan interval + margin
 
-# (now, top) -> the access token's raw text; the seam tests replace
-Minter = Callable[[float, "TopCredential"], Any]
+# (now, top) -> the checked access token for the .use; the seam tests replace
+Minter = Callable[[float, "TopCredential"], "AccessToken"]
 
 
 @dataclass(frozen=True)
@@ -401,7 +415,7 @@ def token_minter(config: Config) -> Minter:
 
     verifier = build_verifier(config)
 
-    def mint(now: float, cred: TopCredential) -> Any:
+    def mint(now: float, cred: TopCredential) -> AccessToken:
         url = config.server.url or cred.server_url
         if not url:
             raise ConfigError(
