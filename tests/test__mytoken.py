@@ -1107,7 +1107,7 @@ def _bad(problem):
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(None, ()), ("", ()), ("a", ("a",)), (["a", "", "b"], ("a", "b")), ([], ())],
+    [(None, ()), ("", ()), ("a", ("a",)), (["a", "", "b", "a"], ("a", "b")), ([], ())],
 )
 def test_audience_may_be_absent_one_string_or_an_array(value, expected):
     assert _mytoken._audiences(value, _bad) == expected

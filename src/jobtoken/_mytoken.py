@@ -52,7 +52,7 @@ from ._errors import (
 )
 from ._http import http_client, parse_retry_after, translate_http_error, url_problem
 from ._scopes import parse_scopes
-from ._tokens import unverified_claims
+from ._tokens import string_or_strings, unverified_claims
 
 __all__ = [
     "DISCOVERY_PATH",
@@ -315,13 +315,10 @@ def _text_field(data: Mapping[str, Any], key: str, default: str, bad: _Bad, prob
 
 def _audiences(value: Any, bad: _Bad) -> tuple[str, ...]:
     """``audience`` as the OP sends it: absent, one string, or an array of strings."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,) if value else ()
-    if isinstance(value, list) and all(isinstance(a, str) for a in value):
-        return tuple(a for a in value if a)
-    raise bad("audience is not an array of strings")
+    audiences = string_or_strings(value)
+    if audiences is None:
+        raise bad("audience is not an array of strings")
+    return audiences
 
 
 def _access_token_value(value: Any, bad: _Bad) -> str:

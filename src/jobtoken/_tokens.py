@@ -37,6 +37,7 @@ __all__ = [
     "describe",
     "is_identity_scope",
     "looks_like_jwt",
+    "string_or_strings",
 ]
 
 # Asymmetric JWS algorithms only (WLCG profile: RS256 and ES256 MUST be supported; HMAC
@@ -155,14 +156,23 @@ def _string(claims: Mapping[str, Any], name: str) -> str:
     return value
 
 
-def _string_list(value: Any, name: str) -> tuple[str, ...]:
+def string_or_strings(value: Any) -> Optional[tuple[str, ...]]:
+    """A JSON member that may be one string or an array of strings (``aud``, an OP's
+    ``audience``), as its non-empty items once each; None when it has another shape."""
     if value is None:
         return ()
     if isinstance(value, str):
         return (value,) if value else ()
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(dict.fromkeys(v for v in value if v))
-    raise _fail(f"'{name}' claim is neither a string nor a list of strings")
+    return None
+
+
+def _string_list(value: Any, name: str) -> tuple[str, ...]:
+    items = string_or_strings(value)
+    if items is None:
+        raise _fail(f"'{name}' claim is neither a string nor a list of strings")
+    return items
 
 
 def _scopes_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
