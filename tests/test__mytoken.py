@@ -6,6 +6,7 @@ import logging
 import httpx
 import pytest
 
+from jobtoken import _mytoken
 from jobtoken._errors import (
     ConfigError,
     MytokenRejectedError,
@@ -1095,3 +1096,116 @@ def test_a_fixed_scope_parent_refusal_explains_exact_matching(server):
     assert "not subset of original restrictions" in info.value.message
     assert "compares scope strings exactly" in info.value.message
     assert "leave 'scope' open or list the exact scope string" in info.value.message
+
+
+# --- the pure readers behind the response parsers (one rule each) ---------------------
+
+
+def _bad(problem):
+    return ProtocolError(problem)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, ()), ("", ()), ("a", ("a",)), (["a", "", "b", "a"], ("a", "b")), ([], ())],
+)
+def test_audience_may_be_absent_one_string_or_an_array(value, expected):
+    assert _mytoken._audiences(value, _bad) == expected
+
+
+@pytest.mark.parametrize("value", [3, {"a": 1}, ["a", 1]])
+def test_audience_of_another_shape_is_malformed(value):
+    with pytest.raises(ProtocolError, match="audience is not an array of strings"):
+        _mytoken._audiences(value, _bad)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"), [({}, "Bearer"), ({"token_type": None}, "Bearer"),
+                           ({"token_type": "DPoP"}, "DPoP")]
+)
+def test_absent_or_null_text_field_means_the_default(data, expected):
+    assert _mytoken._text_field(data, "token_type", "Bearer", _bad, "no") == expected
+
+
+def test_text_field_of_another_type_is_malformed():
+    with pytest.raises(ProtocolError, match="token_type is not a string"):
+        _mytoken._text_field({"token_type": 1}, "token_type", "Bearer", _bad,
+                             "token_type is not a string")
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "description", "retry_later"),
+    [
+        (500, None, None, True),
+        (503, "invalid_token", None, True),
+        (408, None, None, True),
+        (425, None, None, True),
+        (429, None, None, True),
+        (400, "temporarily_unavailable", None, True),
+        (400, "oidc_error", "server_error: the OP is down", True),
+        (400, "oidc_error", "invalid_grant: refresh token revoked", False),
+        (401, "invalid_token", None, False),
+        (403, "usage_restricted", None, False),
+        (404, None, None, False),
+    ],
+)
+def test_which_answers_are_worth_retrying(status, error, description, retry_later):
+    cls = _mytoken._error_class_for(status, error, description)
+    assert cls is (ServerUnavailableError if retry_later else MytokenRejectedError)
+
+
+def test_status_hint_prefers_what_the_description_reveals():
+    description = "restrictions: not subset of original restrictions"
+    assert "exact scope string" in _mytoken._status_hint("usage_restricted", description)
+    assert "no restriction" in _mytoken._status_hint("usage_restricted", "other")
+    assert _mytoken._status_hint("unknown_error", None) is None
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        None,
+        [],
+        {"children": [{"token": {}}]},
+        {"children": [{"token": {"mom_id": ""}}]},
+        {"children": [{"token": {"mom_id": "m"}, "children": {"not": "a list"}}]},
+        {"children": ["node"]},
+    ],
+)
+def test_malformed_subtoken_tree_is_refused(tree):
+    with pytest.raises(ValueError):
+        _mytoken._descendants(tree)
+
+
+def test_subtoken_tree_lists_every_descendant_but_not_the_root():
+    tree = {
+        "token": {"mom_id": "root"},
+        "children": [
+            {"token": {"mom_id": "a", "name": "job a", "created": 5},
+             "children": [{"token": {"mom_id": "a1", "name": 7}}]},
+            {"token": {"mom_id": "b"}},
+        ],
+    }
+    entries = {e.mom_id: e for e in _mytoken._descendants(tree)}
+    assert set(entries) == {"a", "a1", "b"}
+    assert (entries["a"].name, entries["a"].created) == ("job a", 5.0)
+    assert (entries["a1"].name, entries["a1"].created) == ("", None)
+
+
+def test_creation_body_leaves_out_what_is_inherited():
+    body = _mytoken._creation_body(
+        MT, restrictions=None, capabilities=None, rotation=None, name=None,
+        response_type="token", error_on_restrictions=True, max_token_len=None,
+    )
+    assert body == {"grant_type": "mytoken", "mytoken": MT, "response_type": "token",
+                    "error_on_restrictions": True}
+
+
+@pytest.mark.parametrize(("response_type", "max_len"), [("jwt", None), ("token", True),
+                                                        ("token", "64")])
+def test_creation_body_refuses_bad_options(response_type, max_len):
+    with pytest.raises(ConfigError):
+        _mytoken._creation_body(
+            MT, restrictions=None, capabilities=None, rotation=None, name=None,
+            response_type=response_type, error_on_restrictions=True, max_token_len=max_len,
+        )

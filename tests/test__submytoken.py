@@ -9,6 +9,7 @@ audience through).
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -202,3 +203,34 @@ def test_unverified_claims_refuse_a_repeated_key() -> None:
     assert unverified_claims(_forged_mytoken(_raw='{"a":1,"a":2}')) is None
     assert unverified_claims(_forged_mytoken(_raw='{"a":{"b":1,"b":2}}')) is None
     assert unverified_claims(_forged_mytoken(a=1)) == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    ("caps", "restrictions", "why"),
+    [
+        (["AT", "{what}"], [_NARROW], r"grant capabilities \['AT', '\{what\}'\]"),
+        ("AT", [_NARROW], "capabilities unreadable"),
+        (["AT"], [], "no restrictions"),
+        (["AT"], ["storage.read:/"], "unreadable restriction claim"),
+        (["AT"], [dict(_NARROW, usages_other=3)], "usages_other"),
+    ],
+)
+def test_the_minted_token_s_own_claims_are_judged_one_rule_at_a_time(
+    caps: Any, restrictions: list, why: str
+) -> None:
+    from jobtoken import _submytoken
+
+    request = _request(exp=1, usages_other=2)
+    problem = (_submytoken._claimed_capabilities_problem(caps, request)
+               or _submytoken._claimed_restrictions_problem(restrictions, request))
+    assert problem is not None and "job 1's mytoken" in problem
+    assert re.search(why, problem), problem
+
+
+def test_claims_as_narrow_as_asked_raise_no_problem() -> None:
+    from jobtoken import _submytoken
+
+    request = _request(exp=1, usages_other=2)
+    assert _submytoken._claimed_capabilities_problem(["AT"], request) is None
+    assert _submytoken._claimed_restrictions_problem(
+        [dict(_NARROW, usages_other=2)], request) is None

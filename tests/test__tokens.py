@@ -7,6 +7,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from jobtoken import _tokens
 from jobtoken._errors import TokenCheckError
 from jobtoken._tokens import (
     MAX_TOKEN_CHARS,
@@ -392,3 +393,27 @@ def test_check_treats_a_string_request_as_the_space_separated_form():
     wide = decode_access_token(make_token(scope="storage.create:/vo/jobs/42 storage.read:/vo"))
     with pytest.raises(TokenCheckError, match="beyond the request"):
         _check(wide, requested_scopes="storage.create:/vo/jobs/42")
+
+
+@pytest.mark.parametrize(
+    ("groups", "wanted", "unasked"),
+    [
+        (("/cms",), ("wlcg.groups",), []),
+        (("/cms", "/cms/prod"), ("wlcg.groups:/cms",), ["/cms/prod"]),
+        (("/cms",), ("storage.read:/",), ["/cms"]),
+        ((), ("storage.read:/",), []),
+    ],
+)
+def test_groups_the_request_did_not_name(groups, wanted, unasked):
+    assert _tokens._unasked_groups(groups, wanted) == unasked
+
+
+@pytest.mark.parametrize(("ver", "text"), [(None, None), ("1.0", "1.0"), (1.0, "1.0"), (1, "1")])
+def test_wlcg_version_may_arrive_as_a_number(ver, text):
+    assert _tokens._wlcg_version(ver) == text
+
+
+@pytest.mark.parametrize("ver", [True, ["1.0"], {"v": 1}])
+def test_wlcg_version_of_another_type_is_refused(ver):
+    with pytest.raises(TokenCheckError, match="wlcg.ver"):
+        _tokens._wlcg_version(ver)

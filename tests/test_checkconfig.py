@@ -17,8 +17,15 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from jobtoken._checkconfig import judge_config, judge_file, judge_parent_claims
+from jobtoken import _checkconfig
+from jobtoken._checkconfig import (
+    judge_config,
+    judge_file,
+    judge_parent_claims,
+    judge_server,
+)
 from jobtoken._config import Config, SiteConfig
+from jobtoken._mytoken import ServerMetadata
 from jobtoken._policy import Health
 from jobtoken.devserver import DevServer, DevServerConfig
 from tests.prerequisites import need
@@ -84,6 +91,51 @@ def test_judge_parent_claims(claims: Optional[Dict[str, Any]], worst: Health, te
     checks = judge_parent_claims(claims, NOW, SITE)
     assert max(c.health for c in checks) is worst
     assert any(text in c.line() for c in checks), [c.line() for c in checks]
+
+
+def _metadata(issuer: str = "https://mt.example.org",
+              tokeninfo: Optional[str] = "https://mt.example.org/api/v0/tokeninfo",
+              version: Optional[str] = "0.10.2") -> ServerMetadata:
+    return ServerMetadata(issuer=issuer, access_token_endpoint=issuer + "/at",
+                          mytoken_endpoint=issuer + "/my", revocation_endpoint=None,
+                          tokeninfo_endpoint=tokeninfo, jwks_uri=None, version=version, raw={})
+
+
+@pytest.mark.parametrize(
+    ("found", "issuer", "worst", "text"),
+    [
+        (_metadata(), "https://mt.example.org/", Health.OK, "(Mytoken 0.10.2)"),
+        (_metadata(version=None), None, Health.OK, "answers its discovery document"),
+        (_metadata(), "https://other.example.org", Health.CRITICAL, "not this server"),
+        (_metadata(tokeninfo=None), None, Health.WARNING, "no tokeninfo endpoint"),
+    ],
+)
+def test_judge_server(found: ServerMetadata, issuer: Optional[str], worst: Health,
+                      text: str) -> None:
+    checks = judge_server("server", "https://mt.example.org", found, issuer)
+    assert max(c.health for c in checks) is worst
+    assert any(text in c.line() for c in checks), [c.line() for c in checks]
+
+
+def test_a_default_hook_keyword_jobtoken_fails_whatever_its_case() -> None:
+    checks = _checkconfig._judge_default_keywords(
+        "htcondor", {"STARTER_DEFAULT_JOB_HOOK_KEYWORD": "jobtoken",
+                     "STARTER_JOB_HOOK_KEYWORD": None})
+    assert [c.health for c in checks] == [Health.CRITICAL]
+    assert "STARTER_DEFAULT_JOB_HOOK_KEYWORD" in checks[0].line()
+    assert _checkconfig._judge_default_keywords("htcondor", {"X": "OTHER", "Y": None}) == []
+
+
+@pytest.mark.parametrize(
+    ("hooks_config", "checked", "warned"),
+    [("/etc/a.toml", "/etc/b.toml", True), ("/etc/a.toml", "/etc//a.toml", False),
+     (None, "/etc/a.toml", False), ("/etc/a.toml", None, False)],
+)
+def test_hooks_reading_another_config_is_warned_about(
+    hooks_config: Optional[str], checked: Optional[str], warned: bool
+) -> None:
+    checks = _checkconfig._judge_hooks_config("htcondor", hooks_config, checked)
+    assert [c.health for c in checks] == ([Health.WARNING] if warned else [])
 
 
 def test_judge_config_finds_values_that_do_not_fit_together() -> None:

@@ -13,6 +13,12 @@ import jwt
 import pytest
 
 from jobtoken.devserver import DevServer
+from jobtoken.devserver._handlers import (
+    cookie_mytoken,
+    response_type_for_length,
+    scopes_and_audience_to_use,
+)
+from jobtoken.devserver._restrictions import Restriction
 from tests.devserver_fixtures import (
     access_token_request,
     client_for,
@@ -602,3 +608,44 @@ def test_maximum_mytoken_lifetime_is_enforced_as_the_real_server_does(clock: Fak
             assert capped.json()["restrictions"][0]["exp"] == now + 3600
             bare = sub_mytoken_request(c, parent, capabilities=["AT"])
             assert bare.json()["restrictions"] == [{"exp": now + 3600}]
+
+
+# --- the pure rules behind the handlers ---------------------------------------------------
+
+PROVIDER_SCOPES = ("openid", "storage.read:/")
+
+
+@pytest.mark.parametrize(
+    ("used", "scope", "audience", "expected"),
+    [
+        (None, "compute.read", "x", (list(PROVIDER_SCOPES), [])),
+        (Restriction(scope="a b", audience=("x",)), "", "", (["a", "b"], [""])),
+        (Restriction(scope="a b"), "a", "y", (["a"], ["y"])),
+        (Restriction(), "", "", (list(PROVIDER_SCOPES), [""])),
+    ],
+)
+def test_scopes_and_audience_the_op_is_asked_for(used, scope, audience, expected) -> None:
+    assert scopes_and_audience_to_use(used, scope, audience, PROVIDER_SCOPES) == expected
+
+
+@pytest.mark.parametrize(
+    ("requested", "max_len", "expected"),
+    [
+        ("transfer_code", 0, "transfer_code"),
+        ("short_token", 0, "short_token"),
+        ("short_token", 500, "token"),  # the JWT fits
+        ("token", 100, "short_token"),  # only a short token fits
+        ("token", 10, "token"),  # nothing fits: the JWT anyway
+    ],
+)
+def test_max_token_len_picks_the_form(requested: str, max_len: int, expected: str) -> None:
+    assert response_type_for_length(requested, max_len, jwt_len=400, short_len=64) == expected
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [("", ""), ("a=b; mytoken=abc", "abc"), ("mytoken=; x=1", ""),
+     ("mytoken=one; mytoken=two", "two"), ("mytokens=abc", "")],
+)
+def test_revocation_reads_the_mytoken_cookie(header: str, token: str) -> None:
+    assert cookie_mytoken(header) == token

@@ -19,6 +19,7 @@ from jobtoken.devserver._issuer import (
     WRONG_AUDIENCE,
     AccessTokenIssuer,
     MintedToken,
+    with_token_fault,
 )
 from jobtoken.devserver._keys import new_signing_key
 from jobtoken.devserver._responses import ApiError
@@ -241,3 +242,24 @@ def test_faults_do_not_leak_into_the_next_token() -> None:
         after = mint_now(issuer)
         claims = verify_like_storage(issuer, after.access_token)
         assert (claims["scope"], claims["aud"]) == (VO, SE), fault
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        (None, (["a"], ["x"], 1000, 2200)),
+        ("hs256", (["a"], ["x"], 1000, 2200)),
+        ("wider_scope", (["a", WIDER_SCOPE], ["x"], 1000, 2200)),
+        ("wrong_audience", (["a"], [WRONG_AUDIENCE], 1000, 2200)),
+        ("stale_exp", (["a"], ["x"], 1000, 1500)),
+        ("expired", (["a"], ["x"], 1000 - 1200 - 60, 1000 - 60)),
+    ],
+)
+def test_each_token_fault_changes_only_its_own_part(fault, expected) -> None:
+    assert with_token_fault(fault, ["a"], ["x"], 1000, 2200, last_exp=1500,
+                            lifetime_s=1200) == expected
+
+
+def test_a_stale_exp_needs_a_previous_token() -> None:
+    assert with_token_fault("stale_exp", ["a"], ["x"], 1000, 2200, last_exp=None,
+                            lifetime_s=1200)[3] == 2200

@@ -9,6 +9,7 @@ from jobtoken.devserver._restrictions import (
     has_capability,
     host_allowed,
     hosts_subset,
+    is_tighter,
     parse_restrictions,
     replace_this,
     restrictions_exp,
@@ -84,6 +85,55 @@ def test_hosts_subset_uses_subnets() -> None:
     assert not hosts_subset(["192.0.2.1"], ["10.0.0.0/8"])
 
 
+def test_hosts_subset_matches_names_by_pattern_and_never_mixes_ip_versions() -> None:
+    assert hosts_subset(["node1.example.org"], ["*.example.org"])
+    assert not hosts_subset(["10.0.0.1"], ["::/0"])
+    assert not hosts_subset(["node1.example.org"], ["10.0.0.0/8"])
+    assert hosts_subset([], ["10.0.0.0/8"])
+
+
+PARENT = Restriction(
+    nbf=NOW, exp=NOW + 100, scope="a b", audience=("x",), hosts=("10.0.0.0/8",),
+    geoip_allow=("de", "fr"), geoip_disallow=("zz",), usages_AT=10, usages_other=3,
+)
+
+
+@pytest.mark.parametrize(
+    ("change", "tighter"),
+    [
+        ({}, True),
+        ({"nbf": NOW - 1}, False),
+        ({"nbf": NOW + 1, "exp": NOW + 99}, True),
+        ({"exp": 0}, False),
+        ({"exp": NOW + 101}, False),
+        ({"scope": ""}, False),
+        ({"scope": "a"}, True),
+        ({"audience": ()}, False),
+        ({"audience": ("x", "y")}, False),
+        ({"hosts": ()}, False),
+        ({"hosts": ("10.1.0.0/16",)}, True),
+        ({"hosts": ("192.0.2.0/24",)}, False),
+        ({"geoip_allow": ()}, False),
+        ({"geoip_allow": ("de",)}, True),
+        ({"geoip_disallow": ()}, False),
+        ({"geoip_disallow": ("zz", "yy")}, True),
+        ({"usages_AT": None}, False),
+        ({"usages_AT": 11}, False),
+        ({"usages_other": None}, False),
+        ({"usages_other": 2}, True),
+    ],
+)
+def test_is_tighter_entry_by_entry(change: dict, tighter: bool) -> None:
+    from dataclasses import replace
+
+    assert is_tighter(replace(PARENT, **change), PARENT) is tighter
+
+
+def test_unrestricted_parent_entry_admits_any_child_entry() -> None:
+    assert is_tighter(Restriction(exp=NOW, usages_other=1), Restriction())
+    assert is_tighter(Restriction(), Restriction())
+
+
 class TestTighten:
     parent = (Restriction(scope="a b", audience=("x", "y"), exp=NOW + 100, usages_AT=10),)
 
@@ -116,6 +166,11 @@ class TestTighten:
         # 7 + 7 > 10: the second entry no longer fits the reduced parent budget
         assert tighten(self.parent, (first, second)) == ((first,), False)
 
+    def test_usages_other_budget_is_shared_too(self) -> None:
+        parent = (Restriction(scope="a", usages_other=3),)
+        first = Restriction(scope="a", usages_other=2)
+        assert tighten(parent, (first, first)) == ((first,), False)
+
     def test_no_request_inherits_parent(self) -> None:
         assert tighten(self.parent, ()) == (self.parent, True)
 
@@ -141,6 +196,12 @@ class TestSelectForAt:
     def test_narrower_path_is_not_a_subset(self) -> None:
         """Fact 6: exact-token matching, no WLCG path semantics."""
         assert self.select(["storage.create:/b/job42"]) is None
+
+    def test_blank_scope_restriction_allows_no_scope(self) -> None:
+        entries = (Restriction(scope=" "),)
+        kwargs = dict(audiences=(), now=NOW, client_ip="127.0.0.1", at_used=never_used)
+        assert select_for_at(entries, scopes=["a"], **kwargs) is None
+        assert select_for_at(entries, scopes=[], **kwargs) is entries[0]
 
     def test_audience_must_be_subset(self) -> None:
         assert self.select(["storage.read:/a"], ["other"]) is None

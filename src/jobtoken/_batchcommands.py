@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Tuple
 
 from ._cliargs import (
     add_common_options,
@@ -26,6 +26,10 @@ from ._cliargs import (
     site_config_from_args,
     split_values,
 )
+
+if TYPE_CHECKING:
+    from ._cliargs import Subparsers
+    from ._config import Config
 
 __all__ = ["register_commands"]
 
@@ -222,7 +226,7 @@ def _cmd_job_wrapper(args: argparse.Namespace) -> int:
     return run_job_wrapper(list(args.payload), os.environ)
 
 
-def _register_condor(sub: Any, name: str) -> None:
+def _register_condor(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
         name,
         help="HTCondor hooks, job wrapper support and submit-side helpers",
@@ -386,7 +390,7 @@ def _cmd_credmon(args: argparse.Namespace) -> int:
         raise
 
 
-def _register_credmon(sub: Any, name: str) -> None:
+def _register_credmon(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
         name,
         help="access-point credmon: keep an access token in each jobtoken .use",
@@ -427,7 +431,7 @@ def _register_credmon(sub: Any, name: str) -> None:
 # --- jobtoken arc ... -------------------------------------------------------------------------
 
 
-def _arcsite_config_from_args(args: argparse.Namespace) -> Any:
+def _arcsite_config_from_args(args: argparse.Namespace) -> Config:
     """Site settings for the CE-side commands, with the RTE's robot mytoken file."""
     from dataclasses import replace
 
@@ -484,7 +488,7 @@ def _cmd_arc_end(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_arc(sub: Any, name: str) -> None:
+def _register_arc(sub: Subparsers, name: str) -> None:
     p = sub.add_parser(
         name,
         help="ARC-CE runtime environment stages (wrappers/arc/ENV/JOBTOKEN)",

@@ -18,11 +18,14 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Set
 
 from ._config import DEFAULT_CONFIG_PATH, Config, SiteConfig
 from ._errors import JobtokenError
 from ._policy import MIN_JOB_MYTOKEN_S, Health, worst_health
+
+if TYPE_CHECKING:  # the client (httpx) is imported only when the server is checked
+    from ._mytoken import ServerMetadata
 
 __all__ = [
     "Check",
@@ -33,6 +36,7 @@ __all__ = [
     "judge_config",
     "judge_file",
     "judge_parent_claims",
+    "judge_server",
     "overall",
     "run_checks",
 ]
@@ -48,6 +52,7 @@ _LABELS = {Health.OK: "OK", Health.WARNING: "WARN", Health.CRITICAL: "FAIL"}
 _HOOK_KNOBS = ("JOBTOKEN_HOOK_PREPARE_JOB", "JOBTOKEN_HOOK_UPDATE_JOB_INFO",
                "JOBTOKEN_HOOK_JOB_EXIT", "USER_JOB_WRAPPER", "SEC_CREDENTIAL_STORER",
                "JOBTOKEN_CREDMON")
+_EVERY_JOB_KEYWORD_KNOBS = ("STARTER_DEFAULT_JOB_HOOK_KEYWORD", "STARTER_JOB_HOOK_KEYWORD")
 _ARC_RTE = Path("ENV") / "JOBTOKEN"
 _PACKAGED_RTE = Path("/usr/share/arc/rte/ENV/JOBTOKEN")
 
@@ -153,23 +158,32 @@ def judge_file(name: str, path: str, st: os.stat_result, *, link: bool, euid: in
         return [_fail(name, f"{path} is owned by uid {st.st_uid}",
                       f"chown root (or the account that runs jobtoken) {path}")]
     if secret:
-        if mode & 0o007:
-            return [_fail(name, f"{path} has mode {mode:04o}: every local user can read it",
-                          f"chmod 600 {path} and create a new mytoken (this one may be copied)")]
-        if mode & 0o022 or mode & 0o111:
-            return [_fail(name, f"{path} has mode {mode:04o}",
-                          f"chmod 600 {path} (0400 also works)")]
-        if mode & 0o040:
-            return [_warn(name, f"{path} has mode {mode:04o}: group-readable",
-                          "fine only if that group is just the job accounts that must read it; "
-                          f"else chmod 600 {path}")]
-        return [_ok(name, f"{path} is a regular file of uid {st.st_uid}, mode {mode:04o}")]
+        return [_judge_secret_mode(name, path, mode, st.st_uid)]
+    return [_judge_hook_mode(name, path, mode)]
+
+
+def _judge_secret_mode(name: str, path: str, mode: int, uid: int) -> Check:
+    """A mytoken file: 0600 or 0400; group-read only warned about (a shared robot mytoken)."""
+    if mode & 0o007:
+        return _fail(name, f"{path} has mode {mode:04o}: every local user can read it",
+                     f"chmod 600 {path} and create a new mytoken (this one may be copied)")
+    if mode & 0o022 or mode & 0o111:
+        return _fail(name, f"{path} has mode {mode:04o}", f"chmod 600 {path} (0400 also works)")
+    if mode & 0o040:
+        return _warn(name, f"{path} has mode {mode:04o}: group-readable",
+                     "fine only if that group is just the job accounts that must read it; "
+                     f"else chmod 600 {path}")
+    return _ok(name, f"{path} is a regular file of uid {uid}, mode {mode:04o}")
+
+
+def _judge_hook_mode(name: str, path: str, mode: int) -> Check:
+    """A hook root runs: executable, and writable by its owner only."""
     if mode & 0o022:
-        return [_fail(name, f"{path} has mode {mode:04o}: others may change what root runs",
-                      f"chmod go-w {path}")]
+        return _fail(name, f"{path} has mode {mode:04o}: others may change what root runs",
+                     f"chmod go-w {path}")
     if not mode & 0o100:
-        return [_fail(name, f"{path} is not executable", f"chmod 755 {path}")]
-    return [_ok(name, f"{path} mode {mode:04o}")]
+        return _fail(name, f"{path} is not executable", f"chmod 755 {path}")
+    return _ok(name, f"{path} mode {mode:04o}")
 
 
 def judge_parent_claims(claims: Optional[Mapping[str, Any]], now: float,
@@ -180,37 +194,49 @@ def judge_parent_claims(claims: Optional[Mapping[str, Any]], now: float,
         return [_warn(name, "a short (opaque) mytoken: its capabilities and expiry cannot be "
                       "read here", "check them with 'mytoken tokeninfo' (as its owner)")]
     checks: List[Check] = []
-    caps = {str(c) for c in claims.get("capabilities") or () if isinstance(c, str)}
+    caps = _capability_set(claims.get("capabilities"))
     missing = [c for c in NEEDED_CAPABILITIES if c not in caps]
     if missing:
         checks.append(_fail(name, f"lacks capabilities {', '.join(missing)} (has "
                             f"{', '.join(sorted(caps)) or 'none'})",
                             "create a new mytoken with capabilities AT, create_mytoken, tokeninfo"))
-    for alternatives in USEFUL_CAPABILITIES:
-        if not caps & set(alternatives):
-            checks.append(_warn(name, f"lacks capability {alternatives[0]}: a job mytoken left "
-                                "by arckill or a lost node cannot be found and revoked by name",
-                                "create the next parent with tokeninfo"))
-    exp = claims.get("exp")
-    if isinstance(exp, (int, float)) and not isinstance(exp, bool):
-        left = float(exp) - now
-        if left <= 0:
-            checks.append(_fail(name, f"expired {int(-left)} s ago", "create a new mytoken"))
-        elif left < MIN_JOB_MYTOKEN_S:
-            checks.append(_fail(name, f"expires in {int(left)} s: too soon for any job",
-                                "create a new mytoken"))
-        elif left < site.max_walltime_s:
-            checks.append(_warn(name, f"expires in {int(left)} s, before a job of "
-                                f"site.max_walltime_s ({site.max_walltime_s:g} s) would end: "
-                                "such jobs get a shorter-lived job mytoken",
-                                "create a new mytoken soon"))
-        else:
-            checks.append(_ok(name, f"expires in {int(left // 86400)} d"))
-    else:
-        checks.append(_ok(name, "does not expire"))
+    checks.extend(
+        _warn(name, f"lacks capability {capability}: a job mytoken left by arckill or a lost "
+              "node cannot be found and revoked by name", "create the next parent with tokeninfo")
+        for capability in _lacking_useful(caps)
+    )
+    checks.append(_judge_parent_expiry(name, claims.get("exp"), now, site.max_walltime_s))
     if not missing:
         checks.append(_ok(name, f"has capabilities {', '.join(sorted(caps))}"))
     return checks
+
+
+def _capability_set(value: Any) -> Set[str]:
+    return {c for c in value or () if isinstance(c, str)}
+
+
+def _lacking_useful(caps: Set[str]) -> List[str]:
+    """The first name of each useful capability none of whose spellings ``caps`` holds."""
+    return [alternatives[0] for alternatives in USEFUL_CAPABILITIES
+            if not caps & set(alternatives)]
+
+
+def _judge_parent_expiry(name: str, exp: Any, now: float, max_walltime_s: float) -> Check:
+    """Whether the parent outlives the longest job (no number: it does not expire)."""
+    if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+        return _ok(name, "does not expire")
+    left = float(exp) - now
+    if left <= 0:
+        return _fail(name, f"expired {int(-left)} s ago", "create a new mytoken")
+    if left < MIN_JOB_MYTOKEN_S:
+        return _fail(name, f"expires in {int(left)} s: too soon for any job",
+                     "create a new mytoken")
+    if left < max_walltime_s:
+        return _warn(name, f"expires in {int(left)} s, before a job of "
+                     f"site.max_walltime_s ({max_walltime_s:g} s) would end: "
+                     "such jobs get a shorter-lived job mytoken",
+                     "create a new mytoken soon")
+    return _ok(name, f"expires in {int(left // 86400)} d")
 
 
 # --- gathering -------------------------------------------------------------------------------
@@ -328,9 +354,13 @@ def _check_server(config: Config, claims: Optional[Mapping[str, Any]]) -> List[C
     except JobtokenError as exc:
         return [_fail(name, exc.message, "check the URL, the network and the CA "
                       "(server.ca_file / --ca-file)")]
+    return judge_server(name, url, found, (claims or {}).get("iss"))
+
+
+def judge_server(name: str, url: str, found: ServerMetadata, issuer: Any) -> List[Check]:
+    """What the discovery document says: the parent's issuer, and revocation by name."""
     checks = [_ok(name, f"{url} answers its discovery document"
                   + (f" (Mytoken {found.version})" if found.version else ""))]
-    issuer = (claims or {}).get("iss")
     if isinstance(issuer, str) and issuer.rstrip("/") != found.issuer.rstrip("/"):
         checks.append(_fail(name, f"the parent mytoken is from {issuer}, not this server "
                             f"({found.issuer})", "fix server.url or the parent mytoken"))
@@ -354,31 +384,50 @@ def _check_condor(config: Config, condor: Any) -> List[Check]:
     module = condor if condor is not None else bindings()
     if module is None:
         return [_skip(name, "no HTCondor Python bindings here")]
-    paths = {knob: _param(module, knob) for knob in _HOOK_KNOBS}
-    ours = {k: v for k, v in paths.items() if v and "jobtoken" in v}
-    checks: List[Check] = []
-    for knob in ("STARTER_DEFAULT_JOB_HOOK_KEYWORD", "STARTER_JOB_HOOK_KEYWORD"):
-        if (_param(module, knob) or "").upper() == "JOBTOKEN":
-            checks.append(_fail(name, f"{knob} = JOBTOKEN puts every job through jobtoken",
-                                f"remove {knob}; jobs ask with +HookKeyword = \"JOBTOKEN\""))
+    ours = _jobtoken_knobs({knob: _param(module, knob) for knob in _HOOK_KNOBS})
+    checks = _judge_default_keywords(
+        name, {knob: _param(module, knob) for knob in _EVERY_JOB_KEYWORD_KNOBS}
+    )
     if not ours:
         return checks or [_skip(name, "no jobtoken hooks in the HTCondor configuration")]
     for knob, path in sorted(ours.items()):
-        executable = path.split()[0]
-        try:
-            st = os.stat(executable)  # installed by root; the starter checks links itself
-        except OSError:
-            checks.append(_fail(name, f"{knob} = {executable} does not exist",
-                                "install the jobtoken package (or jobtoken install-files)"))
-            continue
-        checks.extend(judge_file(name, f"{knob} = {executable}", st, link=False,
-                                 euid=os.geteuid(), secret=False))
-    hooks_config = _param(module, "JOBTOKEN_CONFIG")
-    if hooks_config and config.source and Path(hooks_config) != Path(config.source):
-        checks.append(_warn(name, f"the hooks read {hooks_config}, this check read "
-                            f"{config.source}", f"run jobtoken check-config --config "
-                            f"{hooks_config}"))
+        checks.extend(_check_hook_file(name, knob, path.split()[0]))
+    checks.extend(_judge_hooks_config(name, _param(module, "JOBTOKEN_CONFIG"), config.source))
     return checks
+
+
+def _judge_hooks_config(name: str, hooks_config: Optional[str],
+                        checked: Optional[str]) -> List[Check]:
+    """The hooks read another config file than this check did: its verdict may not hold."""
+    if hooks_config and checked and Path(hooks_config) != Path(checked):
+        return [_warn(name, f"the hooks read {hooks_config}, this check read {checked}",
+                      f"run jobtoken check-config --config {hooks_config}")]
+    return []
+
+
+def _jobtoken_knobs(values: Mapping[str, Optional[str]]) -> Dict[str, str]:
+    """The knobs whose value names a jobtoken program."""
+    return {knob: value for knob, value in values.items() if value and "jobtoken" in value}
+
+
+def _judge_default_keywords(name: str, values: Mapping[str, Optional[str]]) -> List[Check]:
+    """A default hook keyword JOBTOKEN would put jobs that never asked through jobtoken."""
+    return [
+        _fail(name, f"{knob} = JOBTOKEN puts every job through jobtoken",
+              f"remove {knob}; jobs ask with +HookKeyword = \"JOBTOKEN\"")
+        for knob, value in values.items()
+        if (value or "").upper() == "JOBTOKEN"
+    ]
+
+
+def _check_hook_file(name: str, knob: str, executable: str) -> List[Check]:
+    try:
+        st = os.stat(executable)  # installed by root; the starter checks links itself
+    except OSError:
+        return [_fail(name, f"{knob} = {executable} does not exist",
+                      "install the jobtoken package (or jobtoken install-files)")]
+    return judge_file(name, f"{knob} = {executable}", st, link=False, euid=os.geteuid(),
+                      secret=False)
 
 
 def _arc_runtimedir(text: str) -> Optional[str]:

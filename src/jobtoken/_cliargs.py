@@ -9,9 +9,13 @@ Must NOT: import ``cli`` or anything heavy; the library never imports this modul
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ._config import Config, load_config
+
+if TYPE_CHECKING:
+    #: what ``add_subparsers`` returns: each command module registers its parsers there
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 __all__ = [
     "add_common_options",

@@ -294,12 +294,13 @@ class RenewalReport:
         lines = stdout.decode("utf-8", "replace").strip().splitlines()
         try:
             data = json.loads(lines[-1]) if lines else None
-            report = cls._from_dict(data) if isinstance(data, dict) else None
-            if report is not None and (report.expires_at is not None or not report.ok
-                                       or "revoked" in data or report.reused):
-                # not a success that forgot to say until when; a revocation says
-                # whether it revoked (False: nothing was left to revoke)
-                return report
+            if isinstance(data, dict):
+                report = cls._from_dict(data)
+                if (report.expires_at is not None or not report.ok
+                        or "revoked" in data or report.reused):
+                    # not a success that forgot to say until when; a revocation says
+                    # whether it revoked (False: nothing was left to revoke)
+                    return report
         except (ValueError, TypeError):
             pass
         return cls.failure(

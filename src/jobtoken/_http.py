@@ -154,7 +154,10 @@ def proxy_for(url: str) -> Optional[str]:
     proxy = proxies.get("https")
     if not proxy:
         return None
-    if urllib.request.proxy_bypass_environment(parsed.host, proxies):
+    # undocumented but in every CPython 3 (the ``no_proxy`` rule urllib itself applies);
+    # typeshed leaves it out
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if bypass(parsed.host, proxies):
         return None
     if not proxy.startswith(("http://", "https://")):
         raise ConfigError(f"unsupported https_proxy {proxy!r} (need an http:// or https:// URL)")

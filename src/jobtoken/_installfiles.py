@@ -16,9 +16,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, List, Tuple
+from typing import TYPE_CHECKING, List, Tuple
 
 from ._errors import TokenFileError, UsageError
+
+if TYPE_CHECKING:
+    from importlib.abc import Traversable
 
 __all__ = ["DataFile", "data_files", "register"]
 
@@ -46,7 +49,7 @@ _RULES: Tuple[Tuple[str, str, str, int, bool], ...] = (
 _RENAMED = (("jobtoken.logrotate", "etc/logrotate.d/jobtoken", 0o644, True),)
 
 
-def _data() -> Any:
+def _data() -> Traversable:
     return resources.files("jobtoken").joinpath("_data")
 
 
@@ -136,7 +139,7 @@ def _cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: Any, name: str) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> None:
     p = sub.add_parser(
         name,
         help="list, print or install the HTCondor hooks, snippets, wrappers and ARC RTE",

@@ -38,7 +38,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import httpx
 
@@ -52,7 +52,7 @@ from ._errors import (
 )
 from ._http import http_client, parse_retry_after, translate_http_error, url_problem
 from ._scopes import parse_scopes
-from ._tokens import unverified_claims
+from ._tokens import string_or_strings, unverified_claims
 
 __all__ = [
     "DISCOVERY_PATH",
@@ -298,6 +298,176 @@ def _restriction_problem(restriction: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
+# Field readers for the server's JSON answers: each returns the value or raises what
+# ``bad`` makes of the problem, so the response parsers read as one line per field.
+_Bad = Callable[[str], ProtocolError]
+
+
+def _text_field(data: Mapping[str, Any], key: str, default: str, bad: _Bad, problem: str) -> str:
+    """A string field where absent and null both mean ``default``."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise bad(problem)
+    return value
+
+
+def _audiences(value: Any, bad: _Bad) -> tuple[str, ...]:
+    """``audience`` as the OP sends it: absent, one string, or an array of strings."""
+    audiences = string_or_strings(value)
+    if audiences is None:
+        raise bad("audience is not an array of strings")
+    return audiences
+
+
+def _access_token_value(value: Any, bad: _Bad) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise bad("response has no access_token")
+    if any(c.isspace() for c in value.strip()):
+        raise bad("access_token contains whitespace")
+    return value.strip()
+
+
+def _mytoken_or_transfer_code(data: Mapping[str, Any], bad: _Bad) -> tuple[str, Optional[str]]:
+    """``(mytoken, transfer_code)``: a transfer code stands in for an absent mytoken."""
+    mytoken = data.get("mytoken")
+    transfer_code = data.get("transfer_code")
+    if mytoken is None and transfer_code is not None:
+        if not isinstance(transfer_code, str) or not transfer_code.strip():
+            raise bad("has an empty transfer_code")
+        return "", transfer_code
+    if not isinstance(mytoken, str) or not is_plausible_mytoken(mytoken):
+        raise bad("has no plausible mytoken (missing, empty, short, or not ASCII)")
+    return mytoken, None
+
+
+def _restriction_list(value: Any, bad: _Bad) -> tuple[dict[str, Any], ...]:
+    restrictions = value or []
+    if not isinstance(restrictions, list) or not all(
+        isinstance(r, Mapping) for r in restrictions
+    ):
+        raise bad("restrictions is not an array of objects")
+    for restriction in restrictions:
+        problem = _restriction_problem(restriction)
+        if problem:
+            raise bad(problem)
+    return tuple(dict(r) for r in restrictions)
+
+
+def _capability_list(value: Any, bad: _Bad) -> tuple[str, ...]:
+    capabilities = value or []
+    if not isinstance(capabilities, list) or not all(isinstance(c, str) for c in capabilities):
+        raise bad("capabilities is not an array of strings")
+    return tuple(capabilities)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _creation_body(
+    secret: str,
+    *,
+    restrictions: Optional[Iterable[Mapping[str, Any]]],
+    capabilities: Optional[Iterable[str]],
+    rotation: Optional[Mapping[str, Any]],
+    name: Optional[str],
+    response_type: str,
+    error_on_restrictions: bool,
+    max_token_len: Optional[int],
+) -> dict[str, Any]:
+    """The mytoken endpoint's request body; what is left as None is left out (inherited).
+
+    Raises:
+        ConfigError: an unknown ``response_type`` or a ``max_token_len`` that is no integer.
+    """
+    if response_type not in _RESPONSE_TYPES:
+        raise ConfigError(
+            f"unknown mytoken response_type {response_type!r} "
+            f"(one of {', '.join(_RESPONSE_TYPES)})"
+        )
+    if max_token_len is not None and not _is_integer(max_token_len):
+        raise ConfigError(f"max_token_len must be an integer, got {max_token_len!r}")
+    body: dict[str, Any] = {
+        "grant_type": "mytoken",
+        "mytoken": secret,
+        "response_type": response_type,
+        "error_on_restrictions": bool(error_on_restrictions),
+    }
+    if restrictions is not None:
+        body["restrictions"] = [_normalise_restriction(r) for r in restrictions]
+    if capabilities is not None:
+        body["capabilities"] = _string_items(capabilities, "capability")
+    if rotation is not None:
+        body["rotation"] = dict(rotation)
+    if name:
+        body["name"] = name
+    if max_token_len is not None:
+        body["max_token_len"] = max_token_len
+    return body
+
+
+def _descendants(tree: Any) -> tuple[SubtokenEntry, ...]:
+    """Every node below the root of a tokeninfo ``subtokens`` tree.
+
+    Raises:
+        ValueError: the tree is not the documented shape (says where).
+    """
+    if not isinstance(tree, Mapping):
+        raise ValueError("'mytokens' is not a tree")
+    entries: list[SubtokenEntry] = []
+    pending = list(tree.get("children") or ())
+    while pending:
+        node = pending.pop()
+        entries.append(_subtoken_entry(node))
+        pending.extend(node.get("children") or ())
+    return tuple(entries)
+
+
+def _subtoken_entry(node: Any) -> SubtokenEntry:
+    """One tree node's token; ValueError unless it names a ``mom_id`` and has a child list."""
+    token = node.get("token") if isinstance(node, Mapping) else None
+    mom_id = token.get("mom_id") if isinstance(token, Mapping) else None
+    if not isinstance(token, Mapping) or not isinstance(mom_id, str) or not mom_id or (
+        not isinstance(node.get("children") or [], list)
+    ):
+        raise ValueError("malformed tree entry")
+    name = token.get("name")
+    return SubtokenEntry(
+        mom_id=mom_id,
+        name=name if isinstance(name, str) else "",
+        created=_finite(token.get("created")),
+    )
+
+
+def _status_hint(error: Optional[str], description: Optional[str]) -> Optional[str]:
+    """What to do about an error answer, where the server's own words leave it out."""
+    for part, hint in _DESCRIPTION_HINTS:
+        if part in (description or ""):
+            return hint
+    return _HINTS.get(error or "")
+
+
+def _is_transient(error: Optional[str], description: Optional[str]) -> bool:
+    """An OAuth error (or the OP's, relayed in an ``oidc_error``) that says "try later"."""
+    if error in _TRANSIENT_ERRORS:
+        return True
+    if error == "oidc_error" and description:
+        op_error = description.split(":", 1)[0].strip()
+        return op_error in _TRANSIENT_ERRORS
+    return False
+
+
+def _error_class_for(
+    status: int, error: Optional[str], description: Optional[str]
+) -> type[MytokenError]:
+    """Retry later (unavailable, rate limited, transient OAuth error) or give up (rejected)."""
+    if status >= 500 or status in (408, 425, 429) or _is_transient(error, description):
+        return ServerUnavailableError
+    return MytokenRejectedError
+
+
 def _string_items(values: Union[str, Iterable[str], None], what: str) -> list[str]:
     if values is None:
         return []
@@ -537,29 +707,16 @@ class MytokenClient:
             ProtocolError: redirect, non-JSON body, implausible mytoken in the response.
         """
         secret = _require_secret(mytoken, "parent mytoken")
-        if response_type not in _RESPONSE_TYPES:
-            raise ConfigError(
-                f"unknown mytoken response_type {response_type!r} "
-                f"(one of {', '.join(_RESPONSE_TYPES)})"
-            )
-        body: dict[str, Any] = {
-            "grant_type": "mytoken",
-            "mytoken": secret,
-            "response_type": response_type,
-            "error_on_restrictions": bool(error_on_restrictions),
-        }
-        if restrictions is not None:
-            body["restrictions"] = [_normalise_restriction(r) for r in restrictions]
-        if capabilities is not None:
-            body["capabilities"] = _string_items(capabilities, "capability")
-        if rotation is not None:
-            body["rotation"] = dict(rotation)
-        if name:
-            body["name"] = name
-        if max_token_len is not None:
-            if isinstance(max_token_len, bool) or not isinstance(max_token_len, int):
-                raise ConfigError(f"max_token_len must be an integer, got {max_token_len!r}")
-            body["max_token_len"] = max_token_len
+        body = _creation_body(
+            secret,
+            restrictions=restrictions,
+            capabilities=capabilities,
+            rotation=rotation,
+            name=name,
+            response_type=response_type,
+            error_on_restrictions=error_on_restrictions,
+            max_token_len=max_token_len,
+        )
         url = self.metadata().mytoken_endpoint
         action = "mytoken creation"
         data = self._call(url, body, action=action, secrets=(secret,))
@@ -636,30 +793,12 @@ class MytokenClient:
         data = self._call(
             url, {"action": "subtokens", "mytoken": secret}, action=action, secrets=(secret,)
         )
-        entries: list[SubtokenEntry] = []
-        tree = data.get("mytokens")
-        if not isinstance(tree, Mapping):
-            raise ProtocolError(f"{action} at {url}: 'mytokens' is not a tree", url=url)
-        pending = list(tree.get("children") or ())
-        while pending:
-            node = pending.pop()
-            token = node.get("token") if isinstance(node, Mapping) else None
-            mom_id = token.get("mom_id") if isinstance(token, Mapping) else None
-            if not isinstance(token, Mapping) or not isinstance(mom_id, str) or not mom_id or (
-                not isinstance(node.get("children") or [], list)
-            ):
-                raise ProtocolError(f"{action} at {url}: malformed tree entry", url=url)
-            name, created = token.get("name"), token.get("created")
-            entries.append(
-                SubtokenEntry(
-                    mom_id=mom_id,
-                    name=name if isinstance(name, str) else "",
-                    created=_finite(created),
-                )
-            )
-            pending.extend(node.get("children") or ())
+        try:
+            entries = _descendants(data.get("mytokens"))
+        except ValueError as exc:
+            raise ProtocolError(f"{action} at {url}: {exc}", url=url) from None
         return SubtokenListing(
-            entries=tuple(entries),
+            entries=entries,
             token_update=self._token_update(data, url, action=action, secret=secret),
         )
 
@@ -829,17 +968,7 @@ class MytokenClient:
         if 200 <= status < 300:
             return
         if 300 <= status < 400:
-            target = response.headers.get("location", "")
-            try:
-                host = httpx.URL(target).host if target else "nowhere"
-            except httpx.InvalidURL:
-                host = "an unparsable location"
-            raise ProtocolError(
-                f"{action} failed at {url}: HTTP {status} redirect to {host or target!r} "
-                "(redirects are never followed; fix the server URL)",
-                status=status,
-                url=url,
-            )
+            raise self._redirect_error(response, url, action=action)
         error, description = self._error_fields(response, secrets)
         retry_after = parse_retry_after(response.headers.get("retry-after"), self._clock.now())
         said = f"HTTP {status}"
@@ -847,36 +976,38 @@ class MytokenClient:
             said += f" {error}"
         if description:
             said += f": {description}"
-        hints = [hint for part, hint in _DESCRIPTION_HINTS if part in (description or "")]
-        hint = hints[0] if hints else _HINTS.get(error or "")
+        hint = _status_hint(error, description)
+        if hint is None and error is None and not description:
+            hint = self._plain_text(response, secrets)
         if hint:
             said += f" ({hint})"
-        elif error is None and not description:
-            snippet = self._plain_text(response, secrets)
-            if snippet:
-                said += f" ({snippet})"
         message = f"{action} failed at {url}: {said}"
-        fields: dict[str, Any] = {
-            "status": status,
-            "error": error,
-            "error_description": description,
-            "url": url,
-            "retry_after_s": retry_after,
-        }
         if status == 429:
-            raise ServerUnavailableError(message + " (rate limited)", **fields)
-        if status >= 500 or status in (408, 425) or self._transient(error, description):
-            raise ServerUnavailableError(message, **fields)
-        raise MytokenRejectedError(message, **fields)
+            message += " (rate limited)"
+        raise _error_class_for(status, error, description)(
+            message,
+            status=status,
+            error=error,
+            error_description=description,
+            url=url,
+            retry_after_s=retry_after,
+        )
 
     @staticmethod
-    def _transient(error: Optional[str], description: Optional[str]) -> bool:
-        if error in _TRANSIENT_ERRORS:
-            return True
-        if error == "oidc_error" and description:
-            op_error = description.split(":", 1)[0].strip()
-            return op_error in _TRANSIENT_ERRORS
-        return False
+    def _redirect_error(response: httpx.Response, url: str, *, action: str) -> ProtocolError:
+        """Redirects are never followed: a mytoken must not go where the site did not say."""
+        status = response.status_code
+        target = response.headers.get("location", "")
+        try:
+            host = httpx.URL(target).host if target else "nowhere"
+        except httpx.InvalidURL:
+            host = "an unparsable location"
+        return ProtocolError(
+            f"{action} failed at {url}: HTTP {status} redirect to {host or target!r} "
+            "(redirects are never followed; fix the server URL)",
+            status=status,
+            url=url,
+        )
 
     @staticmethod
     def _plain_text(response: httpx.Response, secrets: Sequence[str]) -> Optional[str]:
@@ -940,30 +1071,10 @@ class MytokenClient:
         def bad(what: str) -> ProtocolError:
             return _malformed(f"{action} failed at {url}: {what}", url, rotated=rotated)
 
-        access_token = data.get("access_token")
-        if not isinstance(access_token, str) or not access_token.strip():
-            raise bad("response has no access_token")
-        if any(c.isspace() for c in access_token.strip()):
-            raise bad("access_token contains whitespace")
-        token_type = data.get("token_type", "Bearer")
-        if token_type is None:
-            token_type = "Bearer"
-        if not isinstance(token_type, str):
-            raise bad("token_type is not a string")
-        scope = data.get("scope", "")
-        if scope is None:
-            scope = ""
-        if not isinstance(scope, str):
-            raise bad("scope is not a space-separated string")
-        audience = data.get("audience")
-        if audience is None:
-            audiences: tuple[str, ...] = ()
-        elif isinstance(audience, str):
-            audiences = (audience,) if audience else ()
-        elif isinstance(audience, list) and all(isinstance(a, str) for a in audience):
-            audiences = tuple(a for a in audience if a)
-        else:
-            raise bad("audience is not an array of strings")
+        access_token = _access_token_value(data.get("access_token"), bad)
+        token_type = _text_field(data, "token_type", "Bearer", bad, "token_type is not a string")
+        scope = _text_field(data, "scope", "", bad, "scope is not a space-separated string")
+        audiences = _audiences(data.get("audience"), bad)
         update = data.get("token_update")
         token_update = None
         if update is not None:
@@ -974,7 +1085,7 @@ class MytokenClient:
             )
             logger.info("mytoken rotated action=%s url=%s", action, url)
         return AccessTokenResponse(
-            access_token=access_token.strip(),
+            access_token=access_token,
             token_type=token_type,
             expires_in=self._seconds(data.get("expires_in"), bad),
             scope=scope,
@@ -997,36 +1108,14 @@ class MytokenClient:
         def bad(problem: str) -> ProtocolError:
             return _malformed(f"{action} failed at {url}: {what} {problem}", url, rotated=rotated)
 
-        mytoken = data.get("mytoken")
-        transfer_code = data.get("transfer_code")
-        if mytoken is None and transfer_code is not None:
-            if not isinstance(transfer_code, str) or not transfer_code.strip():
-                raise bad("has an empty transfer_code")
-            mytoken = ""
-        elif not isinstance(mytoken, str) or not is_plausible_mytoken(mytoken):
-            raise bad("has no plausible mytoken (missing, empty, short, or not ASCII)")
-        else:
-            transfer_code = None
-        mytoken_type = data.get("mytoken_type", "token")
-        if mytoken_type is None:
-            mytoken_type = "token"
-        if not isinstance(mytoken_type, str):
-            raise bad("mytoken_type is not a string")
+        mytoken, transfer_code = _mytoken_or_transfer_code(data, bad)
+        mytoken_type = _text_field(data, "mytoken_type", "token", bad,
+                                   "mytoken_type is not a string")
         mom_id = data.get("mom_id")
         if mom_id is not None and not isinstance(mom_id, str):
             raise bad("mom_id is not a string")
-        restrictions = data.get("restrictions") or []
-        if not isinstance(restrictions, list) or not all(
-            isinstance(r, Mapping) for r in restrictions
-        ):
-            raise bad("restrictions is not an array of objects")
-        for restriction in restrictions:
-            problem = _restriction_problem(restriction)
-            if problem:
-                raise bad(problem)
-        capabilities = data.get("capabilities") or []
-        if not isinstance(capabilities, list) or not all(isinstance(c, str) for c in capabilities):
-            raise bad("capabilities is not an array of strings")
+        restrictions = _restriction_list(data.get("restrictions"), bad)
+        capabilities = _capability_list(data.get("capabilities"), bad)
         rotation = data.get("rotation")
         if rotation is not None and not isinstance(rotation, Mapping):
             raise bad("rotation is not an object")
@@ -1043,8 +1132,8 @@ class MytokenClient:
             mytoken_type=mytoken_type,
             expires_in=self._seconds(data.get("expires_in"), bad),
             mom_id=mom_id,
-            restrictions=tuple(dict(r) for r in restrictions),
-            capabilities=tuple(capabilities),
+            restrictions=restrictions,
+            capabilities=capabilities,
             rotation=dict(rotation) if rotation is not None else None,
             token_update=token_update,
             transfer_code=transfer_code,

@@ -155,7 +155,7 @@ def _create(
     )
 
 
-def check_minted(minted: Any, request: SubMytokenRequest) -> None:
+def check_minted(minted: MytokenResponse, request: SubMytokenRequest) -> None:
     """Refuse a sub-mytoken that came back wider than asked.
 
     Raises:
@@ -194,21 +194,31 @@ def _check_own_claims(mytoken: str, request: SubMytokenRequest) -> None:
     claims = unverified_claims(mytoken)
     if claims is None:
         raise ProtocolError(f"server minted {what} with unreadable (or repeated) claims")
-    caps = claims.get("capabilities")
-    if not isinstance(caps, list) or {str(c) for c in caps} != set(request.capabilities):
-        raise ProtocolError(
-            f"server minted {what} whose claims grant capabilities "
-            f"{sorted(str(c) for c in caps) if isinstance(caps, list) else 'unreadable'}, "
-            f"not {sorted(request.capabilities)}"
-        )
-    entries = claims.get("restrictions")
+    problem = _claimed_capabilities_problem(claims.get("capabilities"), request) or (
+        _claimed_restrictions_problem(claims.get("restrictions"), request))
+    if problem:
+        raise ProtocolError(f"server {problem}")
+
+
+def _claimed_capabilities_problem(caps: Any, request: SubMytokenRequest) -> Optional[str]:
+    """The token's ``capabilities`` claim must be exactly what was asked."""
+    if isinstance(caps, list) and {str(c) for c in caps} == set(request.capabilities):
+        return None
+    granted = sorted(str(c) for c in caps) if isinstance(caps, list) else "unreadable"
+    return (f"minted {request.label} whose claims grant capabilities {granted}, "
+            f"not {sorted(request.capabilities)}")
+
+
+def _claimed_restrictions_problem(entries: Any, request: SubMytokenRequest) -> Optional[str]:
+    """Every clause of the token's ``restrictions`` claim within the request."""
     if not isinstance(entries, list) or not entries:
-        raise ProtocolError(f"server minted {what} whose claims carry no restrictions")
+        return f"minted {request.label} whose claims carry no restrictions"
     for entry in entries:
         problem = _wider_than_asked(entry, request) if isinstance(entry, dict) else (
             "minted {what} with an unreadable restriction claim")
         if problem:
-            raise ProtocolError(f"server {problem.format(what=what)} (in the token's claims)")
+            return problem.format(what=request.label) + " (in the token's claims)"
+    return None
 
 
 def _wider_than_asked(entry: Mapping[str, Any], request: SubMytokenRequest) -> Optional[str]:
@@ -219,9 +229,13 @@ def _wider_than_asked(entry: Mapping[str, Any], request: SubMytokenRequest) -> O
     got_aud = _audiences(entry)
     if request.audiences and (not got_aud or not got_aud <= set(request.audiences)):
         return "widened {what}'s audience restriction"
-    exp = entry.get("exp")
-    if not _number_within(exp, request.exp + 1):
+    if not _number_within(entry.get("exp"), request.exp + 1):
         return "gave {what} a later expiry than asked"
+    return _usages_problem(entry, request)
+
+
+def _usages_problem(entry: Mapping[str, Any], request: SubMytokenRequest) -> Optional[str]:
+    """A usage limit asked for must come back, and no higher."""
     for key, asked in (("usages_AT", request.usages_at), ("usages_other", request.usages_other)):
         if asked is not None and not _number_within(entry.get(key), asked):
             return "gave {what} more " + key + " than asked"

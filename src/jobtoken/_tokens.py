@@ -37,6 +37,7 @@ __all__ = [
     "describe",
     "is_identity_scope",
     "looks_like_jwt",
+    "string_or_strings",
 ]
 
 # Asymmetric JWS algorithms only (WLCG profile: RS256 and ES256 MUST be supported; HMAC
@@ -155,14 +156,23 @@ def _string(claims: Mapping[str, Any], name: str) -> str:
     return value
 
 
-def _string_list(value: Any, name: str) -> tuple[str, ...]:
+def string_or_strings(value: Any) -> Optional[tuple[str, ...]]:
+    """A JSON member that may be one string or an array of strings (``aud``, an OP's
+    ``audience``), as its non-empty items once each; None when it has another shape."""
     if value is None:
         return ()
     if isinstance(value, str):
         return (value,) if value else ()
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(dict.fromkeys(v for v in value if v))
-    raise _fail(f"'{name}' claim is neither a string nor a list of strings")
+    return None
+
+
+def _string_list(value: Any, name: str) -> tuple[str, ...]:
+    items = string_or_strings(value)
+    if items is None:
+        raise _fail(f"'{name}' claim is neither a string nor a list of strings")
+    return items
 
 
 def _scopes_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
@@ -227,16 +237,8 @@ def _strict_claims(text: str) -> dict[str, Any]:
         raise _fail(f"unreadable JWT claims ({exc})") from None
 
 
-def decode_access_token(raw: str) -> AccessToken:
-    """Decode a JWT access token's header and claims without verifying the signature.
-
-    Surrounding whitespace is stripped (WLCG discovery readers strip it too).
-
-    Raises:
-        TokenCheckError: not a JWT, oversize, algorithm ``none``/HMAC/unknown, no ``exp``,
-            non-numeric ``exp``/``iat``/``nbf``, or claims of the wrong type. The message
-            never contains the token.
-    """
+def _jwt_text(raw: Any) -> str:
+    """``raw`` stripped, if it has a JWT's size and shape (``TokenCheckError`` if not)."""
     if not isinstance(raw, str):
         raise _fail("not a string")
     text = raw.strip()
@@ -244,6 +246,15 @@ def decode_access_token(raw: str) -> AccessToken:
         raise _fail(f"longer than {MAX_TOKEN_CHARS} characters")
     if not _JWT_SHAPE.fullmatch(text):
         raise _fail("not a JWT (expected three base64url parts separated by dots)")
+    return text
+
+
+def _signing_header(text: str) -> tuple[str, Optional[str]]:
+    """``(alg, kid)`` of an asymmetrically signed JWT; never ``none`` or HMAC.
+
+    Raises:
+        TokenCheckError: unreadable header, or an algorithm a WLCG token cannot have.
+    """
     try:
         header = jwt.get_unverified_header(text)
     except (jwt.PyJWTError, RecursionError) as exc:
@@ -260,6 +271,30 @@ def decode_access_token(raw: str) -> AccessToken:
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
         raise _fail("JWT header 'kid' is not a string")
+    return alg, kid
+
+
+def _wlcg_version(ver: Any) -> Optional[str]:
+    """``wlcg.ver`` as text; some issuers send the number ``1.0``."""
+    if isinstance(ver, (int, float)) and not isinstance(ver, bool):
+        return str(ver)
+    if ver is not None and not isinstance(ver, str):
+        raise _fail("'wlcg.ver' claim is not a string")
+    return ver
+
+
+def decode_access_token(raw: str) -> AccessToken:
+    """Decode a JWT access token's header and claims without verifying the signature.
+
+    Surrounding whitespace is stripped (WLCG discovery readers strip it too).
+
+    Raises:
+        TokenCheckError: not a JWT, oversize, algorithm ``none``/HMAC/unknown, no ``exp``,
+            non-numeric ``exp``/``iat``/``nbf``, or claims of the wrong type. The message
+            never contains the token.
+    """
+    text = _jwt_text(raw)
+    alg, kid = _signing_header(text)
     try:
         claims = jwt.decode(
             text,
@@ -278,11 +313,6 @@ def decode_access_token(raw: str) -> AccessToken:
     claims = _strict_claims(text)
     expires_at = _number(claims, "exp", required=True)
     assert expires_at is not None
-    ver = claims.get("wlcg.ver")
-    if isinstance(ver, (int, float)) and not isinstance(ver, bool):
-        ver = str(ver)
-    elif ver is not None and not isinstance(ver, str):
-        raise _fail("'wlcg.ver' claim is not a string")
     return AccessToken(
         raw=text,
         issuer=_string(claims, "iss"),
@@ -293,7 +323,7 @@ def decode_access_token(raw: str) -> AccessToken:
         not_before=_number(claims, "nbf", required=False),
         scopes=_scopes_of(claims),
         audiences=_string_list(claims.get("aud"), "aud"),
-        wlcg_ver=ver,
+        wlcg_ver=_wlcg_version(claims.get("wlcg.ver")),
         algorithm=alg,
         key_id=kid,
         claims=claims,
@@ -335,22 +365,7 @@ def check_access_token(
             its ``jti`` only.
     """
     ident = f"jti={token.jti or '-'}"
-    remaining = token.remaining_s(now)
-    if remaining <= 0:
-        raise TokenCheckError(
-            f"access token {ident} expired {-remaining:.0f}s ago (exp={token.expires_at:.0f})"
-        )
-    if remaining < min_valid_s:
-        raise TokenCheckError(
-            f"access token {ident} is valid for only {remaining:.0f}s, "
-            f"need at least {min_valid_s:.0f}s"
-        )
-    for name, instant in (("nbf", token.not_before), ("iat", token.issued_at)):
-        if instant is not None and instant > now + CLOCK_SKEW_S:
-            raise TokenCheckError(
-                f"access token {ident} has '{name}' {instant - now:.0f}s in the future "
-                f"(more than {CLOCK_SKEW_S:.0f}s clock skew; check this host's clock)"
-            )
+    _check_time(token, ident, now, min_valid_s)
     bad = invalid_scopes(token.scopes)
     if bad:
         raise TokenCheckError(
@@ -368,6 +383,26 @@ def check_access_token(
             f"access token {ident} did not extend the expiry "
             f"(exp={token.expires_at:.0f}, previous exp={previous.expires_at:.0f})"
         )
+
+
+def _check_time(token: AccessToken, ident: str, now: float, min_valid_s: float) -> None:
+    """Valid now, for ``min_valid_s`` more, and not issued in the future (beyond skew)."""
+    remaining = token.remaining_s(now)
+    if remaining <= 0:
+        raise TokenCheckError(
+            f"access token {ident} expired {-remaining:.0f}s ago (exp={token.expires_at:.0f})"
+        )
+    if remaining < min_valid_s:
+        raise TokenCheckError(
+            f"access token {ident} is valid for only {remaining:.0f}s, "
+            f"need at least {min_valid_s:.0f}s"
+        )
+    for name, instant in (("nbf", token.not_before), ("iat", token.issued_at)):
+        if instant is not None and instant > now + CLOCK_SKEW_S:
+            raise TokenCheckError(
+                f"access token {ident} has '{name}' {instant - now:.0f}s in the future "
+                f"(more than {CLOCK_SKEW_S:.0f}s clock skew; check this host's clock)"
+            )
 
 
 def is_identity_scope(scope: str) -> bool:
@@ -407,15 +442,20 @@ def _check_scopes(token: AccessToken, ident: str, wanted: tuple[str, ...]) -> No
                 f"access token {ident} has an 'scp' claim granting beyond the request: "
                 f"{join_scopes(extra)} (requested: {join_scopes(wanted)})"
             )
-    groups = _string_list(token.claims.get(_GROUPS_CLAIM), _GROUPS_CLAIM)
-    if groups and _GROUPS_SCOPE not in wanted:
-        asked = {s[len(_GROUPS_SCOPE) + 1 :] for s in wanted if s.startswith(_GROUPS_SCOPE + ":")}
-        unasked = [g for g in groups if g not in asked]
-        if unasked:
-            raise TokenCheckError(
-                f"access token {ident} carries groups that were not requested: "
-                f"{' '.join(unasked)} (ask with the scope {_GROUPS_SCOPE}:<group>)"
-            )
+    unasked = _unasked_groups(_string_list(token.claims.get(_GROUPS_CLAIM), _GROUPS_CLAIM), wanted)
+    if unasked:
+        raise TokenCheckError(
+            f"access token {ident} carries groups that were not requested: "
+            f"{' '.join(unasked)} (ask with the scope {_GROUPS_SCOPE}:<group>)"
+        )
+
+
+def _unasked_groups(groups: tuple[str, ...], wanted: tuple[str, ...]) -> list[str]:
+    """Groups the request did not name; a bare ``wlcg.groups`` asked for the defaults."""
+    if _GROUPS_SCOPE in wanted:
+        return []
+    asked = {s[len(_GROUPS_SCOPE) + 1 :] for s in wanted if s.startswith(_GROUPS_SCOPE + ":")}
+    return [g for g in groups if g not in asked]
 
 
 def _check_audiences(token: AccessToken, ident: str, wanted: tuple[str, ...]) -> None:

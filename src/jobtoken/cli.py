@@ -12,7 +12,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
 from ._batchcommands import register_commands as _batch_commands
@@ -34,6 +34,10 @@ from ._errors import (
 )
 from ._installfiles import register as _register_install_files
 from ._logsetup import log_to_file, setup_logging
+
+if TYPE_CHECKING:  # imported for real inside the subcommands (start-up time)
+    from ._policy import HealthThresholds
+    from ._tokendir import JobRecord, TokenDir
 
 __all__ = ["main"]
 
@@ -74,7 +78,7 @@ def _emit(
     """
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    elif not (chatter and getattr(args, "quiet", 0)):
+    elif not (chatter and getattr(args, "quiet", 0) > 0):
         sys.stdout.write(human(printable_values(data)) + "\n")
 
 
@@ -111,7 +115,7 @@ def _add_health_options(p: argparse.ArgumentParser) -> None:
                    "when expired)")
 
 
-def _health_thresholds(args: argparse.Namespace) -> Any:
+def _health_thresholds(args: argparse.Namespace) -> HealthThresholds:
     from ._policy import HealthThresholds
 
     try:
@@ -201,7 +205,7 @@ def _refuse_flags_for_prepared(args: argparse.Namespace) -> None:
         )
 
 
-def _job_setup(args: argparse.Namespace) -> Any:
+def _job_setup(args: argparse.Namespace) -> Tuple[Config, TokenDir, JobRecord]:
     import os
 
     from ._run import RunOptions, setup_tokendir
@@ -221,13 +225,13 @@ def _job_setup(args: argparse.Namespace) -> Any:
     return cfg, tokendir, spec
 
 
-def _log_to_dir(args: argparse.Namespace, tokendir: Any, spec: Any) -> None:
+def _log_to_dir(args: argparse.Namespace, tokendir: TokenDir, spec: JobRecord) -> None:
     """Events go to the token directory's log (kept when the directory is), warnings to stderr."""
     log_to_file(_log_path(args, tokendir, spec), log_json=spec.log_json, verbose=args.verbose,
                 quiet=args.quiet)
 
 
-def _log_path(args: argparse.Namespace, tokendir: Any, spec: Any) -> Optional[str]:
+def _log_path(args: argparse.Namespace, tokendir: TokenDir, spec: JobRecord) -> Optional[str]:
     return getattr(args, "log_file", None) or (
         None if spec.remove_dir_at_end else str(tokendir.log_file)
     )

@@ -498,3 +498,56 @@ def test_credmon_says_in_its_log_why_it_stopped(cred_dir: Path, tmp_path: Path) 
     assert re.search(ISO_LINE + r"credmon stopped: credential directory .* accessible by others",
                      log.read_text(), re.M)
     assert result.stderr.count("accessible by others") == 1  # once, from the CLI
+
+
+# --- waiting between scans (pure, on a fake clock) -------------------------------------------
+
+
+def _wait(clock: Any, *, stop: Any = None, wake: Any = None, deadline_in: float = 60.0,
+          signatures: Any = None) -> None:
+    import threading
+
+    from jobtoken.integrations import condor_credmon
+
+    seen = iter(signatures or [])
+    condor_credmon._wait_for_next_scan(
+        clock, stop or threading.Event(), wake or threading.Event(),
+        clock.monotonic() + deadline_in, 2.0, since=(("a.top", 1),),
+        current=lambda: next(seen, (("a.top", 1),)),
+    )
+
+
+def test_between_scans_the_credmon_waits_out_the_interval_in_polls() -> None:
+    from tests.fakes import FakeClock
+
+    clock = FakeClock()
+    _wait(clock, deadline_in=5.0)
+    assert clock.waits == [2.0, 2.0, 1.0]
+
+
+def test_a_changed_top_ends_the_wait_at_the_next_poll() -> None:
+    from tests.fakes import FakeClock
+
+    clock = FakeClock()
+    _wait(clock, signatures=[(("a.top", 1),), (("a.top", 2),)])
+    assert clock.waits == [2.0, 2.0]
+
+
+def test_sighup_or_stop_ends_the_wait_at_once() -> None:
+    import threading
+
+    from tests.fakes import FakeClock
+
+    clock, woken = FakeClock(), threading.Event()
+    woken.set()
+    _wait(clock, wake=woken)
+    _wait(clock, stop=woken)
+    assert clock.waits == []
+
+
+def test_a_top_field_of_the_wrong_type_counts_as_absent() -> None:
+    doc = {"mytoken": "m" * 40, "expires_at": True, "mytoken_server": "", "mom_id": 7,
+           "jobtoken_scopes": "storage.read:/"}
+    cred = read_top(json.dumps(doc).encode(), "x.top")
+    assert cred is not None
+    assert (cred.expires_at, cred.server_url, cred.mom_id, cred.scopes) == (None, None, None, ())

@@ -14,7 +14,7 @@ import signal
 import ssl
 import sys
 import threading
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import httpx
 
@@ -41,7 +41,7 @@ DESCRIPTION = (
 )
 
 
-def _rate_limit(value: str) -> tuple:
+def _rate_limit(value: str) -> Tuple[int, float]:
     try:
         count, window = value.split("/", 1)
         return int(count), float(window)

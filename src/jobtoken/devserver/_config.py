@@ -92,6 +92,10 @@ class DevServerConfig:
                 f"devserver refuses to bind host={self.host}: not loopback "
                 "(it is a development tool; pass allow_remote/--force-remote to override)"
             )
+        self._validate_algorithms()
+        self._validate_numbers()
+
+    def _validate_algorithms(self) -> None:
         if self.at_alg not in AT_ALGORITHMS:
             raise ConfigError(
                 f"devserver at_alg={self.at_alg} unsupported; use one of {', '.join(AT_ALGORITHMS)}"
@@ -100,6 +104,8 @@ class DevServerConfig:
             raise ConfigError(
                 f"devserver mt_alg={self.mt_alg} unsupported; use one of {', '.join(MT_ALGORITHMS)}"
             )
+
+    def _validate_numbers(self) -> None:
         if self.at_lifetime_s < 1:
             raise ConfigError(f"devserver at_lifetime_s={self.at_lifetime_s} must be >= 1")
         if self.max_mytoken_lifetime_s < 0:

@@ -10,9 +10,10 @@ handed, or log token strings.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import parse_qs
 
 from ._config import DevServerConfig
@@ -69,8 +70,73 @@ def _go_type(value: Any) -> str:
     return "string"
 
 
+def scopes_and_audience_to_use(
+    used: Optional[Restriction], scope: str, audience: str, op_scopes: Sequence[str]
+) -> Tuple[List[str], List[str]]:
+    """What the OP is asked for (``parseScopesAndAudienceToUse``).
+
+    No restriction used: all the provider's scopes, no audience. Otherwise the requested
+    scopes, else the entry's; and the requested audience as Go's ``strings.Split`` makes
+    it: ``""`` splits into ``[""]``, so with no requested audience the entry's audience is
+    NOT forwarded and the OP picks its default (reference fact 21).
+    """
+    if used is None:
+        return list(op_scopes), []
+    if scope:
+        scopes = scope.split(" ")
+    elif used.scope:
+        scopes = list(used.scopes)
+    else:
+        scopes = list(op_scopes)
+    return scopes, audience.split(" ")
+
+
+def response_type_for_length(requested: str, max_len: int, jwt_len: int, short_len: int) -> str:
+    """``max_token_len`` picks the form: the JWT if it fits, else a short token if that fits,
+    else the JWT anyway (as the server does). 0: whatever was asked for."""
+    if max_len <= 0:
+        return requested
+    if max_len < jwt_len and max_len >= short_len:
+        return "short_token"
+    return "token"
+
+
+def cookie_mytoken(cookie_header: str) -> str:
+    """The last non-empty ``mytoken`` cookie ("" if none)."""
+    token = ""
+    for part in cookie_header.split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == "mytoken" and value:
+            token = value
+    return token
+
+
+def _check_mytoken_grant(grant_type: str) -> None:
+    if grant_type == "oidc_flow":
+        raise ApiError(
+            501,
+            "not_yet_implemented",
+            "the dev server has no browser login; use DevServer.issue_mytoken",
+        )
+    if grant_type != "mytoken":
+        raise ApiError(400, "invalid_grant", "Unsupported grant_type")
+
+
+def _requested_capabilities(value: Any) -> Optional[List[str]]:
+    """The ``capabilities`` asked for; None: the parent's."""
+    if value is not None and (
+        not isinstance(value, list) or not all(isinstance(c, str) for c in value)
+    ):
+        raise bad_request("capabilities must be an array of strings")
+    return value
+
+
 class _Body:
-    """A request body's fields with the type checks Go's decoders would do."""
+    """A request body's fields with the type checks Go's decoders would do.
+
+    The getters are named after the Go types they check; inside the class body those
+    names hide the builtins, so later annotations spell ``builtins.str``.
+    """
 
     def __init__(self, fields: Mapping[str, Any], *, form: bool, struct: str) -> None:
         self.fields = fields
@@ -83,9 +149,6 @@ class _Body:
             f"{self._struct}.{key} of type {want}"
         )
 
-    def has(self, key: str) -> bool:
-        return key in self.fields and self.fields[key] is not None
-
     def str(self, key: str) -> str:
         value = self.fields.get(key)
         if value is None:
@@ -94,7 +157,7 @@ class _Body:
             raise self._type_error(key, value, "string")
         return value
 
-    def bool(self, key: str) -> bool:
+    def bool(self, key: builtins.str) -> bool:
         value = self.fields.get(key)
         if value is None:
             return False
@@ -108,7 +171,7 @@ class _Body:
             raise self._type_error(key, value, "bool")
         return value
 
-    def int(self, key: str) -> int:
+    def int(self, key: builtins.str) -> int:
         value = self.fields.get(key)
         if value is None:
             return 0
@@ -296,6 +359,24 @@ class MytokenApi:
             raise self._restricted()
         return entry
 
+    def _at_restriction(
+        self, record: MytokenRecord, req: Request, scope: str, audience: str, now: float
+    ) -> Optional[Restriction]:
+        """The entry this AT request uses (None: the mytoken is unrestricted)."""
+        if not record.restrictions:
+            return None
+        used = select_for_at(
+            record.restrictions,
+            scopes=[s for s in scope.split(" ") if s],
+            audiences=[a for a in audience.split(" ") if a],
+            now=now,
+            client_ip=req.client_ip,
+            at_used=lambda e: self.store.at_used(record, e),
+        )
+        if used is None:
+            raise self._restricted()
+        return used
+
     def _check_issuer(self, record: MytokenRecord, issuer: str) -> None:
         if issuer and issuer != record.claims.get("oidc_iss"):
             raise bad_request("token not for specified issuer")
@@ -313,10 +394,8 @@ class MytokenApi:
 
     def access(self, req: Request, token_fault: Optional[str]) -> Response:
         body = _any_body(req, "AccessTokenRequest")
-        resolved: Optional[Tuple[str, str]] = None
-        for key in ("mytoken", "refresh_token"):
-            if key in body.fields and resolved is None:
-                resolved = self.store.resolve(body.str(key))
+        given = next((key for key in ("mytoken", "refresh_token") if key in body.fields), None)
+        resolved = self.store.resolve(body.str(given)) if given else None
         grant_type = body.str("grant_type")
         scope, audience = body.str("scope"), body.str("audience")
         issuer = body.str("issuer" if body.form else "oidc_issuer")
@@ -327,30 +406,11 @@ class MytokenApi:
             now = self._now()
             record = self.store.authenticate(token_jwt, now)
             self._require_capability(record, "AT")
-            used: Optional[Restriction] = None
-            if record.restrictions:
-                used = select_for_at(
-                    record.restrictions,
-                    scopes=[s for s in scope.split(" ") if s],
-                    audiences=[a for a in audience.split(" ") if a],
-                    now=now,
-                    client_ip=req.client_ip,
-                    at_used=lambda e: self.store.at_used(record, e),
-                )
-                if used is None:
-                    raise self._restricted()
+            used = self._at_restriction(record, req, scope, audience, now)
             self._check_issuer(record, issuer)
-            # parseScopesAndAudienceToUse: no restrictions -> all provider scopes, no audience
-            op_scopes: List[str] = list(self.config.op_scopes)
-            op_auds: List[str] = []
-            if used is not None:
-                if scope:
-                    op_scopes = scope.split(" ")
-                elif used.scope:
-                    op_scopes = list(used.scopes)
-                # Go's strings.Split("", " ") is [""]: with no requested audience the entry's
-                # audience is NOT forwarded and the OP picks its default (reference fact 21).
-                op_auds = audience.split(" ")
+            op_scopes, op_auds = scopes_and_audience_to_use(
+                used, scope, audience, self.config.op_scopes
+            )
             minted = self.issuer.mint(
                 scopes=op_scopes, audiences=op_auds, now=now, fault=token_fault
             )
@@ -376,25 +436,14 @@ class MytokenApi:
         body = _json_body(req, "MytokenFromMytokenRequest")
         if not grant_type:
             grant_type = body.str("grant_type")
-        if grant_type == "oidc_flow":
-            raise ApiError(
-                501,
-                "not_yet_implemented",
-                "the dev server has no browser login; use DevServer.issue_mytoken",
-            )
-        if grant_type != "mytoken":
-            raise ApiError(400, "invalid_grant", "Unsupported grant_type")
+        _check_mytoken_grant(grant_type)
         resolved = self.store.resolve(body.str("mytoken")) if "mytoken" in body.fields else None
         try:
             wanted = parse_restrictions(body.fields.get("restrictions"))
             rotation = Rotation.from_json(body.fields.get("rotation"))
         except ValueError as exc:
             raise bad_request(str(exc)) from None
-        caps_raw = body.fields.get("capabilities")
-        if caps_raw is not None and (
-            not isinstance(caps_raw, list) or not all(isinstance(c, str) for c in caps_raw)
-        ):
-            raise bad_request("capabilities must be an array of strings")
+        caps_raw = _requested_capabilities(body.fields.get("capabilities"))
         response_type = body.str("response_type") or "token"
         if response_type not in ("token", "short_token", "transfer_code"):
             raise bad_request(f"unknown response_type '{response_type}'")
@@ -410,12 +459,7 @@ class MytokenApi:
             self._require_capability(parent, "create_mytoken")
             used = self._other_restriction(parent, req)
             self._check_issuer(parent, issuer)
-            wanted, capped = enforce_max_lifetime(wanted, self.config.max_mytoken_lifetime_s, now)
-            if capped and error_on_restrictions:
-                raise bad_request("requested restrictions do not respect maximum mytoken lifetime")
-            restrictions, ok = tighten(parent.restrictions, wanted)
-            if not ok and error_on_restrictions:
-                raise bad_request("requested restrictions are not subset of original restrictions")
+            restrictions = self._child_restrictions(parent, wanted, now, error_on_restrictions)
             caps = tighten_capabilities(parent.capabilities, caps_raw)
             if not caps:
                 raise bad_request(
@@ -434,17 +478,28 @@ class MytokenApi:
                 parent=parent,
                 auth_time=parent.claims.get("auth_time"),
             )
-            if max_len > 0:
-                if max_len >= len(child.jwt):
-                    response_type = "token"
-                elif max_len >= self.config.short_token_len:
-                    response_type = "short_token"
-                else:
-                    response_type = "token"
+            response_type = response_type_for_length(
+                response_type, max_len, len(child.jwt), self.config.short_token_len
+            )
             out = self.store.token_response(child, response_type, now)
         if update is not None:
             out["token_update"] = update
         return json_response(200, out)
+
+    def _child_restrictions(
+        self, parent: MytokenRecord, wanted: Sequence[Restriction], now: float, strict: bool
+    ) -> Tuple[Restriction, ...]:
+        """The sub-mytoken's restrictions: capped lifetime, tightened to the parent's.
+
+        ``strict`` (``error_on_restrictions``): refuse instead of quietly narrowing.
+        """
+        wanted, capped = enforce_max_lifetime(wanted, self.config.max_mytoken_lifetime_s, now)
+        if capped and strict:
+            raise bad_request("requested restrictions do not respect maximum mytoken lifetime")
+        restrictions, ok = tighten(parent.restrictions, wanted)
+        if not ok and strict:
+            raise bad_request("requested restrictions are not subset of original restrictions")
+        return restrictions
 
     # --- revocation ----------------------------------------------------------------------------
 
@@ -454,57 +509,58 @@ class MytokenApi:
         recursive = body.bool("recursive")
         issuer = body.str("issuer" if body.form else "oidc_issuer")
         mom_id = body.str("mom_id")
+        token = token or cookie_mytoken(req.header("cookie"))
         if not token:
-            for part in req.header("cookie").split(";"):
-                name, _, value = part.strip().partition("=")
-                if name == "mytoken" and value:
-                    token = value
-            if not token:
-                raise bad_request("no token given")
+            raise bad_request("no token given")
         with self.store.lock:
-            now = self._now()
             if mom_id:
-                token_jwt, token_type = self.store.resolve(token)
-                auth = self.store.authenticate(token_jwt, now)
-                target = self.store.by_mom_id(mom_id)
-                if target is not None and target.revoked:
-                    target = None  # the real server deletes revoked tokens: no parent of it
-                is_parent = target is not None and self.store.is_ancestor(auth, target)
-                if not is_parent and not has_capability(
-                    auth.capabilities, "manage_mytokens:revoke"
-                ):
-                    raise ApiError(
-                        403,
-                        "insufficient_capabilities",
-                        "The provided token is neither a parent of the token to be "
-                        "revoked nor does it have the 'manage_mytokens:revoke' "
-                        "capability",
-                    )
-                if target is not None:
-                    self.store.revoke(target.id, recursive=recursive)
-                update = self._rotate_for_response(auth, token_type, "other")
-                if update is not None:
-                    return json_response(200, {"token_update": update})
-                return Response(204)
-            if is_jwt(token):
-                token_jwt = token
-            elif len(token) < 32:
-                return Response(204)  # transfer codes: none exist here
-            else:
-                try:
-                    token_jwt, _ = self.store.resolve(token)
-                except ApiError:
-                    return Response(204)  # unknown short token: already revoked
-                self.store.drop_short_token(token)
-            try:
-                claims = self.store.parse(token_jwt, now)
-            except ApiError:
-                return Response(204)
-            if issuer and claims.get("oidc_iss") != issuer:
-                raise bad_request("token not for specified issuer")
-            count = self.store.revoke(str(claims.get("jti")), recursive=recursive)
-            logger.info("mytoken revoked count=%d recursive=%s", count, recursive)
+                return self._revoke_by_mom_id(token, mom_id, recursive=recursive)
+            self._revoke_token(token, issuer, recursive=recursive)
         return Response(204)
+
+    def _revoke_by_mom_id(self, token: str, mom_id: str, *, recursive: bool) -> Response:
+        """Revoke another token by ``mom_id``: ``token`` is its ancestor or may manage all."""
+        token_jwt, token_type = self.store.resolve(token)
+        auth = self.store.authenticate(token_jwt, self._now())
+        target = self.store.by_mom_id(mom_id)
+        if target is not None and target.revoked:
+            target = None  # the real server deletes revoked tokens: no parent of it
+        is_parent = target is not None and self.store.is_ancestor(auth, target)
+        if not is_parent and not has_capability(auth.capabilities, "manage_mytokens:revoke"):
+            raise ApiError(
+                403,
+                "insufficient_capabilities",
+                "The provided token is neither a parent of the token to be "
+                "revoked nor does it have the 'manage_mytokens:revoke' "
+                "capability",
+            )
+        if target is not None:
+            self.store.revoke(target.id, recursive=recursive)
+        update = self._rotate_for_response(auth, token_type, "other")
+        if update is not None:
+            return json_response(200, {"token_update": update})
+        return Response(204)
+
+    def _revoke_token(self, token: str, issuer: str, *, recursive: bool) -> None:
+        """Revoke ``token`` itself; unknown or invalid tokens count as revoked already."""
+        if is_jwt(token):
+            token_jwt = token
+        elif len(token) < 32:
+            return  # transfer codes: none exist here
+        else:
+            try:
+                token_jwt, _ = self.store.resolve(token)
+            except ApiError:
+                return  # unknown short token: already revoked
+            self.store.drop_short_token(token)
+        try:
+            claims = self.store.parse(token_jwt, self._now())
+        except ApiError:
+            return
+        if issuer and claims.get("oidc_iss") != issuer:
+            raise bad_request("token not for specified issuer")
+        count = self.store.revoke(str(claims.get("jti")), recursive=recursive)
+        logger.info("mytoken revoked count=%d recursive=%s", count, recursive)
 
     # --- tokeninfo -----------------------------------------------------------------------------
 

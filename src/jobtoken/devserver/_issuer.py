@@ -11,7 +11,7 @@ import secrets
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jwt
 
@@ -37,6 +37,30 @@ class MintedToken:
     audiences: Tuple[str, ...]
     expires_at: int
     jti: str
+
+
+def with_token_fault(
+    fault: Optional[str],
+    granted: List[str],
+    audiences: List[str],
+    iat: int,
+    exp: int,
+    *,
+    last_exp: Optional[int],
+    lifetime_s: int,
+) -> Tuple[List[str], List[str], int, int]:
+    """``(scopes, audiences, iat, exp)`` as a misbehaving OP would issue them for ``fault``
+    (a wider scope, a wrong audience, the previous token's ``exp``, an expired token);
+    unchanged for any other fault."""
+    if fault == "wider_scope" and WIDER_SCOPE not in granted:
+        granted = [*granted, WIDER_SCOPE]
+    if fault == "wrong_audience":
+        audiences = [WRONG_AUDIENCE]
+    if fault == "stale_exp" and last_exp is not None:
+        exp = last_exp
+    if fault == "expired":
+        iat, exp = iat - lifetime_s - 60, iat - 60
+    return granted, audiences, iat, exp
 
 
 class AccessTokenIssuer:
@@ -90,14 +114,9 @@ class AccessTokenIssuer:
         inow = int(now)
         iat, exp = inow, inow + self.lifetime_s
         with self._lock:
-            if fault == "wider_scope" and WIDER_SCOPE not in granted:
-                granted.append(WIDER_SCOPE)
-            if fault == "wrong_audience":
-                auds = [WRONG_AUDIENCE]
-            if fault == "stale_exp" and self._last_exp is not None:
-                exp = self._last_exp
-            if fault == "expired":
-                iat, exp = inow - self.lifetime_s - 60, inow - 60
+            granted, auds, iat, exp = with_token_fault(
+                fault, granted, auds, iat, exp, last_exp=self._last_exp, lifetime_s=self.lifetime_s
+            )
             self._last_exp = exp
         jti = str(uuid.uuid4())
         claims: Dict[str, Any] = {
@@ -112,12 +131,7 @@ class AccessTokenIssuer:
             "scope": " ".join(granted),
             "client_id": self.client_id,
         }
-        if fault == "alg_none":
-            token = jwt.encode(claims, None, algorithm="none")
-        elif fault == "hs256":
-            token = jwt.encode(claims, secrets.token_bytes(32), algorithm="HS256")
-        else:
-            token = self.key.sign(claims)
+        token = self._sign(claims, fault)
         logger.info("access token minted jti=%s exp=%d fault=%s", jti, exp, fault or "-")
         return MintedToken(
             access_token=token,
@@ -127,6 +141,14 @@ class AccessTokenIssuer:
             expires_at=exp,
             jti=jti,
         )
+
+    def _sign(self, claims: Dict[str, Any], fault: Optional[str]) -> str:
+        """Signed with the OP's key, or as a broken OP would: unsigned, or with HMAC."""
+        if fault == "alg_none":
+            return jwt.encode(claims, "", algorithm="none")  # "none" takes no key; "" means none
+        if fault == "hs256":
+            return jwt.encode(claims, secrets.token_bytes(32), algorithm="HS256")
+        return self.key.sign(claims)
 
     def discovery(self) -> Dict[str, Any]:
         """The OP's OpenID Connect discovery document."""

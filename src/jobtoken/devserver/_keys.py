@@ -11,7 +11,7 @@ import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -27,7 +27,13 @@ def _rsa_private_key(slot: str) -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-_CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
+_CURVES: Dict[str, Callable[[], ec.EllipticCurve]] = {
+    "ES256": ec.SECP256R1,
+    "ES384": ec.SECP384R1,
+    "ES512": ec.SECP521R1,
+}
+
+PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey]
 
 
 @dataclass(frozen=True)
@@ -36,10 +42,10 @@ class SigningKey:
 
     alg: str
     kid: str
-    private_key: Any = field(repr=False)
+    private_key: PrivateKey = field(repr=False)
 
     @property
-    def public_key(self) -> Any:
+    def public_key(self) -> Union[rsa.RSAPublicKey, ec.EllipticCurvePublicKey]:
         return self.private_key.public_key()
 
     def public_jwk(self) -> Dict[str, Any]:
@@ -80,7 +86,7 @@ class SigningKey:
 def new_signing_key(alg: str, purpose: str, *, fresh: bool = False) -> SigningKey:
     """A key for ``alg``; RSA keys are reused per process and purpose unless ``fresh``."""
     if alg.startswith("RS"):
-        private_key: Any = (
+        private_key: PrivateKey = (
             rsa.generate_private_key(public_exponent=65537, key_size=2048)
             if fresh
             else _rsa_private_key(purpose)

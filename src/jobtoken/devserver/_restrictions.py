@@ -99,29 +99,38 @@ def parse_restrictions(raw: Any) -> Tuple[Restriction, ...]:
         return ()
     if not isinstance(raw, list):
         raise ValueError("restrictions must be an array of objects")
-    entries: List[Restriction] = []
-    for item in raw:
-        if not isinstance(item, dict):
-            raise ValueError("restrictions must be an array of objects")
-        kwargs: Dict[str, Any] = {}
-        for key in ("nbf", "exp"):
-            if item.get(key) is not None:
-                kwargs[key] = _int(item[key], key)
-        if item.get("scope") is not None:
-            if not isinstance(item["scope"], str):
-                raise ValueError("restriction key scope must be a space-separated string")
-            kwargs["scope"] = item["scope"]
-        hosts = item.get("hosts", item.get("ip"))
-        if hosts is not None:
-            kwargs["hosts"] = _str_list(hosts, "hosts")
-        for key in ("audience", "geoip_allow", "geoip_disallow"):
-            if item.get(key) is not None:
-                kwargs[key] = _str_list(item[key], key)
-        for key in ("usages_AT", "usages_other"):
-            if item.get(key) is not None:
-                kwargs[key] = _int(item[key], key)
-        entries.append(Restriction(**kwargs))
-    return tuple(entries)
+    return tuple(_parse_entry(item) for item in raw)
+
+
+def _scope_string(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError("restriction key scope must be a space-separated string")
+    return value
+
+
+# each key's wire type (``ip`` is the legacy spelling of ``hosts``)
+_ENTRY_READERS: Tuple[Tuple[str, Callable[[Any, str], Any]], ...] = (
+    ("nbf", _int),
+    ("exp", _int),
+    ("scope", _scope_string),
+    ("hosts", _str_list),
+    ("audience", _str_list),
+    ("geoip_allow", _str_list),
+    ("geoip_disallow", _str_list),
+    ("usages_AT", _int),
+    ("usages_other", _int),
+)
+
+
+def _parse_entry(item: Any) -> Restriction:
+    """One entry of the array; null values count as absent."""
+    if not isinstance(item, dict):
+        raise ValueError("restrictions must be an array of objects")
+    if "hosts" not in item and "ip" in item:
+        item = {**item, "hosts": item["ip"]}
+    return Restriction(**{
+        key: read(item[key], key) for key, read in _ENTRY_READERS if item.get(key) is not None
+    })
 
 
 def replace_this(entries: Sequence[Restriction], client_ip: str) -> Tuple[Restriction, ...]:
@@ -201,21 +210,15 @@ def host_allowed(client_ip: str, hosts: Sequence[str]) -> bool:
 
 def hosts_subset(wanted: Sequence[str], allowed: Sequence[str]) -> bool:
     """Every wanted host/subnet lies inside one allowed host/subnet (``IPsAreSubSet``)."""
-    for host in wanted:
-        wnet = _network(host)
-        ok = False
-        for cand in allowed:
-            anet = _network(cand)
-            if wnet is not None and anet is not None:
-                if wnet.version == anet.version and wnet.subnet_of(anet):  # type: ignore[arg-type]
-                    ok = True
-            elif host == cand or (wnet is None and fnmatch.fnmatchcase(host, cand)):
-                ok = True
-            if ok:
-                break
-        if not ok:
-            return False
-    return True
+    return all(any(_host_within(host, cand) for cand in allowed) for host in wanted)
+
+
+def _host_within(host: str, cand: str) -> bool:
+    """A subnet inside a subnet of the same IP version, or a name the pattern ``cand`` matches."""
+    wnet, anet = _network(host), _network(cand)
+    if wnet is not None and anet is not None:
+        return bool(wnet.version == anet.version and wnet.subnet_of(anet))
+    return host == cand or (wnet is None and fnmatch.fnmatchcase(host, cand))
 
 
 # --- tightening (sub-mytokens) -------------------------------------------------------------
@@ -236,28 +239,44 @@ def _subset(a: Iterable[str], b: Iterable[str]) -> bool:
     return set(a) <= set(b)
 
 
+def _within_window(r: Restriction, b: Restriction) -> bool:
+    """``r``'s time window lies inside ``b``'s (``exp`` 0: no end)."""
+    return r.nbf >= b.nbf and (b.exp == 0 or (r.exp != 0 and r.exp <= b.exp))
+
+
+def _narrower_list(
+    mine: Sequence[str],
+    theirs: Sequence[str],
+    within: Callable[[Sequence[str], Sequence[str]], bool] = _subset,
+) -> bool:
+    """An empty list allows anything: only an empty ``theirs`` admits an empty ``mine``."""
+    return not theirs or (bool(mine) and within(mine, theirs))
+
+
 def is_tighter(r: Restriction, b: Restriction) -> bool:
     """Whether entry ``r`` is at least as tight as entry ``b`` (``isTighterThan``)."""
-    if r.nbf < b.nbf:
-        return False
-    if (r.exp == 0 and b.exp != 0) or (b.exp != 0 and r.exp > b.exp):
-        return False
-    rs, bs = r.scopes, b.scopes
-    if (not rs and bs) or (bs and not _subset(rs, bs)):
-        return False
-    if (not r.audience and b.audience) or (b.audience and not _subset(r.audience, b.audience)):
-        return False
-    if (not r.hosts and b.hosts) or (b.hosts and not hosts_subset(r.hosts, b.hosts)):
-        return False
-    if (not r.geoip_allow and b.geoip_allow) or (
-        b.geoip_allow and not _subset(r.geoip_allow, b.geoip_allow)
-    ):
-        return False
-    if not _subset(b.geoip_disallow, r.geoip_disallow):
-        return False
-    if _cmp_usages(r.usages_AT, b.usages_AT) > 0:
-        return False
-    return _cmp_usages(r.usages_other, b.usages_other) <= 0
+    return _within_window(r, b) and all((
+        _narrower_list(r.scopes, b.scopes),
+        _narrower_list(r.audience, b.audience),
+        _narrower_list(r.hosts, b.hosts, hosts_subset),
+        _narrower_list(r.geoip_allow, b.geoip_allow),
+        _subset(b.geoip_disallow, r.geoip_disallow),
+        _cmp_usages(r.usages_AT, b.usages_AT) <= 0,
+        _cmp_usages(r.usages_other, b.usages_other) <= 0,
+    ))
+
+
+def _subtract(budget: Optional[int], taken: Optional[int]) -> Optional[int]:
+    return budget if budget is None or taken is None else budget - taken
+
+
+def _spent(entry: Restriction, want: Restriction) -> Restriction:
+    """``entry`` with the usage budgets ``want`` takes from it (None: unlimited)."""
+    return replace(
+        entry,
+        usages_other=_subtract(entry.usages_other, want.usages_other),
+        usages_AT=_subtract(entry.usages_AT, want.usages_AT),
+    )
 
 
 def tighten(
@@ -278,12 +297,7 @@ def tighten(
         for i, entry in enumerate(base):
             if is_tighter(want, entry):
                 result.append(want)
-                if entry.usages_other is not None and want.usages_other is not None:
-                    base[i] = entry = replace(
-                        entry, usages_other=entry.usages_other - want.usages_other
-                    )
-                if entry.usages_AT is not None and want.usages_AT is not None:
-                    base[i] = replace(entry, usages_AT=entry.usages_AT - want.usages_AT)
+                base[i] = _spent(entry, want)
                 break
         else:
             dropped = True
@@ -330,12 +344,14 @@ def select_for_at(
             continue
         if e.usages_AT is not None and not at_used(e) < e.usages_AT:
             continue
-        if scopes and e.scope and not _subset(scopes, e.scopes):
-            continue
-        if audiences and e.audience and not _subset(audiences, e.audience):
-            continue
-        return e
+        if _covers(e.scope, e.scopes, scopes) and _covers(e.audience, e.audience, audiences):
+            return e
     return None
+
+
+def _covers(restricted: object, allowed: Sequence[str], wanted: Sequence[str]) -> bool:
+    """Nothing wanted, nothing ``restricted``, or every wanted string ``allowed`` exactly."""
+    return not wanted or not restricted or _subset(wanted, allowed)
 
 
 def select_for_other(

@@ -13,7 +13,7 @@ import ipaddress
 import os
 import ssl
 from dataclasses import dataclass
-from typing import Sequence
+from typing import List, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,8 +34,8 @@ class TlsMaterial:
     context: ssl.SSLContext
 
 
-def _san_entries(names: Sequence[str]) -> list:
-    out: list = []
+def _san_entries(names: Sequence[str]) -> List[x509.GeneralName]:
+    out: List[x509.GeneralName] = []
     for name in names:
         try:
             out.append(x509.IPAddress(ipaddress.ip_address(name.strip("[]"))))

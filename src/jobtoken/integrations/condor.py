@@ -108,8 +108,6 @@ WALLTIME_ATTRIBUTES: Tuple[str, ...] = ENFORCED_WALLTIME_ATTRIBUTES + tuple(
 # How a job asks for a token: HTCondor's own per-job hook keyword. Jobs without it get no
 # jobtoken hook at all, and the job wrapper execs them unchanged.
 HOOK_KEYWORD = "JOBTOKEN"
-# What the execute point advertises (STARTD_ATTRS), so that jobs can match it.
-MACHINE_ATTRIBUTE = "HasJobtoken"
 
 CHIRP_ATTRIBUTES = (
     "ChirpJobtokenExpiry",

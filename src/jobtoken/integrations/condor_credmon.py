@@ -32,6 +32,8 @@ follow a symlink in the credential directory, or write anything for a foreign ``
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -40,7 +42,18 @@ import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 from .._clock import Clock, SystemClock, utc_text
 from .._config import Config
@@ -48,6 +61,9 @@ from .._errors import ConfigError, JobtokenError, TokenFileError
 from .._mytokenfile import MytokenSource, check_mytoken_value
 from .._tokenfile import write_secret_file
 from ._condor_bindings import condor_param
+
+if TYPE_CHECKING:  # the token code (jwt, cryptography) loads only when a token is read
+    from .._tokens import AccessToken
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -67,13 +83,12 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "CREDMON_COMPLETE"
 PID_FILE = "pid"
-TOP_FORMAT = "jobtoken-top-1"  # the "format" member the storer writes
 MAX_TOP_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 8
 DEFAULT_MIN_REMAINING_S = 300.0 + 60.0 + 60.0  # starter refresh + scan interval + margin
 
-# (now, top) -> the access token's raw text; the seam tests replace
-Minter = Callable[[float, "TopCredential"], Any]
+# (now, top) -> the checked access token for the .use; the seam tests replace
+Minter = Callable[[float, "TopCredential"], "AccessToken"]
 
 
 @dataclass(frozen=True)
@@ -171,6 +186,11 @@ def read_top(data: bytes, where: str) -> Optional[TopCredential]:
         return None
     if not isinstance(doc, dict) or not isinstance(doc.get("mytoken"), str):
         return None
+    return _top_credential(doc, where)
+
+
+def _top_credential(doc: Mapping[str, Any], where: str) -> TopCredential:
+    """The fields of a jobtoken ``.top``; a field of the wrong type counts as absent."""
     exp = doc.get("expires_at")
     server = doc.get("mytoken_server")
     mom_id = doc.get("mom_id")
@@ -274,17 +294,7 @@ def scan_credentials(
             broken) is logged once, not every scan.
     """
     memory: Dict[str, str] = {} if remembered is None else remembered
-    written: List[str] = []
-    unchanged: List[str] = []
-    expired: List[str] = []
-    foreign: List[str] = []
-    errors: List[str] = []
-
-    def note(label: str, outcome: str, level: int, message: str, *args: Any) -> None:
-        if memory.get(label) != outcome:
-            logger.log(level, message, *args)
-        memory[label] = outcome
-
+    found: Dict[str, List[str]] = {outcome: [] for outcome in _OUTCOMES}
     for user_dir in sorted(cred_dir.iterdir()):
         if user_dir.is_symlink() or not user_dir.is_dir():
             continue
@@ -292,78 +302,86 @@ def scan_credentials(
             name = top.name[: -len(".top")]
             label = f"{user_dir.name}/{name}"
             if not owns(name, services):
-                foreign.append(label)
+                found["foreign"].append(label)
                 continue
             try:
-                data, top_mtime = _read_bounded(top, MAX_TOP_BYTES)
-                cred = read_top(data, str(top))
-                if cred is None:
-                    foreign.append(label)
-                    continue
-                use = top.with_suffix(".use")
-                use_mtime, iat, exp = _current_use(use)
-                reason = refresh_reason(
-                    now=now,
-                    top_mtime=top_mtime,
-                    use_mtime=use_mtime,
-                    issued_at=iat,
-                    expires_at=exp,
-                    min_remaining_s=min_remaining_s,
-                )
-                if reason is None:
-                    unchanged.append(label)
-                    continue
-                if cred.expires_at is not None and cred.expires_at <= now:
-                    note(
-                        label,
-                        "expired",
-                        logging.INFO,
-                        "credential's mytoken expired; .use left as is cred=%s",
-                        label,
-                    )
-                    expired.append(label)
-                    continue
-                token = mint(now, cred)
-                write_secret_file(use, token.raw)
-                memory[label] = "ok"
-                lifetime = token.expires_at - (token.issued_at or now)
-                if lifetime < min_remaining_s:
-                    note(
-                        label + "#lifetime",
-                        "short",
-                        logging.WARNING,
-                        "access tokens live %d s, less than %d s (SEC_CREDENTIAL_REFRESH + "
-                        "scan interval + 60 s): jobs may read expired tokens; lower "
-                        "SEC_CREDENTIAL_REFRESH on the execute points cred=%s",
-                        int(lifetime),
-                        int(min_remaining_s),
-                        label,
-                    )
-                logger.info(
-                    "access token written cred=%s reason=%s mom_id=%s jti=%s exp=%s",
-                    label,
-                    reason,
-                    cred.mom_id or "-",
-                    token.jti,
-                    utc_text(token.expires_at),
-                )
-                written.append(label)
+                outcome = _scan_top(top, label, now=now, mint=mint,
+                                    min_remaining_s=min_remaining_s, memory=memory)
             except Exception as exc:  # one user's credential must not stop the others
-                note(
-                    label,
-                    "error:" + _label(exc),
-                    logging.WARNING,
-                    "credential skipped cred=%s error=%s",
-                    label,
-                    _label(exc),
-                )
-                errors.append(label)
-    return ScanReport(
-        tuple(written), tuple(unchanged), tuple(expired), tuple(foreign), tuple(errors)
+                _note(memory, label, "error:" + _label(exc), logging.WARNING,
+                      "credential skipped cred=%s error=%s", label, _label(exc))
+                outcome = "errors"
+            found[outcome].append(label)
+    return ScanReport(**{outcome: tuple(labels) for outcome, labels in found.items()})
+
+
+# the ScanReport field each credential ends up in
+_OUTCOMES = ("written", "unchanged", "expired", "foreign", "errors")
+
+
+def _note(memory: Dict[str, str], label: str, outcome: str, level: int, message: str,
+          *args: Any) -> None:
+    """Log ``message`` only when ``label``'s outcome changed: a lasting condition once."""
+    if memory.get(label) != outcome:
+        logger.log(level, message, *args)
+    memory[label] = outcome
+
+
+def _scan_top(top: Path, label: str, *, now: float, mint: Minter, min_remaining_s: float,
+              memory: Dict[str, str]) -> str:
+    """Refresh one owned ``.top``'s ``.use`` if due; the ``ScanReport`` field it belongs in."""
+    data, top_mtime = _read_bounded(top, MAX_TOP_BYTES)
+    cred = read_top(data, str(top))
+    if cred is None:
+        return "foreign"
+    use = top.with_suffix(".use")
+    use_mtime, iat, exp = _current_use(use)
+    reason = refresh_reason(
+        now=now,
+        top_mtime=top_mtime,
+        use_mtime=use_mtime,
+        issued_at=iat,
+        expires_at=exp,
+        min_remaining_s=min_remaining_s,
     )
+    if reason is None:
+        return "unchanged"
+    if cred.expires_at is not None and cred.expires_at <= now:
+        _note(memory, label, "expired", logging.INFO,
+              "credential's mytoken expired; .use left as is cred=%s", label)
+        return "expired"
+    token = mint(now, cred)
+    write_secret_file(use, token.raw)
+    memory[label] = "ok"
+    lifetime = token.expires_at - (token.issued_at or now)
+    if lifetime < min_remaining_s:
+        _note(
+            memory,
+            label + "#lifetime",
+            "short",
+            logging.WARNING,
+            "access tokens live %d s, less than %d s (SEC_CREDENTIAL_REFRESH + "
+            "scan interval + 60 s): jobs may read expired tokens; lower "
+            "SEC_CREDENTIAL_REFRESH on the execute points cred=%s",
+            int(lifetime),
+            int(min_remaining_s),
+            label,
+        )
+    logger.info(
+        "access token written cred=%s reason=%s mom_id=%s jti=%s exp=%s",
+        label,
+        reason,
+        cred.mom_id or "-",
+        token.jti,
+        utc_text(token.expires_at),
+    )
+    return "written"
 
 
-def top_signature(cred_dir: Path, services: Sequence[str]) -> Tuple[Tuple[str, int], ...]:
+Signature = Tuple[Tuple[str, int], ...]
+
+
+def top_signature(cred_dir: Path, services: Sequence[str]) -> Signature:
     """(path, mtime_ns) of every owned ``.top``: what a guest credmon polls for changes."""
     found: List[Tuple[str, int]] = []
     try:
@@ -397,7 +415,7 @@ def token_minter(config: Config) -> Minter:
 
     verifier = build_verifier(config)
 
-    def mint(now: float, cred: TopCredential) -> Any:
+    def mint(now: float, cred: TopCredential) -> AccessToken:
         url = config.server.url or cred.server_url
         if not url:
             raise ConfigError(
@@ -466,71 +484,99 @@ def run_credmon(
     real_clock = clock or SystemClock()
     stop = stop or threading.Event()
     wake = wake or threading.Event()
-    previous: Dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread() and not once:
-
-        def on_hup(signum: int, frame: Any) -> None:
-            wake.set()
-
-        def on_stop(signum: int, frame: Any) -> None:
-            stop.set()
-            wake.set()
-
-        for sig, handler in (
-            (signal.SIGHUP, on_hup),
-            (signal.SIGTERM, on_stop),
-            (signal.SIGINT, on_stop),
-            (signal.SIGQUIT, on_stop),
-        ):
-            previous[sig] = signal.signal(sig, handler)
     remembered: Dict[str, str] = {}
-    try:
+    with _signals_caught(stop, wake, enabled=not once):
         if primary:
-            try:
-                write_secret_file(cred_dir / PID_FILE, str(os.getpid()), newline=False)
-            except TokenFileError as exc:
-                raise TokenFileError(f"credmon pid file: {exc.message}") from None
-            _mark_incomplete(cred_dir)
-        first = True
+            _start_primary(cred_dir)
         while True:
             started = real_clock.monotonic()
             signature = top_signature(cred_dir, services)
-            report = scan_credentials(
-                cred_dir,
-                now=real_clock.now(),
-                mint=mint,
-                services=services,
-                min_remaining_s=min_remaining_s,
-                remembered=remembered,
-            )
-            if primary:
-                _mark_complete(cred_dir)
-            logger.debug(
-                "credmon scan written=%d unchanged=%d expired=%d errors=%d",
-                len(report.written),
-                len(report.unchanged),
-                len(report.expired),
-                len(report.errors),
-            )
-            if first and on_ready is not None:
-                on_ready()
-            first = False
+            _scan_and_report(cred_dir, primary=primary, now=real_clock.now(), mint=mint,
+                             services=services, min_remaining_s=min_remaining_s,
+                             remembered=remembered)
+            if on_ready is not None:
+                on_ready()  # after the first scan only
+                on_ready = None
             if once or stop.is_set():
                 return 0
             wake.clear()
-            while not stop.is_set():
-                remaining = interval_s - (real_clock.monotonic() - started)
-                if remaining <= 0:
-                    break
-                if real_clock.wait(wake, min(poll_s, remaining)):
-                    break  # SIGHUP
-                if top_signature(cred_dir, services) != signature:
-                    break
+            _wait_for_next_scan(real_clock, stop, wake, started + interval_s, poll_s,
+                                since=signature,
+                                current=functools.partial(top_signature, cred_dir, services))
             if stop.is_set():
                 return 0
+
+
+@contextlib.contextmanager
+def _signals_caught(stop: threading.Event, wake: threading.Event, *,
+                    enabled: bool) -> Iterator[None]:
+    """SIGHUP scans at once, TERM/INT/QUIT stop; the previous handlers come back after.
+
+    Only the main thread may set handlers: elsewhere (tests, an embedding program) the
+    caller's ``stop`` and ``wake`` are the only controls.
+    """
+    enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def on_hup(signum: int, frame: Any) -> None:
+        wake.set()
+
+    def on_stop(signum: int, frame: Any) -> None:
+        stop.set()
+        wake.set()
+
+    previous: Dict[signal.Signals, Any] = {}
+    try:
+        if enabled:
+            for sig, handler in (
+                (signal.SIGHUP, on_hup),
+                (signal.SIGTERM, on_stop),
+                (signal.SIGINT, on_stop),
+                (signal.SIGQUIT, on_stop),
+            ):
+                previous[sig] = signal.signal(sig, handler)
+        yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _start_primary(cred_dir: Path) -> None:
+    """Write the pid file the credd signals, and say no scan has completed yet."""
+    try:
+        write_secret_file(cred_dir / PID_FILE, str(os.getpid()), newline=False)
+    except TokenFileError as exc:
+        raise TokenFileError(f"credmon pid file: {exc.message}") from None
+    _mark_incomplete(cred_dir)
+
+
+def _scan_and_report(cred_dir: Path, *, primary: bool, now: float, mint: Minter,
+                     services: Sequence[str], min_remaining_s: float,
+                     remembered: Dict[str, str]) -> None:
+    """One scan; the primary credmon then tells the schedd a scan has completed."""
+    report = scan_credentials(cred_dir, now=now, mint=mint, services=services,
+                              min_remaining_s=min_remaining_s, remembered=remembered)
+    if primary:
+        _mark_complete(cred_dir)
+    logger.debug(
+        "credmon scan written=%d unchanged=%d expired=%d errors=%d",
+        len(report.written),
+        len(report.unchanged),
+        len(report.expired),
+        len(report.errors),
+    )
+
+
+def _wait_for_next_scan(clock: Clock, stop: threading.Event, wake: threading.Event,
+                        deadline: float, poll_s: float, *, since: Signature,
+                        current: Callable[[], Signature]) -> None:
+    """Until ``deadline``, a stop, a SIGHUP (``wake``), or until the owned ``.top`` files
+    differ from ``since`` (taken before the last scan), polling every ``poll_s``."""
+    while not stop.is_set():
+        remaining = deadline - clock.monotonic()
+        if remaining <= 0 or clock.wait(wake, min(poll_s, remaining)):
+            return  # interval over, or SIGHUP
+        if current() != since:
+            return
 
 
 def site_runs_oauth_credmon(daemon_list: Optional[str]) -> bool:

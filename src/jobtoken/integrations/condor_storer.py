@@ -51,7 +51,9 @@ logger = logging.getLogger(__name__)
 
 SUBMISSION_CAPABILITIES = ("AT", "create_mytoken")
 DEFAULT_LIFETIME_S = 7 * 24 * 3600.0
-HANDLES_PARENT = b'{"format": "jobtoken-top-1", "handles": true}'
+# the "format" member of every .top the storer writes
+TOP_FORMAT = "jobtoken-top-1"
+HANDLES_PARENT = json.dumps({"format": TOP_FORMAT, "handles": True}).encode()
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ def top_content(token: SubmissionToken) -> bytes:
     """
     return json.dumps(
         {
-            "format": "jobtoken-top-1",
+            "format": TOP_FORMAT,
             "mytoken": token.mytoken,
             "mytoken_server": token.server_url,
             "mom_id": token.mom_id,
