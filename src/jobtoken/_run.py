@@ -295,7 +295,7 @@ def _exec_waiter(
 
 
 def start_forwarding(
-    argv: Sequence[str], *, env: Mapping[str, str], on_failure: Callable[[], None]
+    argv: Sequence[str], *, env: Mapping[str, str], on_failure: Callable[[], object]
 ) -> Any:
     """Start the payload with the forwarded signals caught from before its start (so that
     none is lost or kills us), then blocked: a blocked signal stays pending across

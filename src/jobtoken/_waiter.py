@@ -34,7 +34,7 @@ PLAN [STEP ARGS...]`` with the package directory on ``sys.path``, PLAN being
 
 from __future__ import annotations
 
-import _signal
+import _signal  # type: ignore[import-not-found]  # builtin; typeshed stubs only ``signal``
 import os
 import select
 import sys
@@ -96,6 +96,18 @@ def _float(value: str | None) -> float | None:
     return None if value is None else float(value)
 
 
+def _int(value: str | None) -> int | None:
+    return int(value) if value else None
+
+
+def _given(plan: dict[str, str | None], key: str) -> str:
+    """A key ``_run`` always writes; a plan without it is a bug, said by name."""
+    value = plan.get(key)
+    if value is None:
+        raise ValueError(f"_waiter: the plan has no {key}")
+    return value
+
+
 def _ints(value: str | None) -> tuple[int, ...]:
     return tuple(int(s) for s in (value or "").split(",") if s)
 
@@ -123,8 +135,8 @@ class _Step:
 
     def __init__(self, argv: list[str], adopt: str | None = None) -> None:
         if adopt:  # "PID,FD": started by ``_run`` before the exec (see ``early_step``)
-            pid, fd = adopt.split(",")
-            self.pid, self.fd = int(pid), int(fd)
+            pid_text, fd_text = adopt.split(",")
+            self.pid, self.fd = int(pid_text), int(fd_text)
             os.set_blocking(self.fd, False)
             self.started = time.monotonic()
             self.out = b""
@@ -184,24 +196,24 @@ class Waiter:
     """The loop; ``plan`` is what ``_run`` handed over (see ``main``)."""
 
     def __init__(self, plan: dict[str, str | None], step_args: list[str]) -> None:
-        self.payload = int(plan["payload"])
+        self.payload = int(_given(plan, "payload"))
         self.dir = plan["dir"]
         self.grace = _float(plan.get("grace"))
-        self.step_limit = float(plan["limit"])
+        self.step_limit = float(_given(plan, "limit"))
         self.next_at = _float(plan.get("next"))
         self.watch = plan.get("watch")
-        self.token_file = plan["bt"]
+        self.token_file = _given(plan, "bt")
         self.forward = _ints(plan.get("forward"))
         # watch mode (``jobtoken sidecar``): the payload is not our child
-        self.pidfd = int(plan["pidfd"]) if plan.get("pidfd") else None
-        self.start = int(plan["start"]) if plan.get("start") else None
+        self.pidfd = _int(plan.get("pidfd"))
+        self.start = _int(plan.get("start"))
         self.watching = self.pidfd is not None or self.start is not None
         self.stop_on = _ints(plan.get("stop"))
-        self.stopped_by = None
+        self.stopped_by: int | None = None
         self.step_args = list(step_args)
-        self.pending = []
-        self.forwarded = []
-        self.kill_at = None
+        self.pending: list[int] = []
+        self.forwarded: list[int] = []
+        self.kill_at: float | None = None
         self.stop_requested = False
         self.killed = False
         self.step = _Step([], plan["step"]) if plan.get("step") else None
@@ -321,7 +333,7 @@ class Waiter:
         if self.watch is not None and time.monotonic() >= self.next_stat:
             self.next_stat = time.monotonic() + _STAT_EVERY_S
             try:
-                mtime = str(os.stat(self.token_file).st_mtime_ns)
+                mtime: str | None = str(os.stat(self.token_file).st_mtime_ns)
             except OSError:
                 mtime = None
             return mtime != self.watch
@@ -342,8 +354,9 @@ class Waiter:
             answer = {"next": str(time.time() + _STAT_EVERY_S), "watch": self.watch}
         self.next_at = _float(answer.get("next"))
         self.watch = answer.get("watch")
-        if answer.get("signal"):
-            self._send(int(answer["signal"]))
+        signum = _int(answer.get("signal"))
+        if signum:
+            self._send(signum)
         if answer.get("stop") == "1" and not self.stop_requested:
             self.stop_requested = True
             self._send(_signal.SIGTERM)
