@@ -69,7 +69,7 @@ class Site:
     """A dev server, a parent mytoken, a config, and the broker process on top of them."""
 
     def __init__(self, srv: DevServer, base: Path, *, at_lifetime_s: float,
-                 margin_s: float, workers: int = 4) -> None:
+                 margin_s: float, workers: int = 4, adopt: bool = False) -> None:
         self.srv = srv
         self.base = base  # 0755, root's: job directories live below it
         self.state_dir = base / "state"
@@ -78,13 +78,15 @@ class Site:
         write_secret_file(self.parent, srv.issue_mytoken(capabilities=list(PARENT_CAPS)),
                           newline=False)
         self.config = base / "jobtoken.toml"
+        # an adopting broker (a worker node behind an ARC-CE) has no parent: the CE has it
+        parent_line = "" if adopt else f'parent_mytoken_file = "{self.parent}"'
         self.config.write_text(f"""
 [server]
 url = "{srv.url}"
 allow_http = true
 timeout_s = 5
 [site]
-parent_mytoken_file = "{self.parent}"
+{parent_line}
 vo = "vo"
 allowed_scopes = ["storage.create:/vo"]
 allowed_audiences = ["{AUD}"]
@@ -96,6 +98,7 @@ socket = "{self.socket}"
 state_dir = "{self.state_dir}"
 reconcile_s = 1
 workers = {workers}
+adopt = {"true" if adopt else "false"}
 """)
         # the job side's copy of jobtoken and its payload, where every uid may read them
         self.pythonpath = base / "py"
@@ -231,7 +234,8 @@ def base_dir() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def running_site(*, at_lifetime_s: float, margin_s: float, workers: int = 4) -> Iterator[Site]:
+def running_site(*, at_lifetime_s: float, margin_s: float, workers: int = 4,
+                 adopt: bool = False) -> Iterator[Site]:
     """A dev server issuing ``at_lifetime_s`` tokens and a started broker for it.
 
     At the end the broker's log must show no internal error (a bug the replies hid).
@@ -242,7 +246,7 @@ def running_site(*, at_lifetime_s: float, margin_s: float, workers: int = 4) -> 
                                    default_audience=AUD)) as srv:
         for base in base_dir():
             site = Site(srv, base, at_lifetime_s=at_lifetime_s, margin_s=margin_s,
-                        workers=workers)
+                        workers=workers, adopt=adopt)
             site.start()
             try:
                 yield site

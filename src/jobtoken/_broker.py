@@ -49,6 +49,7 @@ from ._brokeridentity import (
     PeerCred,
     RegisteredJobs,
     anchor_alive,
+    caller_anchor,
     is_trusted,
     peer_cred,
 )
@@ -139,6 +140,7 @@ class _Job:
     waiters: List[Tuple[Any, Callable[[], BrokerReply]]] = field(default_factory=list)
     revoke_attempts: int = 0
     requeue: bool = False  # after revoking a cut-short prepare, the job may prepare again
+    adopted: bool = False  # its mytoken came from the job (adopt): revoked by itself
 
     @property
     def job_id(self) -> str:
@@ -149,6 +151,7 @@ class _Job:
             "v": 1, "phase": self.phase, "identity": self.identity.to_dict(),
             "tokendir": self.tokendir,
             "dir_identity": list(self.dir_identity) if self.dir_identity else None,
+            "adopted": self.adopted,
         }
 
 
@@ -214,7 +217,10 @@ class Broker:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise JobtokenError(f"another broker runs on {self.state_dir}") from None
-        parent = load_mytoken(parent_source_of(self.config), allow_other_owner=True)
+        parent = None
+        if self.config.site.parent_mytoken_file or self.config.token.mytoken_file \
+                or not self.config.broker.adopt:  # an adopting node may have no parent
+            parent = load_mytoken(parent_source_of(self.config), allow_other_owner=True)
         url = server_url_for(self.config, parent)
         # kept for the broker's life: a per-request timeout, no overall deadline
         self._client = client_for(replace(self.config.server, deadline_s=0.0), url)
@@ -543,6 +549,8 @@ class Broker:
             self._reply(conn, BrokerReply(True, 0, "pong", detail={"jobs": len(self.jobs)}))
         elif op == "register":
             self._reply(conn, self._register(conn.peer, request))
+        elif op == "adopt":
+            self._adopt(conn, request)
         elif op == "status" and request.job is None and self._trusted(conn.peer) \
                 and not self._known_peer(conn.peer):
             self._reply(conn, self._node_status())
@@ -607,9 +615,9 @@ class Broker:
                     identity.anchor.pid)
         return BrokerReply(True, 0, f"job {identity.job_id} registered", job_id=identity.job_id)
 
-    def _new_job(self, identity: JobIdentity, phase: str) -> _Job:
+    def _new_job(self, identity: JobIdentity, phase: str, *, adopted: bool = False) -> _Job:
         store = TokenDir.create(self.state_dir / "jobs" / _job_key(identity.job_id))
-        job = _Job(identity=identity, store=store, phase=phase)
+        job = _Job(identity=identity, store=store, phase=phase, adopted=adopted)
         job.state.job_id = identity.job_id
         self._persist(job)
         self.jobs[identity.job_id] = job
@@ -627,12 +635,8 @@ class Broker:
     def _prepare(self, conn: _Conn, job: _Job, request: BrokerRequest) -> None:
         if not request.tokendir:
             raise UsageError("prepare needs the token directory (tokendir)")
-        if job.busy:
-            job.waiters.append((conn, lambda: self._prepared_reply(job, request)))
-            self._park(conn)
-            return
-        if job.phase in (ACTIVE, ENDING):
-            self._reply(conn, self._prepared_reply(job, request))
+        if job.busy or job.phase in (ACTIVE, ENDING):
+            self._again(conn, job, request)
             return
         path = os.path.normpath(request.tokendir)
         with open_job_directory(path, job.identity.uid) as directory:
@@ -911,6 +915,116 @@ class Broker:
         return BrokerReply(True, 0, f"{len(self.jobs)} job(s)", detail={
             "jobs": len(self.jobs), "phases": phases, "paused_until": self.paused_until or None})
 
+    # --- adopt: a job hands in the mytoken it brought (ARC) ---------------------------------------
+
+    def _adopt(self, conn: _Conn, request: BrokerRequest) -> None:
+        """Take the job mytoken out of the caller's directory and serve the job as prepared.
+
+        Whatever goes wrong once the mytoken was read, it is revoked and removed from the
+        job's directory: a job mytoken the broker cannot use is not left to the payload.
+        """
+        from . import _brokeradopt as adopt
+
+        if not self.config.broker.adopt:
+            raise IdentityError("this broker does not adopt jobs (broker.adopt is false)")
+        add = getattr(self.resolver, "add", None)
+        if add is None:
+            raise IdentityError("adopt needs broker.identity = \"registered\"")
+        if not request.tokendir:
+            raise UsageError("adopt needs the token directory (tokendir)")
+        anchor = caller_anchor(conn.peer, request.anchor_pid)
+        path = os.path.normpath(request.tokendir)
+        with open_job_directory(path, conn.peer.uid) as directory:
+            asked = adopt.read_record(directory)
+            job_id = adopt.adopted_job_id(asked)
+            known = self.jobs.get(job_id)
+            if known is not None:
+                if (known.identity.uid, known.identity.anchor) != (conn.peer.uid, anchor):
+                    raise IdentityError(f"job {job_id} is adopted already by another uid or "
+                                        "anchor")
+                self._again(conn, known, request)
+                return
+            for other in self.jobs.values():
+                if other.dir_identity == directory.identity:
+                    raise IdentityError(f"token directory {path} belongs to another job")
+            try:
+                mytoken = adopt.read_mytoken(directory)
+            except JobtokenError as exc:
+                self._revoke_quietly(adopt.hardlinked(exc), directory)
+                raise
+            job: Optional[_Job] = None
+            try:
+                spec = adopt.adopted_record(self.config, asked, self._client.server_url)
+                identity = JobIdentity(job_id=job_id, uid=conn.peer.uid, owner=None,
+                                       anchor=anchor, scopes=spec.scopes,
+                                       audiences=spec.audiences)
+                add(identity)
+                job = self._new_job(identity, PREPARING, adopted=True)
+                job.spec, job.tokendir, job.dir_identity = spec, path, directory.identity
+                write_secret_file(job.store.mytoken, mytoken, newline=False)
+                job.store.write_spec(spec)
+                self._persist(job)
+                removed = adopt.clear_mytokens(directory)  # now: the broker's copy is on disk
+            except JobtokenError:
+                self._revoke_quietly(mytoken, directory)
+                if job is not None:
+                    self._end(job, "adopt failed")
+                raise
+        logger.info("job adopted job=%s uid=%d anchor=%d dir=%s removed=%s", job_id,
+                    conn.peer.uid, anchor.pid, path, ",".join(removed))
+        self._park(conn)
+        adopted: _Job = job
+        self._submit(adopted, lambda: self._renew_work(adopted),
+                     lambda result, error: self._adopted(conn, adopted, result, error))
+
+    def _again(self, conn: _Conn, job: _Job, request: BrokerRequest) -> None:
+        """A second ``prepare``/``adopt`` of a known job: its current state."""
+        if job.busy:
+            job.waiters.append((conn, lambda: self._prepared_reply(job, request)))
+            self._park(conn)
+            return
+        self._reply(conn, self._prepared_reply(job, request))
+
+    def _revoke_quietly(self, mytoken: Optional[str], directory: Any) -> None:
+        """A handed-in mytoken the broker will not use: revoke it (on the pool; a failure
+        is logged) and take it out of the job's directory."""
+        from . import _brokeradopt as adopt
+        from ._submytoken import revoke_quietly
+
+        try:
+            adopt.clear_mytokens(directory)
+        except JobtokenError as exc:
+            logger.warning("%s", exc.message)
+        if mytoken is not None and self._pool is not None:
+            self._pool.submit(revoke_quietly, self._client, mytoken, "job mytoken handed in")
+
+    def _adopted(self, conn: _Conn, job: _Job, result: Any,
+                 error: Optional[BaseException]) -> None:
+        if error is None and result[1] is not None:
+            error = result[1]  # a token the job's directory did not get
+        if error is not None:
+            logger.warning("job %s: cannot use the mytoken it handed in: %s", job.job_id,
+                           error.message if isinstance(error, JobtokenError) else error)
+            self._reply(conn, reply_for_error(error, job.job_id))
+            self._end(job, "adopt failed")
+            return
+        token = result[0]
+        job.phase = ACTIVE
+        self._persist(job)
+        self._record_token(job, token.expires_at, token.issued_at, token.jti, renewed=False)
+        self._reply(conn, self._prepared_reply(job, None))
+
+    def _revoke_adopted(self, job: _Job) -> None:
+        """Revoke an adopted job's mytoken by itself (recursively): the broker has no
+        parent to name it by, and the payload never had it to copy."""
+        from ._mytokenfile import MytokenSource, load_mytoken
+
+        try:
+            mytoken = load_mytoken(MytokenSource(path=job.store.mytoken))
+        except JobtokenError:
+            return  # never stored (refused before), or already revoked and removed
+        self._client.revoke(mytoken, recursive=True)
+
     # --- end of a job -------------------------------------------------------------------------
 
     def _release(self, conn: _Conn, job: _Job) -> None:
@@ -949,6 +1063,9 @@ class Broker:
         from ._prepare import parent_source_of, revoke_job_mytokens
         from ._renewal import revoke_by_mom_id
 
+        if job.adopted:
+            self._revoke_adopted(job)
+            return
         spec = job.spec
         if spec is None:
             try:
@@ -1072,7 +1189,7 @@ class Broker:
                 except JobtokenError as exc:
                     logger.warning("job %s: %s", job.job_id, exc.message)
             if job.phase == PREPARING:  # cut short: what it minted may be live
-                job.phase, job.requeue = ENDING, True
+                job.phase, job.requeue = ENDING, not job.adopted
                 self._persist(job)
             if job.phase == ENDING or not anchor_alive(job.identity.anchor):
                 self._end(job, "ended while the broker was down")
@@ -1087,7 +1204,7 @@ class Broker:
         identity = JobIdentity.from_dict(data["identity"])
         store = TokenDir(path)
         job = _Job(identity=identity, store=store, phase=str(data["phase"]),
-                   tokendir=data.get("tokendir"),
+                   tokendir=data.get("tokendir"), adopted=data.get("adopted") is True,
                    dir_identity=tuple(data["dir_identity"]) if data.get("dir_identity")
                    else None)  # type: ignore[arg-type]
         if job.phase in (ACTIVE, ENDING):
