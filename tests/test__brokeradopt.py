@@ -20,6 +20,7 @@ import pytest
 from jobtoken._config import load_config
 from jobtoken._prepare import JobFacts, prepare_job
 from tests.brokerhelpers import (
+    JOB_PYTHON,
     Anchor,
     Site,
     client_reply,
@@ -57,6 +58,12 @@ def stage0(site: Site, name: str, uid: int, job_id: str = "") -> Path:
 
 def adopt(anchor: Anchor, uid: int, tokendir: Path, *extra: str) -> Any:
     return client_reply(anchor.client(uid, "adopt", "--dir", str(tokendir), *extra))
+
+
+def adopt_as_stage1(anchor: Anchor, site: Site, uid: int, tokendir: Path) -> Any:
+    """``jobtoken broker adopt`` as the RTE runs it (no --json): exit code and stderr."""
+    return anchor.spawn([JOB_PYTHON, "-m", "jobtoken", "broker", "adopt", "--dir",
+                         str(tokendir), "--socket", site.socket], uid)
 
 
 def mytokens_in(directory: Path) -> List[str]:
@@ -126,7 +133,8 @@ def test_a_broker_without_adopt_refuses_with_67(uids: List[int]) -> None:
         try:
             reply = adopt(anchor, uid, tokendir)
             assert "does not adopt" in reply["error"], reply
-            assert anchor.call("adopt", tokendir=str(tokendir))["exit_code"] == 67
+            reply = anchor.call("adopt", tokendir=str(tokendir), anchor_pid=anchor.pid)
+            assert reply["exit_code"] == 67 and "does not adopt" in reply["message"], reply
             assert mytokens_in(tokendir) == ["mytoken"]  # untouched: not the broker's to take
             assert not site.mytoken_files()
         finally:
@@ -139,15 +147,16 @@ def test_hostile_directories_and_anchors_are_refused(site: Site, uids: List[int]
     anchor = Anchor(site, uid)
     stranger = Anchor(site, uid)  # same uid, but not the caller's ancestor
     root_anchor = Anchor(site)  # an ancestor of its payloads, but root's
+    outsider = Anchor(site, other)
     try:
         # a symlink to the job's directory
         link = site.base / "jobs" / "link"
         os.symlink(tokendir, link)
-        reply = anchor.call("adopt", tokendir=str(link))
+        reply = anchor.call("adopt", tokendir=str(link), anchor_pid=anchor.pid)
         assert (reply["ok"], reply["exit_code"]) == (False, 74), reply
         assert "symlink" in reply["message"]
         # the directory of another uid
-        reply = client_reply(anchor.client(other, "adopt", "--dir", str(tokendir)))
+        reply = client_reply(outsider.client(other, "adopt", "--dir", str(tokendir)))
         assert "not the job's uid" in reply["error"], reply
         # an anchor that is not the caller or its ancestor
         reply = adopt(anchor, uid, tokendir, "--anchor-pid", str(stranger.pid))
@@ -163,7 +172,7 @@ def test_hostile_directories_and_anchors_are_refused(site: Site, uids: List[int]
         reply = anchor.call("adopt", tokendir=str(tokendir), anchor_pid=anchor.pid)
         assert reply["ok"], reply
     finally:
-        for a in (anchor, stranger, root_anchor):
+        for a in (anchor, stranger, root_anchor, outsider):
             a.kill()
 
 
@@ -174,7 +183,7 @@ def test_a_second_adopt_of_a_job_id_by_another_anchor_is_67(site: Site, uids: Li
     a, b = Anchor(site, uid), Anchor(site, other)
     try:
         assert adopt(a, uid, first).get("ok")
-        reply = b.call("adopt", tokendir=str(copy))
+        reply = b.call("adopt", tokendir=str(copy), anchor_pid=b.pid)
         assert (reply["ok"], reply["exit_code"]) == (False, 67), reply
         assert "adopted already" in reply["message"]
         # the first job is untouched
@@ -194,7 +203,7 @@ def test_an_unusable_mytoken_is_revoked_and_fails_with_one_line(site: Site, uids
     try:
         # the server refuses the job mytoken's access token for good
         site.srv.faults.add("access", status=403, error="access_denied", count=1)
-        result = anchor.client(uid, "adopt", "--dir", str(tokendir))
+        result = adopt_as_stage1(anchor, site, uid, tokendir)
         assert result["rc"] == 77, result
         lines = result["err"].strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("jobtoken: error:"), result
@@ -204,7 +213,7 @@ def test_an_unusable_mytoken_is_revoked_and_fails_with_one_line(site: Site, uids
         # garbage where the mytoken belongs: refused with one line, removed
         garbage = stage0(site, "arcjob-garbage", uid)
         (garbage / "mytoken").write_text("not a mytoken at all, just words\n")
-        result = anchor.client(uid, "adopt", "--dir", str(garbage))
+        result = adopt_as_stage1(anchor, site, uid, garbage)
         assert result["rc"] == 77 and "unusable" in result["err"], result
         assert mytokens_in(garbage) == [] and not site.mytoken_files()
     finally:
@@ -219,7 +228,7 @@ def test_a_hardlinked_mytoken_is_refused_and_revoked(site: Site, uids: List[int]
     os.link(tokendir / "mytoken", copy)  # the job would keep a copy past the broker
     anchor = Anchor(site, uid)
     try:
-        reply = anchor.call("adopt", tokendir=str(tokendir))
+        reply = anchor.call("adopt", tokendir=str(tokendir), anchor_pid=anchor.pid)
         assert (reply["ok"], reply["exit_code"]) == (False, 74), reply
         assert "links" in reply["message"]
         wait_for(lambda: minted.revoked, 30, "the copied job mytoken is revoked")

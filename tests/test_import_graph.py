@@ -32,7 +32,7 @@ LAYERS: Dict[str, int] = {
     "jobtoken._exchange": 4, "jobtoken._oneshot": 4, "jobtoken._submytoken": 4,
     "jobtoken._prepare": 4, "jobtoken._renewal": 4, "jobtoken._sidecar": 4,
     "jobtoken._supervisor": 4, "jobtoken._run": 4, "jobtoken._runstep": 4,
-    "jobtoken._broker": 4,
+    "jobtoken._broker": 4, "jobtoken._brokeradopt": 4,
     "jobtoken.integrations": 5, "jobtoken.devserver": 5,  # and everything below them
     "jobtoken._checkconfig": 5,  # reads the HTCondor configuration through integrations
     "jobtoken._cliargs": 6, "jobtoken._batchcommands": 6, "jobtoken._brokercommands": 6,
