@@ -32,7 +32,10 @@ LAYERS: Dict[str, int] = {
     "jobtoken._exchange": 4, "jobtoken._oneshot": 4, "jobtoken._submytoken": 4,
     "jobtoken._prepare": 4, "jobtoken._renewal": 4, "jobtoken._sidecar": 4,
     "jobtoken._supervisor": 4, "jobtoken._run": 4, "jobtoken._runstep": 4,
-    "jobtoken._broker": 4, "jobtoken._brokeradopt": 4,
+    "jobtoken._brokertimers": 1,
+    "jobtoken._brokerstore": 3, "jobtoken._brokerloop": 3,
+    "jobtoken._brokerwork": 4, "jobtoken._brokerops": 4, "jobtoken._broker": 4,
+    "jobtoken._brokeradopt": 4,
     "jobtoken.integrations": 5, "jobtoken.devserver": 5,  # and everything below them
     "jobtoken._checkconfig": 5,  # reads the HTCondor configuration through integrations
     "jobtoken._cliargs": 6, "jobtoken._batchcommands": 6, "jobtoken._brokercommands": 6,
@@ -41,9 +44,11 @@ LAYERS: Dict[str, int] = {
 }
 
 # Pure modules: decisions and values only. No clock, file, process or network access.
-PURE = {"jobtoken._errors", "jobtoken._policy", "jobtoken._scopes", "jobtoken._brokerproto"}
+PURE = {"jobtoken._errors", "jobtoken._policy", "jobtoken._scopes", "jobtoken._brokerproto",
+        "jobtoken._brokertimers"}
 PURE_MAY_IMPORT = {
-    "__future__", "collections", "dataclasses", "enum", "functools", "hashlib", "itertools",
+    "__future__", "collections", "dataclasses", "enum", "functools", "hashlib", "heapq",
+    "itertools",
     "json", "math", "random", "re", "typing", "jobtoken._errors",
 }
 
