@@ -236,3 +236,25 @@ def test_a_hardlinked_mytoken_is_refused_and_revoked(site: Site, uids: List[int]
     finally:
         anchor.kill()
         shutil.rmtree(tokendir.parent, ignore_errors=True)
+
+
+def test_an_adopted_job_survives_a_broker_kill_and_is_still_revoked_by_itself(
+        site: Site, uids: List[int]) -> None:
+    """After kill -9 and a restart the broker knows the job is adopted: it renews it from
+    the mytoken it kept and, having no parent, revokes it by that mytoken at the end."""
+    uid = uids[0]
+    tokendir = stage0(site, "arcjob-crash", uid)
+    [minted] = site.children()
+    anchor = Anchor(site, uid)
+    try:
+        assert adopt(anchor, uid, tokendir).get("ok")
+        site.kill9()
+        site.start()
+        reply = client_reply(anchor.client(uid, "ensure", "--min-valid", str(LIFETIME_S + 1)))
+        assert reply["ok"] and reply["detail"]["renewed"], reply
+        assert mytokens_in(tokendir) == [] and len(site.mytoken_files()) == 1
+        assert client_reply(anchor.client(uid, "release"))["ok"]
+        wait_for(lambda: minted.revoked, 30, "the adopted job mytoken is revoked after a restart")
+        wait_for(lambda: not site.mytoken_files(), 30, "the broker forgets it")
+    finally:
+        anchor.kill()
