@@ -20,7 +20,7 @@ import pytest
 
 from ._ce import JOBTOKEN_BIN, ArcCE, wait_for
 from .conftest import AT_LIFETIME_S, AUDIENCE, VO, ArcSite
-from .test_arc_ce import JOB_END_S, staged_out, xrsl
+from .test_arc_ce import JOB_END_S, READ_TOKEN_LOOP, staged_out, xrsl
 
 pytestmark = pytest.mark.slow
 
@@ -29,32 +29,7 @@ BROKER_AT_LIFETIME_S = 45  # long enough for a loaded machine; the job reads ove
 # stdlib only, as the pool account: read the token every second; then look for mytokens
 # in every file it can read below the CE's directory (session dirs, the broker's state
 # dir, the configuration) and in its environment
-CHECKER = r"""
-import base64, json, os, sys, time
-
-def claims_of(text):
-    try:
-        part = text.strip().split(".")[1]
-        return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-    except Exception:
-        return None
-
-path = os.environ["BEARER_TOKEN_FILE"]
-reads = bad = 0
-tokens = set()
-end = time.time() + float(sys.argv[1])
-while time.time() < end:
-    reads += 1
-    try:
-        with open(path) as fh:
-            claims = claims_of(fh.read())
-        if not claims or claims["exp"] <= time.time():
-            bad += 1
-        else:
-            tokens.add(claims["jti"])
-    except Exception:
-        bad += 1
-    time.sleep(1)
+CHECKER = READ_TOKEN_LOOP + r"""
 readable = []
 for top in sys.argv[2:]:
     for root, dirs, files in os.walk(top):
