@@ -107,6 +107,8 @@ def test_adopt_takes_the_mytoken_away_and_serves_the_job_until_release(
         wait_for(lambda: minted.revoked, 30, "the adopted job mytoken is revoked at release")
         wait_for(lambda: not site.mytoken_files(), 30, "the broker forgets it")
         wait_for(lambda: not bt.exists(), 30, "the job's token file is removed")
+        assert not list((site.state_dir / "jobs").iterdir())
+        assert "cannot remove" not in site.log_text(), site.log_text()
     finally:
         anchor.kill()
 

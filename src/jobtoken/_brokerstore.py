@@ -182,15 +182,19 @@ class JobStore:
         return job
 
     def remove(self, job: BrokerJob) -> None:
-        """Delete the job's directory; what could not go is logged."""
-        problems = job.store.remove()
+        """Delete the job's directory; what could not go is logged.
+
+        ``broker.json`` goes first: ``TokenDir.remove`` removes the directory only when
+        nothing but its own files is left (else every job's end logged a warning).
+        """
+        problems: List[str] = []
         try:
             os.unlink(job.store.path / BROKER_FILE)
-            os.rmdir(job.store.path)
         except FileNotFoundError:
             pass
         except OSError as exc:
-            problems.append(f"cannot remove {job.store.path}: {exc.strerror}")
+            problems.append(f"cannot remove {job.store.path / BROKER_FILE}: {exc.strerror}")
+        problems += job.store.remove()
         for problem in problems:
             if "No such file" not in problem:
                 logger.warning("job %s: %s", job.job_id, problem)
