@@ -73,6 +73,9 @@ class Site:
         self.srv = srv
         self.base = base  # 0755, root's: job directories live below it
         self.state_dir = base / "state"
+        self.metrics_dir = base / "textfile"  # as README "Metrics" says: root's, 1777
+        self.metrics_dir.mkdir()
+        self.metrics_dir.chmod(0o1777)
         self.socket = str(base / "run" / "broker.sock")
         self.parent = base / "parent.mt"
         write_secret_file(self.parent, srv.issue_mytoken(capabilities=list(PARENT_CAPS)),
@@ -93,6 +96,7 @@ allowed_audiences = ["{AUD}"]
 expected_at_lifetime_s = {at_lifetime_s}
 [renewal]
 margin_s = {margin_s}
+metrics_dir = "{self.metrics_dir}"
 [broker]
 socket = "{self.socket}"
 state_dir = "{self.state_dir}"

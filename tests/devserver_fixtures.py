@@ -25,6 +25,7 @@ __all__ = [
     "access_token_request",
     "client_for",
     "decode_unverified",
+    "is_live",
     "running_devserver",
     "sub_mytoken_request",
 ]
@@ -72,3 +73,13 @@ def sub_mytoken_request(client: httpx.Client, mytoken: str, **fields: Any) -> ht
 
 def decode_unverified(token: str) -> Dict[str, Any]:
     return jwt.decode(token, options={"verify_signature": False})
+
+
+def is_live(srv: DevServer, mytoken: str) -> bool:
+    """Whether the dev server still takes ``mytoken`` (not revoked, not rotated away)."""
+    from jobtoken._errors import UsageError
+
+    try:
+        return bool(srv.introspect(mytoken)["valid"])
+    except UsageError:  # the dev server refuses revoked and superseded mytokens
+        return False

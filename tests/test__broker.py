@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Dict, Iterator
 
 import jwt
 import pytest
@@ -45,6 +45,20 @@ def uids() -> Any:
 
 def claims(path: Path) -> Any:
     return jwt.decode(path.read_text().strip(), options={"verify_signature": False})
+
+
+def node_metrics(site: Site) -> Dict[str, float]:
+    """The broker's textfile, read as Prometheus reads it: ``name`` or ``name{phase}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    [path] = site.metrics_dir.glob("jobtoken_u0_broker-*.prom")
+    values = {}
+    for family in text_string_to_metric_families(path.read_text()):
+        for sample in family.samples:
+            assert sample.labels["state_dir"] == str(site.state_dir)
+            phase = sample.labels.get("phase")
+            values[f"{sample.name}{{{phase}}}" if phase else sample.name] = sample.value
+    return values
 
 
 def started_job(site: Site, job_id: str, uid: int, anchor_uid: Any = None) -> Any:
@@ -264,6 +278,10 @@ def test_a_429_with_retry_after_pauses_the_whole_node_once(site: Site, uids: Any
             assert reply["ok"] and reply["expires_at"] >= paused + LIFETIME_S - 2, reply
             assert claims(tokendir / "bt")["exp"] == reply["expires_at"]
         assert [r.status for r in site.srv.requests("access")].count(429) == 1
+        # the node's metrics count one pause and the failed attempt that met it
+        wait_for(lambda: node_metrics(site)["jobtoken_broker_rate_limit_pauses_total"] == 1
+                 and node_metrics(site)["jobtoken_broker_renewal_failures_total"] >= 1, 30,
+                 "the metrics show the pause")
     finally:
         for anchor, _ in jobs:
             anchor.kill()
@@ -418,3 +436,32 @@ def test_the_broker_stops_cleanly_on_each_stop_signal(signum: int) -> None:
         site.proc.send_signal(signum)
         assert site.proc.wait(timeout=60) == 0, site.log_text()
         assert "broker stopped" in site.log_text()
+
+
+def test_the_broker_exports_node_totals_that_survive_a_restart(site: Site, uids: Any) -> None:
+    uid = uids[0]
+    anchor, tokendir = started_job(site, "job-m", uid)
+    try:
+        assert client_reply(anchor.client(uid, "prepare", "--dir", str(tokendir)))["ok"]
+        reply = client_reply(anchor.client(uid, "ensure", "--min-valid", str(LIFETIME_S + 1)))
+        assert reply["ok"] and reply["detail"]["renewed"], reply
+        wait_for(lambda: node_metrics(site).get("jobtoken_broker_jobs{active}") == 1
+                 and node_metrics(site)["jobtoken_broker_renewals_total"] >= 1, 30,
+                 "the metrics show the active job and its renewal")
+        assert client_reply(anchor.client(uid, "release"))["ok"]
+        wait_for(lambda: node_metrics(site)["jobtoken_broker_revocations_total"] == 1, 30,
+                 "the metrics count the revocation")
+        after = node_metrics(site)
+        assert after["jobtoken_broker_revocations_pending"] == 0
+        assert after["jobtoken_broker_jobs{active}"] == after["jobtoken_broker_jobs{ending}"] == 0
+        assert after["jobtoken_broker_renewal_failures_total"] == 0
+        assert after["jobtoken_broker_updated_timestamp_seconds"] > time.time() - 60
+        # counters only grow: a restarted broker carries them on from its file
+        site.stop()
+        site.start()
+        restarted = node_metrics(site)
+        assert restarted["jobtoken_broker_revocations_total"] == 1
+        assert restarted["jobtoken_broker_renewals_total"] == \
+            after["jobtoken_broker_renewals_total"] >= 1
+    finally:
+        anchor.kill()

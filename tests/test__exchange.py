@@ -28,7 +28,6 @@ from jobtoken._errors import (
     ServerUnavailableError,
     TokenCheckError,
     TokenFileError,
-    UsageError,
 )
 from jobtoken._exchange import TokenRequest, fetch_access_token
 from jobtoken._mytoken import DISCOVERY_PATH, MytokenClient
@@ -37,6 +36,7 @@ from jobtoken._tokenfile import write_secret_file
 from jobtoken._tokens import AccessToken
 from jobtoken.devserver import DevServer, DevServerConfig
 from tests import jwtmint
+from tests.devserver_fixtures import is_live
 from tests.fakes import FakeClock
 
 AUD = "https://se.example.org"
@@ -73,13 +73,6 @@ def fetch(client: MytokenClient, path: Path, request: TokenRequest = REQUEST,
           **kw: Any) -> AccessToken:
     kw.setdefault("now", time.time())
     return fetch_access_token(client, MytokenSource(path=path), request, **kw)
-
-
-def is_live(srv: DevServer, mytoken: str) -> bool:
-    try:
-        return bool(srv.introspect(mytoken)["valid"])
-    except UsageError:  # the dev server refuses revoked and superseded mytokens
-        return False
 
 
 def secret_parts(raw: str) -> List[str]:

@@ -18,14 +18,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobtoken._errors import TokenFileError
 from jobtoken._metrics import (
     STALE_AFTER_S,
+    BrokerValues,
     MetricValues,
     after_oneshot,
+    broker_metrics_path,
     expire_stale,
     metrics_path,
+    parse_broker_metrics,
     parse_metrics,
+    read_broker_metrics,
     record_oneshot,
     remove_metrics,
+    render_broker_metrics,
     render_metrics,
+    write_broker_metrics,
     write_metrics,
 )
 from jobtoken._tokendir import RenewalState
@@ -274,6 +280,7 @@ def test_the_docs_and_alert_examples_name_only_metrics_that_exist() -> None:
 
     root = Path(__file__).resolve().parents[1]
     written = set(parse(render_metrics("x", MetricValues(expires_at=1.0, last_success_at=1.0))))
+    written |= set(parse(render_broker_metrics("/s", BrokerValues(updated_at=1.0))))
     removed = {"jobtoken_token_expiry_seconds"}  # named only to say it is gone
     for doc in (root / "README.md", root / "examples" / "monitoring" / "README.md"):
         named = set(re.findall(r"\bjobtoken_[a-z_]+_(?:seconds|total|failures|lost)\b",
@@ -281,3 +288,54 @@ def test_the_docs_and_alert_examples_name_only_metrics_that_exist() -> None:
         assert named, doc
         assert named - removed <= written, (doc.name, named - removed - written)
     assert "jobtoken_token_expiry_timestamp_seconds - time()" in (root / "README.md").read_text()
+
+
+# --- the node broker's file (one per broker: node totals) -----------------------------------
+
+BROKER = BrokerValues(updated_at=1000.0, jobs_by_phase=(("active", 3), ("ending", 1)),
+                      renewals=7, failures_total=2, rate_limit_pauses=1, revocations=4,
+                      revocations_pending=1)
+
+
+def test_broker_render_follows_the_textfile_conventions() -> None:
+    text = render_broker_metrics('/var/lib/"b"', BROKER)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    label = {"state_dir": '/var/lib/"b"'}
+    jobs = families["jobtoken_broker_jobs"]
+    assert jobs.type == "gauge" and jobs.documentation
+    assert {s.labels["phase"]: s.value for s in jobs.samples} == {"active": 3.0, "ending": 1.0}
+    assert all(s.labels["state_dir"] == label["state_dir"] for s in jobs.samples)
+    samples = parse(text)
+    del samples["jobtoken_broker_jobs"]  # one sample per phase: checked above
+    assert samples == {
+        "jobtoken_broker_updated_timestamp_seconds": ("gauge", label, 1000.0),
+        "jobtoken_broker_renewals_total": ("counter", label, 7.0),
+        "jobtoken_broker_renewal_failures_total": ("counter", label, 2.0),
+        "jobtoken_broker_rate_limit_pauses_total": ("counter", label, 1.0),
+        "jobtoken_broker_revocations_total": ("counter", label, 4.0),
+        "jobtoken_broker_revocations_pending": ("gauge", label, 1.0),
+    }
+
+
+def test_broker_counters_carry_on_from_its_own_previous_file(tmp_path: Path) -> None:
+    assert read_broker_metrics(str(tmp_path), "/state") == BrokerValues(updated_at=0.0)
+    write_broker_metrics(str(tmp_path), "/state", BROKER)
+    back = read_broker_metrics(str(tmp_path), "/state")
+    assert (back.renewals, back.failures_total, back.rate_limit_pauses, back.revocations) == (
+        7, 2, 1, 4)
+    assert parse_broker_metrics("garbage\njobtoken_broker_renewals_total{} x\n") == \
+        BrokerValues(updated_at=0.0)
+    # another broker (state directory) of the node has its own file
+    assert read_broker_metrics(str(tmp_path), "/other").renewals == 0
+
+
+def test_broker_file_is_in_the_cleanup_pattern_and_ours_only(shared: Path) -> None:
+    path = broker_metrics_path(str(shared), "/state")
+    assert path.name.startswith(f"jobtoken_u{os.geteuid()}_") and path.suffix == ".prom"
+    write_broker_metrics(str(shared), "/state", BROKER)
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
+    os.utime(path, (0, 0))
+    assert expire_stale(str(shared), now=STALE_AFTER_S + 1) == [path.name]
+    path.symlink_to(shared / "elsewhere")
+    with pytest.raises(TokenFileError, match="symlink"):
+        write_broker_metrics(str(shared), "/state", BROKER)

@@ -28,9 +28,10 @@ import importlib
 import logging
 import os
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from ._brokeridentity import (
     IdentityResolver,
@@ -41,11 +42,12 @@ from ._brokeridentity import (
     is_trusted,
 )
 from ._brokerloop import Conn, EventLoop, check_socket_dir
-from ._brokerops import JobOperations
+from ._brokerops import JobOperations, NodeCounters
 from ._brokerproto import BrokerReply, BrokerRequest
 from ._brokerstore import BrokerJob, JobStore
 from ._config import Config
-from ._errors import IdentityError, JobtokenError, UsageError
+from ._errors import IdentityError, JobtokenError, TokenFileError, UsageError
+from ._metrics import REFRESH_S, BrokerValues, read_broker_metrics, write_broker_metrics
 
 __all__ = ["Broker", "make_resolver", "serve"]
 
@@ -79,6 +81,8 @@ class Broker:
         self.store = JobStore(self.state_dir)
         self.loop = EventLoop(self.socket_path, reconcile_s=config.broker.reconcile_s)
         self.ops = JobOperations(config, self.store, self.loop, self.resolver)
+        self._metrics_written: Optional[Tuple[BrokerValues, float]] = None
+        self._metrics_problem: Optional[str] = None
 
     @property
     def jobs(self) -> Dict[str, BrokerJob]:
@@ -108,7 +112,11 @@ class Broker:
         # kept for the broker's life: a per-request timeout, no overall deadline
         client = client_for(replace(self.config.server, deadline_s=0.0), url)
         self.ops.start(client, build_verifier(self.config))
+        if self.config.renewal.metrics_dir:
+            self.ops.counters = NodeCounters.carried_on(read_broker_metrics(
+                self.config.renewal.metrics_dir, str(self.state_dir)))
         self.ops.reload()
+        self._export_metrics()
         self.loop.listen()
         logger.info("broker listening socket=%s state_dir=%s jobs=%d", self.socket_path,
                     self.state_dir, len(self.jobs))
@@ -120,6 +128,7 @@ class Broker:
     def close(self) -> None:
         self.loop.stop_listening()
         self.ops.shutdown()
+        self._export_metrics()
         self.store.unlock()
         self.loop.close()
 
@@ -136,6 +145,30 @@ class Broker:
 
     def reconcile(self) -> None:
         self.ops.reconcile()
+        self._export_metrics()
+
+    # --- metrics ------------------------------------------------------------------------------
+
+    def _export_metrics(self) -> None:
+        """The node's totals in ``[renewal] metrics_dir`` when they changed, and at least
+        every ``REFRESH_S`` (the file's time shows the broker lives); never fatal."""
+        directory = self.config.renewal.metrics_dir
+        if not directory:
+            return
+        now = time.time()
+        values = self.ops.node_values(now)
+        unchanged = replace(values, updated_at=0.0)
+        if self._metrics_written is not None and self._metrics_written[0] == unchanged \
+                and now - self._metrics_written[1] < REFRESH_S:
+            return
+        try:
+            write_broker_metrics(directory, str(self.state_dir), values)
+        except TokenFileError as exc:
+            if exc.message != self._metrics_problem:  # once, not every reconcile
+                logger.warning("cannot write the broker's metrics: %s", exc.message)
+            self._metrics_problem = exc.message
+            return
+        self._metrics_written, self._metrics_problem = (unchanged, now), None
 
     def trusted(self, peer: PeerCred) -> bool:
         """Root or the broker's own uid: may register, and name any job."""

@@ -50,10 +50,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config = _apply(config, "broker", {k: v for k, v in {
         "socket": args.socket, "state_dir": args.state_dir}.items() if v}, "command line")
-    root = logging.getLogger("jobtoken")
-    if not args.quiet:
+    if args.log_file:
+        _log_to_file(args)
+    elif not args.quiet:
+        root = logging.getLogger("jobtoken")
         root.setLevel(min(root.level, logging.INFO))  # a daemon's log is its audit trail
     return serve(config)
+
+
+def _log_to_file(args: argparse.Namespace) -> None:
+    """The broker's events (INFO and up) go to ``--log-file``, stderr keeps the user's
+    level: a file reopened after logrotate renames it, never opened through a symlink.
+
+    Raises:
+        ConfigError: the file cannot be opened (exit 78, before the broker starts).
+    """
+    from ._errors import ConfigError
+    from ._logsetup import log_to_file
+
+    try:
+        log_to_file(args.log_file, log_json=False, verbose=args.verbose, quiet=args.quiet)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the broker log {args.log_file}: {exc.strerror} "
+                          "(choose another with --log-file)") from None
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -151,6 +170,9 @@ def _register_broker(sub: Any, name: str) -> None:
     add_server_options(p)
     p.add_argument("--socket", metavar="PATH", help="listen here (broker.socket)")
     p.add_argument("--state-dir", metavar="DIR", help="keep the mytokens here (broker.state_dir)")
+    p.add_argument("--log-file", metavar="FILE",
+                   help="log events here (reopened after logrotate); stderr then shows "
+                   "warnings only (-v: more)")
     p.set_defaults(func=_cmd_serve)
 
     p = commands.add_parser("prepare", help="mint this job's mytoken and write its first token")

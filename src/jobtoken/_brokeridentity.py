@@ -95,34 +95,49 @@ class JobIdentity:
             IdentityError: a missing or mistyped field.
         """
         try:
-            job_id = data["job_id"]
-            uid = data["uid"]
-            if not isinstance(job_id, str) or not job_id or len(job_id) > 200 \
-                    or not job_id.isprintable():
-                raise ValueError("job_id must be a printable string of 1-200 characters")
-            if isinstance(uid, bool) or not isinstance(uid, int) or uid < 0:
-                raise ValueError("uid must be a whole number >= 0")
+            job_id, uid = _job_id(data["job_id"]), _uid(data["uid"])
             if anchor is None:
                 anchor = ProcessAnchor(int(data["anchor_pid"]), int(data["anchor_start_ticks"]))
-            walltime = data.get("walltime_s")
-            if walltime is not None and (isinstance(walltime, bool)
-                                         or not isinstance(walltime, (int, float))
-                                         or not 0 < walltime < 1e9):
-                raise ValueError("walltime_s must be a positive number of seconds")
-            owner, vo = data.get("owner"), data.get("vo")
-            for name, value in (("owner", owner), ("vo", vo)):
-                if value is not None and not isinstance(value, str):
-                    raise ValueError(f"{name} must be a string")
-            scopes, audiences = data.get("scopes") or (), data.get("audiences") or ()
-            for name, value in (("scopes", scopes), ("audiences", audiences)):
-                if not isinstance(value, (list, tuple)) or not all(
-                        isinstance(v, str) for v in value):
-                    raise ValueError(f"{name} must be a list of strings")
-            return cls(job_id=job_id, uid=uid, owner=owner, anchor=anchor,
-                       walltime_s=None if walltime is None else float(walltime), vo=vo,
-                       scopes=tuple(scopes), audiences=tuple(audiences))
+            walltime = _walltime(data.get("walltime_s"))
+            owner, vo = _text("owner", data.get("owner")), _text("vo", data.get("vo"))
+            return cls(job_id=job_id, uid=uid, owner=owner, anchor=anchor, walltime_s=walltime,
+                       vo=vo, scopes=_texts("scopes", data.get("scopes")),
+                       audiences=_texts("audiences", data.get("audiences")))
         except (KeyError, TypeError, ValueError) as exc:
             raise IdentityError(f"not a job description: {printable(str(exc))}") from None
+
+
+def _job_id(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > 200 or not value.isprintable():
+        raise ValueError("job_id must be a printable string of 1-200 characters")
+    return value
+
+
+def _uid(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("uid must be a whole number >= 0")
+    return value
+
+
+def _walltime(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+        raise ValueError("walltime_s must be a positive number of seconds")
+    return float(value)
+
+
+def _text(name: str, value: Any) -> Optional[str]:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string")
+    return value
+
+
+def _texts(name: str, value: Any) -> Tuple[str, ...]:
+    value = value or ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} must be a list of strings")
+    return tuple(value)
 
 
 class IdentityResolver(Protocol):

@@ -22,7 +22,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 from . import _policy as policy
@@ -32,6 +32,7 @@ from ._brokerproto import BrokerReply, BrokerRequest, reply_for_error
 from ._brokerstore import (
     ACTIVE,
     ENDING,
+    PHASES,
     PREPARING,
     REGISTERED,
     TOKEN_NAME,
@@ -49,6 +50,7 @@ from ._errors import (
     ServerUnavailableError,
     UsageError,
 )
+from ._metrics import BrokerValues
 from ._scopes import scopes_within
 from ._tokendir import JobRecord
 from ._tokenfile import JobDirectory, open_job_directory, write_secret_file
@@ -62,6 +64,23 @@ __all__ = ["JobOperations"]
 logger = logging.getLogger(__name__)
 
 Done = Callable[[Optional[Any], Optional[BaseException]], None]
+
+
+@dataclass
+class NodeCounters:
+    """What the broker did since its counters began (its metrics file carries them on)."""
+
+    renewals: int = 0
+    failures_total: int = 0
+    rate_limit_pauses: int = 0
+    revocations: int = 0
+
+    @classmethod
+    def carried_on(cls, previous: BrokerValues) -> NodeCounters:
+        """The counters of the broker's previous metrics file, to go on from."""
+        return cls(renewals=previous.renewals, failures_total=previous.failures_total,
+                   rate_limit_pauses=previous.rate_limit_pauses,
+                   revocations=previous.revocations)
 
 
 class _Answered(Exception):
@@ -82,6 +101,7 @@ class JobOperations:
         self._rnd = random.Random()
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._pool_work: Optional[PoolWork] = None
+        self.counters = NodeCounters()
 
     @property
     def paused_until(self) -> float:
@@ -403,6 +423,7 @@ class JobOperations:
         st.last_error = None
         if renewed:
             st.renewals += 1
+            self.counters.renewals += 1
         self._plan(job, policy.next_renewal_at(
             issued_at, expires_at, settings=self._settings(job),
             jitter=policy.job_jitter(job.job_id, self._settings(job).jitter_fraction),
@@ -453,6 +474,7 @@ class JobOperations:
         message = error.message if isinstance(error, JobtokenError) else type(error).__name__
         st.failures_total += 1
         st.consecutive_failures += 1
+        self.counters.failures_total += 1
         st.last_error = message
         retry_after = error.retry_after_s if isinstance(error, MytokenError) else None
         self._pause_on_429(error, now)
@@ -480,6 +502,7 @@ class JobOperations:
                 or not error.retry_after_s or now < self.paused_until:
             return
         self.loop.timers.paused_until = now + error.retry_after_s
+        self.counters.rate_limit_pauses += 1
         logger.warning("server asked to wait %.0f s (429): every renewal of the node "
                        "pauses until then", error.retry_after_s)
 
@@ -544,6 +567,13 @@ class JobOperations:
                            bearer_token_file=os.path.join(job.tokendir, TOKEN_NAME)
                            if job.tokendir else None, detail=detail)
 
+    def node_values(self, now: float) -> BrokerValues:
+        """The node's totals for its metrics file."""
+        phases = [job.phase for job in self.jobs.values()]
+        return BrokerValues(
+            updated_at=now, jobs_by_phase=tuple((p, phases.count(p)) for p in PHASES),
+            revocations_pending=phases.count(ENDING), **asdict(self.counters))
+
     def node_status(self) -> BrokerReply:
         phases: Dict[str, int] = {}
         for job in self.jobs.values():
@@ -594,6 +624,7 @@ class JobOperations:
                            "nothing is left to revoke", job.job_id, error)
         else:
             logger.info("job mytoken revoked job=%s", job.job_id)
+            self.counters.revocations += 1
         if job.requeue and anchor_alive(job.identity.anchor):
             job.store.remove(secrets_only=True)
             job.phase, job.tokendir, job.dir_identity, job.spec = REGISTERED, None, None, None

@@ -42,6 +42,7 @@ __all__ = [
     "ACTIVE",
     "BROKER_FILE",
     "ENDING",
+    "PHASES",
     "PREPARING",
     "REGISTERED",
     "TOKEN_NAME",
@@ -57,8 +58,9 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 TOKEN_NAME = "bt"
 BROKER_FILE = "broker.json"
 
-# phases of a job in its broker.json
+# phases of a job in its broker.json, in their order
 REGISTERED, PREPARING, ACTIVE, ENDING = "registered", "preparing", "active", "ending"
+PHASES = (REGISTERED, PREPARING, ACTIVE, ENDING)
 
 
 def job_key(job_id: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from ._brokerstore import TOKEN_NAME, BrokerJob
 from ._config import Config
@@ -89,7 +89,8 @@ class PoolWork:
 
     def renew(self, job: BrokerJob, now: float
               ) -> Tuple[AccessToken, Optional[TokenFileError]]:
-        """A fresh, checked token in the broker's copy and, if it can be, the job's file.
+        """A fresh, checked token in the broker's copy and, if it can be, the job's file
+        (``_renewal.renew_token``: the sidecar's routine, with the broker's writer).
 
         Returns the token and why the job's file could not be written (the job's loss:
         the broker's copy is renewed all the same, and ``ensure`` restores the file).
@@ -97,29 +98,24 @@ class PoolWork:
         Raises:
             JobtokenError: the renewal failed; both files are untouched.
         """
-        from ._exchange import TokenRequest, fetch_access_token
-        from ._mytokenfile import MytokenSource
-        from ._tokens import decode_access_token
+        from ._renewal import renew_token
 
         spec = job.spec
         assert spec is not None and job.tokendir is not None and job.dir_identity is not None
-        previous = None
-        try:
-            previous = decode_access_token(read_secret_file(job.store.bearer_token))
-        except JobtokenError:
-            pass
-        token = fetch_access_token(
-            self.client, MytokenSource(path=job.store.mytoken),
-            TokenRequest(scopes=spec.scopes, audiences=spec.audiences,
-                         comment=f"jobtoken {spec.job_id}"),
-            now=now, previous=previous, verifier=self.verifier)
-        write_secret_file(job.store.bearer_token, token.raw)
-        try:
-            write_job_token(job.tokendir, job.identity.uid, job.dir_identity, token.raw)
-        except TokenFileError as exc:  # the job's loss; the broker's copy is renewed
-            logger.warning("job %s: %s", job.job_id, exc.message)
-            return token, exc
-        return token, None
+        tokendir, uid, dir_identity = job.tokendir, job.identity.uid, job.dir_identity
+        unwritten: List[TokenFileError] = []
+
+        def write_token(raw: str) -> None:
+            write_secret_file(job.store.bearer_token, raw)
+            try:
+                write_job_token(tokendir, uid, dir_identity, raw)
+            except TokenFileError as exc:  # the job's loss; the broker's copy is renewed
+                logger.warning("job %s: %s", job.job_id, exc.message)
+                unwritten.append(exc)
+
+        token = renew_token(job.store, spec, self.client, mytoken=job.store.mytoken, now=now,
+                            verifier=self.verifier, write_token=write_token)
+        return token, unwritten[0] if unwritten else None
 
     def revoke(self, job: BrokerJob) -> None:
         """Revoke the job mytoken through the parent, by ``mom_id`` (or, for a prepare

@@ -28,11 +28,17 @@ The directory is usually shared by every job user (mode 1777, README "Metrics").
 uid in the name keeps users' files apart; a file of ours that another user created
 first, a symlink there, or a directory anyone may write into without the sticky bit
 (so anyone could replace our file) is refused, never written through, read or replaced.
+The node broker (``jobtoken broker serve``) writes one file of its own,
+``jobtoken_u<uid>_broker-<hash of its state dir>.prom``: node totals (jobs by phase,
+renewals, failures, 429 pauses, revocations pending), with the same conventions; its
+counters carry on across restarts from its previous file.
+
 Stdlib only: the waiting sidecar writes these.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -40,7 +46,7 @@ import re
 import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ._errors import TokenFileError
 from ._tokenfile import write_file_atomically
@@ -51,14 +57,20 @@ if TYPE_CHECKING:
 __all__ = [
     "REFRESH_S",
     "STALE_AFTER_S",
+    "BrokerValues",
     "MetricValues",
     "after_oneshot",
+    "broker_metrics_path",
     "expire_stale",
     "metrics_path",
+    "parse_broker_metrics",
     "parse_metrics",
+    "read_broker_metrics",
+    "render_broker_metrics",
     "record_oneshot",
     "remove_metrics",
     "render_metrics",
+    "write_broker_metrics",
     "write_metrics",
 ]
 
@@ -114,45 +126,114 @@ _ROWS: Tuple[Tuple[str, str, str, str], ...] = (
 )
 
 
+@dataclass(frozen=True)
+class BrokerValues:
+    """What the node broker's file says: totals over every job it holds or held."""
+
+    updated_at: float
+    jobs_by_phase: Tuple[Tuple[str, int], ...] = ()
+    renewals: int = 0
+    failures_total: int = 0
+    rate_limit_pauses: int = 0
+    revocations: int = 0
+    revocations_pending: int = 0
+
+
+# name, type, help, field of BrokerValues (jobs_by_phase: one sample per phase)
+_BROKER_ROWS: Tuple[Tuple[str, str, str, str], ...] = (
+    ("jobtoken_broker_updated_timestamp_seconds", "gauge",
+     "Unix time the node broker last wrote this file (at least every 5 minutes).",
+     "updated_at"),
+    ("jobtoken_broker_jobs", "gauge", "Jobs the node broker holds, by phase.", "jobs_by_phase"),
+    ("jobtoken_broker_renewals_total", "counter",
+     "Successful access-token renewals by the node broker.", "renewals"),
+    ("jobtoken_broker_renewal_failures_total", "counter",
+     "Failed renewal attempts by the node broker.", "failures_total"),
+    ("jobtoken_broker_rate_limit_pauses_total", "counter",
+     "Node-wide renewal pauses for a 429 answer with Retry-After.", "rate_limit_pauses"),
+    ("jobtoken_broker_revocations_total", "counter",
+     "Job mytokens the node broker revoked at the end of their job.", "revocations"),
+    ("jobtoken_broker_revocations_pending", "gauge",
+     "Ended jobs whose mytoken the node broker has not revoked yet.", "revocations_pending"),
+)
+
+
 def metrics_path(directory: str, job_id: str, uid: Optional[int] = None) -> Path:
     """This user's metrics file for ``job_id`` (the uid is in the name)."""
     owner = os.geteuid() if uid is None else uid
     return Path(directory) / f"jobtoken_u{owner}_{_SAFE.sub('_', job_id)[:120]}.prom"
 
 
+def broker_metrics_path(directory: str, state_dir: str) -> Path:
+    """The node broker's file: one per broker (state directory) and uid, in the name
+    pattern every writer's and root's cleanup knows (``jobtoken_u<uid>_*.prom``)."""
+    digest = hashlib.sha256(os.path.abspath(state_dir).encode("utf-8")).hexdigest()[:16]
+    return Path(directory) / f"jobtoken_u{os.geteuid()}_broker-{digest}.prom"
+
+
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _labels(labels: Mapping[str, str]) -> str:
+    return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}"
+
+
+def _family(name: str, kind: str, help_text: str,
+            samples: Iterable[Tuple[Mapping[str, str], float]]) -> List[str]:
+    """One metric's HELP and TYPE lines and its samples (no sample timestamps: the
+    textfile collector refuses those)."""
+    out = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    out += [f"{name}{_labels(labels)} {float(value):.3f}" for labels, value in samples]
+    return out
+
+
 def render_metrics(job_id: str, values: MetricValues) -> str:
-    """The exposition text for one job (pure): HELP and TYPE lines, no sample timestamps
-    (the textfile collector refuses those)."""
-    labels = f'{{job_id="{_label(job_id)}"}}'
-    out = []
+    """The exposition text for one job (pure)."""
+    labels = {"job_id": job_id}
+    out: List[str] = []
     for name, kind, help_text, field in _ROWS:
         value = getattr(values, field)
-        if value is None:
-            continue
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} {kind}")
-        out.append(f"{name}{labels} {float(value):.3f}")
+        if value is not None:
+            out += _family(name, kind, help_text, [(labels, value)])
     return "\n".join(out) + "\n"
 
 
-def parse_metrics(text: str) -> MetricValues:
-    """Read back what ``render_metrics`` wrote (pure); what is missing or garbled is 0/None."""
-    fields = {name: field for name, _, _, field in _ROWS}
+def render_broker_metrics(state_dir: str, values: BrokerValues) -> str:
+    """The exposition text for one node broker (pure); every sample carries its
+    ``state_dir`` (a pilot's broker and the node's are two series)."""
+    labels = {"state_dir": state_dir}
+    out: List[str] = []
+    for name, kind, help_text, field in _BROKER_ROWS:
+        if field == "jobs_by_phase":
+            samples = [(dict(labels, phase=phase), float(count))
+                       for phase, count in values.jobs_by_phase]
+        else:
+            samples = [(labels, float(getattr(values, field)))]
+        out += _family(name, kind, help_text, samples)
+    return "\n".join(out) + "\n"
+
+
+def _samples(text: str) -> Dict[str, float]:
+    """Name → finite value of each sample line (the last of a name); garbage skipped."""
     found: Dict[str, float] = {}
     for line in text.splitlines():
         m = _SAMPLE.match(line)
-        if m is None or m.group(1) not in fields:
+        if m is None:
             continue
         try:
             value = float(m.group(2))
         except ValueError:
             continue
         if math.isfinite(value):
-            found[fields[m.group(1)]] = value
+            found[m.group(1)] = value
+    return found
+
+
+def parse_metrics(text: str) -> MetricValues:
+    """Read back what ``render_metrics`` wrote (pure); what is missing or garbled is 0/None."""
+    by_name = _samples(text)
+    found = {field: by_name[name] for name, _, _, field in _ROWS if name in by_name}
 
     def count(field: str) -> int:
         return max(0, int(found.get(field, 0)))
@@ -164,6 +245,23 @@ def parse_metrics(text: str) -> MetricValues:
         failures_total=count("failures_total"),
         consecutive_failures=count("consecutive_failures"),
         credential_lost=found.get("credential_lost", 0) > 0,
+    )
+
+
+def parse_broker_metrics(text: str) -> BrokerValues:
+    """The counters of a broker's previous file (pure); what is missing or garbled is 0."""
+    by_name = _samples(text)
+    names = {field: name for name, _, _, field in _BROKER_ROWS}
+
+    def count(field: str) -> int:
+        return max(0, int(by_name.get(names[field], 0)))
+
+    return BrokerValues(
+        updated_at=by_name.get(names["updated_at"], 0.0),
+        renewals=count("renewals"),
+        failures_total=count("failures_total"),
+        rate_limit_pauses=count("rate_limit_pauses"),
+        revocations=count("revocations"),
     )
 
 
@@ -237,10 +335,29 @@ def write_metrics(directory: str, job_id: str, values: MetricValues, now: float)
         TokenFileError: the directory is missing, not writable, or unsafe (no sticky bit
             on a world-writable directory), or the file there is not ours.
     """
-    path = metrics_path(directory, job_id)
+    _write(metrics_path(directory, job_id), render_metrics(job_id, values), now)
+
+
+def write_broker_metrics(directory: str, state_dir: str, values: BrokerValues) -> None:
+    """Replace the node broker's file (as ``write_metrics`` does a job's).
+
+    Raises:
+        TokenFileError: as ``write_metrics``.
+    """
+    path = broker_metrics_path(directory, state_dir)
+    _write(path, render_broker_metrics(state_dir, values), values.updated_at)
+
+
+def read_broker_metrics(directory: str, state_dir: str) -> BrokerValues:
+    """The counters of the broker's own previous file (none: zeros)."""
+    text = _read_own(broker_metrics_path(directory, state_dir))
+    return parse_broker_metrics(text) if text is not None else BrokerValues(updated_at=0.0)
+
+
+def _write(path: Path, text: str, now: float) -> None:
     _check_place(path)
-    write_file_atomically(path, render_metrics(job_id, values).encode("utf-8"), mode=0o644)
-    expire_stale(directory, now, keep=path)
+    write_file_atomically(path, text.encode("utf-8"), mode=0o644)
+    expire_stale(str(path.parent), now, keep=path)
 
 
 def _read_own(path: Path) -> Optional[str]:
@@ -292,18 +409,13 @@ def expire_stale(
     """
     uid = os.geteuid()
     prefix = f"jobtoken_u{uid}_"
-    removed: List[str] = []
     try:
         entries = list(os.scandir(directory))
     except OSError:
-        return removed
+        return []
+    removed: List[str] = []
     for entry in entries:
-        name = entry.name
-        ours = name.startswith(prefix) and name.endswith(".prom")
-        half_written = name.startswith("." + prefix) and name.endswith(".tmp")  # killed writer
-        if not (ours or half_written):
-            continue
-        if keep is not None and entry.name == keep.name:
+        if not _our_kind(entry.name, prefix) or (keep is not None and entry.name == keep.name):
             continue
         try:
             st = entry.stat(follow_symlinks=False)
@@ -313,6 +425,12 @@ def expire_stale(
         except OSError:
             continue
     return removed
+
+
+def _our_kind(name: str, prefix: str) -> bool:
+    """A metrics file of this account, or the temp file of one killed mid-write."""
+    return (name.startswith(prefix) and name.endswith(".prom")) or (
+        name.startswith("." + prefix) and name.endswith(".tmp"))
 
 
 def remove_metrics(directory: str, job_id: str) -> None:

@@ -19,7 +19,8 @@ import logging
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING, Iterator, List, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional
 
 from ._clock import Clock, SystemClock
 from ._errors import JobtokenError, MytokenError, RenewalReport, TokenFileError
@@ -28,11 +29,12 @@ from ._tokendir import JobRecord, TokenDir
 
 if TYPE_CHECKING:  # imported lazily below: this module's import must stay cheap
     from ._config import Config, ServerConfig
+    from ._exchange import Verifier
     from ._jwks import SignatureVerifier
     from ._mytoken import MytokenClient
     from ._tokens import AccessToken
 
-__all__ = ["main", "renew", "revoke", "revoke_by_mom_id"]
+__all__ = ["main", "renew", "renew_token", "revoke", "revoke_by_mom_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +125,6 @@ def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) ->
     Raises:
         JobtokenError: any failure; the current token file is then untouched.
     """
-    from ._exchange import TokenRequest, fetch_access_token
     from ._mytokenfile import MytokenSource, load_mytoken
     from ._tokenfile import write_secret_file
 
@@ -134,20 +135,14 @@ def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) ->
         current, spec, now, min_valid_s
     ):
         return _report(current, True)
-    source = MytokenSource(path=tokendir.mytoken_of(spec))
-    mytoken = None if spec.server_url else load_mytoken(source)
+    path = tokendir.mytoken_of(spec)
+    mytoken = None if spec.server_url else load_mytoken(MytokenSource(path=path))
     with _client(spec, mytoken) as client:
         kept = _load_metadata(tokendir, client)
         try:
-            token = fetch_access_token(
-                client,
-                source,
-                TokenRequest(
-                    scopes=spec.scopes, audiences=spec.audiences, comment=f"jobtoken {spec.job_id}"
-                ),
-                now=now,
-                previous=current,
-                verifier=_verifier(spec),
+            token = renew_token(
+                tokendir, spec, client, mytoken=path, now=now, verifier=_verifier(spec),
+                write_token=lambda raw: write_secret_file(tokendir.bearer_token, raw),
             )
         except JobtokenError as exc:
             if kept and isinstance(exc, MytokenError) and exc.status in (None, 404, 405, 410):
@@ -155,8 +150,54 @@ def _renew_locked(tokendir: TokenDir, *, min_valid_s: Optional[float] = None) ->
             raise
         if not kept:
             _save_metadata(tokendir, client)
-    write_secret_file(tokendir.bearer_token, token.raw)
     return _report(token, False)
+
+
+def renew_token(
+    tokendir: TokenDir,
+    spec: JobRecord,
+    client: MytokenClient,
+    *,
+    mytoken: Path,
+    now: float,
+    verifier: Optional[Verifier],
+    write_token: Callable[[str], object],
+) -> AccessToken:
+    """One renewal of the job ``spec``: the one routine of the sidecar and the node broker.
+
+    Why one: the order is what keeps a job alive, and two copies of it drift. The
+    exchange (``_exchange``) saves a rotated mytoken durably before anything else (the old
+    one is dead now), then checks the new token against the job's scopes and audiences,
+    against the token it replaces (``tokendir``'s ``bt``: it must last longer) and its
+    signature; only a token that passed reaches ``write_token``. A failure anywhere leaves
+    the current token where it was.
+
+    Args:
+        mytoken: the job mytoken's file. The broker passes its own copy, never a path
+            that ``job.json`` names (a privileged process follows no job-written path).
+        now: wall-clock time captured before the request.
+        write_token: where the token goes: the token directory's ``bt`` for the sidecar
+            and ``ensure``; the broker's copy and, through a dirfd, the job's directory
+            for the broker.
+
+    Raises:
+        JobtokenError: the exchange, a check, or ``write_token`` failed.
+    """
+    from ._exchange import TokenRequest, fetch_access_token
+    from ._mytokenfile import MytokenSource
+
+    token = fetch_access_token(
+        client,
+        MytokenSource(path=mytoken),
+        TokenRequest(
+            scopes=spec.scopes, audiences=spec.audiences, comment=f"jobtoken {spec.job_id}"
+        ),
+        now=now,
+        previous=tokendir.current_token(),
+        verifier=verifier,
+    )
+    write_token(token.raw)
+    return token
 
 
 def _good_for(token: AccessToken, spec: JobRecord, now: float, min_valid_s: float) -> bool:
@@ -243,8 +284,6 @@ def revoke_by_mom_id(config: Config, parent_path: str, mom_id: str, *,
     Raises:
         JobtokenError: the parent cannot be read, or the server refused or failed.
     """
-    from pathlib import Path
-
     from ._mytokenfile import MytokenSource, load_mytoken, save_rotated_mytoken
     from ._oneshot import mytoken_client, server_url_for
 
