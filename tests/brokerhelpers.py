@@ -65,7 +65,7 @@ class Site:
     """A dev server, a parent mytoken, a config, and the broker process on top of them."""
 
     def __init__(self, srv: DevServer, base: Path, *, at_lifetime_s: float,
-                 margin_s: float, workers: int = 4) -> None:
+                 margin_s: float, workers: int = 4, adopt: bool = False) -> None:
         self.srv = srv
         self.base = base  # 0755, root's: job directories live below it
         self.state_dir = base / "state"
@@ -78,10 +78,12 @@ class Site:
                           newline=False)
         self.config = base / "jobtoken.toml"
         self.config.write_text(broker_site_config(
-            url=srv.url, parent=self.parent, scope="storage.create:/vo", audience=AUD,
+            # an adopting broker (a worker node behind an ARC-CE) has no parent: the CE has it
+            url=srv.url, parent=None if adopt else self.parent, scope="storage.create:/vo",
+            audience=AUD,
             lifetime_s=at_lifetime_s, margin_s=margin_s, socket=self.socket,
             state_dir=self.state_dir, timeout_s=5, metrics_dir=self.metrics_dir,
-            reconcile_s=1, workers=workers))
+            reconcile_s=1, workers=workers, adopt=adopt))
         # the job side's copy of jobtoken and its payload, where every uid may read them
         self.pythonpath = base / "py"
         shutil.copytree(ROOT / "src" / "jobtoken", self.pythonpath / "jobtoken",
@@ -216,7 +218,8 @@ def base_dir() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def running_site(*, at_lifetime_s: float, margin_s: float, workers: int = 4) -> Iterator[Site]:
+def running_site(*, at_lifetime_s: float, margin_s: float, workers: int = 4,
+                 adopt: bool = False) -> Iterator[Site]:
     """A dev server issuing ``at_lifetime_s`` tokens and a started broker for it.
 
     At the end the broker's log must show no internal error (a bug the replies hid).
@@ -227,7 +230,7 @@ def running_site(*, at_lifetime_s: float, margin_s: float, workers: int = 4) -> 
                                    default_audience=AUD)) as srv:
         for base in base_dir():
             with serving(Site(srv, base, at_lifetime_s=at_lifetime_s, margin_s=margin_s,
-                              workers=workers)) as site:
+                              workers=workers, adopt=adopt)) as site:
                 yield site
 
 

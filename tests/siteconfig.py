@@ -30,7 +30,7 @@ def config_text(sections: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def loopback_site(
-    *, url: str, parent: Union[str, Path], scope: str, audience: str, lifetime_s: float,
+    *, url: str, parent: Union[str, Path, None], scope: str, audience: str, lifetime_s: float,
     timeout_s: float,
 ) -> Dict[str, Dict[str, Any]]:
     """The ``[server]`` and ``[site]`` sections of a site whose Mytoken server is a dev
@@ -38,7 +38,7 @@ def loopback_site(
     return {
         "server": {"url": url, "allow_http": True, "timeout_s": timeout_s},
         "site": {
-            "parent_mytoken_file": str(parent),
+            "parent_mytoken_file": None if parent is None else str(parent),
             "vo": "vo",
             "allowed_scopes": [scope],
             "allowed_audiences": [audience],
@@ -50,7 +50,7 @@ def loopback_site(
 def broker_site_config(
     *,
     url: str,
-    parent: Union[str, Path],
+    parent: Union[str, Path, None],
     scope: str,
     audience: str,
     lifetime_s: float,

@@ -16,6 +16,7 @@ from jobtoken._brokeridentity import (
     ancestors,
     anchor_alive,
     anchor_of,
+    caller_anchor,
 )
 from jobtoken._errors import IdentityError
 
@@ -109,3 +110,32 @@ def test_an_anchor_that_is_not_running_cannot_be_registered() -> None:
     with pytest.raises(IdentityError, match="not running"):
         RegisteredJobs().register(PeerCred(os.getpid(), os.geteuid(), 0),
                                   {"job_id": "j", "uid": 0, "anchor_pid": proc.pid})
+
+
+def test_a_caller_anchors_its_job_to_itself_or_an_ancestor_of_its_uid(
+        anchor_with_child: tuple) -> None:
+    """``adopt``'s anchor: default the caller's parent; a named one must be the caller or
+    an ancestor running as the caller's uid (here every process is the test's uid)."""
+    anchor_pid, child = anchor_with_child
+    peer = PeerCred(pid=child, uid=os.geteuid(), gid=os.getegid())
+    assert caller_anchor(peer) == anchor_of(anchor_pid)  # the parent
+    assert caller_anchor(peer, child) == anchor_of(child)  # the caller itself
+    assert caller_anchor(peer, os.getpid()) == anchor_of(os.getpid())  # further up
+    stranger = subprocess.Popen(SLEEP)  # same uid, not an ancestor
+    try:
+        with pytest.raises(IdentityError, match="not process .* or one of its ancestors"):
+            caller_anchor(peer, stranger.pid)
+    finally:
+        stranger.kill()
+        stranger.wait(30)
+    # an ancestor of another uid: the caller says it runs as a uid its parent does not
+    other = PeerCred(pid=child, uid=os.geteuid() + 1, gid=os.getegid())
+    with pytest.raises(IdentityError, match="does not run as uid"):
+        caller_anchor(other)
+
+
+def test_a_caller_that_is_gone_has_no_anchor() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(30)
+    with pytest.raises(IdentityError, match="ended before its request was read"):
+        caller_anchor(PeerCred(pid=proc.pid, uid=os.geteuid(), gid=os.getegid()))

@@ -16,6 +16,12 @@ from jobtoken._errors import (
 )
 
 
+def test_an_adopt_request_keeps_its_anchor_over_the_wire() -> None:
+    request = BrokerRequest("adopt", tokendir="/session/x/.jobtoken", anchor_pid=4242)
+    assert BrokerRequest.from_json(request.to_json().encode()) == request
+    assert "anchor_pid" not in json.loads(BrokerRequest("adopt", tokendir="/d").to_json())
+
+
 def test_a_request_survives_the_wire_and_unknown_keys_are_ignored() -> None:
     request = BrokerRequest("prepare", tokendir="/scratch/t", scopes=("storage.read:/a",),
                             audiences=("https://se",), min_valid_s=30.0)
@@ -36,6 +42,9 @@ def test_a_request_survives_the_wire_and_unknown_keys_are_ignored() -> None:
     (b'{"op": "ensure", "min_valid_s": -1}', "min_valid_s"),
     (b'{"op": "prepare", "scopes": [1]}', "scopes must be a list of strings"),
     (b'{"op": "register", "job": []}', "job must be an object"),
+    (b'{"op": "adopt", "anchor_pid": "1234"}', "anchor_pid must be a pid > 1"),
+    (b'{"op": "adopt", "anchor_pid": 1}', "anchor_pid must be a pid > 1"),
+    (b'{"op": "adopt", "anchor_pid": true}', "anchor_pid must be a pid > 1"),
 ])
 def test_a_bad_request_is_a_usage_error_in_one_line(line: bytes, words: str) -> None:
     with pytest.raises(UsageError, match=words) as caught:

@@ -36,6 +36,7 @@ LAYERS: Dict[str, int] = {
     "jobtoken._brokerstore": 3, "jobtoken._brokerloop": 3,
     "jobtoken._brokerwork": 4, "jobtoken._brokerops": 4, "jobtoken._broker": 4,
     "jobtoken._pilotrun": 4,
+    "jobtoken._brokeradopt": 4,
     "jobtoken.integrations": 5, "jobtoken.devserver": 5,  # and everything below them
     "jobtoken._checkconfig": 5,  # reads the HTCondor configuration through integrations
     "jobtoken._cliargs": 6, "jobtoken._batchcommands": 6, "jobtoken._brokercommands": 6,

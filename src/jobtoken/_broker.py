@@ -11,8 +11,9 @@ This module wires the parts and answers who a caller is and what it asked for:
   wake-up, and the timer heap (``_brokertimers``) with the node-wide Retry-After pause;
 * ``_brokerstore``: the crash-safe state directory (one directory per job, its phase
   persisted before it is acted on);
-* ``_brokerops``: the job table and the operations (prepare, ensure, renew, release,
-  revoke, reload after a restart), on the loop's thread;
+* ``_brokerops``: the job table and the operations (prepare, adopt, ensure, renew,
+  release, revoke, reload after a restart), on the loop's thread (``_brokeradopt``
+  holds what ``adopt`` reads from a job's directory and what it keeps of it);
 * ``_brokerwork``: the Mytoken calls on a small thread pool that shares one kept
   ``MytokenClient`` (one TLS context), and the writes into the jobs' directories;
 * here: start and stop, the caller's identity (``SO_PEERCRED`` through the resolver) and
@@ -32,7 +33,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from ._brokeridentity import IdentityResolver, JobIdentity, PeerCred, RegisteredJobs, is_trusted
+from ._brokeridentity import (
+    IdentityResolver,
+    JobIdentity,
+    PeerCred,
+    RegisteredJobs,
+    caller_anchor,
+    is_trusted,
+)
 from ._brokerloop import Conn, EventLoop, check_socket_dir
 from ._brokerops import JobOperations, NodeCounters
 from ._brokerproto import BrokerReply, BrokerRequest, reply_for_error
@@ -96,7 +104,10 @@ class Broker:
 
         check_socket_dir(self.socket_path)
         self.store.lock()
-        parent = load_mytoken(parent_source_of(self.config), allow_other_owner=True)
+        parent = None
+        if self.config.site.parent_mytoken_file or self.config.token.mytoken_file \
+                or not self.config.broker.adopt:  # an adopting node may have no parent
+            parent = load_mytoken(parent_source_of(self.config), allow_other_owner=True)
         url = server_url_for(self.config, parent)
         # kept for the broker's life: a per-request timeout, no overall deadline
         client = client_for(replace(self.config.server, deadline_s=0.0), url)
@@ -169,6 +180,9 @@ class Broker:
         if answer is not None:
             self.loop.reply(conn, answer)
             return
+        if request.op == "adopt":
+            self.ops.adopt(conn, self._adopter(conn.peer, request), request)
+            return
         job_id, job = self._job_for(conn.peer, request)
         if job is None:  # only prepare (and register) make a job known
             self.loop.reply(conn, _unknown_job_answer(job_id, request))
@@ -229,6 +243,22 @@ class Broker:
         if job.identity.anchor != identity.anchor or job.identity.uid != identity.uid:
             raise IdentityError(f"job {identity.job_id} is known with another anchor or uid")
         return job.job_id, job
+
+    def _adopter(self, peer: PeerCred, request: BrokerRequest) -> JobIdentity:
+        """The caller of ``adopt`` as a job's identity (its job id comes from its
+        directory later): its uid, and the anchor it names, checked in ``/proc``.
+
+        Raises:
+            IdentityError: this broker does not adopt (``broker.adopt``, or a resolver
+                that takes no jobs from callers), or the anchor is not the caller or an
+                ancestor of the caller's uid.
+        """
+        if not self.config.broker.adopt:
+            raise IdentityError("this broker does not adopt jobs (broker.adopt is false)")
+        if getattr(self.resolver, "add", None) is None:
+            raise IdentityError('adopt needs broker.identity = "registered"')
+        anchor = caller_anchor(peer, request.anchor_pid)
+        return JobIdentity(job_id="", uid=peer.uid, owner=None, anchor=anchor)
 
     def _register(self, peer: PeerCred, request: BrokerRequest) -> BrokerReply:
         register = getattr(self.resolver, "register", None)

@@ -45,6 +45,11 @@ class BrokerClient:
         return self.call(BrokerRequest("prepare", tokendir=os.path.abspath(tokendir),
                                        scopes=tuple(scopes), audiences=tuple(audiences)))
 
+    def adopt(self, tokendir: str, anchor_pid: Optional[int] = None) -> BrokerReply:
+        """Hand the job mytoken in ``tokendir`` (stage 0 put it there) to the broker."""
+        return self.call(BrokerRequest("adopt", tokendir=os.path.abspath(tokendir),
+                                       anchor_pid=anchor_pid))
+
     def ensure(self, min_valid_s: float) -> BrokerReply:
         return self.call(BrokerRequest("ensure", min_valid_s=min_valid_s))
 

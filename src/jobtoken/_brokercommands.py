@@ -95,6 +95,15 @@ def _log_to_file(args: argparse.Namespace) -> None:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     reply = _client(args).prepare(args.dir, scopes=split_values(args.scope) or (),
                                   audiences=split_values(args.audience) or ())
+    return _print_environment(args, reply)
+
+
+def _cmd_adopt(args: argparse.Namespace) -> int:
+    return _print_environment(args, _client(args).adopt(args.dir, args.anchor_pid))
+
+
+def _print_environment(args: argparse.Namespace, reply: Any) -> int:
+    """What the payload's environment gains (shell ``export`` lines), or the JSON reply."""
     if args.json:
         return _print(args, reply, "")
     env = {"BEARER_TOKEN_FILE": reply.bearer_token_file or "",
@@ -190,6 +199,20 @@ def _register_broker(sub: Any, name: str) -> None:
     p.add_argument("--scope", action="append", metavar="S", help="narrower scope (repeatable)")
     p.add_argument("--audience", action="append", metavar="A", help="audience (repeatable)")
     p.set_defaults(func=_cmd_prepare)
+
+    p = commands.add_parser(
+        "adopt", help="hand this job's mytoken (in DIR, e.g. ARC's stage 0) to the broker",
+        description="The broker takes the job mytoken and job.json from DIR (owned by the "
+        "caller's uid), removes every mytoken from DIR, and renews the job's token into "
+        "DIR/bt until the anchor process ends or 'release' (docs/broker.md). Only a broker "
+        "with broker.adopt = true accepts it.")
+    _client_options(p)
+    p.add_argument("--dir", required=True, metavar="DIR",
+                   help="the job's token directory holding its mytoken and job.json")
+    p.add_argument("--anchor-pid", type=int, metavar="PID",
+                   help="the process whose end is the job's end: this command or one of its "
+                   "ancestors of the same uid (default: its parent, e.g. the job script)")
+    p.set_defaults(func=_cmd_adopt)
 
     p = commands.add_parser("ensure", help="make sure this job's token is valid S more seconds")
     _client_options(p)

@@ -35,6 +35,7 @@ __all__ = [
     "anchor_alive",
     "anchor_of",
     "ancestors",
+    "caller_anchor",
     "is_trusted",
     "peer_cred",
     "split_stat",
@@ -216,6 +217,53 @@ def ancestors(pid: int) -> List[ProcessAnchor]:
             break
         current = int(fields[1])
     return chain
+
+
+def _process_uids(pid: int) -> Optional[Tuple[int, int]]:
+    """The real and effective uid of ``pid`` (``/proc/PID/status``), None when gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f.read().decode("ascii", "replace").splitlines():
+                if line.startswith("Uid:"):
+                    values = line.split()[1:3]
+                    return int(values[0]), int(values[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def caller_anchor(peer: PeerCred, anchor_pid: Optional[int] = None) -> ProcessAnchor:
+    """The anchor a job names for itself (``adopt``): the caller or one of its ancestors,
+    running as the caller's uid; by default the caller's parent (ARC's job script, whose
+    shell runs the RTE's stage 1 as a function).
+
+    Why this and no more: the caller cannot pick a process it does not descend from (a
+    stranger's process, whose life would then decide its job's), nor one of another
+    uid (a starter or a daemon of root, which would outlive the job and so keep its
+    mytoken alive). The start time comes from ``/proc``, as for ``register``.
+
+    Raises:
+        IdentityError: the caller is gone, ``anchor_pid`` is not it or an ancestor, or
+            that process runs as another uid (or has no parent to default to).
+    """
+    chain = ancestors(peer.pid)
+    if not chain:
+        raise IdentityError(f"process {peer.pid} ended before its request was read")
+    if anchor_pid is None:
+        if len(chain) < 2:
+            raise IdentityError(f"process {peer.pid} has no parent to anchor its job to")
+        anchor = chain[1]
+    else:
+        found = [a for a in chain if a.pid == anchor_pid]
+        if not found:
+            raise IdentityError(f"process {anchor_pid} is not process {peer.pid} or one of "
+                                "its ancestors")
+        anchor = found[0]
+    if anchor.pid <= 1 or _process_uids(anchor.pid) != (peer.uid, peer.uid):
+        raise IdentityError(f"anchor process {anchor.pid} does not run as uid {peer.uid}")
+    if not anchor_alive(anchor):  # the uid read above may be a recycled pid's
+        raise IdentityError(f"anchor process {anchor.pid} has ended")
+    return anchor
 
 
 class RegisteredJobs:

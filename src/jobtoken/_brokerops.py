@@ -22,7 +22,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 from . import _policy as policy
@@ -52,7 +52,8 @@ from ._errors import (
 )
 from ._metrics import BrokerValues
 from ._scopes import scopes_within
-from ._tokenfile import open_job_directory
+from ._tokendir import JobRecord
+from ._tokenfile import JobDirectory, open_job_directory, write_secret_file
 
 if TYPE_CHECKING:
     from ._exchange import Verifier
@@ -191,13 +192,14 @@ class JobOperations:
 
     # --- the job table ------------------------------------------------------------------------
 
-    def new_job(self, identity: JobIdentity) -> BrokerJob:
-        """A job the broker did not know: registered, persisted, its anchor watched.
+    def new_job(self, identity: JobIdentity, phase: str = REGISTERED, *,
+                adopted: bool = False) -> BrokerJob:
+        """A job the broker did not know: persisted in ``phase``, its anchor watched.
 
         Raises:
-            IdentityError: its anchor has already ended (the job is forgotten again).
+            IdentityError: its anchor has already ended (the job is ended again).
         """
-        job = self.store.create(identity, REGISTERED)
+        job = self.store.create(identity, phase, adopted=adopted)
         self.jobs[identity.job_id] = job
         self.watch(job)
         if not anchor_alive(identity.anchor):
@@ -216,7 +218,7 @@ class JobOperations:
                 except JobtokenError as exc:
                     logger.warning("job %s: %s", job.job_id, exc.message)
             if job.phase == PREPARING:  # cut short: what it minted may be live
-                job.phase, job.requeue = ENDING, True
+                job.phase, job.requeue = ENDING, not job.adopted
                 self.store.persist(job)
             if job.phase == ENDING or not anchor_alive(job.identity.anchor):
                 self.end(job, "ended while the broker was down")
@@ -242,12 +244,8 @@ class JobOperations:
         """Bind the job to its token directory, mint its mytoken, write its first token."""
         if not request.tokendir:
             raise UsageError("prepare needs the token directory (tokendir)")
-        if job.busy:
-            job.waiters.append((conn, lambda: self._prepared_reply(job, request)))
-            self.loop.park(conn)
-            return
-        if job.phase in (ACTIVE, ENDING):
-            self.loop.reply(conn, self._prepared_reply(job, request))
+        if job.busy or job.phase in (ACTIVE, ENDING):
+            self._again(conn, job, request)
             return
         path = os.path.normpath(request.tokendir)
         with open_job_directory(path, job.identity.uid) as directory:
@@ -295,6 +293,107 @@ class JobOperations:
         self._record_token(job, token.expires_at, token.issued_at, token.jti, renewed=False)
         logger.info("job prepared job=%s uid=%d dir=%s mom_id=%s", job.job_id,
                     job.identity.uid, job.tokendir, result.mom_id)
+        self.loop.reply(conn, self._prepared_reply(job, None))
+
+    def _again(self, conn: Conn, job: BrokerJob, request: BrokerRequest) -> None:
+        """A second ``prepare``/``adopt`` of a known job: its current state."""
+        if job.busy:
+            job.waiters.append((conn, lambda: self._prepared_reply(job, request)))
+            self.loop.park(conn)
+            return
+        self.loop.reply(conn, self._prepared_reply(job, request))
+
+    # --- adopt: a job hands in the mytoken minted for it elsewhere (ARC) -------------------------
+
+    def adopt(self, conn: Conn, identity: JobIdentity, request: BrokerRequest) -> None:
+        """Take the job mytoken out of the caller's directory and serve the job as prepared.
+
+        ``identity`` is the caller's uid and anchor (``_broker`` checked them); its job id
+        comes from the directory's ``job.json`` here. Once the mytoken was read, whatever
+        goes wrong, it is revoked and removed from the job's directory: a job mytoken the
+        broker cannot use is not left to the payload.
+        """
+        from . import _brokeradopt as adopted
+
+        if not request.tokendir:
+            raise UsageError("adopt needs the token directory (tokendir)")
+        path = os.path.normpath(request.tokendir)
+        with open_job_directory(path, identity.uid) as directory:
+            asked = adopted.read_record(directory)
+            identity = replace(identity, job_id=adopted.adopted_job_id(asked))
+            known = self.jobs.get(identity.job_id)
+            if known is not None:
+                if (known.identity.uid, known.identity.anchor) != (identity.uid,
+                                                                    identity.anchor):
+                    raise IdentityError(f"job {identity.job_id} is adopted already by "
+                                        "another uid or anchor")
+                self._again(conn, known, request)
+                return
+            if any(other.dir_identity == directory.identity for other in self.jobs.values()):
+                raise IdentityError(f"token directory {path} belongs to another job")
+            try:
+                mytoken = adopted.read_mytoken(directory)
+            except JobtokenError as exc:
+                self._drop_handed_in(adopted.hardlinked(exc), directory)
+                raise
+            job = self._take_over(identity, asked, mytoken, path, directory)
+        self.loop.park(conn)
+        self._submit(job, lambda: self._work().renew(job, time.time()),
+                     lambda result, error: self._adopted(conn, job, result, error))
+
+    def _take_over(self, identity: JobIdentity, asked: JobRecord, mytoken: str, path: str,
+                   directory: JobDirectory) -> BrokerJob:
+        """Keep the job mytoken in the state directory, then remove it from the job's."""
+        from . import _brokeradopt as adopted
+
+        job: Optional[BrokerJob] = None
+        try:
+            spec = adopted.adopted_record(self.config, asked, self._work().client.server_url)
+            identity = replace(identity, scopes=spec.scopes, audiences=spec.audiences)
+            add = getattr(self.resolver, "add", None)
+            assert add is not None, "_broker adopts only with a resolver that adds jobs"
+            add(identity)
+            job = self.new_job(identity, PREPARING, adopted=True)
+            job.spec, job.tokendir, job.dir_identity = spec, path, directory.identity
+            write_secret_file(job.store.mytoken, mytoken, newline=False)
+            job.store.write_spec(spec)
+            self.store.persist(job)
+            removed = adopted.clear_mytokens(directory)  # now: the broker's copy is on disk
+        except JobtokenError:
+            self._drop_handed_in(mytoken, directory)
+            if job is not None:
+                self.end(job, "adopt failed")
+            raise
+        logger.info("job adopted job=%s uid=%d anchor=%d dir=%s removed=%s", job.job_id,
+                    identity.uid, identity.anchor.pid, path, ",".join(removed))
+        return job
+
+    def _drop_handed_in(self, mytoken: Optional[str], directory: JobDirectory) -> None:
+        """A handed-in mytoken the broker will not keep: out of the job's directory, and
+        revoked (on the pool)."""
+        from . import _brokeradopt as adopted
+
+        try:
+            adopted.clear_mytokens(directory)
+        except JobtokenError as exc:
+            logger.warning("%s", exc.message)
+        if mytoken is not None and self._pool is not None:
+            self._pool.submit(self._work().revoke_handed_in, mytoken)
+
+    def _adopted(self, conn: Conn, job: BrokerJob, result: Any,
+                 error: Optional[BaseException]) -> None:
+        if error is None and result[1] is not None:
+            error = result[1]  # a token the job's directory did not get
+        if error is not None:
+            logger.warning("job %s: cannot use the mytoken it handed in: %s", job.job_id,
+                           error.message if isinstance(error, JobtokenError) else error)
+            self.loop.reply(conn, reply_for_error(error, job.job_id))
+            self.end(job, "adopt failed")
+            return
+        token = result[0]
+        job.phase = ACTIVE
+        self.store.persist(job)
+        self._record_token(job, token.expires_at, token.issued_at, token.jti, renewed=False)
         self.loop.reply(conn, self._prepared_reply(job, None))
 
     def _prepared_reply(self, job: BrokerJob, request: Optional[BrokerRequest]) -> BrokerReply:

@@ -43,7 +43,7 @@ __all__ = [
 PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_REPLY_BYTES = 64 * 1024
-OPS = ("prepare", "ensure", "status", "release", "register", "ping")
+OPS = ("prepare", "ensure", "status", "release", "register", "ping", "adopt")
 
 # the fields of a ``register`` job object (what a trusted caller may say about a job)
 JOB_FIELDS = ("job_id", "uid", "owner", "anchor_pid", "walltime_s", "vo", "scopes", "audiences")
@@ -84,7 +84,9 @@ def _number(value: Any, what: str) -> Optional[float]:
 
 @dataclass(frozen=True)
 class BrokerRequest:
-    """What a client asks; ``job`` only for ``register`` (and a trusted ``release``)."""
+    """What a client asks; ``job`` only for ``register`` (and a trusted ``release``);
+    ``anchor_pid`` only for ``adopt`` (the process whose end is the job's end: the
+    caller or one of its ancestors; None: the caller's parent)."""
 
     op: str
     tokendir: Optional[str] = None
@@ -92,6 +94,7 @@ class BrokerRequest:
     scopes: Tuple[str, ...] = ()
     audiences: Tuple[str, ...] = ()
     job: Optional[Mapping[str, Any]] = None
+    anchor_pid: Optional[int] = None
 
     def to_json(self) -> str:
         data: Dict[str, Any] = {"v": PROTOCOL_VERSION, "op": self.op}
@@ -105,6 +108,8 @@ class BrokerRequest:
             data["audiences"] = list(self.audiences)
         if self.job is not None:
             data["job"] = dict(self.job)
+        if self.anchor_pid is not None:
+            data["anchor_pid"] = self.anchor_pid
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -127,6 +132,10 @@ class BrokerRequest:
         job = data.get("job")
         if job is not None and not isinstance(job, dict):
             raise UsageError("request field job must be an object")
+        anchor_pid = data.get("anchor_pid")
+        if anchor_pid is not None and (isinstance(anchor_pid, bool)
+                                       or not isinstance(anchor_pid, int) or anchor_pid <= 1):
+            raise UsageError("request field anchor_pid must be a pid > 1")
         return cls(
             op=op,
             tokendir=tokendir,
@@ -134,6 +143,7 @@ class BrokerRequest:
             scopes=_strings(data.get("scopes"), "scopes"),
             audiences=_strings(data.get("audiences"), "audiences"),
             job=job,
+            anchor_pid=anchor_pid,
         )
 
 

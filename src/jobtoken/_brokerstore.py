@@ -8,7 +8,8 @@ it was bound to. So every change of phase is written here, atomically and fsynce
 Per job, in ``<state_dir>/jobs/<safe id>-<sha256/16>/`` (a ``TokenDir``, 0700, the
 broker's own): ``mytoken`` (the job mytoken), ``bt`` (the current access token),
 ``job.json``, ``state.json`` and ``broker.json`` (the phase, the identity with the
-anchor, the job's token directory and the device/inode it had at ``prepare``).
+anchor, the job's token directory and the device/inode it had at ``prepare``, and
+whether the job handed its mytoken in: ``adopt``).
 
 Phases: ``registered`` → ``preparing`` → ``active`` → ``ending``.
 
@@ -86,6 +87,7 @@ class BrokerJob:
     waiters: List[Tuple[Conn, Callable[[], BrokerReply]]] = field(default_factory=list)
     revoke_attempts: int = 0
     requeue: bool = False  # after revoking a cut-short prepare, the job may prepare again
+    adopted: bool = False  # its mytoken came from the job (adopt): revoked by itself
 
     @property
     def job_id(self) -> str:
@@ -97,6 +99,7 @@ class BrokerJob:
             "v": 1, "phase": self.phase, "identity": self.identity.to_dict(),
             "tokendir": self.tokendir,
             "dir_identity": list(self.dir_identity) if self.dir_identity else None,
+            "adopted": self.adopted,
         }
 
 
@@ -129,10 +132,10 @@ class JobStore:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def create(self, identity: JobIdentity, phase: str) -> BrokerJob:
+    def create(self, identity: JobIdentity, phase: str, *, adopted: bool = False) -> BrokerJob:
         """A new job's directory, its phase persisted."""
         store = TokenDir.create(self.jobs_dir / job_key(identity.job_id))
-        job = BrokerJob(identity=identity, store=store, phase=phase)
+        job = BrokerJob(identity=identity, store=store, phase=phase, adopted=adopted)
         job.state.job_id = identity.job_id
         self.persist(job)
         return job
@@ -169,7 +172,7 @@ class JobStore:
         store = TokenDir(path)
         dir_identity = data.get("dir_identity")
         job = BrokerJob(identity=identity, store=store, phase=str(data["phase"]),
-                        tokendir=data.get("tokendir"),
+                        tokendir=data.get("tokendir"), adopted=data.get("adopted") is True,
                         dir_identity=tuple(dir_identity) if dir_identity else None)
         if job.phase in (ACTIVE, ENDING):
             try:
@@ -181,15 +184,19 @@ class JobStore:
         return job
 
     def remove(self, job: BrokerJob) -> None:
-        """Delete the job's directory; what could not go is logged."""
-        problems = job.store.remove()
+        """Delete the job's directory; what could not go is logged.
+
+        ``broker.json`` goes first: ``TokenDir.remove`` removes the directory only when
+        nothing but its own files is left (else every job's end logged a warning).
+        """
+        problems: List[str] = []
         try:
             os.unlink(job.store.path / BROKER_FILE)
-            os.rmdir(job.store.path)
         except FileNotFoundError:
             pass
         except OSError as exc:
-            problems.append(f"cannot remove {job.store.path}: {exc.strerror}")
+            problems.append(f"cannot remove {job.store.path / BROKER_FILE}: {exc.strerror}")
+        problems += job.store.remove()
         for problem in problems:
             if "No such file" not in problem:
                 logger.warning("job %s: %s", job.job_id, problem)

@@ -119,7 +119,8 @@ class PoolWork:
 
     def revoke(self, job: BrokerJob) -> None:
         """Revoke the job mytoken through the parent, by ``mom_id`` (or, for a prepare
-        cut short, whatever the parent minted under the job's name).
+        cut short, whatever the parent minted under the job's name); an adopted job's
+        by itself.
 
         Raises:
             JobtokenError: the parent cannot be read, or the server refused or failed.
@@ -127,6 +128,9 @@ class PoolWork:
         from ._prepare import parent_source_of, revoke_job_mytokens
         from ._renewal import revoke_by_mom_id
 
+        if job.adopted:
+            self._revoke_adopted(job)
+            return
         spec = job.spec
         if spec is None:
             try:
@@ -139,3 +143,27 @@ class PoolWork:
                                  spec.mom_id, client=self.client)
             else:  # a prepare cut short: whatever was minted under the job's name
                 revoke_job_mytokens(self.config, job.job_id, client=self.client)
+
+    def _revoke_adopted(self, job: BrokerJob) -> None:
+        """Revoke an adopted job's mytoken by itself, recursively: the broker may have no
+        parent to name it by (a worker node behind an ARC-CE), and needs none: the
+        payload never had this mytoken, so it has no copy, and a revoked mytoken is
+        revoked under every copy.
+
+        Raises:
+            JobtokenError: the server refused or failed (the caller retries).
+        """
+        from ._mytokenfile import MytokenSource, load_mytoken
+
+        try:
+            mytoken = load_mytoken(MytokenSource(path=job.store.mytoken))
+        except JobtokenError:
+            return  # never stored (refused before), or revoked and removed already
+        self.client.revoke(mytoken, recursive=True)
+
+    def revoke_handed_in(self, mytoken: str) -> None:
+        """Revoke a mytoken a job handed in that the broker does not keep (a failure is
+        logged: the CE's ``arc end`` or the mytoken's own ``exp`` still end it)."""
+        from ._submytoken import revoke_quietly
+
+        revoke_quietly(self.client, mytoken, "job mytoken handed in")

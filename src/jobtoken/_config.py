@@ -106,6 +106,9 @@ class BrokerConfig:
     identity: str = "registered"  # the resolver: "registered" (built in) or "condor"
     workers: int = 4  # threads for the HTTP calls (the event loop itself never blocks)
     reconcile_s: float = 10.0  # how often every anchor is checked (also without pidfd)
+    # accept "adopt": a job hands in the mytoken it brought (ARC's stage 0 minted it on the
+    # CE). Off by default: a node whose jobs get their mytokens from the broker never takes one
+    adopt: bool = False
 
 
 @dataclass(frozen=True)

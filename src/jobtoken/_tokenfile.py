@@ -21,7 +21,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 from ._errors import TokenFileError
 
@@ -404,6 +404,47 @@ class JobDirectory:
             return False
         finally:
             os.close(fd)
+
+    def read_own(self, name: str, limit: int) -> Tuple[bytes, int]:
+        """The content of ``name`` here and its link count, read through the dirfd.
+
+        For a privileged process taking a file the job put here: opened
+        ``O_NOFOLLOW|O_NONBLOCK`` (a symlink fails, a FIFO cannot block), accepted only as
+        a regular file of the directory's owner of at most ``limit`` bytes. The link count
+        tells the caller whether a copy lives under another name (a hardlink).
+
+        Raises:
+            TokenFileError: missing, not such a file, too large, or any OS error.
+        """
+        if not name or "/" in name or name in (".", ".."):
+            raise TokenFileError(f"refusing to read {name!r} in {self.path}: not a plain name")
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self.fd)
+        except OSError as exc:
+            raise TokenFileError(f"cannot read {self.path}/{name}: {_describe(exc)}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != self.uid:
+                raise TokenFileError(f"{self.path}/{name} is not a regular file of uid "
+                                     f"{self.uid}")
+            if st.st_size > limit:
+                raise TokenFileError(f"{self.path}/{name} is larger than {limit} bytes")
+            data = os.read(fd, limit + 1)
+            if len(data) > limit:
+                raise TokenFileError(f"{self.path}/{name} is larger than {limit} bytes")
+            return data, st.st_nlink
+        except OSError as exc:
+            raise TokenFileError(f"cannot read {self.path}/{name}: {_describe(exc)}") from exc
+        finally:
+            os.close(fd)
+
+    def names(self) -> List[str]:
+        """The entries of this directory (through the dirfd, never the path)."""
+        try:
+            return os.listdir(self.fd)
+        except OSError as exc:
+            raise TokenFileError(f"cannot list {self.path}: {_describe(exc)}") from exc
 
     def remove(self, name: str) -> bool:
         """Unlink ``name`` here (never follows it); a missing one is fine."""

@@ -323,3 +323,36 @@ def test_rte_is_posix_sh() -> None:
     proc = subprocess.run([_need(SHELLCHECK, "shellcheck"), "-s", "sh", "-S", "warning",
                            str(RTE)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_with_a_node_broker_the_payload_gets_no_mytoken_and_stage2_releases(
+        tmp_path: Path) -> None:
+    """``JOBTOKEN_BROKER_SOCKET`` set: stage 1 hands the job mytoken to a real broker (one
+    without a parent, as on a worker node), the payload finds a token and no mytoken, and
+    stage 2's release has the broker revoke the job mytoken."""
+    from tests.brokerhelpers import running_site, wait_for
+
+    with running_site(at_lifetime_s=60, margin_s=10, adopt=True) as site:
+        session = site.base / "session" / GRIDID  # below a 0755 root directory, no symlink
+        session.mkdir(parents=True, mode=0o700)
+        params = params_file(
+            tmp_path / "params", JOBTOKEN_PARENT_MT=str(site.parent),
+            JOBTOKEN_SERVER=site.srv.url, JOBTOKEN_SCOPE_TEMPLATE="storage.create:/{vo}/arc",
+            JOBTOKEN_AUDIENCE=AUDIENCE, JOBTOKEN_VO="vo", JOBTOKEN_BIN=JOBTOKEN_BIN,
+            JOBTOKEN_DEV_ALLOW_HTTP="Yes", JOBTOKEN_BROKER_SOCKET=site.socket,
+            JOBTOKEN_CONFIG=str(site.config))  # the site's server and token lifetime
+        proc = run_stage0(params, session)
+        assert proc.returncode == 0, proc.stderr
+        job_mt = (session / ".jobtoken" / "mytoken").read_text()
+        payload = ('test -s "$BEARER_TOKEN_FILE" && echo "token at $BEARER_TOKEN_FILE" '
+                   '&& ls -A "$JOBTOKEN_DIR" && (exit 3)')
+        proc = run_job(params, session, payload)
+        assert proc.returncode == 3, proc.stderr  # the payload's status is the job's
+        assert f"token at {session}/.jobtoken/bt" in proc.stdout
+        listed = proc.stdout.split("token at", 1)[1].splitlines()[1:]
+        assert not [name for name in listed if "mytoken" in name], proc.stdout
+        assert not (session / ".jobtoken").exists()
+        assert not site.mytoken_files()
+        wait_for(lambda: all(c.revoked for c in site.children()), 30,
+                 "stage 2's release has the job mytoken revoked")
+        assert_revoked(site.srv, job_mt)

@@ -34,7 +34,8 @@ def main(argv: list[str]) -> int:
             r = cmd["request"]
             request = BrokerRequest(op=r["op"], tokendir=r.get("tokendir"),
                                     min_valid_s=r.get("min_valid_s"),
-                                    scopes=tuple(r.get("scopes", ())), job=r.get("job"))
+                                    scopes=tuple(r.get("scopes", ())), job=r.get("job"),
+                                    anchor_pid=r.get("anchor_pid"))
             raw = client._exchange((request.to_json() + "\n").encode())
             answer = json.loads(raw)
         elif cmd["op"] == "spawn":

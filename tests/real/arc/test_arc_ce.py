@@ -22,9 +22,19 @@ pytestmark = pytest.mark.slow
 
 JOB_END_S = 240  # a job's ARC life (submit, scan, stage out) on a loaded 2-core machine
 
-# stdlib only: it runs with the CE's python3, as the pool account
-CHECKER = r"""
+# stdlib only: it runs with the CE's python3, as the pool account. READ_TOKEN_LOOP reads
+# the token every second for argv[1] seconds (reads, bad, tokens); test_arc_broker.py
+# adds its own search after it
+READ_TOKEN_LOOP = r"""
 import base64, json, os, sys, time
+
+def claims_of(text):
+    try:
+        part = text.strip().split(".")[1]
+        return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except Exception:
+        return None
+
 path = os.environ["BEARER_TOKEN_FILE"]
 reads = bad = 0
 tokens = set()
@@ -33,15 +43,16 @@ while time.time() < end:
     reads += 1
     try:
         with open(path) as fh:
-            part = fh.read().strip().split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-        if claims["exp"] <= time.time():
+            claims = claims_of(fh.read())
+        if not claims or claims["exp"] <= time.time():
             bad += 1
         else:
             tokens.add(claims["jti"])
     except Exception:
         bad += 1
     time.sleep(1)
+"""
+CHECKER = READ_TOKEN_LOOP + r"""
 print(json.dumps({"reads": reads, "bad": bad, "tokens": len(tokens),
                   "bearer_token": "BEARER_TOKEN" in os.environ,
                   "dir_in_session": os.environ.get("JOBTOKEN_DIR", "").endswith("/.jobtoken")}))
