@@ -292,7 +292,11 @@ def serve(config: Config) -> int:
     """Run the broker until SIGTERM, SIGINT or SIGQUIT; jobs stay on disk for the next start.
 
     SIGQUIT too because ``condor_master`` sends it for a fast shutdown of a daemon in its
-    ``DAEMON_LIST``: the broker then stops as cleanly as on SIGTERM instead of dying.
+    ``DAEMON_LIST``: the broker then stops as cleanly as on SIGTERM instead of dying. SIGHUP
+    is ignored: ``condor_master`` sends a daemon outside DaemonCore a plain SIGHUP at every
+    ``condor_reconfig`` (masterDaemon.cpp ``daemon::Reconfig``), whose default action would
+    end the broker each time; nothing needs reloading (the log file follows logrotate).
+    Every disposition is put back at the end (``serve`` also runs inside other programs).
     """
     broker = Broker(config)
     broker.start()
@@ -302,6 +306,7 @@ def serve(config: Config) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT,
                                                            signal.SIGQUIT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         broker.serve_forever()
     finally:

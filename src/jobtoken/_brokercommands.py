@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shlex
-import signal
 import sys
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -54,10 +53,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _log_to_file(args)
     elif not args.quiet:
         root.setLevel(min(root.level, logging.INFO))  # a daemon's log is its audit trail
-    # condor_master sends a daemon outside DaemonCore a plain SIGHUP at every
-    # condor_reconfig (masterDaemon.cpp daemon::Reconfig); its default action would end
-    # the broker each time. Nothing needs reloading: the log file follows logrotate itself.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         config = config_from_args(args)
         config = _apply(config, "broker", {k: v for k, v in {
