@@ -976,7 +976,10 @@ def test_a_dripping_server_on_a_real_socket_is_cut_off(tmp_path):
             with conn:
                 request = conn.recv(65536)
                 if DISCOVERY_PATH.encode() in request:
+                    # "Connection: close": the client must not reuse a socket this
+                    # server closes right after (a race that reset the next request)
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Connection: close\r\n"
                                  b"Content-Length: %d\r\n\r\n%s" % (len(doc), doc))
                     continue
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
