@@ -17,9 +17,12 @@
 set -euo pipefail
 
 # python3-six, python3-urllib3: HTCondor's own Vault credmon (tests/real/condor/test_ap_credd.py
-# runs it beside jobtoken's); Debian's htcondor package does not pull them in
+# runs it beside jobtoken's); Debian's htcondor package does not pull them in.
+# docker.io, docker-cli, busybox-static: the Docker engine, its command line tool (which
+# HTCondor runs) and the test image's only program, for docker-universe jobs
+# (tests/real/condor/_docker.py); docker-cli is only recommended by docker.io
 PACKAGES=(htcondor python3 python3-httpx python3-jwt python3-cryptography
-    python3-psutil procps python3-six python3-urllib3)
+    python3-psutil procps python3-six python3-urllib3 docker.io docker-cli busybox-static)
 ROOT_DEFAULT=/var/lib/jobtoken-ci/trixie
 STAMP_NAME=.jobtoken-ci-complete
 
@@ -60,10 +63,14 @@ missing_packages() {
 
 # maintainer scripts want /proc; mount it for the install unless a pool already did
 PROC_MOUNTED=
-unmount_proc() {
+# on a host, apt must not start the daemons it installs (HTCondor, Docker): the tests start
+# their own; a policy-rc.d made here is removed again, one the site has is left alone
+OUR_POLICY=
+clean_up() {
     if [[ -n "$PROC_MOUNTED" ]]; then umount "$PROC_MOUNTED" 2>/dev/null || true; fi
+    if [[ -n "$OUR_POLICY" ]]; then rm -f "$OUR_POLICY"; fi
 }
-trap unmount_proc EXIT
+trap clean_up EXIT
 
 install_packages() {
     local root=$1 log missing
@@ -72,6 +79,11 @@ install_packages() {
     if [[ "$root" != / ]] && ! grep -qs " ${root%/}/proc " /proc/mounts; then
         mount -t proc proc "$root/proc"
         PROC_MOUNTED="$root/proc"
+    fi
+    if [[ "$root" == / && ! -e /usr/sbin/policy-rc.d ]]; then
+        OUR_POLICY=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' >"$OUR_POLICY"
+        chmod 755 "$OUR_POLICY"
     fi
     log=$(mktemp)
     if ! in_root "$root" apt-get -o DPkg::Lock::Timeout=900 update -q >"$log" 2>&1; then
@@ -170,6 +182,10 @@ else
     die "unsupported Debian release '$(cat /etc/debian_version 2>/dev/null)' (need 12 or 13)"
 fi
 ensure_test_user "$root"
+# HTCondor's startd runs `docker info` as the condor user (HTCondor's docs: add condor to
+# the docker group); the tests' engine gives its socket to that group
+in_root "$root" id -nG condor | grep -qw docker || in_root "$root" usermod -aG docker condor ||
+    die "cannot add condor to the docker group in $root"
 in_root "$root" condor_version >/dev/null 2>&1 || die "condor_version does not run in $root"
 in_root "$root" python3 -c 'import classad, htcondor, httpx, jwt, cryptography, psutil' \
     >/dev/null 2>&1 || die "the Python modules jobtoken needs do not import in $root"

@@ -552,7 +552,8 @@ def test_hook_refuses_container_jobs_clearly(
     config = toml_config(tmp_path / "site.toml", server=srv.url, parent=parent_file)
     out, _ = run_hook(scratch, config, standard_ad(**attrs))
     assert out["HookStatusCode"] == 78
-    assert "not supported" in out["HookStatusMessage"]
+    docker = "DockerImage" in attrs
+    assert ("needs the node broker" if docker else "not supported") in out["HookStatusMessage"]
     assert not (scratch / ".jobtoken").exists()
 
 

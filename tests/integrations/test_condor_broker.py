@@ -382,6 +382,31 @@ def test_the_prepare_hook_asks_the_broker_and_gives_the_job_only_the_token_file(
     assert (info.st_mode & 0o777, sorted(os.listdir(scratch / ".jobtoken"))) == (0o700, [])
 
 
+def test_a_docker_job_is_served_by_the_broker_and_an_apptainer_job_still_held(
+    scratch: Path, tmp_path: Path
+) -> None:
+    """Docker jobs need no job wrapper when the broker renews; apptainer paths still differ."""
+    from jobtoken._brokerproto import BrokerReply
+    from jobtoken._config import Config
+    from jobtoken.integrations.condor import HookOptions, run_prepare_hook
+
+    sock = tmp_path / "b.sock"
+    stub = StubBroker(sock, [BrokerReply(True, 0, "prepared", expires_at=2e9, job_id="j",
+                                         bearer_token_file=str(scratch / ".jobtoken/bt"))])
+    options = HookOptions(broker_socket=str(sock))
+    env = {"_CONDOR_SCRATCH_DIR": str(scratch)}
+    try:
+        docker = run_prepare_hook(Config(), hook_ad(WantDocker=True, DockerImage="alpine"),
+                                  env=env, options=options)
+        apptainer = run_prepare_hook(Config(), hook_ad(ContainerImage="x.sif"), env=env,
+                                     options=options)
+    finally:
+        stub.close()
+    assert docker.status_code == 0, docker.message
+    assert [r["op"] for r in stub.requests] == ["prepare"], "the apptainer job never asked"
+    assert apptainer.status_code == 78 and "not supported" in (apptainer.message or "")
+
+
 def test_an_unreachable_broker_requeues_the_job(scratch: Path, tmp_path: Path) -> None:
     from jobtoken._config import Config
     from jobtoken.integrations.condor import HookOptions, run_prepare_hook

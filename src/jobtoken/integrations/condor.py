@@ -313,21 +313,25 @@ def job_request_from_ad(ad: Any, *, require_walltime: bool = False) -> AdRequest
     )
 
 
-def refuse_unsupported_job(ad: Any, job_id: str) -> None:
-    """Hold container jobs: their token would silently stop being renewed.
+def refuse_unsupported_job(ad: Any, job_id: str, *, broker: bool) -> None:
+    """Hold container jobs whose token would silently stop being renewed.
 
-    HTCondor does not run ``USER_JOB_WRAPPER`` in the docker universe (no sidecar, so no
-    renewal), and with apptainer/singularity the wrapper and the payload see different
-    paths (``SINGULARITY_TARGET_DIR`` rewrites the sandbox). Refusing is honest; a job
-    that needs a token in a container gets the reason in its hold message.
+    Without a broker the token is renewed by a sidecar that ``USER_JOB_WRAPPER`` starts,
+    and HTCondor runs no job wrapper in the docker universe. With a broker nothing runs
+    in the job: the starter bind-mounts the sandbox at the same path and runs the
+    container as the job's uid, so the broker's renamed ``.jobtoken/bt`` shows through
+    and docker jobs pass (``broker``: this job's token comes from the broker). With
+    apptainer/singularity the wrapper and the payload see different paths
+    (``SINGULARITY_TARGET_DIR`` rewrites the sandbox), with or without a broker. A job
+    refused here gets the reason in its hold message.
 
     Raises:
-        ConfigError: a docker or container job.
+        ConfigError: a container job, or a docker job not served by a broker.
     """
-    if _bool_attr(ad, "WantDocker") or _string_attr_raw(ad, "DockerImage"):
+    if (_bool_attr(ad, "WantDocker") or _string_attr_raw(ad, "DockerImage")) and not broker:
         raise ConfigError(
-            f"job {job_id}: the docker universe is not supported (HTCondor runs no "
-            "USER_JOB_WRAPPER there, so the token would not be renewed)"
+            f"job {job_id}: the docker universe needs the node broker here (HTCondor runs "
+            "no USER_JOB_WRAPPER there, so without the broker the token would not be renewed)"
         )
     if (
         _bool_attr(ad, "WantContainer")
@@ -596,7 +600,6 @@ def _prepare_hook(
     ad = read_job_ad(ad_text)
     request = job_request_from_ad(ad, require_walltime=options.require_walltime)
     job = request.job
-    refuse_unsupported_job(ad, job.job_id)
     if _number_attr(ad, "SuccessCheckpointExitCode") is not None:  # checkpoint_exit_code
         # a self-checkpointing job is restarted through the wrapper without this hook: the
         # job mytoken must outlive each run; the exit hook revokes it at the job's end
@@ -607,6 +610,7 @@ def _prepare_hook(
         logger.warning("no $_CONDOR_SCRATCH_DIR; using the current directory %s", scratch)
     directory = scratch / options.dir_name
     supplied = _job_supplied_mytoken(request, env, scratch, options)
+    refuse_unsupported_job(ad, job.job_id, broker=supplied is None and bool(options.broker_socket))
     if supplied is None and options.broker_socket:
         return _broker_prepare(request, directory, options.broker_socket, options.deadline_s)
     if supplied is not None and supplied[0].startswith("$_CONDOR_CREDS"):

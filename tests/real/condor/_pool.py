@@ -337,18 +337,21 @@ class Pool:
     """One running personal pool; ``start()``/``stop()`` or use it as a context manager."""
 
     def __init__(self, env: PoolEnv, *, deb: Path, jobtoken_toml: str, extra_config: str = "",
-                 before_master: Optional[Callable[[Pool], None]] = None) -> None:
+                 before_master: Optional[Callable[[Pool], None]] = None,
+                 master_env: Optional[Mapping[str, str]] = None) -> None:
         """``deb``: jobtoken's Debian package, installed into the pool environment while the
         pool runs; ``extra_config``: HTCondor config lines appended last (e.g. an access
         point's credd and credmon for the credd-path tests); ``before_master``: called once
         jobtoken is installed, before condor_master starts (e.g. the site files a daemon
-        in DAEMON_LIST reads when it starts)."""
+        in DAEMON_LIST reads when it starts); ``master_env``: variables condor_master and
+        its daemons start with besides CONDOR_CONFIG (e.g. DOCKER_HOST)."""
         self.env = env
         self.package = SharedInstall(env.root, deb)
         self._installed = False
         self.jobtoken_toml_text = jobtoken_toml
         self.extra_config = extra_config
         self.before_master = before_master
+        self.master_env = dict(master_env or {})
         base = env.host_path("/var/tmp")
         base.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="jobtoken-pool-", dir=base))
@@ -433,7 +436,8 @@ class Pool:
         out = open(self.dir / "master.out", "wb")
         try:
             self.master = subprocess.Popen(
-                self.env.argv(["condor_master", "-f", "-t"], env={"CONDOR_CONFIG": self.config}),
+                self.env.argv(["condor_master", "-f", "-t"],
+                              env={**self.master_env, "CONDOR_CONFIG": self.config}),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
