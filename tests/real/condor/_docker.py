@@ -44,6 +44,7 @@ class DockerEngine:
         base = env.host_path("/var/tmp")
         base.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="jtd-", dir=base))  # short: socket paths
+        self.dir.chmod(0o755)  # the condor account reaches the socket (root:docker 0660)
         self.inner = env.inner_path(self.dir)
         self.socket = f"{self.inner}/docker.sock"
         self.mounts = ChrootMounts(env.root) if env.chrooted else None

@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from jobtoken.devserver import DevServer
+from tests.prerequisites import need
 
 from ._docker import IMAGE, MARKER, DockerEngine
 from ._pool import COMPLETED, HELD, Pool, PoolEnv, pool_root
@@ -66,7 +67,11 @@ done
 @pytest.fixture(scope="module")
 def engine() -> Iterator[DockerEngine]:
     require_pool()
-    with DockerEngine(PoolEnv(pool_root())) as running:
+    env = PoolEnv(pool_root())
+    need(env.host_path("/usr/sbin/dockerd").exists() and env.host_path("/usr/bin/docker").exists()
+         and env.host_path("/usr/bin/busybox").exists(),
+         f"no Docker engine, docker CLI or busybox in {env.root}: run .ci/install-htcondor.sh")
+    with DockerEngine(env) as running:
         yield running
 
 
@@ -83,8 +88,19 @@ def dpool(engine: DockerEngine, devserver: DevServer, robot: str,
                       "the node broker to answer", detail=lambda: broker_log(pool))
         pool.wait_for(lambda: "true" in pool.condor(["condor_status", "-af", "HasDocker"],
                                                     check=False).stdout.lower(), 60,
-                      "the startd to find docker", detail=lambda: pool.tail("StartLog", 30))
+                      "the startd to find docker", detail=lambda: docker_detail(pool, engine))
         yield pool
+
+
+def docker_detail(pool: Pool, engine: DockerEngine) -> str:
+    """What the startd and the engine said, for a pool that found no docker."""
+    ad = pool.condor(["condor_status", "-l"], check=False).stdout
+    lines = [line for line in ad.splitlines() if "ocker" in line]
+    probe = pool.env.run(["condor_starter", "-classad"], check=False,
+                         env={"CONDOR_CONFIG": pool.config, "DOCKER_HOST": engine.docker_host})
+    lines += ["starter -classad:", probe.stdout[-1500:], probe.stderr[-1500:]]
+    return "\n".join([*lines, pool.tail("StartLog", 30), pool.tail("StarterLog", 30),
+                      engine.log()])
 
 
 def docker_submit(pool: Pool, name: str, seconds: int, *extra: str,
