@@ -140,7 +140,8 @@ def test_a_docker_job_reads_a_renewed_token_through_the_sandbox_mount(
     env = (directory / "env.txt").read_text()
     assert "BEARER_TOKEN_FILE=" in env and "/.jobtoken/bt" in env
     reads = reads_of(directory)
-    assert len(reads) >= seconds - 5, reads
+    # about one read a second (fewer on a loaded machine), from start to end of the job
+    assert reads[-1][0] - reads[0][0] >= 2 * AT_LIFETIME_S, reads
     bad = [(t, h) for t, h in reads if h == "-"]
     assert bad == [], f"the container read no token at {bad}"
     tokens = {h: (directory / f"tok.{h}").read_text() for _, h in reads}
