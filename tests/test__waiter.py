@@ -8,10 +8,13 @@ signal passed on, renewals, escalation, clean-up) is tested through the real com
 from __future__ import annotations
 
 import ast
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Iterator, List, Set
+from typing import Any, Dict, Iterator, List, Set, Tuple
 
 import pytest
 
@@ -84,8 +87,6 @@ def waiting_run(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[_Wai
 
 
 def _waiting_sidecar(job: object) -> Iterator[_Waiting]:
-    import time
-
     tokendir = job.tokendir  # type: ignore[attr-defined]
     watched = subprocess.Popen(["sleep", "120"], stdin=subprocess.DEVNULL)
     pid = 0
@@ -130,8 +131,6 @@ def _waiting_run(job: object) -> Iterator[_Waiting]:
 
 def _waiter_cmdline(pid: int) -> List[str]:
     """The run process's command line once it has become the waiter (same pid)."""
-    import time
-
     deadline = time.monotonic() + 60
     while True:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
@@ -162,8 +161,6 @@ def test_the_waiting_run_process_is_near_a_bare_interpreter(
     _waiter_cmdline(waiting_run.pid)
     bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        import time
-
         time.sleep(1.0)
         bare_mib = _uss_mib(bare.pid)
     finally:
@@ -171,3 +168,162 @@ def test_the_waiting_run_process_is_near_a_bare_interpreter(
         bare.wait()
     uss = _uss_mib(waiting_run.pid)
     assert uss <= USS_GOAL_MIB, f"waiting run {uss:.2f} MiB, bare interpreter {bare_mib:.2f} MiB"
+
+
+# --- watch mode (``jobtoken sidecar``), driven directly ------------------------------------
+#
+# The real ``_waiter`` in its own ``-I -S`` interpreter, with a plan as ``run_sidecar``
+# writes it, watching a real process that is not its child. One seam only: its
+# ``sys.executable`` is a shell script standing in for ``python -m jobtoken._runstep``, so
+# a step answers what the test chose and the finishing ``exec`` leaves a record of its
+# arguments instead of cleaning up a real token directory.
+
+#: ``jobtoken sidecar``'s stop signals (``_run.SIDECAR_STOP_SIGNALS``).
+SIDECAR_STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+WARN = signal.SIGUSR2
+#: What the watched process records (one line per signal), instead of acting on it.
+RECORDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+WAIT_S = 60.0  # a waiter ending (it polls /proc every 2 s) on a loaded machine
+
+_STEP_STUB = """#!/bin/sh
+# in place of: python -m jobtoken._runstep DIR [ARGS...]   ($3 is DIR)
+case " $* " in
+*" --finish "*) printf '%s\\n' "$*" > "$3/finished" ;;
+*) cat "$3/answer" ;;
+esac
+"""
+
+_RECORDER = f"""
+import signal, sys
+for signum in {tuple(int(s) for s in RECORDED)!r}:
+    signal.signal(signum, lambda n, f: print(n, flush=True))
+signal.pthread_sigmask(signal.SIG_SETMASK, [])
+print("ready", flush=True)
+while True:
+    signal.pause()
+"""
+
+
+def _recorder() -> subprocess.Popen[str]:
+    """A process that prints each of ``RECORDED`` it receives, whatever it inherited."""
+    proc = subprocess.Popen([sys.executable, "-c", _RECORDER], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, text=True)
+    assert readline_within(proc.stdout).strip() == "ready"
+    return proc
+
+
+def _start_waiter(tmp_path: Path, *, pass_fds: Tuple[int, ...] = (),
+                  **plan: object) -> subprocess.Popen[bytes]:
+    """The waiter as ``_run.exec_waiter`` starts it; the stop signals blocked and at their
+    default beforehand, as ``run_sidecar`` leaves them (not as our caller may have)."""
+    stub = tmp_path / "runstep"
+    stub.write_text(_STEP_STUB, encoding="utf-8")
+    stub.chmod(0o755)
+    stop = [int(s) for s in SIDECAR_STOP]
+    code = (
+        "import _signal, sys; "
+        f"[_signal.signal(s, _signal.SIG_DFL) for s in {stop!r}]; "
+        f"_signal.pthread_sigmask(_signal.SIG_SETMASK, {stop!r}); "
+        f"sys.path.insert(0, {str(SRC.parent)!r}); "
+        f"sys.executable = {str(stub)!r}; "
+        "import _waiter; _waiter.main(sys.argv[1:])"
+    )
+    fields: Dict[str, object] = dict(
+        step=None, dir=tmp_path, bt=tmp_path / "bt", grace=None, limit=30, next=0,
+        watch=None, forward="", stop=",".join(str(s) for s in stop),
+    )
+    fields.update(plan)
+    return subprocess.Popen([sys.executable, "-I", "-S", "-c", code,
+                             _waiter.encode_plan(**fields)],
+                            stdin=subprocess.DEVNULL, pass_fds=pass_fds)
+
+
+def _finished(waiter: subprocess.Popen[bytes], tmp_path: Path) -> List[str]:
+    """The arguments of the finishing step the waiter ``exec``ed (it ends with it)."""
+    try:
+        assert waiter.wait(timeout=WAIT_S) == 0
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the waiter did not finish within {WAIT_S:.0f} s") from None
+    return (tmp_path / "finished").read_text(encoding="utf-8").split()
+
+
+def _ended(*procs: subprocess.Popen[Any]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_without_a_pidfd_the_sidecar_waiter_signals_by_pid_and_sees_the_end_in_proc(
+    tmp_path: Path,
+) -> None:
+    """A kernel without pidfds: the watched process's ``/proc`` start ticks stand in. The
+    step's warning signal reaches it by pid, and its end is noticed by polling."""
+    watched = _recorder()
+    waiter = None
+    try:
+        (tmp_path / "answer").write_text(f"next={time.time() + 3600};watch=-;signal={int(WARN)}")
+        ticks = _waiter.start_ticks(watched.pid)
+        assert ticks is not None
+        waiter = _start_waiter(tmp_path, payload=watched.pid, start=ticks)
+        assert readline_within(watched.stdout).strip() == str(int(WARN))
+        assert waiter.poll() is None  # it watches on
+        watched.kill()
+        watched.wait()
+        argv = _finished(waiter, tmp_path)
+    finally:
+        _ended(watched, *([waiter] if waiter else []))
+    assert argv[argv.index("--finish"):] == [
+        "--finish", "--sidecar", "--payload-pid", str(watched.pid)]
+
+
+def test_without_a_pidfd_a_recycled_pid_is_not_the_watched_process(tmp_path: Path) -> None:
+    """The pid names a live process that started at another tick than the watched one:
+    the watched process is gone (its pid was reused), so the sidecar finishes, and the
+    stranger is neither waited for nor sent the step's warning."""
+    stranger = _recorder()
+    waiter = None
+    try:
+        (tmp_path / "answer").write_text(f"next={time.time() + 3600};watch=-;signal={int(WARN)}")
+        ticks = _waiter.start_ticks(stranger.pid)
+        assert ticks is not None
+        waiter = _start_waiter(tmp_path, payload=stranger.pid, start=ticks - 1)
+        argv = _finished(waiter, tmp_path)
+        assert stranger.poll() is None
+    finally:
+        _ended(stranger, *([waiter] if waiter else []))
+    assert argv[argv.index("--finish"):] == [
+        "--finish", "--sidecar", "--payload-pid", str(stranger.pid)]
+    assert stranger.stdout is not None and stranger.stdout.read() == ""
+
+
+def test_the_sidecar_waiter_signals_the_watched_process_through_its_pidfd(
+    tmp_path: Path,
+) -> None:
+    """The step's warning and its stop (TERM) go through the pidfd: they reach the process
+    the pidfd names even when the plan's pid (with matching start ticks) is another's
+    now, as after pid reuse; and the pidfd tells the end."""
+    watched = _recorder()
+    stranger = subprocess.Popen(["sleep", "120"], stdin=subprocess.DEVNULL)
+    pidfd = os.pidfd_open(watched.pid)
+    waiter = None
+    try:
+        (tmp_path / "answer").write_text(
+            f"next={time.time() + 3600};watch=-;signal={int(WARN)};stop=1")
+        ticks = _waiter.start_ticks(stranger.pid)
+        assert ticks is not None
+        waiter = _start_waiter(tmp_path, payload=stranger.pid, start=ticks, pidfd=pidfd,
+                               pass_fds=(pidfd,))
+        assert readline_within(watched.stdout).strip() == str(int(WARN))
+        assert readline_within(watched.stdout).strip() == str(int(signal.SIGTERM))
+        assert waiter.poll() is None and stranger.poll() is None
+        watched.kill()
+        watched.wait()
+        argv = _finished(waiter, tmp_path)
+        assert stranger.poll() is None
+    finally:
+        os.close(pidfd)
+        _ended(watched, stranger, *([waiter] if waiter else []))
+    assert argv[argv.index("--finish"):] == [
+        "--finish", "--sidecar", "--payload-pid", str(stranger.pid), "--stop-requested",
+        "--stopped"]
