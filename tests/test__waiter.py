@@ -247,6 +247,18 @@ def _finished(waiter: subprocess.Popen[bytes], tmp_path: Path) -> List[str]:
     return (tmp_path / "finished").read_text(encoding="utf-8").split()
 
 
+def _answer(tmp_path: Path, **actions: object) -> None:
+    """What every step of the stub answers: no wake-up for an hour, and ``actions``."""
+    (tmp_path / "answer").write_text(
+        _waiter.encode_plan(next=time.time() + 3600, watch=None, **actions))
+
+
+def _ticks(pid: int) -> int:
+    ticks = _waiter.start_ticks(pid)
+    assert ticks is not None, pid
+    return ticks
+
+
 def _ended(*procs: subprocess.Popen[Any]) -> None:
     for proc in procs:
         if proc.poll() is None:
@@ -262,10 +274,8 @@ def test_without_a_pidfd_the_sidecar_waiter_signals_by_pid_and_sees_the_end_in_p
     watched = _recorder()
     waiter = None
     try:
-        (tmp_path / "answer").write_text(f"next={time.time() + 3600};watch=-;signal={int(WARN)}")
-        ticks = _waiter.start_ticks(watched.pid)
-        assert ticks is not None
-        waiter = _start_waiter(tmp_path, payload=watched.pid, start=ticks)
+        _answer(tmp_path, signal=int(WARN))
+        waiter = _start_waiter(tmp_path, payload=watched.pid, start=_ticks(watched.pid))
         assert readline_within(watched.stdout).strip() == str(int(WARN))
         assert waiter.poll() is None  # it watches on
         watched.kill()
@@ -284,10 +294,8 @@ def test_without_a_pidfd_a_recycled_pid_is_not_the_watched_process(tmp_path: Pat
     stranger = _recorder()
     waiter = None
     try:
-        (tmp_path / "answer").write_text(f"next={time.time() + 3600};watch=-;signal={int(WARN)}")
-        ticks = _waiter.start_ticks(stranger.pid)
-        assert ticks is not None
-        waiter = _start_waiter(tmp_path, payload=stranger.pid, start=ticks - 1)
+        _answer(tmp_path, signal=int(WARN))
+        waiter = _start_waiter(tmp_path, payload=stranger.pid, start=_ticks(stranger.pid) - 1)
         argv = _finished(waiter, tmp_path)
         assert stranger.poll() is None
     finally:
@@ -308,12 +316,9 @@ def test_the_sidecar_waiter_signals_the_watched_process_through_its_pidfd(
     pidfd = os.pidfd_open(watched.pid)
     waiter = None
     try:
-        (tmp_path / "answer").write_text(
-            f"next={time.time() + 3600};watch=-;signal={int(WARN)};stop=1")
-        ticks = _waiter.start_ticks(stranger.pid)
-        assert ticks is not None
-        waiter = _start_waiter(tmp_path, payload=stranger.pid, start=ticks, pidfd=pidfd,
-                               pass_fds=(pidfd,))
+        _answer(tmp_path, signal=int(WARN), stop=1)
+        waiter = _start_waiter(tmp_path, payload=stranger.pid, start=_ticks(stranger.pid),
+                               pidfd=pidfd, pass_fds=(pidfd,))
         assert readline_within(watched.stdout).strip() == str(int(WARN))
         assert readline_within(watched.stdout).strip() == str(int(signal.SIGTERM))
         assert waiter.poll() is None and stranger.poll() is None
