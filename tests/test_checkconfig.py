@@ -21,10 +21,11 @@ from jobtoken import _checkconfig
 from jobtoken._checkconfig import (
     judge_config,
     judge_file,
+    judge_no_parent,
     judge_parent_claims,
     judge_server,
 )
-from jobtoken._config import Config, SiteConfig
+from jobtoken._config import BrokerConfig, Config, SiteConfig
 from jobtoken._mytoken import ServerMetadata
 from jobtoken._policy import Health
 from jobtoken.devserver import DevServer, DevServerConfig
@@ -91,6 +92,17 @@ def test_judge_parent_claims(claims: Optional[Dict[str, Any]], worst: Health, te
     checks = judge_parent_claims(claims, NOW, SITE)
     assert max(c.health for c in checks) is worst
     assert any(text in c.line() for c in checks), [c.line() for c in checks]
+
+
+@pytest.mark.parametrize(
+    ("adopt", "label"), [(False, "WARN"), (True, "SKIP")],
+)
+def test_no_parent_is_normal_only_on_an_adopting_node(adopt: bool, label: str) -> None:
+    """An ARC worker node's broker adopts job mytokens minted on the CE: no parent there."""
+    check = judge_no_parent("parent mytoken", Config(broker=BrokerConfig(adopt=adopt)))
+    assert check.label == label
+    assert check.line().startswith(f"{label} parent mytoken: site.parent_mytoken_file is not set")
+    assert ("broker.adopt = true" in check.what) is adopt
 
 
 def _metadata(issuer: str = "https://mt.example.org",
@@ -279,3 +291,17 @@ def test_the_arc_rte_is_found_through_arc_conf(tmp_path: Path, node: Dict[str, A
     rte.chmod(0o666)
     r = _check(node, "--offline")
     assert r.returncode == 2 and "FAIL arc: " in r.stdout and "chmod 644" in r.stdout
+
+
+def test_an_adopting_worker_node_needs_no_parent(tmp_path: Path, node: Dict[str, Any]) -> None:
+    config = tmp_path / "jobtoken.toml"
+    config.write_text('[server]\nurl = "https://mt.example.org"\n[broker]\nadopt = true\n')
+    r = _check(node, "--config", str(config), "--offline")
+    assert "SKIP parent mytoken: site.parent_mytoken_file is not set, and none is needed" \
+        in r.stdout, r.stdout
+    assert "WARN" not in r.stdout and r.returncode == 0, r.stdout
+    # a parent named on the command line is still checked
+    r = _check(node, "--config", str(config), "--offline", "--parent-mytoken-file",
+               str(tmp_path / "nope.mt"))
+    assert r.returncode == 2 and f"FAIL parent mytoken: {tmp_path}/nope.mt does not exist" \
+        in r.stdout, r.stdout

@@ -35,6 +35,7 @@ __all__ = [
     "NEEDED_CAPABILITIES",
     "judge_config",
     "judge_file",
+    "judge_no_parent",
     "judge_parent_claims",
     "judge_server",
     "overall",
@@ -186,6 +187,21 @@ def _judge_hook_mode(name: str, path: str, mode: int) -> Check:
     return _ok(name, f"{path} mode {mode:04o}")
 
 
+def judge_no_parent(name: str, config: Config) -> Check:
+    """No parent mytoken file is set: a gap, except on an adopting worker node.
+
+    A broker with ``broker.adopt`` takes over job mytokens minted on the CE (ARC's stage
+    0) and revokes each by itself, so such a node is set up right without a parent.
+    """
+    if config.broker.adopt:
+        return _skip(name, "site.parent_mytoken_file is not set, and none is needed with "
+                     "broker.adopt = true: the broker takes over job mytokens minted on the "
+                     "CE (set it only if this node also prepares jobs)")
+    return _warn(name, "site.parent_mytoken_file is not set",
+                 "set it (prepare, the HTCondor hooks and the ARC RTE need it) or "
+                 "give --parent-mytoken-file")
+
+
 def judge_parent_claims(claims: Optional[Mapping[str, Any]], now: float,
                         site: SiteConfig) -> List[Check]:
     """What the parent mytoken's own claims promise (None: a short, opaque mytoken)."""
@@ -306,9 +322,7 @@ def _check_parent(parent: Optional[str], config: Config, now: float,
 
     name = "parent mytoken"
     if not parent:
-        checks.append(_warn(name, "site.parent_mytoken_file is not set",
-                            "set it (prepare, the HTCondor hooks and the ARC RTE need it) or "
-                            "give --parent-mytoken-file"))
+        checks.append(judge_no_parent(name, config))
         return None
     try:
         st = os.lstat(parent)
