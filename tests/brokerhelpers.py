@@ -147,7 +147,12 @@ class Site:
         return path
 
     def mytoken_files(self) -> List[Path]:
-        return sorted(p for p in self.state_dir.rglob("mytoken") if p.is_file())
+        """Every mytoken file in the state directory now.
+
+        os.walk, not rglob: a job directory the broker removes meanwhile (an ended job)
+        is skipped rather than raising."""
+        return sorted(Path(top) / "mytoken" for top, _, files in os.walk(self.state_dir)
+                      if "mytoken" in files)
 
     def children(self) -> List[Any]:
         """The job mytokens the parent minted (revoked ones included)."""
