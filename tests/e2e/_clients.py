@@ -19,6 +19,9 @@ from pathlib import Path
 
 CLIENT_BINARIES = ("curl", "xrdcp", "davix-put", "gfal-copy")
 TIMEOUT_S = 60.0
+# A WebDAV PUT that made a new file: Debian 12's XRootD answers 200, Debian 13's
+# 201 Created (RFC 9110). Either is the success the job relies on.
+CREATED = frozenset({200, 201})
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 can do any more once the job is over.
 
 A job prepared by ``jobtoken prepare`` gets ``storage.create`` + ``storage.read`` on its own
-path. Under ``jobtoken run`` its payload creates a file there (200) and then, with the very
-same token, is refused (403) when it overwrites or deletes that file, or writes outside
+path. Under ``jobtoken run`` its payload creates a file there (200 or 201) and then, with
+the very same token, is refused (403) when it overwrites or deletes that file, or writes outside
 its path; a last create shows the token still worked after the refusals. When the payload
 ends, jobtoken revokes the job mytoken. Once the job's access tokens have expired, nothing
 is left: a renewal with the job mytoken is refused for good (exit 77), and an expired
@@ -31,6 +31,7 @@ from ._chain import (
     short_lived_storage,
     write_payload,
 )
+from ._clients import CREATED
 from .conftest import STORAGE_AUDIENCE
 
 pytestmark = pytest.mark.e2e
@@ -120,13 +121,14 @@ def test_job_token_only_creates_and_nothing_works_after_revocation(
 
     statuses = {r["op"]: r.get("status", r.get("rc")) for r in records(result.stdout, "request")}
     xrdcp_rc = statuses.pop("xrdcp-overwrite", None)
+    created = {str(status) for status in CREATED}
+    assert statuses.pop("create", None) in created, result.tail()
+    assert statuses.pop("create-after", None) in created, result.tail()
     assert statuses == {
-        "create": "200",
         "overwrite": "403",
         "delete": "403",
         "outside": "403",
         "other-job": "403",
-        "create-after": "200",
     }, result.tail()
     assert xrdcp_rc not in (None, "0"), result.tail()  # root:// refuses the overwrite too
     # the refusals were about the scope, not an expired token
@@ -161,7 +163,11 @@ def test_job_token_only_creates_and_nothing_works_after_revocation(
     write_secret_file(header, "Authorization: Bearer " + read_secret_file(unused))
     assert _curl_put(storage, header, src, f"{storage.https_dir(job.path)}late.dat") == "403"
     assert not storage.on_disk(f"{job.path}/late.dat").exists()
-    assert "token verification failed: token expired" in storage.xrootd.log_text()
+    # for its expiry: XRootD 5.5 (Debian 12) logs "token verification failed: token
+    # expired", 5.8 (Debian 13) "Failed to deserialize SciToken: token expired"
+    log = storage.xrootd.log_text()
+    assert ("token verification failed: token expired" in log
+            or "Failed to deserialize SciToken: token expired" in log), log[-2000:]
 
 
 def _curl_put(storage: Storage, header: Path, src: Path, url: str) -> str:

@@ -17,7 +17,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ._clients import StorageClients
+from ._clients import CREATED, StorageClients
 from ._xrootd import XrootdServer
 from .conftest import STORAGE_AUDIENCE, StorageIssuer
 
@@ -52,7 +52,7 @@ def test_curl_put_creates_the_file_on_disk(
 ) -> None:
     url = f"{xrootd.url_https}jobs/{job_id}/out.dat"
     result = clients.curl("PUT", url, token=job_token, upload=payload)
-    assert result.http_status == 200, result.output
+    assert result.http_status in CREATED, result.output
     assert (xrootd.datadir / "jobs" / str(job_id) / "out.dat").read_bytes() == payload.read_bytes()
 
 
@@ -62,7 +62,7 @@ def test_issuer_keys_are_cached_in_this_run_only(
     # a cache shared with earlier runs would keep keys of an earlier dev server (same kid
     # never refetched); the fixture gives each run its own XDG_CACHE_HOME
     url = f"{xrootd.url_https}jobs/{job_id}/out.dat"
-    assert clients.curl("PUT", url, token=job_token, upload=payload).http_status == 200
+    assert clients.curl("PUT", url, token=job_token, upload=payload).http_status in CREATED
     assert list((xrootd.cache_dir / "scitokens").glob("*.sql*"))
 
 
@@ -75,7 +75,7 @@ def test_curl_get_reads_back_with_storage_read(
     tmp_path: Path,
 ) -> None:
     url = f"{xrootd.url_https}jobs/{job_id}/out.dat"
-    assert clients.curl("PUT", url, token=job_token, upload=payload).http_status == 200
+    assert clients.curl("PUT", url, token=job_token, upload=payload).http_status in CREATED
     fetched = tmp_path / "fetched.dat"
     result = clients.curl("GET", url, token=job_token, output=fetched)
     assert result.http_status == 200, result.output
@@ -91,7 +91,7 @@ def test_create_scope_cannot_overwrite(
     tmp_path: Path,
 ) -> None:
     url = f"{xrootd.url_https}jobs/{job_id}/out.dat"
-    assert clients.curl("PUT", url, token=job_token, upload=payload).http_status == 200
+    assert clients.curl("PUT", url, token=job_token, upload=payload).http_status in CREATED
     other = tmp_path / "other.dat"
     other.write_bytes(b"overwrite attempt\n")
     result = clients.curl("PUT", url, token=job_token, upload=other)
@@ -103,7 +103,7 @@ def test_create_scope_cannot_delete(
     xrootd: XrootdServer, clients: StorageClients, job_id: int, job_token: str, payload: Path
 ) -> None:
     url = f"{xrootd.url_https}jobs/{job_id}/out.dat"
-    assert clients.curl("PUT", url, token=job_token, upload=payload).http_status == 200
+    assert clients.curl("PUT", url, token=job_token, upload=payload).http_status in CREATED
     result = clients.curl("DELETE", url, token=job_token)
     assert result.http_status == 403, result.output
     assert (xrootd.datadir / "jobs" / str(job_id) / "out.dat").exists()
