@@ -14,6 +14,7 @@ import select
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -600,6 +601,11 @@ def test_batch_soft_kill_ends_payload_and_wrapper_by_the_same_signal(driver, sig
 def test_ctrl_c_on_a_terminal_reaches_the_payload_once(tmp_path):
     """Interactive use: the tty signals the whole foreground group; we must not add a copy."""
     master, slave = os.openpty()
+    # NOFLSH: Ctrl-C must not also flush the tty's output queue; the kernel signals the
+    # group before it flushes, so a quick payload's "signal 2" line could be thrown away
+    attrs = termios.tcgetattr(slave)
+    attrs[3] |= termios.NOFLSH
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
     # a new session whose leader opens the tty by name gets it as controlling terminal
     take_terminal = (
         "import os, sys; fd = os.open(sys.argv[1], os.O_RDWR); os.dup2(fd, 0); os.dup2(fd, 1);"

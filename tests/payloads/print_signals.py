@@ -16,8 +16,9 @@ CAUGHT = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGAL
 
 
 def _echo(signum: int, frame: object) -> None:
-    sys.stdout.write(f"signal {signum}\n")
-    sys.stdout.flush()
+    # one write(2), not sys.stdout: a handler run while the main code (or another handler)
+    # is inside sys.stdout's buffered write raises "reentrant call" and the payload dies
+    os.write(1, f"signal {signum}\n".encode())
 
 
 def main(argv: list[str]) -> int:
