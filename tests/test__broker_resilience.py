@@ -16,6 +16,7 @@ from typing import Any, Dict, List
 import jwt
 import pytest
 
+from jobtoken._brokerstore import job_key
 from tests.brokerhelpers import Anchor, Site, running_site, spare_uids, wait_for
 
 pytestmark = pytest.mark.slow
@@ -110,8 +111,9 @@ def test_a_broker_killed_mid_job_loses_nothing_and_revokes_what_ended_meanwhile(
             assert not minted[0].revoked and not minted[1].revoked
             # no mytoken lost: the survivors' are where they were, byte for byte. Read
             # while their jobs live: an ended job's files are the broker's to remove.
+            survivor_keys = {job_key(f"job-{n}") for n in range(2)}
             left = {p: p.read_bytes() for p in site.mytoken_files()
-                    if p.parent.name.startswith(("job-0-", "job-1-"))}
+                    if p.parent.name in survivor_keys}
         finally:
             reader.stopping.set()
             reader.join(10)

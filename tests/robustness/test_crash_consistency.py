@@ -43,6 +43,7 @@ from tests.robustness._support import AUD, LONG, ServerActivity
 pytestmark = pytest.mark.process
 
 TRIALS = 10_000 if LONG else 1_000
+MIN_ROTATED = TRIALS // 100  # kills that must land after a saved rotation
 READY_TIMEOUT_S = 60.0  # liveness of a forked child on a loaded machine
 SCOPE = "storage.create:/vo/out"
 
@@ -171,7 +172,7 @@ def test_rotated_mytoken_survives_kill_9_during_exchange(tmp_path: Path) -> None
         trials = 0
         # TRIALS kills, then (bounded) more late ones while too few landed after a saved
         # rotation: on a loaded machine one exchange can outlast every planned delay
-        while trials < TRIALS or (counts["rotated"] < TRIALS // 100 and trials < 3 * TRIALS):
+        while trials < TRIALS or (counts["rotated"] < MIN_ROTATED and trials < 3 * TRIALS):
             late = trials >= TRIALS
             trials += 1
             before = path.read_text()
@@ -188,7 +189,7 @@ def test_rotated_mytoken_survives_kill_9_during_exchange(tmp_path: Path) -> None
     _report(f"rotated-mytoken persistence, {trials} kills", counts)
     assert counts["torn"] == 0 and counts["lost"] == 0, counts
     # kills landed before, during and after the server's commit
-    assert counts["rotated"] >= TRIALS // 100 and counts["not rotated"] >= TRIALS // 20
+    assert counts["rotated"] >= MIN_ROTATED and counts["not rotated"] >= TRIALS // 20
     assert counts["lost_after_commit"] >= TRIALS // 100
 
 
